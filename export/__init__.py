@@ -1,0 +1,1 @@
+"""Export pipeline: PyTorch submodels -> validated ONNX, variants, TensorRT, Triton repository."""

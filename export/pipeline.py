@@ -1,0 +1,401 @@
+"""`mmrec export` end to end: sources -> features -> fusion training -> ONNX + parity ->
+variants + gates -> (TensorRT) -> Triton repository -> manifest.
+
+Everything is written into a staging folder beside the output and moved into place only when
+every gate passed, so a failed export never leaves a half-written repository behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from mmrec import schema
+from mmrec.preprocess import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, DEFAULT_SEQ_BUCKETS,
+                              PreprocessConfig)
+from mmrec.python_models import text_tokenizer
+from . import variants as var
+from .data import Item, categories_of, dataset_fingerprint, load_items, split
+from .errors import ExportError, ModelSourceError, QualityGateError
+from .features import ItemFeatures, decode_images, encode_items
+from .manifest import file_entry, package_versions, sha256_file, sha256_tree, write_manifest
+from .models.fusion import FusionConfig, FusionHead, UserItemScorer
+from .models.image import DEFAULT_IMAGE_ENCODER, IMAGE_ENCODERS, load_image_encoder
+from .models.text import load_text_encoder, text_hidden_size
+from .onnx_export import export_onnx, slim
+from .parity import ATOL_FP32, check_parity, cpu_session
+from .repository import RepositoryLayout, Target, write_repository
+from .train import evaluate_fusion, train_fusion
+
+PRECISIONS = ("fp32", "int8", "fp16")
+QUANTIZABLE = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
+CALIBRATION_IMAGES = 64
+FUSION_CHECKPOINT = "fusion_head.safetensors"
+DEFAULT_OUTPUT = Path("artifacts/repository")
+
+
+@dataclass
+class ExportOptions:
+    output: Path = DEFAULT_OUTPUT
+    target: Target = Target.portable
+    text_model: Path | None = None
+    image_encoder: str = DEFAULT_IMAGE_ENCODER
+    image_weights: Path | None = None
+    fusion_checkpoint: Path | None = None
+    precisions: tuple[str, ...] = PRECISIONS
+    serve_variants: dict[str, str] = field(default_factory=dict)  # member -> fp32|int8|fp16
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    seq_buckets: tuple[int, ...] = DEFAULT_SEQ_BUCKETS
+    atol: float = ATOL_FP32
+    gpu: bool = False
+    models: tuple[str, ...] = schema.ONNX_MODELS  # which members to export (all for a repository)
+
+    def validate(self) -> None:
+        """Fail before any work on options that cannot succeed."""
+        unknown = set(self.precisions) - set(PRECISIONS)
+        if unknown:
+            raise ExportError(f"unknown precision(s) {sorted(unknown)}; choose from {PRECISIONS}")
+        if "fp32" not in self.precisions:
+            raise ExportError("fp32 is required: it is the reference every variant is gated against")
+        if self.image_encoder not in IMAGE_ENCODERS:
+            raise ModelSourceError(f"unknown image encoder {self.image_encoder!r}; choose one of: "
+                                   + ", ".join(sorted(IMAGE_ENCODERS)))
+        if self.text_model is not None and not Path(self.text_model).is_dir():
+            raise ModelSourceError(f"text model folder {self.text_model} does not exist")
+        if self.image_weights is not None and not Path(self.image_weights).is_file():
+            raise ModelSourceError(f"image weights file {self.image_weights} does not exist")
+        if self.fusion_checkpoint is not None and not Path(self.fusion_checkpoint).is_file():
+            raise ModelSourceError(f"fusion checkpoint {self.fusion_checkpoint} does not exist")
+        if not 1 <= self.max_batch_size <= 1024:
+            raise ExportError(f"max batch size {self.max_batch_size} is outside 1..1024")
+        if not 8 <= self.max_seq_len <= 512:
+            raise ExportError(f"max sequence length {self.max_seq_len} is outside 8..512")
+        for member, variant in self.serve_variants.items():
+            if member not in schema.ONNX_MODELS:
+                raise ExportError(f"--serve-variant names unknown model {member!r}")
+            if variant not in self.precisions:
+                raise ExportError(f"--serve-variant {member}={variant}: {variant} is not being exported")
+        if self.target is Target.tensorrt:
+            from .tensorrt import tensorrt_unavailable_reason
+            reason = tensorrt_unavailable_reason()
+            if reason:
+                raise ExportError(f"target tensorrt needs a GPU build machine: {reason}")
+
+
+class Reporter:
+    """Progress sink; the CLI passes a rich-based one, tests a silent one."""
+
+    def step(self, title: str, total: int | None = None) -> Callable[[int], None]:
+        return lambda n=1: None
+
+    def done(self, message: str) -> None:
+        pass
+
+
+@dataclass
+class Sources:
+    text_model: torch.nn.Module
+    text_folder: Path
+    image_model: torch.nn.Module
+    image_weights: Path
+    preprocess: PreprocessConfig
+    items: list[Item]
+    train: list[Item]
+    held_out: list[Item]
+
+
+@contextmanager
+def staging_dir(output: Path) -> Iterator[Path]:
+    """A fresh folder beside `output`; moved over it on success, deleted on failure."""
+    output = Path(output).resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output.exists():
+        shutil.rmtree(output)
+    staging.rename(output)
+
+
+def load_sources(options: ExportOptions) -> Sources:
+    text_model, text_folder = load_text_encoder(options.text_model)
+    image_model, entry, weights = load_image_encoder(options.image_encoder, options.image_weights)
+    items = load_items()
+    train, held_out = split(items)
+    preprocess = PreprocessConfig(
+        max_seq_len=options.max_seq_len, seq_buckets=options.seq_buckets,
+        image_size=entry.image_size, image_mean=entry.mean, image_std=entry.std,
+        categories=categories_of(items), max_batch_size=options.max_batch_size,
+        text_dim=text_hidden_size(text_model), image_dim=entry.feature_dim,
+        item_dim=schema.ITEM_EMBEDDING_DIM)
+    return Sources(text_model, text_folder, image_model, weights, preprocess, items, train, held_out)
+
+
+def load_fusion_checkpoint(path: Path, preprocess: PreprocessConfig) -> FusionHead:
+    """A user's fusion head: safetensors with its FusionConfig and categories in the metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        config = FusionConfig(**json.loads(metadata["fusion_config"]))
+        categories = tuple(json.loads(metadata["categories"]))
+        state = load_file(str(path))
+    except Exception as err:
+        raise ModelSourceError(f"cannot read fusion checkpoint {path} (expected safetensors written "
+                               f"by `mmrec export`): {err}") from err
+    if categories != preprocess.categories:
+        raise ModelSourceError(f"fusion checkpoint {path} was trained on categories {categories}, "
+                               f"the data has {preprocess.categories}")
+    if (config.text_dim, config.image_dim) != (preprocess.text_dim, preprocess.image_dim):
+        raise ModelSourceError(f"fusion checkpoint {path} expects text/image widths "
+                               f"{config.text_dim}/{config.image_dim}, the encoders give "
+                               f"{preprocess.text_dim}/{preprocess.image_dim}")
+    model = FusionHead(config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def save_fusion_checkpoint(model: FusionHead, categories: tuple[str, ...], path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in sorted(model.state_dict().items())}
+    save_file(state, str(path), metadata={"fusion_config": json.dumps(model.config.to_dict(), sort_keys=True),
+                                          "categories": json.dumps(list(categories))})
+    return path
+
+
+# ---- parity cases on real inputs --------------------------------------------------------------
+
+def text_cases(sources: Sources) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """Real captions at batch 1/8/32; long texts are captions joined to reach each length."""
+    tokenizer = text_tokenizer(sources.preprocess, sources.text_folder / "tokenizer.json")
+    captions = [i.caption for i in sources.held_out]
+    cases = []
+    for words_per_text in (1, 6, 30):  # ~16, ~64 and max_seq_len tokens
+        for batch in (1, 8, 32):
+            texts = [" ".join(captions[(b * words_per_text + j) % len(captions)]
+                              for j in range(words_per_text)) for b in range(batch)]
+            ids, mask = tokenizer(texts)
+            cases.append((f"batch={batch} seq={ids.shape[1]}",
+                          {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask}))
+    return cases
+
+
+def _torch_reference(model: torch.nn.Module) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    @torch.inference_mode()
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = model(*[torch.from_numpy(v) for v in feed.values()])
+        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+    return run
+
+
+def ort_outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Run several feeds through one session, concatenating the first output."""
+    session = cpu_session(path)
+    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+
+class Exporter:
+    def __init__(self, options: ExportOptions, reporter: Reporter | None = None) -> None:
+        self.options = options
+        self.reporter = reporter or Reporter()
+
+    def run(self) -> dict:
+        options = self.options
+        options.validate()
+        tick = self.reporter.step("loading encoders and data")
+        sources = load_sources(options)
+        tick()
+        with staging_dir(options.output) as root:
+            manifest = self._export_into(root, sources)
+            write_manifest(root, manifest)
+        self.reporter.done(f"repository written to {Path(options.output).resolve()}")
+        return manifest
+
+    def _export_into(self, root: Path, sources: Sources) -> dict:
+        o, p = self.options, sources.preprocess
+        members = schema.member_specs(len(p.categories), p.text_dim, p.image_dim, p.item_dim, p.image_size)
+        tokenizer_file = sources.text_folder / "tokenizer.json"
+
+        n = len(sources.items)
+        tick = self.reporter.step("encoding items with the PyTorch encoders", 2 * n)
+        train_f = encode_items(sources.text_model, sources.image_model, p, tokenizer_file, sources.train, tick)
+        held_f = encode_items(sources.text_model, sources.image_model, p, tokenizer_file, sources.held_out, tick)
+
+        fusion_dir = root / schema.FUSION / "variants"
+        if o.fusion_checkpoint:
+            fusion = load_fusion_checkpoint(o.fusion_checkpoint, p)
+            training = {"source": "checkpoint", "sha256": sha256_file(o.fusion_checkpoint)}
+        else:
+            config = FusionConfig(p.text_dim, p.image_dim, p.item_dim, num_categories=len(p.categories))
+            fusion, loss = train_fusion(train_f, config, self.reporter.step("training the fusion head", 60))
+            training = {"source": "trained", "final_loss": round(loss, 6), "train_items": len(train_f.labels)}
+        training["held_out"] = evaluate_fusion(fusion, held_f, len(p.categories))
+        save_fusion_checkpoint(fusion, p.categories, fusion_dir / FUSION_CHECKPOINT)
+
+        staging = root / ".onnx"
+        fp32 = self._export_fp32(staging, members, sources, fusion, held_f)
+        served: dict[str, Path] = {name: info["file"] for name, info in fp32.items()}
+        models = {name: {"served_variant": "fp32",
+                         "variants": {"fp32": {"parity": info["parity"], "file": info["file"]}}}
+                  for name, info in fp32.items()}
+        self._variants(staging, sources, fusion, held_f, fp32, models)
+
+        for member, variant in o.serve_variants.items():
+            entry = models[member]["variants"].get(variant)
+            if entry is None or not entry.get("written"):
+                reason = entry["gate"]["reasons"] if entry and "gate" in entry else "not exported"
+                raise QualityGateError(f"cannot serve {member} [{variant}]: {reason}")
+            served[member] = entry["file"]
+            models[member]["served_variant"] = variant
+
+        if o.target is Target.tensorrt:
+            served = self._tensorrt(staging, served, members, p)
+
+        layout = RepositoryLayout(o.target, p, served, tokenizer_file, gpu=o.gpu)
+        written = write_repository(layout, root)
+        for name, info in models.items():
+            for variant, entry in info["variants"].items():
+                file = entry.pop("file", None)
+                if variant == info["served_variant"]:
+                    entry.update(file_entry(written[name], root))
+                elif entry.get("written") and file is not None:
+                    dest = root / name / "variants" / f"{variant}.onnx"
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(file, dest)
+                    entry.update(file_entry(dest, root))
+        shutil.rmtree(staging)
+        return {
+            "format": 1,
+            "target": o.target.value,
+            "max_batch_size": o.max_batch_size,
+            "preprocess": json.loads(p.to_json()),
+            "models": models,
+            "training": training,
+            "inputs": {
+                "text_model": {"path": str(sources.text_folder), "sha256": sha256_tree(sources.text_folder)},
+                "image_encoder": {"name": o.image_encoder, "weights": str(sources.image_weights),
+                                  "sha256": sha256_file(sources.image_weights)},
+                "dataset": {"items": len(sources.items), "held_out": len(sources.held_out),
+                            "sha256": dataset_fingerprint(sources.items)},
+            },
+            "versions": package_versions(),
+        }
+
+    def _export_fp32(self, staging: Path, members: dict, sources: Sources, fusion: FusionHead,
+                     held_f: ItemFeatures) -> dict[str, dict]:
+        """Export, slim and parity-check each member; returns name -> {file, parity}."""
+        o = self.options
+        scorer = UserItemScorer().eval()
+        with torch.inference_mode():
+            item_emb = fusion(torch.from_numpy(held_f.text), torch.from_numpy(held_f.image))[0].numpy()
+        users = item_emb[::-1].copy()
+        images = decode_images(sources.preprocess, sources.held_out[:16])
+        plans = {
+            schema.TEXT_ENCODER: (sources.text_model, text_cases(sources)),
+            schema.IMAGE_ENCODER: (sources.image_model, [
+                (f"batch={b}", {schema.PIXEL_VALUES: images[:b]}) for b in (1, 4, 16)]),
+            schema.FUSION: (fusion, [
+                (f"batch={b}", {schema.TEXT_EMBEDDING: held_f.text[:b], schema.IMAGE_EMBEDDING: held_f.image[:b]})
+                for b in (1, 8, 32)]),
+            schema.SCORER: (scorer, [
+                (f"batch={b}", {schema.ITEM_EMBEDDING_MEMBER: item_emb[:b], schema.USER_EMBEDDING_MEMBER: users[:b]})
+                for b in (1, 8, 32)]),
+        }
+        results = {}
+        for name in o.models:
+            model, cases = plans[name]
+            tick = self.reporter.step(f"{name}: ONNX export, onnxslim, parity on {len(cases)} cases", 3)
+            sample = tuple(torch.from_numpy(v) for v in cases[min(1, len(cases) - 1)][1].values())
+            raw = export_onnx(model, members[name], sample, staging / f"{name}.raw.onnx")
+            tick()
+            cleaned = slim(raw, staging / f"{name}.fp32.onnx")
+            tick()
+            report = check_parity(name, "fp32", cleaned, _torch_reference(model), cases, atol=o.atol)
+            tick()
+            results[name] = {"file": cleaned, "parity": report.to_dict()}
+        return results
+
+    def _variants(self, staging: Path, sources: Sources, fusion: FusionHead, held_f: ItemFeatures,
+                  fp32: dict, models: dict) -> None:
+        """Build INT8/FP16 variants of the encoders and gate each against FP32 on held-out items."""
+        p = sources.preprocess
+        wanted = [v for v in self.options.precisions if v != "fp32"]
+        if not wanted:
+            return
+        tokenizer = text_tokenizer(p, sources.text_folder / "tokenizer.json")
+        captions = [i.caption for i in sources.held_out]
+        text_feeds = [dict(zip((schema.INPUT_IDS, schema.ATTENTION_MASK), tokenizer(captions[i:i + 32])))
+                      for i in range(0, len(captions), 32)]
+        pixels = decode_images(p, sources.held_out)
+        image_feeds = [{schema.PIXEL_VALUES: pixels[i:i + 16]} for i in range(0, len(pixels), 16)]
+        feeds = {schema.TEXT_ENCODER: text_feeds, schema.IMAGE_ENCODER: image_feeds}
+
+        def predict(text: np.ndarray, image: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return fusion(torch.from_numpy(text), torch.from_numpy(image))[1].numpy().argmax(1)
+
+        reference = {name: ort_outputs(fp32[name]["file"], feeds[name]) for name in QUANTIZABLE
+                     if name in fp32}
+        for name in reference:
+            ref_pred = predict(reference.get(schema.TEXT_ENCODER, held_f.text),
+                               reference.get(schema.IMAGE_ENCODER, held_f.image))
+            for variant in wanted:
+                tick = self.reporter.step(f"{name}: {variant} variant and quality gate", 2)
+                path = self._build_variant(name, variant, fp32[name]["file"], staging, sources)
+                tick()
+                emb = ort_outputs(path, feeds[name])
+                text = emb if name == schema.TEXT_ENCODER else reference.get(schema.TEXT_ENCODER, held_f.text)
+                image = emb if name == schema.IMAGE_ENCODER else reference.get(schema.IMAGE_ENCODER, held_f.image)
+                gate = var.quality_gate(variant, reference[name], emb, held_f.labels, ref_pred,
+                                        predict(text, image), len(p.categories))
+                tick()
+                models[name]["variants"][variant] = {"gate": gate.to_dict(), "written": gate.passed,
+                                                     "file": path}
+                if not gate.passed:
+                    self.reporter.done(f"{name} ({variant}) left out: {'; '.join(gate.reasons)}")
+
+    def _build_variant(self, name: str, variant: str, fp32_file: Path, staging: Path,
+                       sources: Sources) -> Path:
+        target = staging / f"{name}.{variant}.onnx"
+        if variant == "fp16":
+            return var.convert_fp16(fp32_file, target)
+        if name == schema.TEXT_ENCODER:
+            return var.quantize_dynamic_int8(fp32_file, target)
+        calibration = decode_images(sources.preprocess, sources.train[:CALIBRATION_IMAGES])
+        return var.quantize_static_int8(fp32_file, target, schema.PIXEL_VALUES, calibration)
+
+    def _tensorrt(self, staging: Path, served: dict[str, Path], members: dict,
+                  p: PreprocessConfig) -> dict[str, Path]:
+        """Build a plan for every member from its served ONNX graph (GPU only)."""
+        from .tensorrt import batch_profiles, build_engine
+
+        plans = {}
+        for name, onnx_file in served.items():
+            tick = self.reporter.step(f"{name}: TensorRT engine", 1)
+            dims = {t.name: t.dims for t in members[name].inputs}
+            buckets = p.seq_buckets if name == schema.TEXT_ENCODER else ()
+            int8 = self.options.serve_variants.get(name) == "int8"
+            plans[name] = build_engine(onnx_file, staging / f"{name}.plan",
+                                       batch_profiles(dims, p.max_batch_size, buckets),
+                                       fp16=True, int8=int8)
+            tick()
+        return plans

@@ -1,0 +1,181 @@
+"""Triton model repository writer: one description (mmrec.schema) x one target -> config.pbtxt.
+
+Configs are built as `model_config_pb2.ModelConfig` messages and printed with text_format, never
+from string templates, so every file parses by construction (tests re-parse all three targets).
+
+Targets:
+- portable:    ONNX members run by ONNX Runtime inside python-backend models (ort_runner); runs
+               on the tritonserver bundled by nvidia-pytriton (python backend only).
+- onnxruntime: native `backend: "onnxruntime"` members for the NGC Triton container.
+- tensorrt:    `platform: "tensorrt_plan"` members (engines from export.tensorrt).
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from mmrec.model_repository import model_source
+from mmrec.preprocess import TOKENIZER_FILE, PreprocessConfig
+from mmrec import schema
+from mmrec.schema import EnsembleSpec, ModelSpec, TensorSpec
+
+VERSION = "1"
+CONFIG_FILE = "config.pbtxt"
+
+
+class Target(str, Enum):
+    portable = "portable"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+MODEL_FILE = {Target.portable: "model.onnx", Target.onnxruntime: "model.onnx", Target.tensorrt: "model.plan"}
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """Dynamic batching and instances of one member model."""
+
+    max_queue_delay_us: int
+    preferred_batch_sizes: tuple[int, ...] = ()
+    instances: int = 1
+
+
+# Tuned on the 2-core CPU machine: python preprocessing queues briefly; the encoders wait a
+# little longer because one batched ORT call beats several small ones.
+DEFAULT_POLICIES = {
+    schema.TOKENIZER: BatchingPolicy(500),
+    schema.IMAGE_PREPROCESS: BatchingPolicy(500),
+    schema.TEXT_ENCODER: BatchingPolicy(2000, (8, 16, 32)),
+    schema.IMAGE_ENCODER: BatchingPolicy(2000, (8, 16, 32)),
+    schema.FUSION: BatchingPolicy(1000, (8, 16, 32)),
+    schema.SCORER: BatchingPolicy(500),
+}
+
+
+@dataclass
+class RepositoryLayout:
+    """What to write: target, batch limit, devices, and the ONNX/plan file of each member."""
+
+    target: Target
+    preprocess: PreprocessConfig
+    member_files: dict[str, Path]  # onnx member -> model file to copy (variant already chosen)
+    tokenizer_file: Path
+    gpu: bool = False
+    policies: dict[str, BatchingPolicy] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
+    intra_op_threads: int = 0
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.preprocess.max_batch_size
+
+
+def _dtype(name: str) -> int:
+    """Schema dtype -> config enum (BYTES tensors are TYPE_STRING in config.pbtxt)."""
+    return mc.DataType.Value("TYPE_STRING" if name == "BYTES" else f"TYPE_{name}")
+
+
+def _tensor_input(t: TensorSpec, ragged: bool = False) -> mc.ModelInput:
+    return mc.ModelInput(name=t.name, data_type=_dtype(t.dtype), dims=list(t.dims),
+                         allow_ragged_batch=ragged, optional=t.optional)
+
+
+def _tensor_output(t: TensorSpec) -> mc.ModelOutput:
+    return mc.ModelOutput(name=t.name, data_type=_dtype(t.dtype), dims=list(t.dims))
+
+
+def _set_parameters(config: mc.ModelConfig, parameters: dict[str, str]) -> None:
+    for key, value in sorted(parameters.items()):
+        config.parameters[key].string_value = value
+
+
+def member_config(spec: ModelSpec, layout: RepositoryLayout) -> mc.ModelConfig:
+    """config.pbtxt of one member model for the layout's target."""
+    config = mc.ModelConfig(name=spec.name, max_batch_size=layout.max_batch_size)
+    policy = layout.policies[spec.name]
+    is_python = spec.kind == "python" or layout.target is Target.portable
+    # The portable runner pads sequence inputs across requests itself, so the batcher may join
+    # requests of different lengths; native backends need equal shapes (bucketed by tokenizer).
+    ragged = layout.target is Target.portable and spec.kind == "onnx"
+    config.input.extend(_tensor_input(t, ragged=ragged and bool(t.dynamic_axes)) for t in spec.inputs)
+    config.output.extend(_tensor_output(t) for t in spec.outputs)
+    config.dynamic_batching.max_queue_delay_microseconds = policy.max_queue_delay_us
+    config.dynamic_batching.preferred_batch_size.extend(
+        b for b in policy.preferred_batch_sizes if b <= layout.max_batch_size)
+    on_gpu = layout.gpu and spec.kind == "onnx" and layout.target is not Target.portable
+    config.instance_group.append(mc.ModelInstanceGroup(
+        count=policy.instances,
+        kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu or layout.target is Target.tensorrt and spec.kind == "onnx"
+        else mc.ModelInstanceGroup.KIND_CPU))
+    if is_python:
+        config.backend = "python"
+    elif layout.target is Target.onnxruntime:
+        config.backend = "onnxruntime"
+    else:
+        config.platform = "tensorrt_plan"
+    if spec.name == schema.TOKENIZER:
+        _set_parameters(config, layout.preprocess.tokenizer_parameters())
+    elif spec.name == schema.IMAGE_PREPROCESS:
+        _set_parameters(config, layout.preprocess.image_parameters())
+    elif layout.target is Target.portable:
+        _set_parameters(config, {"intra_op_threads": str(layout.intra_op_threads)})
+    return config
+
+
+def ensemble_config(ensemble: EnsembleSpec, max_batch_size: int) -> mc.ModelConfig:
+    """Ensembles are not batched themselves (Triton cannot); their members are."""
+    spec = ensemble.spec
+    config = mc.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=max_batch_size)
+    config.input.extend(_tensor_input(t) for t in spec.inputs)
+    config.output.extend(_tensor_output(t) for t in spec.outputs)
+    for step in ensemble.steps:
+        config.ensemble_scheduling.step.append(mc.ModelEnsembling.Step(
+            model_name=step.model, model_version=-1,
+            input_map=step.input_map, output_map=step.output_map))
+    return config
+
+
+def render(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def parse(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def all_configs(layout: RepositoryLayout) -> dict[str, mc.ModelConfig]:
+    p = layout.preprocess
+    members = schema.member_specs(len(p.categories), p.text_dim, p.image_dim, p.item_dim, p.image_size)
+    configs = {name: member_config(spec, layout) for name, spec in members.items()}
+    for name, ensemble in schema.ensemble_specs(members).items():
+        configs[name] = ensemble_config(ensemble, layout.max_batch_size)
+    return configs
+
+
+def write_repository(layout: RepositoryLayout, output: Path) -> dict[str, Path]:
+    """Write every model folder under `output`; returns model name -> its model file path."""
+    output = Path(output)
+    written: dict[str, Path] = {}
+    for name, config in all_configs(layout).items():
+        model_dir = output / name
+        version_dir = model_dir / VERSION
+        version_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / CONFIG_FILE).write_text(render(config))
+        if name == schema.TOKENIZER:
+            shutil.copyfile(model_source("tokenizer"), version_dir / "model.py")
+            shutil.copyfile(layout.tokenizer_file, version_dir / TOKENIZER_FILE)
+        elif name == schema.IMAGE_PREPROCESS:
+            shutil.copyfile(model_source("image_preprocess"), version_dir / "model.py")
+        elif name in layout.member_files:
+            target_file = version_dir / MODEL_FILE[layout.target]
+            shutil.copyfile(layout.member_files[name], target_file)
+            if layout.target is Target.portable:
+                shutil.copyfile(model_source("ort_runner"), version_dir / "model.py")
+            written[name] = target_file
+    layout.preprocess.save(output)
+    return written

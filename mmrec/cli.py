@@ -1,0 +1,20 @@
+"""The `mmrec` command: export, serve, score, encode, bench, demo."""
+from __future__ import annotations
+
+import typer
+
+from mmrec.export.cli import export_command
+
+app = typer.Typer(help="mmrec: multimodal user-interest models on Triton + ONNX.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def main() -> None:
+    """mmrec: export models, serve them on Triton, score items, benchmark."""
+
+
+app.command("export")(export_command)
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,184 @@
+"""The one description of every served model: names, tensors, dtypes, dims.
+
+Export (ONNX input/output names and dynamic axes), the repository writer (config.pbtxt for
+every target), the client and the reference pipeline all read this module, so a tensor name
+or a width is written exactly once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Axis vocabulary shared by every exported graph (HF Optimum style).
+BATCH_AXIS = "batch_size"
+SEQUENCE_AXIS = "sequence_length"
+
+# Widths fixed by the default submodels; non-default encoders override them at export time and
+# the repository's preprocess.json records what was used.
+TEXT_EMBEDDING_DIM = 384
+IMAGE_EMBEDDING_DIM = 1280
+ITEM_EMBEDDING_DIM = 256
+IMAGE_CHANNELS = 3
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor: its name, Triton dtype, and dims without the batch dim (-1 = dynamic)."""
+
+    name: str
+    dtype: str  # Triton dtype name without the TYPE_ prefix: FP32, INT64, BYTES
+    dims: tuple[int, ...]
+    # names of dynamic non-batch axes by position, e.g. {0: SEQUENCE_AXIS}
+    dynamic_axes: dict[int, str] = field(default_factory=dict)
+    optional: bool = False
+
+    def onnx_axes(self) -> dict[int, str]:
+        """Dynamic axes for torch.onnx.export: batch first, then the named ones shifted by one."""
+        axes = {0: BATCH_AXIS}
+        axes.update({i + 1: name for i, name in self.dynamic_axes.items()})
+        return axes
+
+    @property
+    def numpy_dtype(self) -> str:
+        return {"FP32": "float32", "FP16": "float16", "INT64": "int64", "INT32": "int32",
+                "BYTES": "object", "UINT8": "uint8"}[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A served model's interface. `kind` says how it is implemented in the repository."""
+
+    name: str
+    kind: str  # "python" (preprocessing), "onnx" (an exported submodel), "ensemble"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+def _seq(name: str) -> TensorSpec:
+    return TensorSpec(name, "INT64", (-1,), {0: SEQUENCE_AXIS})
+
+
+# --- member models -----------------------------------------------------------------------------
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+PIXEL_VALUES = "pixel_values"
+TEXT_EMBEDDING = "text_embedding"
+IMAGE_EMBEDDING = "image_embedding"
+ITEM_EMBEDDING_MEMBER = "item_embedding"
+INTEREST_PROBS_MEMBER = "interest_probs"
+ALIGNMENT_MEMBER = "alignment"
+USER_EMBEDDING_MEMBER = "user_embedding"
+SCORE_MEMBER = "score"
+
+# --- public ensemble tensors (what clients send and receive) -----------------------------------
+TEXT = "TEXT"
+IMAGE = "IMAGE"
+PIXELS = "PIXEL_VALUES"
+USER_EMBEDDING = "USER_EMBEDDING"
+ITEM_EMBEDDING = "ITEM_EMBEDDING"
+INTEREST_PROBS = "INTEREST_PROBS"
+ALIGNMENT = "ALIGNMENT"
+SCORE = "SCORE"
+
+TOKENIZER = "tokenizer"
+IMAGE_PREPROCESS = "image_preprocess"
+TEXT_ENCODER = "text_encoder"
+IMAGE_ENCODER = "image_encoder"
+FUSION = "fusion"
+SCORER = "scorer"
+ITEM_ENCODER = "item_encoder"
+ITEM_ENCODER_PIXELS = "item_encoder_pixels"
+INTEREST_SCORER = "interest_scorer"
+
+ONNX_MODELS = (TEXT_ENCODER, IMAGE_ENCODER, FUSION, SCORER)
+PYTHON_MODELS = (TOKENIZER, IMAGE_PREPROCESS)
+ENSEMBLES = (ITEM_ENCODER, ITEM_ENCODER_PIXELS, INTEREST_SCORER)
+
+
+def member_specs(
+    num_categories: int,
+    text_dim: int = TEXT_EMBEDDING_DIM,
+    image_dim: int = IMAGE_EMBEDDING_DIM,
+    item_dim: int = ITEM_EMBEDDING_DIM,
+    image_size: int = 224,
+) -> dict[str, ModelSpec]:
+    """Interfaces of the six member models for a given set of widths."""
+    pixels = TensorSpec(PIXEL_VALUES, "FP32", (IMAGE_CHANNELS, image_size, image_size))
+    text_emb = TensorSpec(TEXT_EMBEDDING, "FP32", (text_dim,))
+    image_emb = TensorSpec(IMAGE_EMBEDDING, "FP32", (image_dim,))
+    item_emb = TensorSpec(ITEM_EMBEDDING_MEMBER, "FP32", (item_dim,))
+    specs = [
+        ModelSpec(TOKENIZER, "python", (TensorSpec(TEXT, "BYTES", (1,)),),
+                  (_seq(INPUT_IDS), _seq(ATTENTION_MASK))),
+        ModelSpec(IMAGE_PREPROCESS, "python", (TensorSpec(IMAGE, "BYTES", (1,)),), (pixels,)),
+        ModelSpec(TEXT_ENCODER, "onnx", (_seq(INPUT_IDS), _seq(ATTENTION_MASK)), (text_emb,)),
+        ModelSpec(IMAGE_ENCODER, "onnx", (pixels,), (image_emb,)),
+        ModelSpec(FUSION, "onnx", (text_emb, image_emb), (
+            item_emb,
+            TensorSpec(INTEREST_PROBS_MEMBER, "FP32", (num_categories,)),
+            TensorSpec(ALIGNMENT_MEMBER, "FP32", (1,)),
+        )),
+        ModelSpec(SCORER, "onnx", (item_emb, TensorSpec(USER_EMBEDDING_MEMBER, "FP32", (item_dim,))),
+                  (TensorSpec(SCORE_MEMBER, "FP32", (1,)),)),
+    ]
+    return {s.name: s for s in specs}
+
+
+@dataclass(frozen=True)
+class EnsembleStep:
+    model: str
+    input_map: dict[str, str]  # member input -> ensemble tensor
+    output_map: dict[str, str]  # member output -> ensemble tensor
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    spec: ModelSpec
+    steps: tuple[EnsembleStep, ...]
+
+
+def ensemble_specs(members: dict[str, ModelSpec]) -> dict[str, EnsembleSpec]:
+    """The ensembles as DAGs over the members; only pooled embeddings cross steps."""
+    fusion = members[FUSION]
+    item_dim = fusion.output(ITEM_EMBEDDING_MEMBER).dims
+    public_outputs = (
+        TensorSpec(ITEM_EMBEDDING, "FP32", item_dim),
+        TensorSpec(INTEREST_PROBS, "FP32", fusion.output(INTEREST_PROBS_MEMBER).dims),
+        TensorSpec(ALIGNMENT, "FP32", (1,)),
+    )
+    tokenize = EnsembleStep(TOKENIZER, {TEXT: TEXT},
+                            {INPUT_IDS: "_input_ids", ATTENTION_MASK: "_attention_mask"})
+    encode_text = EnsembleStep(TEXT_ENCODER,
+                               {INPUT_IDS: "_input_ids", ATTENTION_MASK: "_attention_mask"},
+                               {TEXT_EMBEDDING: "_text_embedding"})
+    decode = EnsembleStep(IMAGE_PREPROCESS, {IMAGE: IMAGE}, {PIXEL_VALUES: "_pixel_values"})
+    encode_image = EnsembleStep(IMAGE_ENCODER, {PIXEL_VALUES: "_pixel_values"},
+                                {IMAGE_EMBEDDING: "_image_embedding"})
+    encode_pixels = EnsembleStep(IMAGE_ENCODER, {PIXEL_VALUES: PIXELS},
+                                 {IMAGE_EMBEDDING: "_image_embedding"})
+    fuse = EnsembleStep(FUSION, {TEXT_EMBEDDING: "_text_embedding", IMAGE_EMBEDDING: "_image_embedding"},
+                        {ITEM_EMBEDDING_MEMBER: ITEM_EMBEDDING, INTEREST_PROBS_MEMBER: INTEREST_PROBS,
+                         ALIGNMENT_MEMBER: ALIGNMENT})
+    score = EnsembleStep(SCORER, {ITEM_EMBEDDING_MEMBER: ITEM_EMBEDDING, USER_EMBEDDING_MEMBER: USER_EMBEDDING},
+                         {SCORE_MEMBER: SCORE})
+    text_in = TensorSpec(TEXT, "BYTES", (1,))
+    image_in = TensorSpec(IMAGE, "BYTES", (1,))
+    pixels_in = TensorSpec(PIXELS, "FP32", members[IMAGE_PREPROCESS].output(PIXEL_VALUES).dims)
+    user_in = TensorSpec(USER_EMBEDDING, "FP32", item_dim)
+    return {
+        ITEM_ENCODER: EnsembleSpec(
+            ModelSpec(ITEM_ENCODER, "ensemble", (text_in, image_in), public_outputs),
+            (tokenize, encode_text, decode, encode_image, fuse)),
+        ITEM_ENCODER_PIXELS: EnsembleSpec(
+            ModelSpec(ITEM_ENCODER_PIXELS, "ensemble", (text_in, pixels_in), public_outputs),
+            (tokenize, encode_text, encode_pixels, fuse)),
+        INTEREST_SCORER: EnsembleSpec(
+            ModelSpec(INTEREST_SCORER, "ensemble", (text_in, image_in, user_in),
+                      public_outputs + (TensorSpec(SCORE, "FP32", (1,)),)),
+            (tokenize, encode_text, decode, encode_image, fuse, score)),
+    }

@@ -1,0 +1,135 @@
+"""Triton python model: IMAGE (encoded JPEG/PNG/WebP BYTES) -> pixel_values FP32 [3, S, S].
+
+Self-contained (numpy + Pillow) for the same reason as the tokenizer: it runs in Triton's stub
+and is imported verbatim by the reference pipeline, the client's local preprocessing and the
+tests. Decoding is per image (it has to be); normalization runs once over the whole batch.
+
+Limits are checked from the header before any pixel is decoded, so a decompression bomb is
+rejected without allocating it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import numpy as np
+from PIL import Image
+
+try:  # only present inside Triton
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover - exercised outside the server
+    pb_utils = None
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+class InvalidImage(ValueError):
+    """An image cannot be decoded or breaks a limit; the message says which item and why."""
+
+
+class ImageDecoder:
+    """Decode, flatten alpha onto a background, pad to square, resize, normalize."""
+
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 background: tuple[int, ...], max_image_bytes: int, max_image_pixels: int) -> None:
+        self.image_size = image_size
+        self.scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32))).reshape(1, 3, 1, 1)
+        self.offset = (np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
+                       ).reshape(1, 3, 1, 1)
+        self.background = tuple(int(c) for c in background)
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+
+    def decode(self, data: bytes, index: int = 0) -> np.ndarray:
+        """Encoded bytes -> uint8 [S, S, 3]; raises InvalidImage naming the item."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise InvalidImage(f"IMAGE[{index}] must be encoded bytes, got {type(data).__name__}")
+        if len(data) == 0:
+            raise InvalidImage(f"IMAGE[{index}] is empty (0 bytes)")
+        if len(data) > self.max_image_bytes:
+            raise InvalidImage(f"IMAGE[{index}] is {len(data)} bytes, over the limit of "
+                               f"{self.max_image_bytes} bytes")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+                width, height = image.size
+                if width <= 0 or height <= 0 or width * height > self.max_image_pixels:
+                    raise InvalidImage(
+                        f"IMAGE[{index}] is {width}x{height} pixels, over the limit of "
+                        f"{self.max_image_pixels} pixels")
+                image.load()
+        except InvalidImage:
+            raise
+        except Exception as err:  # PIL raises many types for corrupt data
+            raise InvalidImage(f"IMAGE[{index}] is not a decodable JPEG/PNG/WebP image "
+                               f"({type(err).__name__}: {err})") from None
+        return self._to_square_rgb(image)
+
+    def _to_square_rgb(self, image: Image.Image) -> np.ndarray:
+        image = image.convert("RGBA")
+        side = max(image.size)
+        canvas = Image.new("RGBA", (side, side), self.background + (255,))
+        canvas.alpha_composite(image, ((side - image.width) // 2, (side - image.height) // 2))
+        canvas = canvas.convert("RGB").resize((self.image_size, self.image_size),
+                                              Image.Resampling.BILINEAR)
+        return np.asarray(canvas, dtype=np.uint8)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] -> float32 [N, 3, S, S], one vectorized pass."""
+        chw = pixels.transpose(0, 3, 1, 2).astype(np.float32)
+        return chw * self.scale - self.offset
+
+    def __call__(self, images: list[bytes]) -> np.ndarray:
+        return self.normalize(np.stack([self.decode(d, i) for i, d in enumerate(images)]))
+
+
+def decoder_from_parameters(parameters: dict[str, str]) -> ImageDecoder:
+    """Build the decoder from config.pbtxt parameters (the export writes them)."""
+    floats = lambda key: tuple(float(v) for v in parameters[key].split(","))  # noqa: E731
+    return ImageDecoder(
+        image_size=int(parameters["image_size"]),
+        mean=floats("image_mean"),
+        std=floats("image_std"),
+        background=tuple(int(v) for v in parameters["background"].split(",")),
+        max_image_bytes=int(parameters["max_image_bytes"]),
+        max_image_pixels=int(parameters["max_image_pixels"]),
+    )
+
+
+class TritonPythonModel:
+    """Decodes every image of every request, then normalizes the whole batch at once."""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.decoder = decoder_from_parameters(parameters)
+        self.output_dtype = pb_utils.triton_string_to_numpy(
+            pb_utils.get_output_config_by_name(config, "pixel_values")["data_type"])
+
+    def execute(self, requests: list) -> list:
+        decoded: list[np.ndarray | str] = []
+        for request in requests:
+            raw = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+            try:
+                if raw.size == 0:
+                    raise InvalidImage("IMAGE is empty: send one encoded image per batch item")
+                decoded.append(np.stack([self.decoder.decode(d, i) for i, d in enumerate(raw)]))
+            except InvalidImage as err:
+                decoded.append(str(err))
+        valid = [d for d in decoded if not isinstance(d, str)]
+        normalized = (np.split(self.decoder.normalize(np.concatenate(valid)),
+                               np.cumsum([len(d) for d in valid])[:-1]) if valid else [])
+        responses, outputs = [], iter(normalized)
+        for item in decoded:
+            if isinstance(item, str):
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(item, pb_utils.TritonError.INVALID_ARG)))
+            else:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("pixel_values", next(outputs).astype(self.output_dtype))]))
+        return responses
+
+    def finalize(self) -> None:
+        self.decoder = None
