@@ -124,6 +124,8 @@ def member_config(spec: ModelSpec, layout: RepositoryLayout) -> mc.ModelConfig:
         _set_parameters(config, layout.preprocess.image_parameters())
     elif layout.target is Target.portable:
         _set_parameters(config, {"intra_op_threads": str(layout.intra_op_threads)})
+    if spec.name == schema.FUSION:  # clients read category names from the server, not the disk
+        _set_parameters(config, {"categories": ",".join(layout.preprocess.categories)})
     return config
 
 

@@ -512,16 +512,14 @@ class TritonServer:
         if proc is None:
             return None
         if proc.returncode is None:
-            killed = False
             _signal_group(proc.pid, signal.SIGTERM)
             if not _wait_exit_unreaped(proc.pid, timeout_s):
                 _signal_group(proc.pid, signal.SIGKILL)
-                killed = True
                 _wait_exit_unreaped(proc.pid, 10)
             _signal_group(proc.pid, signal.SIGKILL)  # stragglers only; usually none are left
             proc.wait()
-            if killed:
-                _remove_shm_regions(self._shm_prefix)
+            # Regions are unique to this instance; any left belonged to stubs killed mid-flight.
+            _remove_shm_regions(self._shm_prefix)
         if self._pump is not None:
             self._pump.join(timeout=5)
         return proc.returncode

@@ -71,12 +71,20 @@ def config(repo: Path) -> ServerConfig:
     return ServerConfig(repository=repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def group_alive(pgid: int, grace_s: float = 5.0) -> bool:
+    """Whether any process of the server's group is left after grace_s.
+
+    SIGKILLed stubs are orphans reaped by init, so they can linger for a moment after stop().
+    """
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- install & helpers
@@ -279,3 +287,22 @@ def test_serve_forever_stops_on_sigterm(config: ServerConfig, tmp_path: Path) ->
                             "metrics": f"127.0.0.1:{config.metrics_port}"}
     assert not group_alive(seen["pid"])
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+
+
+@pytest.mark.server
+@pytest.mark.timeout(60)
+def test_serve_forever_returns_when_server_dies(
+    config: ServerConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: dict[str, TritonServer] = {}
+
+    def on_ready(server: TritonServer) -> None:
+        seen["server"] = server
+        os.kill(server.pid, signal.SIGKILL)  # crash: OOM killer, segfault...
+
+    code = srv.serve_forever(config, on_ready, log_path=tmp_path / "serve.log", echo=True, ready_timeout_s=45)
+    assert code == 128 + signal.SIGKILL
+    server = seen["server"]
+    assert not group_alive(server.pid)
+    assert not list(srv.SHM_DIR.glob(f"{server._shm_prefix}*"))  # stubs' leftovers removed
+    assert "successfully loaded 'double'" in capsys.readouterr().err  # echo=True forwards the log

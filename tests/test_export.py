@@ -1,0 +1,148 @@
+"""Export pipeline: parity, gates, manifest, determinism and bad inputs, on the real models."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmrec import schema
+from mmrec.export import variants
+from mmrec.export.errors import ExportError, ModelSourceError, ParityError, QualityGateError
+from mmrec.export.manifest import MANIFEST_FILE, sha256_file
+from mmrec.export.models.image import load_image_encoder
+from mmrec.export.parity import check_parity
+from mmrec.export.pipeline import ExportOptions, Exporter
+
+
+def manifest_of(repo: Path) -> dict:
+    return json.loads((repo / MANIFEST_FILE).read_text())
+
+
+def test_every_submodel_matches_pytorch_within_fp32_tolerance(exported_repository):
+    models = manifest_of(exported_repository)["models"]
+    assert set(models) == set(schema.ONNX_MODELS)
+    for name, info in models.items():
+        parity = info["variants"]["fp32"]["parity"]
+        assert parity["passed"], name
+        assert parity["max_abs_error"] <= 1e-4, (name, parity)
+        assert parity["min_cosine"] >= 0.9999, (name, parity)
+    text_cases = {c["label"] for c in models[schema.TEXT_ENCODER]["variants"]["fp32"]["parity"]["cases"]}
+    # several batch sizes and sequence lengths, incl. the max length
+    assert {"batch=1 seq=16", "batch=32 seq=128"} <= text_cases
+    assert len({label.split()[1] for label in text_cases}) >= 3
+
+
+def test_manifest_lists_hashes_versions_inputs_and_gates(exported_repository):
+    manifest = manifest_of(exported_repository)
+    for name, info in manifest["models"].items():
+        served = info["variants"][info["served_variant"]]
+        path = exported_repository / served["path"]
+        assert path.is_file() and sha256_file(path) == served["sha256"]
+        assert served["bytes"] == path.stat().st_size
+    text = manifest["models"][schema.TEXT_ENCODER]["variants"]
+    assert text["int8"]["gate"]["passed"] and text["int8"]["written"]
+    assert (exported_repository / text["int8"]["path"]).is_file()
+    assert text["int8"]["bytes"] < text["fp32"]["bytes"]
+    for variant in ("int8", "fp16"):  # every gated variant records its numbers
+        gate = manifest["models"][schema.IMAGE_ENCODER]["variants"][variant]["gate"]
+        assert {"mean_cosine", "neighbour_agreement", "macro_f1_fp32", "passed"} <= set(gate)
+        if not gate["passed"]:
+            assert gate["reasons"] and "path" not in manifest["models"][schema.IMAGE_ENCODER]["variants"][variant]
+    for package in ("torch", "onnx", "onnxruntime", "transformers"):
+        assert manifest["versions"][package]
+    assert len(manifest["inputs"]["dataset"]["sha256"]) == 64
+    held = manifest["training"]["held_out"]
+    assert held["interest_accuracy"] > 0.5 and held["alignment_pair_auc"] > 0.55
+    assert manifest["preprocess"]["categories"] and len(manifest["files"]) > 10
+
+
+def test_export_is_deterministic(exported_repository, tmp_path):
+    """Same inputs -> same model hashes (fp32 only here to keep the test short)."""
+    again = tmp_path / "again"
+    Exporter(ExportOptions(output=again, precisions=("fp32",))).run()
+    first, second = manifest_of(exported_repository), manifest_of(again)
+    for name in schema.ONNX_MODELS:
+        a = first["models"][name]["variants"]["fp32"]
+        b = second["models"][name]["variants"]["fp32"]
+        assert a["sha256"] == b["sha256"], name
+    files_a = {f["path"]: f["sha256"] for f in first["files"]}
+    files_b = {f["path"]: f["sha256"] for f in second["files"]}
+    for path in ("tokenizer/config.pbtxt", "item_encoder/config.pbtxt", "preprocess.json",
+                 "fusion/variants/fusion_head.safetensors"):
+        assert files_a[path] == files_b[path], path
+
+
+def test_perturbed_model_fails_parity_with_model_variant_and_numbers(exported_repository):
+    model = exported_repository / schema.SCORER / "1" / "model.onnx"
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((8, schema.ITEM_EMBEDDING_DIM)).astype(np.float32)
+    users = rng.standard_normal((8, schema.ITEM_EMBEDDING_DIM)).astype(np.float32)
+
+    def perturbed(feed):  # a "PyTorch source" whose weights drifted from the export
+        item, user = (torch.from_numpy(v) for v in feed.values())
+        return [torch.sigmoid((item * user).sum(-1, keepdim=True) + 0.01).numpy()]
+
+    feed = {schema.ITEM_EMBEDDING_MEMBER: items, schema.USER_EMBEDDING_MEMBER: users}
+    with pytest.raises(ParityError) as err:
+        check_parity("scorer", "fp32", model, perturbed, [("batch=8", feed)])
+    message = str(err.value)
+    assert "scorer" in message and "[fp32]" in message and "max_abs=" in message and "batch=8" in message
+
+
+def test_quality_gate_rejects_a_degraded_variant():
+    rng = np.random.default_rng(0)
+    fp32 = rng.standard_normal((60, 32)).astype(np.float32)
+    labels = np.arange(60) % 4
+    noisy = fp32 + rng.standard_normal(fp32.shape).astype(np.float32)
+    gate = variants.quality_gate("int8", fp32, noisy, labels, labels, (labels + 1) % 4, 4)
+    assert not gate.passed
+    assert any("mean cosine" in r for r in gate.reasons)
+    assert any("macro-F1" in r for r in gate.reasons)
+    with pytest.raises(QualityGateError, match=r"image_encoder \[int8\] fails its quality gate"):
+        variants.require(gate, "image_encoder")
+    ok = variants.quality_gate("fp16", fp32, fp32 * 1.0001, labels, labels, labels, 4)
+    assert ok.passed and not ok.reasons
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(text_model=Path("/nonexistent/model")), "text model folder /nonexistent/model does not exist"),
+    (dict(image_encoder="resnet-9000"), "unknown image encoder 'resnet-9000'"),
+    (dict(image_weights=Path("/nonexistent/w.pth")), "does not exist"),
+    (dict(precisions=("fp32", "int4")), "unknown precision"),
+    (dict(serve_variants={"text_encoder": "fp16"}, precisions=("fp32",)), "not being exported"),
+])
+def test_bad_options_fail_before_writing_anything(tmp_path, options, message):
+    output = tmp_path / "out"
+    with pytest.raises(ExportError, match=message.replace("(", r"\(")):
+        Exporter(ExportOptions(output=output, **options)).run()
+    assert not output.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_weights_fail_cleanly_and_leave_nothing(tmp_path):
+    garbage = tmp_path / "weights.pth"
+    garbage.write_bytes(b"this is not a state dict")
+    output = tmp_path / "out"
+    with pytest.raises(ModelSourceError, match="cannot read weights file"):
+        Exporter(ExportOptions(output=output, image_weights=garbage)).run()
+    assert not output.exists()
+    assert not any(p.name.startswith(".out.staging") for p in tmp_path.iterdir())
+
+
+def test_weights_for_wrong_architecture_are_rejected(tmp_path):
+    _, _, lite0 = load_image_encoder()
+    with pytest.raises(ModelSourceError, match="do not fit efficientnet-b0"):
+        load_image_encoder("efficientnet-b0", lite0)
+
+
+def test_cli_reports_errors_with_exit_code_2(tmp_path):
+    from typer.testing import CliRunner
+    from mmrec.cli import app
+
+    result = CliRunner().invoke(app, ["export", "-o", str(tmp_path / "o"), "--image-encoder", "nope"])
+    assert result.exit_code == 2
+    assert "unknown image encoder 'nope'" in result.output
+    help_text = CliRunner().invoke(app, ["export", "--help"]).output
+    assert "--target" in help_text and "--precision" in help_text
