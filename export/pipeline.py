@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mmrec import schema
+from mmrec.export_defaults import DEFAULT_REPOSITORY
 from mmrec.preprocess import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, DEFAULT_SEQ_BUCKETS,
                               PreprocessConfig)
 from mmrec.python_models import text_tokenizer
@@ -38,7 +39,7 @@ PRECISIONS = ("fp32", "int8", "fp16")
 QUANTIZABLE = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
 CALIBRATION_IMAGES = 64
 FUSION_CHECKPOINT = "fusion_head.safetensors"
-DEFAULT_OUTPUT = Path("artifacts/repository")
+DEFAULT_OUTPUT = DEFAULT_REPOSITORY
 
 
 @dataclass

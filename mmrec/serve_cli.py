@@ -1,0 +1,45 @@
+"""`mmrec serve`: run the real tritonserver on an exported repository."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .export_defaults import DEFAULT_REPOSITORY
+from .server import ServerConfig, ServerError, TritonServer, serve_forever, validate_repository
+
+console = Console(stderr=True)
+
+
+def print_endpoints(server: TritonServer) -> None:
+    urls = server.urls
+    console.print(f"[green]tritonserver ready[/green] (pid {server.pid}) serving {server.config.repository}")
+    console.print(f"  gRPC     {urls['grpc']}\n  HTTP     http://{urls['http']}\n"
+                  f"  metrics  http://{urls['metrics']}/metrics")
+    console.print("Ctrl-C stops it.")
+
+
+def serve_command(
+    repository: Path = typer.Option(DEFAULT_REPOSITORY, help="Model repository written by `mmrec export`."),
+    host: str = typer.Option("127.0.0.1", help="Bind address. 127.0.0.1 unless you mean to expose it."),
+    http_port: int = typer.Option(8000, help="HTTP/REST port."),
+    grpc_port: int = typer.Option(8001, help="gRPC port."),
+    metrics_port: int = typer.Option(8002, help="Prometheus metrics port."),
+    model_control: str = typer.Option("none", help="none | poll | explicit (Triton model control mode)."),
+    log_verbose: int = typer.Option(0, help="Triton --log-verbose level."),
+    ready_timeout: float = typer.Option(180.0, help="Seconds to wait for readiness."),
+) -> None:
+    """Serve a model repository with the tritonserver bundled in nvidia-pytriton; logs are
+    forwarded here and SIGINT/SIGTERM shut it down cleanly."""
+    try:
+        validate_repository(repository)
+        config = ServerConfig(repository=repository, host=host, http_port=http_port,
+                              grpc_port=grpc_port, metrics_port=metrics_port,
+                              model_control=model_control, log_verbose=log_verbose)
+        code = serve_forever(config, print_endpoints, ready_timeout_s=ready_timeout)
+    except (ServerError, ValueError) as err:
+        console.print(f"[red]serve failed:[/red] {escape(str(err))}")
+        raise typer.Exit(2)
+    raise typer.Exit(code)

@@ -1,0 +1,188 @@
+"""The generated repository on the real tritonserver: outputs equal the reference pipeline's."""
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from mmrec import schema
+from mmrec.export.repository import (CONFIG_FILE, RepositoryLayout, Target, all_configs, parse,
+                                     render)
+from mmrec.preprocess import PreprocessConfig
+
+TOLERANCE = 1e-4
+PUBLIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+PROTOCOLS = {"grpc": grpcclient, "http": httpclient}
+
+
+# ---- configs: every target, no server needed ---------------------------------------------------
+
+@pytest.mark.parametrize("target", list(Target))
+def test_every_generated_config_parses_into_model_config(target, tmp_path):
+    layout = RepositoryLayout(target, PreprocessConfig(categories=("a", "b", "c")), {}, tmp_path / "t.json",
+                              gpu=target is not Target.portable)
+    configs = all_configs(layout)
+    assert set(configs) == set(schema.PYTHON_MODELS + schema.ONNX_MODELS + schema.ENSEMBLES)
+    for name, config in configs.items():
+        again = parse(render(config))
+        assert again == config and again.name == name
+        for tensor in list(again.input) + list(again.output):
+            assert PUBLIC_NAME.match(tensor.name), f"{name}: auto-generated tensor name {tensor.name!r}"
+    members = {n: c for n, c in configs.items() if n not in schema.ENSEMBLES}
+    for name in schema.ENSEMBLES:
+        ensemble = configs[name]
+        assert ensemble.platform == "ensemble" and not ensemble.HasField("dynamic_batching")
+        for step in ensemble.ensemble_scheduling.step:
+            assert ensemble.max_batch_size <= members[step.model_name].max_batch_size
+    for name in schema.ONNX_MODELS:
+        member = configs[name]
+        assert member.dynamic_batching.max_queue_delay_microseconds > 0
+        expected = {Target.portable: ("python", ""), Target.onnxruntime: ("onnxruntime", ""),
+                    Target.tensorrt: ("", "tensorrt_plan")}[target]
+        assert (member.backend, member.platform) == expected
+
+
+def test_written_repository_configs_parse(exported_repository):
+    for path in Path(exported_repository).glob(f"*/{CONFIG_FILE}"):
+        config = parse(path.read_text())
+        assert config.name == path.parent.name
+
+
+# ---- the real server ---------------------------------------------------------------------------
+
+def _infer(protocol: str, url: str, model: str, tensors: dict[str, np.ndarray], outputs: list[str]):
+    module = PROTOCOLS[protocol]
+    client = module.InferenceServerClient(url)
+    inputs = []
+    for name, array in tensors.items():
+        dtype = "BYTES" if array.dtype == object else {"float32": "FP32"}[array.dtype.name]
+        tensor = module.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    result = client.infer(model, inputs, outputs=[module.InferRequestedOutput(o) for o in outputs])
+    return {o: result.as_numpy(o) for o in outputs}
+
+
+def _bytes_column(values: list[bytes]) -> np.ndarray:
+    return np.array([[v] for v in values], dtype=object)
+
+
+ITEM_OUTPUTS = [schema.ITEM_EMBEDDING, schema.INTEREST_PROBS, schema.ALIGNMENT]
+
+
+def _assert_close(got: dict, want: dict, names: list[str]) -> None:
+    for name in names:
+        np.testing.assert_allclose(got[name], want[name], atol=TOLERANCE, rtol=0, err_msg=name)
+
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_item_encoder_matches_reference(triton_server, reference, sample_items, protocol):
+    texts = [t for t, _, _ in sample_items[:8]]
+    images = [i for _, i, _ in sample_items[:8]]
+    got = _infer(protocol, triton_server.urls[protocol], schema.ITEM_ENCODER,
+                 {schema.TEXT: _bytes_column([t.encode() for t in texts]), schema.IMAGE: _bytes_column(images)},
+                 ITEM_OUTPUTS)
+    _assert_close(got, reference.encode_items(texts, images), ITEM_OUTPUTS)
+    assert got[schema.ITEM_EMBEDDING].shape == (8, schema.ITEM_EMBEDDING_DIM)
+    np.testing.assert_allclose(np.linalg.norm(got[schema.ITEM_EMBEDDING], axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(got[schema.INTEREST_PROBS].sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_interest_scorer_matches_reference(triton_server, reference, sample_items, protocol):
+    texts = [t for t, _, _ in sample_items[8:14]]
+    images = [i for _, i, _ in sample_items[8:14]]
+    history = reference.encode_items([t for t, _, _ in sample_items[:4]],
+                                     [i for _, i, _ in sample_items[:4]])[schema.ITEM_EMBEDDING]
+    user = history.mean(axis=0)
+    users = np.repeat(user[None, :], len(texts), axis=0).astype(np.float32)
+    got = _infer(protocol, triton_server.urls[protocol], schema.INTEREST_SCORER,
+                 {schema.TEXT: _bytes_column([t.encode() for t in texts]),
+                  schema.IMAGE: _bytes_column(images), schema.USER_EMBEDDING: users},
+                 ITEM_OUTPUTS + [schema.SCORE])
+    want = reference.score_items(texts, images, user)
+    _assert_close(got, want, ITEM_OUTPUTS + [schema.SCORE])
+    assert np.all((got[schema.SCORE] > 0) & (got[schema.SCORE] < 1))
+
+
+@pytest.mark.server
+def test_client_side_pixels_ensemble_matches_bytes_ensemble(triton_server, reference, sample_items):
+    texts = [t for t, _, _ in sample_items[:4]]
+    images = [i for _, i, _ in sample_items[:4]]
+    pixels = reference.preprocess_images(images)
+    got = _infer("grpc", triton_server.urls["grpc"], schema.ITEM_ENCODER_PIXELS,
+                 {schema.TEXT: _bytes_column([t.encode() for t in texts]), schema.PIXELS: pixels},
+                 ITEM_OUTPUTS)
+    _assert_close(got, reference.encode_items(texts, images), ITEM_OUTPUTS)
+
+
+def _model_counts(url: str, model: str) -> tuple[int, int]:
+    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(model).model_stats[0]
+    return stats.inference_count, stats.execution_count
+
+
+@pytest.mark.server
+def test_dynamic_batcher_joins_requests_of_different_sequence_lengths(triton_server, reference, sample_items):
+    """Concurrent single-item requests with short and long texts: each answer equals the
+    reference computed for that request alone, and the members ran fewer batches than requests."""
+    url = triton_server.urls["grpc"]
+    captions = [t for t, _, _ in sample_items]
+    requests = []
+    for i in range(32):
+        words = (1, 5, 40)[i % 3]  # ~16, ~64 and 128 tokens
+        text = " ".join(captions[(i + j) % len(captions)] for j in range(words))
+        requests.append((text, sample_items[i % len(sample_items)][1]))
+    before = {m: _model_counts(url, m) for m in (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)}
+
+    def send(request):
+        text, image = request
+        return _infer("grpc", url, schema.ITEM_ENCODER,
+                      {schema.TEXT: _bytes_column([text.encode()]), schema.IMAGE: _bytes_column([image])},
+                      ITEM_OUTPUTS)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(send, requests))
+    lengths = {reference.tokenizer([text])[0].shape[1] for text, _ in requests}
+    assert len(lengths) >= 3, lengths
+    for (text, image), got in zip(requests, results):
+        _assert_close(got, reference.encode_items([text], [image]), ITEM_OUTPUTS)
+    for model, (inferences0, executions0) in before.items():
+        inferences, executions = _model_counts(url, model)
+        assert inferences - inferences0 == len(requests)
+        assert executions - executions0 < len(requests), f"{model} never batched"
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bad_image_is_invalid_argument_and_server_keeps_serving(triton_server, reference, sample_items, protocol):
+    url = triton_server.urls[protocol]
+    text, image, _ = sample_items[0]
+    with pytest.raises(InferenceServerException) as err:
+        _infer(protocol, url, schema.ITEM_ENCODER,
+               {schema.TEXT: _bytes_column([text.encode(), text.encode()]),
+                schema.IMAGE: _bytes_column([image, b"definitely not an image"])}, ITEM_OUTPUTS)
+    assert "IMAGE[1] is not a decodable JPEG/PNG/WebP image" in err.value.message()
+    if protocol == "grpc":
+        assert "INVALID_ARGUMENT" in str(err.value.status())
+    else:
+        assert str(err.value.status()) == "400"
+    got = _infer(protocol, url, schema.ITEM_ENCODER,
+                 {schema.TEXT: _bytes_column([text.encode()]), schema.IMAGE: _bytes_column([image])}, ITEM_OUTPUTS)
+    _assert_close(got, reference.encode_items([text], [image]), ITEM_OUTPUTS)
+
+
+@pytest.mark.server
+def test_non_utf8_text_is_invalid_argument(triton_server, sample_items):
+    with pytest.raises(InferenceServerException, match=r"TEXT\[0\] is not valid UTF-8"):
+        _infer("grpc", triton_server.urls["grpc"], schema.ITEM_ENCODER,
+               {schema.TEXT: _bytes_column([b"\xff\xfe bad"]), schema.IMAGE: _bytes_column([sample_items[0][1]])},
+               ITEM_OUTPUTS)
