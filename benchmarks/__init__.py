@@ -1,0 +1,1 @@
+"""Benchmarks: offline backend comparison, serving sweeps, quality drift (see issue 5)."""
