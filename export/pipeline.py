@@ -269,7 +269,7 @@ class Exporter:
             models[member]["served_variant"] = variant
 
         if o.target is Target.tensorrt:
-            served = self._tensorrt(staging, served, members, p)
+            served = self._tensorrt(staging, fp32, members, sources)
 
         layout = RepositoryLayout(o.target, p, served, tokenizer_file, gpu=o.gpu)
         written = write_repository(layout, root)
@@ -384,19 +384,40 @@ class Exporter:
         calibration = decode_images(sources.preprocess, sources.train[:CALIBRATION_IMAGES])
         return var.quantize_static_int8(fp32_file, target, schema.PIXEL_VALUES, calibration)
 
-    def _tensorrt(self, staging: Path, served: dict[str, Path], members: dict,
-                  p: PreprocessConfig) -> dict[str, Path]:
-        """Build a plan for every member from its served ONNX graph (GPU only)."""
-        from .tensorrt import batch_profiles, build_engine
+    def _tensorrt(self, staging: Path, fp32: dict[str, dict], members: dict,
+                  sources: Sources) -> dict[str, Path]:
+        """Build a plan for every member from its FP32 graph (GPU only).
 
+        FP16 everywhere (LayerNorm pinned to FP32); INT8 where --serve-variant asks for it,
+        through explicit Q/DQ from nvidia-modelopt calibrated on real held-out inputs.
+        """
+        from .tensorrt import batch_profiles, build_engine, modelopt_int8
+
+        p = sources.preprocess
         plans = {}
-        for name, onnx_file in served.items():
+        for name, info in fp32.items():
             tick = self.reporter.step(f"{name}: TensorRT engine", 1)
+            source = info["file"]
+            int8 = self.options.serve_variants.get(name) == "int8"
+            if int8:
+                source = modelopt_int8(source, staging / f"{name}.qdq.onnx",
+                                       self._calibration_feed(name, sources))
             dims = {t.name: t.dims for t in members[name].inputs}
             buckets = p.seq_buckets if name == schema.TEXT_ENCODER else ()
-            int8 = self.options.serve_variants.get(name) == "int8"
-            plans[name] = build_engine(onnx_file, staging / f"{name}.plan",
+            plans[name] = build_engine(source, staging / f"{name}.plan",
                                        batch_profiles(dims, p.max_batch_size, buckets),
                                        fp16=True, int8=int8)
             tick()
         return plans
+
+    def _calibration_feed(self, name: str, sources: Sources) -> dict[str, np.ndarray]:
+        """Real calibration inputs for modelopt (training split, never the held-out items)."""
+        p = sources.preprocess
+        calib = sources.train[:CALIBRATION_IMAGES]
+        if name == schema.TEXT_ENCODER:
+            tokenizer = text_tokenizer(p, sources.text_folder / "tokenizer.json")
+            ids, mask = tokenizer([i.caption for i in calib])
+            return {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask}
+        if name == schema.IMAGE_ENCODER:
+            return {schema.PIXEL_VALUES: decode_images(p, calib)}
+        raise QualityGateError(f"INT8 is offered for the encoders only, not {name}")
