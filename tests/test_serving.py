@@ -186,3 +186,42 @@ def test_non_utf8_text_is_invalid_argument(triton_server, sample_items):
         _infer("grpc", triton_server.urls["grpc"], schema.ITEM_ENCODER,
                {schema.TEXT: _bytes_column([b"\xff\xfe bad"]), schema.IMAGE: _bytes_column([sample_items[0][1]])},
                ITEM_OUTPUTS)
+
+
+@pytest.mark.server
+def test_mmrec_serve_cli_serves_and_stops_cleanly_on_sigint(exported_repository, sample_items):
+    """The README's `mmrec serve`: endpoints printed, traffic served, Ctrl-C exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mmrec.server import free_ports
+
+    http, grpc, metrics = free_ports(3)
+    command = [sys.executable, "-m", "mmrec.cli", "serve", "--repository", str(exported_repository),
+               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "COLUMNS": "200"})
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if client.is_server_ready():
+                    break
+            except InferenceServerException:
+                pass
+            time.sleep(0.5)
+        assert client.is_model_ready(schema.ITEM_ENCODER)
+        text, image, _ = sample_items[0]
+        got = _infer("grpc", f"127.0.0.1:{grpc}", schema.ITEM_ENCODER,
+                     {schema.TEXT: _bytes_column([text.encode()]), schema.IMAGE: _bytes_column([image])},
+                     ITEM_OUTPUTS)
+        assert got[schema.ITEM_EMBEDDING].shape == (1, schema.ITEM_EMBEDDING_DIM)
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output[-2000:]
+    assert f"127.0.0.1:{grpc}" in output and "tritonserver ready" in output
