@@ -19,7 +19,8 @@ import torch
 
 from mmrec import schema
 from mmrec.export_defaults import DEFAULT_REPOSITORY
-from mmrec.preprocess import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, DEFAULT_SEQ_BUCKETS,
+from mmrec.preprocess import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
+                              DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_TEXT_BYTES, DEFAULT_SEQ_BUCKETS,
                               PreprocessConfig)
 from mmrec.python_models import text_tokenizer
 from . import variants as var
@@ -39,6 +40,7 @@ PRECISIONS = ("fp32", "int8", "fp16")
 QUANTIZABLE = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
 CALIBRATION_IMAGES = 64
 FUSION_CHECKPOINT = "fusion_head.safetensors"
+CHECKPOINT_METADATA_KEY = "mmrec_fusion"
 DEFAULT_OUTPUT = DEFAULT_REPOSITORY
 
 
@@ -55,6 +57,10 @@ class ExportOptions:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     seq_buckets: tuple[int, ...] = DEFAULT_SEQ_BUCKETS
+    # Request limits the python models enforce (and the client checks before sending).
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
     atol: float = ATOL_FP32
     gpu: bool = False
     models: tuple[str, ...] = schema.ONNX_MODELS  # which members to export (all for a repository)
@@ -79,6 +85,11 @@ class ExportOptions:
             raise ExportError(f"max batch size {self.max_batch_size} is outside 1..1024")
         if not 8 <= self.max_seq_len <= 512:
             raise ExportError(f"max sequence length {self.max_seq_len} is outside 8..512")
+        for flag, value in (("--max-image-bytes", self.max_image_bytes),
+                            ("--max-image-pixels", self.max_image_pixels),
+                            ("--max-text-bytes", self.max_text_bytes)):
+            if value < 1:
+                raise ExportError(f"{flag} must be at least 1, got {value}")
         for member, variant in self.serve_variants.items():
             if member not in schema.ONNX_MODELS:
                 raise ExportError(f"--serve-variant names unknown model {member!r}")
@@ -140,6 +151,8 @@ def load_sources(options: ExportOptions) -> Sources:
         max_seq_len=options.max_seq_len, seq_buckets=options.seq_buckets,
         image_size=entry.image_size, image_mean=entry.mean, image_std=entry.std,
         categories=categories_of(items), max_batch_size=options.max_batch_size,
+        max_image_bytes=options.max_image_bytes, max_image_pixels=options.max_image_pixels,
+        max_text_bytes=options.max_text_bytes,
         text_dim=text_hidden_size(text_model), image_dim=entry.feature_dim,
         item_dim=schema.ITEM_EMBEDDING_DIM)
     return Sources(text_model, text_folder, image_model, weights, preprocess, items, train, held_out)
@@ -153,8 +166,9 @@ def load_fusion_checkpoint(path: Path, preprocess: PreprocessConfig) -> FusionHe
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        config = FusionConfig(**json.loads(metadata["fusion_config"]))
-        categories = tuple(json.loads(metadata["categories"]))
+        header = json.loads(metadata[CHECKPOINT_METADATA_KEY])
+        config = FusionConfig(**header["fusion_config"])
+        categories = tuple(header["categories"])
         state = load_file(str(path))
     except Exception as err:
         raise ModelSourceError(f"cannot read fusion checkpoint {path} (expected safetensors written "
@@ -176,8 +190,9 @@ def save_fusion_checkpoint(model: FusionHead, categories: tuple[str, ...], path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in sorted(model.state_dict().items())}
-    save_file(state, str(path), metadata={"fusion_config": json.dumps(model.config.to_dict(), sort_keys=True),
-                                          "categories": json.dumps(list(categories))})
+    # one metadata key: safetensors writes several keys in hash order, breaking determinism
+    header = {"fusion_config": model.config.to_dict(), "categories": list(categories)}
+    save_file(state, str(path), metadata={CHECKPOINT_METADATA_KEY: json.dumps(header, sort_keys=True)})
     return path
 
 
@@ -236,14 +251,15 @@ class Exporter:
         members = schema.member_specs(len(p.categories), p.text_dim, p.image_dim, p.item_dim, p.image_size)
         tokenizer_file = sources.text_folder / "tokenizer.json"
 
+        # a user's checkpoint is checked before the long feature pass
+        fusion = load_fusion_checkpoint(o.fusion_checkpoint, p) if o.fusion_checkpoint else None
         n = len(sources.items)
         tick = self.reporter.step("encoding items with the PyTorch encoders", 2 * n)
         train_f = encode_items(sources.text_model, sources.image_model, p, tokenizer_file, sources.train, tick)
         held_f = encode_items(sources.text_model, sources.image_model, p, tokenizer_file, sources.held_out, tick)
 
         fusion_dir = root / schema.FUSION / "variants"
-        if o.fusion_checkpoint:
-            fusion = load_fusion_checkpoint(o.fusion_checkpoint, p)
+        if fusion is not None:
             training = {"source": "checkpoint", "sha256": sha256_file(o.fusion_checkpoint)}
         else:
             config = FusionConfig(p.text_dim, p.image_dim, p.item_dim, num_categories=len(p.categories))

@@ -6,6 +6,7 @@ import typer
 from mmrec.export.cli import export_command
 from mmrec.serve_cli import serve_command
 from mmrec.demo import demo_command
+from mmrec.client.cli import encode_command, score_command
 
 app = typer.Typer(help="mmrec: multimodal user-interest models on Triton + ONNX.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -19,6 +20,8 @@ def main() -> None:
 app.command("export")(export_command)
 app.command("serve")(serve_command)
 app.command("demo")(demo_command)
+app.command("score")(score_command)
+app.command("encode")(encode_command)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -59,11 +59,15 @@ def test_manifest_lists_hashes_versions_inputs_and_gates(exported_repository):
     assert manifest["preprocess"]["categories"] and len(manifest["files"]) > 10
 
 
-def test_export_is_deterministic(exported_repository, tmp_path):
-    """Same inputs -> same model hashes (fp32 only here to keep the test short)."""
+def test_export_is_deterministic_and_reuses_a_fusion_checkpoint(exported_repository, tmp_path):
+    """Same inputs -> same hashes. The second export takes the first one's fusion checkpoint
+    (fp32 only, to keep the test short), so this also proves checkpoint loading."""
     again = tmp_path / "again"
-    Exporter(ExportOptions(output=again, precisions=("fp32",))).run()
+    checkpoint = exported_repository / "fusion" / "variants" / "fusion_head.safetensors"
+    Exporter(ExportOptions(output=again, precisions=("fp32",), fusion_checkpoint=checkpoint)).run()
     first, second = manifest_of(exported_repository), manifest_of(again)
+    assert second["training"]["source"] == "checkpoint"
+    assert second["training"]["held_out"] == first["training"]["held_out"]
     for name in schema.ONNX_MODELS:
         a = first["models"][name]["variants"]["fp32"]
         b = second["models"][name]["variants"]["fp32"]
@@ -73,6 +77,44 @@ def test_export_is_deterministic(exported_repository, tmp_path):
     for path in ("tokenizer/config.pbtxt", "item_encoder/config.pbtxt", "preprocess.json",
                  "fusion/variants/fusion_head.safetensors"):
         assert files_a[path] == files_b[path], path
+
+
+def test_fusion_training_is_deterministic(monkeypatch):
+    from mmrec.export import train
+    from mmrec.export.features import ItemFeatures
+    from mmrec.export.models.fusion import FusionConfig
+
+    monkeypatch.setattr(train, "EPOCHS", 3)
+    rng = np.random.default_rng(1)
+    features = ItemFeatures(rng.standard_normal((96, 384)).astype(np.float32),
+                            rng.standard_normal((96, 1280)).astype(np.float32), np.arange(96) % 4)
+    config = FusionConfig(num_categories=4)
+    first, loss1 = train.train_fusion(features, config)
+    second, loss2 = train.train_fusion(features, config)
+    assert loss1 == loss2
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_fusion_checkpoint_is_rejected_before_any_work(tmp_path):
+    bad = tmp_path / "fusion.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelSourceError, match="cannot read fusion checkpoint"):
+        Exporter(ExportOptions(output=tmp_path / "out", fusion_checkpoint=bad)).run()
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_exits_non_zero_when_the_parity_gate_fails(tmp_path):
+    """An impossible tolerance makes the real gate fail: exit 2, model/variant/numbers named."""
+    from typer.testing import CliRunner
+    from mmrec.cli import app
+
+    result = CliRunner().invoke(app, ["export", "-o", str(tmp_path / "o"), "--precision", "fp32",
+                                      "--atol", "1e-12"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert "text_encoder [fp32] disagrees with PyTorch" in result.output
+    assert "max_abs=" in result.output and "batch=" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_perturbed_model_fails_parity_with_model_variant_and_numbers(exported_repository):

@@ -1,0 +1,28 @@
+"""mmrec.client: score and encode items on an mmrec Triton server, built on tritonclient.
+
+Sync (`MMRecClient`) and asyncio (`AsyncMMRecClient`) clients share method names and are
+context managers; both speak gRPC or HTTP. Private modules are re-exported here.
+"""
+from ._aio import AsyncMMRecClient
+from ._client import MMRecClient
+from ._errors import (InvalidItemError, InvalidRequestError, MMRecError, ModelNotReadyError,
+                      RequestTimeoutError, ServerUnavailableError)
+from ._items import Item
+from ._results import EncodedItems, RankedItem
+from ._server_info import ModelNames, ServerInfo
+
+__all__ = [
+    "AsyncMMRecClient",
+    "EncodedItems",
+    "InvalidItemError",
+    "InvalidRequestError",
+    "Item",
+    "MMRecClient",
+    "MMRecError",
+    "ModelNames",
+    "ModelNotReadyError",
+    "RankedItem",
+    "RequestTimeoutError",
+    "ServerInfo",
+    "ServerUnavailableError",
+]

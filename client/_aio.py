@@ -1,0 +1,208 @@
+"""AsyncMMRecClient: the asyncio twin of MMRecClient (same method names, awaited).
+
+Batches are sent with asyncio tasks bounded by a semaphore of `concurrency`; client-side
+image decoding runs in a worker thread so the event loop keeps serving other requests.
+"""
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Sequence
+
+import numpy as np
+
+from mmrec import schema
+from mmrec.reference import user_vector as mean_embedding
+
+from ._base import ClientBase
+from ._errors import Failure, InvalidRequestError, MMRecError, classify, server_message
+from ._items import Item, PreparedItems
+from ._plan import PendingRequest, Planner, bisect_bad_item
+from ._requests import CallOptions, InferRequest
+from ._results import EncodedItems, RankedItem, empty_encoded, encoded_from_chunks, scores_from_chunks, top_k
+from ._server_info import ServerInfo
+from ._transport import AsyncTransport
+
+
+class AsyncMMRecClient(ClientBase):
+    """Encode, score and rank items with asyncio (tritonclient.grpc.aio / tritonclient.http.aio).
+
+    Use as `async with AsyncMMRecClient("127.0.0.1:8001") as client:`. Same constructor and
+    method names as MMRecClient; shared_memory is not offered here (sync clients only).
+    """
+
+    def _init_io(self) -> None:
+        if self.shared_memory:
+            raise ValueError("shared_memory is available in MMRecClient (sync) only")
+        self._transport = AsyncTransport(self.connection)
+        self._semaphore: asyncio.Semaphore | None = None
+        self._connect_lock: asyncio.Lock | None = None
+
+    # ---- lifecycle
+    async def connect(self) -> ServerInfo:
+        """Check the server is live/ready and the needed models are ready; read their configs."""
+        if self._info is not None:
+            return self._info
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:  # concurrent first calls connect once
+            if self._info is None:
+                await self._connect()
+        return self.server_info
+
+    async def _connect(self) -> None:
+        t = self._transport
+        try:
+            live = await self.retry.acall(t.is_server_live)
+            ready = live and await self.retry.acall(t.is_server_ready)
+        except Exception as exc:
+            raise self._error(exc, "server") from exc
+        if not ready:
+            raise self._not_serving(live)
+        configs: dict[str, dict] = {}
+        for model in self.needed_models:
+            try:
+                if not await self.retry.acall(lambda: t.is_model_ready(model)):
+                    raise self._not_ready(model)
+                configs[model] = await self.retry.acall(lambda: t.get_model_config(model))
+            except MMRecError:
+                raise
+            except Exception as exc:
+                raise self._error(exc, model) from exc
+        self._connected(configs)
+
+    async def close(self) -> None:
+        """Close the connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._transport.close()
+
+    async def __aenter__(self) -> "AsyncMMRecClient":
+        try:
+            await self.connect()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # ---- public calls (see MMRecClient for the contracts)
+    async def encode_items(self, items: Sequence[Item | tuple], *, request_id: str = "", priority: int = 0,
+                           timeout: int | None = None, client_timeout: float | None = None,
+                           headers: dict[str, str] | None = None) -> EncodedItems:
+        """Item embeddings, interest probabilities and text-image alignment, in item order."""
+        planner = await self._ready()
+        prepared = planner.items(items)
+        options = self._options(request_id, priority, timeout, client_timeout, headers)
+        return await self._encode(planner, prepared, options)
+
+    async def user_vector(self, history: Sequence[Item | tuple] | np.ndarray, *, request_id: str = "",
+                          priority: int = 0, timeout: int | None = None, client_timeout: float | None = None,
+                          headers: dict[str, str] | None = None) -> np.ndarray:
+        """A user = the mean embedding of the items they engaged with (items or an [N, D] array)."""
+        planner = await self._ready()
+        history = self._history(history)
+        if isinstance(history, PreparedItems):
+            options = self._options(request_id, priority, timeout, client_timeout, headers)
+            history = (await self._encode(planner, history, options)).item_embedding
+        return mean_embedding(history)
+
+    async def score(self, user: np.ndarray, items: Sequence[Item | tuple] | np.ndarray, *,
+                    request_id: str = "", priority: int = 0, timeout: int | None = None,
+                    client_timeout: float | None = None, headers: dict[str, str] | None = None) -> np.ndarray:
+        """σ(item · user) per item: [N] float32."""
+        planner = await self._ready()
+        user_vec = planner.user(user)
+        candidates = self._candidates(items)
+        options = self._options(request_id, priority, timeout, client_timeout, headers)
+        return await self._score(planner, user_vec, candidates, options)
+
+    async def rank(self, user: np.ndarray, candidates: Sequence[Item | tuple] | np.ndarray,
+                   k: int | None = 10, *, request_id: str = "", priority: int = 0, timeout: int | None = None,
+                   client_timeout: float | None = None, headers: dict[str, str] | None = None
+                   ) -> list[RankedItem]:
+        """Top-k candidates as (index, item_id, score), best first; ties keep candidate order."""
+        planner = await self._ready()
+        user_vec = planner.user(user)
+        prepared = self._candidates(candidates)
+        options = self._options(request_id, priority, timeout, client_timeout, headers)
+        scores = await self._score(planner, user_vec, prepared, options)
+        return top_k(scores, k, prepared.item_ids if isinstance(prepared, PreparedItems) else ())
+
+    # ---- internals
+    async def _ready(self) -> Planner:
+        if self._closed:
+            raise MMRecError("this client is closed; create a new one")
+        await self.connect()
+        return self._planner_or_fail()
+
+    async def _encode(self, planner: Planner, prepared: PreparedItems, options: CallOptions) -> EncodedItems:
+        if not len(prepared):
+            return empty_encoded(self.server_info.item_dim, self.categories)
+        chunks = await self._run(planner.encode(prepared), options)
+        return encoded_from_chunks(chunks, self.categories, prepared.item_ids)
+
+    async def _score(self, planner: Planner, user: np.ndarray, candidates: PreparedItems | np.ndarray,
+                     options: CallOptions) -> np.ndarray:
+        if isinstance(candidates, PreparedItems):
+            if not self.local_preprocessing:
+                return scores_from_chunks(await self._run(planner.score_items(candidates, user), options),
+                                          schema.SCORE)
+            candidates = (await self._encode(planner, candidates, options)).item_embedding
+        return scores_from_chunks(await self._run(planner.score_embeddings(candidates, user), options),
+                                  schema.SCORE_MEMBER)
+
+    async def _run(self, pending: list[PendingRequest], options: CallOptions) -> list[dict[str, np.ndarray]]:
+        """Send every request, at most `concurrency` at a time; results in request order."""
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.concurrency)
+        semaphore = self._semaphore
+
+        async def bounded(p: PendingRequest, o: CallOptions) -> dict[str, np.ndarray]:
+            async with semaphore:
+                return await self._execute(p, o)
+
+        tasks = [asyncio.ensure_future(bounded(p, options.for_chunk(i, len(pending))))
+                 for i, p in enumerate(pending)]
+        try:
+            return [await t for t in tasks]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _send(self, request: InferRequest, options: CallOptions) -> dict[str, np.ndarray]:
+        return await self.retry.acall(lambda: self._transport.infer(request, options))
+
+    async def _execute(self, pending: PendingRequest, options: CallOptions) -> dict[str, np.ndarray]:
+        request = await asyncio.to_thread(pending.build) if pending.cpu_bound else pending.build()
+        try:
+            return await self._send(request, options)
+        except Exception as exc:
+            raise await self._failure(exc, request, options) from exc
+
+    async def _failure(self, exc: Exception, request: InferRequest, options: CallOptions) -> MMRecError:
+        """The typed error; for INVALID_ARGUMENT, bisect to name the offending item."""
+        error = self._error(exc, request.model)
+        if not isinstance(error, InvalidRequestError):
+            return error
+        probes = bisect_bad_item(request)
+        message = None
+        try:
+            probe = next(probes)
+            while True:
+                try:
+                    await self._send(probe, options)
+                    rejected = False
+                except Exception as probe_exc:
+                    if classify(probe_exc) is not Failure.invalid:
+                        raise self._error(probe_exc, probe.model) from probe_exc
+                    rejected, message = True, server_message(probe_exc)
+                probe = probes.send(rejected)
+        except StopIteration as located:
+            index = located.value
+        return InvalidRequestError(message or error.server_message, index)
