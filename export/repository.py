@@ -51,6 +51,8 @@ class BatchingPolicy:
 DEFAULT_POLICIES = {
     schema.TOKENIZER: BatchingPolicy(500),
     schema.IMAGE_PREPROCESS: BatchingPolicy(500),
+    schema.ITEM_PREPROCESS: BatchingPolicy(500),
+    schema.ITEM_PREPROCESS_PIXELS: BatchingPolicy(500),
     schema.TEXT_ENCODER: BatchingPolicy(2000, (8, 16, 32)),
     schema.IMAGE_ENCODER: BatchingPolicy(2000, (8, 16, 32)),
     schema.FUSION: BatchingPolicy(1000, (8, 16, 32)),
@@ -122,6 +124,9 @@ def member_config(spec: ModelSpec, layout: RepositoryLayout) -> mc.ModelConfig:
         _set_parameters(config, layout.preprocess.tokenizer_parameters())
     elif spec.name == schema.IMAGE_PREPROCESS:
         _set_parameters(config, layout.preprocess.image_parameters())
+    elif spec.name in (schema.ITEM_PREPROCESS, schema.ITEM_PREPROCESS_PIXELS):
+        _set_parameters(config, {**layout.preprocess.tokenizer_parameters(),
+                                 **layout.preprocess.image_parameters()})
     elif layout.target is Target.portable:
         _set_parameters(config, {"intra_op_threads": str(layout.intra_op_threads)})
     if spec.name == schema.FUSION:  # clients read category names from the server, not the disk
@@ -173,6 +178,12 @@ def write_repository(layout: RepositoryLayout, output: Path) -> dict[str, Path]:
             shutil.copyfile(layout.tokenizer_file, version_dir / TOKENIZER_FILE)
         elif name == schema.IMAGE_PREPROCESS:
             shutil.copyfile(model_source("image_preprocess"), version_dir / "model.py")
+        elif name in (schema.ITEM_PREPROCESS, schema.ITEM_PREPROCESS_PIXELS):
+            # self-contained folder: its tokenizer/decoder modules travel with it
+            shutil.copyfile(model_source("item_preprocess"), version_dir / "model.py")
+            shutil.copyfile(model_source("tokenizer"), version_dir / "text_model.py")
+            shutil.copyfile(model_source("image_preprocess"), version_dir / "image_model.py")
+            shutil.copyfile(layout.tokenizer_file, version_dir / TOKENIZER_FILE)
         elif name in layout.member_files:
             target_file = version_dir / MODEL_FILE[layout.target]
             shutil.copyfile(layout.member_files[name], target_file)

@@ -87,6 +87,8 @@ SCORE = "SCORE"
 
 TOKENIZER = "tokenizer"
 IMAGE_PREPROCESS = "image_preprocess"
+ITEM_PREPROCESS = "item_preprocess"
+ITEM_PREPROCESS_PIXELS = "item_preprocess_pixels"
 TEXT_ENCODER = "text_encoder"
 IMAGE_ENCODER = "image_encoder"
 FUSION = "fusion"
@@ -96,7 +98,7 @@ ITEM_ENCODER_PIXELS = "item_encoder_pixels"
 INTEREST_SCORER = "interest_scorer"
 
 ONNX_MODELS = (TEXT_ENCODER, IMAGE_ENCODER, FUSION, SCORER)
-PYTHON_MODELS = (TOKENIZER, IMAGE_PREPROCESS)
+PYTHON_MODELS = (TOKENIZER, IMAGE_PREPROCESS, ITEM_PREPROCESS, ITEM_PREPROCESS_PIXELS)
 ENSEMBLES = (ITEM_ENCODER, ITEM_ENCODER_PIXELS, INTEREST_SCORER)
 
 
@@ -116,6 +118,12 @@ def member_specs(
         ModelSpec(TOKENIZER, "python", (TensorSpec(TEXT, "BYTES", (1,)),),
                   (_seq(INPUT_IDS), _seq(ATTENTION_MASK))),
         ModelSpec(IMAGE_PREPROCESS, "python", (TensorSpec(IMAGE, "BYTES", (1,)),), (pixels,)),
+        # validation + preprocessing in one step, before the ensembles fan out (see its model.py)
+        ModelSpec(ITEM_PREPROCESS, "python", (TensorSpec(TEXT, "BYTES", (1,)), TensorSpec(IMAGE, "BYTES", (1,))),
+                  (_seq(INPUT_IDS), _seq(ATTENTION_MASK), pixels)),
+        ModelSpec(ITEM_PREPROCESS_PIXELS, "python",
+                  (TensorSpec(TEXT, "BYTES", (1,)), TensorSpec(PIXELS, "FP32", pixels.dims)),
+                  (_seq(INPUT_IDS), _seq(ATTENTION_MASK), pixels)),
         ModelSpec(TEXT_ENCODER, "onnx", (_seq(INPUT_IDS), _seq(ATTENTION_MASK)), (text_emb,)),
         ModelSpec(IMAGE_ENCODER, "onnx", (pixels,), (image_emb,)),
         ModelSpec(FUSION, "onnx", (text_emb, image_emb), (
@@ -151,16 +159,17 @@ def ensemble_specs(members: dict[str, ModelSpec]) -> dict[str, EnsembleSpec]:
         TensorSpec(INTEREST_PROBS, "FP32", fusion.output(INTEREST_PROBS_MEMBER).dims),
         TensorSpec(ALIGNMENT, "FP32", (1,)),
     )
-    tokenize = EnsembleStep(TOKENIZER, {TEXT: TEXT},
-                            {INPUT_IDS: "_input_ids", ATTENTION_MASK: "_attention_mask"})
+    # Every way an item can be invalid is caught by the first step, before the branches split:
+    # Triton 2.51 leaks a request whose step fails while a parallel branch is still running.
+    tokens_and_pixels = {INPUT_IDS: "_input_ids", ATTENTION_MASK: "_attention_mask",
+                         PIXEL_VALUES: "_pixel_values"}
+    preprocess = EnsembleStep(ITEM_PREPROCESS, {TEXT: TEXT, IMAGE: IMAGE}, tokens_and_pixels)
+    preprocess_pixels = EnsembleStep(ITEM_PREPROCESS_PIXELS, {TEXT: TEXT, PIXELS: PIXELS}, tokens_and_pixels)
     encode_text = EnsembleStep(TEXT_ENCODER,
                                {INPUT_IDS: "_input_ids", ATTENTION_MASK: "_attention_mask"},
                                {TEXT_EMBEDDING: "_text_embedding"})
-    decode = EnsembleStep(IMAGE_PREPROCESS, {IMAGE: IMAGE}, {PIXEL_VALUES: "_pixel_values"})
     encode_image = EnsembleStep(IMAGE_ENCODER, {PIXEL_VALUES: "_pixel_values"},
                                 {IMAGE_EMBEDDING: "_image_embedding"})
-    encode_pixels = EnsembleStep(IMAGE_ENCODER, {PIXEL_VALUES: PIXELS},
-                                 {IMAGE_EMBEDDING: "_image_embedding"})
     fuse = EnsembleStep(FUSION, {TEXT_EMBEDDING: "_text_embedding", IMAGE_EMBEDDING: "_image_embedding"},
                         {ITEM_EMBEDDING_MEMBER: ITEM_EMBEDDING, INTEREST_PROBS_MEMBER: INTEREST_PROBS,
                          ALIGNMENT_MEMBER: ALIGNMENT})
@@ -173,12 +182,12 @@ def ensemble_specs(members: dict[str, ModelSpec]) -> dict[str, EnsembleSpec]:
     return {
         ITEM_ENCODER: EnsembleSpec(
             ModelSpec(ITEM_ENCODER, "ensemble", (text_in, image_in), public_outputs),
-            (tokenize, encode_text, decode, encode_image, fuse)),
+            (preprocess, encode_text, encode_image, fuse)),
         ITEM_ENCODER_PIXELS: EnsembleSpec(
             ModelSpec(ITEM_ENCODER_PIXELS, "ensemble", (text_in, pixels_in), public_outputs),
-            (tokenize, encode_text, encode_pixels, fuse)),
+            (preprocess_pixels, encode_text, encode_image, fuse)),
         INTEREST_SCORER: EnsembleSpec(
             ModelSpec(INTEREST_SCORER, "ensemble", (text_in, image_in, user_in),
                       public_outputs + (TensorSpec(SCORE, "FP32", (1,)),)),
-            (tokenize, encode_text, decode, encode_image, fuse, score)),
+            (preprocess, encode_text, encode_image, fuse, score)),
     }

@@ -225,3 +225,42 @@ def test_mmrec_serve_cli_serves_and_stops_cleanly_on_sigint(exported_repository,
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output[-2000:]
     assert f"127.0.0.1:{grpc}" in output and "tritonserver ready" in output
+
+
+@pytest.mark.server
+def test_failed_requests_do_not_stay_in_flight(exported_repository, sample_items, tmp_path):
+    """Regression: a step failing while a parallel ensemble branch runs leaked the request in
+    Triton 2.51 (shutdown then waited out --exit-timeout-secs). Validation now happens before
+    the fan-out, so after bad requests to every ensemble the server drains at once."""
+    import time
+
+    from mmrec.server import ServerConfig, TritonServer, free_ports
+
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path / "triton.log"
+    server = TritonServer(ServerConfig(repository=exported_repository, http_port=http, grpc_port=grpc,
+                                       metrics_port=metrics, exit_timeout_s=10), log_path=log)
+    server.start()
+    try:
+        server.wait_ready(180)
+        url = server.urls["grpc"]
+        text, image, _ = sample_items[0]
+        user = np.zeros((1, schema.ITEM_EMBEDDING_DIM), np.float32)
+        bad_requests = [
+            (schema.ITEM_ENCODER, {schema.TEXT: _bytes_column([text.encode()]), schema.IMAGE: _bytes_column([b"junk"])}),
+            (schema.ITEM_ENCODER, {schema.TEXT: _bytes_column([b"\xff"]), schema.IMAGE: _bytes_column([image])}),
+            (schema.INTEREST_SCORER, {schema.TEXT: _bytes_column([b" "]), schema.IMAGE: _bytes_column([image]),
+                                      schema.USER_EMBEDDING: user}),
+            (schema.ITEM_ENCODER_PIXELS, {schema.TEXT: _bytes_column([b""]),
+                                          schema.PIXELS: np.zeros((1, 3, 224, 224), np.float32)}),
+        ]
+        for model, tensors in bad_requests:
+            with pytest.raises(InferenceServerException, match="INVALID_ARGUMENT|TEXT|IMAGE"):
+                _infer("grpc", url, model, tensors, ITEM_OUTPUTS)
+    finally:
+        started = time.monotonic()
+        server.stop(timeout_s=30)
+        stop_seconds = time.monotonic() - started
+    leaked = [line for line in log.read_text().splitlines() if "in-flight inferences" in line and "has" in line]
+    assert not leaked, leaked
+    assert stop_seconds < 8, f"shutdown took {stop_seconds:.1f}s: requests were left in flight"
