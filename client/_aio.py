@@ -14,8 +14,9 @@ import numpy as np
 from mmrec import schema
 from mmrec.reference import user_vector as mean_embedding
 
-from ._base import ClientBase
-from ._errors import Failure, InvalidRequestError, MMRecError, classify, server_message
+from ._base import PROBE_TIMEOUT_S, ClientBase
+from ._endpoints import Attempts, Endpoint
+from ._errors import InvalidRequestError, MMRecError, server_message
 from ._items import Item, PreparedItems
 from ._plan import PendingRequest, Planner, bisect_bad_item
 from ._requests import CallOptions, InferRequest
@@ -28,19 +29,25 @@ class AsyncMMRecClient(ClientBase):
     """Encode, score and rank items with asyncio (tritonclient.grpc.aio / tritonclient.http.aio).
 
     Use as `async with AsyncMMRecClient("127.0.0.1:8001") as client:`. Same constructor and
-    method names as MMRecClient; shared_memory is not offered here (sync clients only).
+    method names as MMRecClient, several URLs included (the health checks run as a task on the
+    loop that connected); shared_memory is not offered here (sync clients only).
     """
+
+    _transport_class = AsyncTransport
 
     def _init_io(self) -> None:
         if self.shared_memory:
             raise ValueError("shared_memory is available in MMRecClient (sync) only")
-        self._transport = AsyncTransport(self.connection)
         self._semaphore: asyncio.Semaphore | None = None
         self._connect_lock: asyncio.Lock | None = None
+        self._checker: asyncio.Task | None = None
 
     # ---- lifecycle
     async def connect(self) -> ServerInfo:
-        """Check the server is live/ready and the needed models are ready; read their configs."""
+        """Check each endpoint is live and ready with the needed models, and read their configs.
+
+        Succeeds when at least one endpoint is; the others are ejected until they are ready.
+        """
         if self._info is not None:
             return self._info
         if self._connect_lock is None:
@@ -51,32 +58,69 @@ class AsyncMMRecClient(ClientBase):
         return self.server_info
 
     async def _connect(self) -> None:
-        t = self._transport
+        plan = self._connect_plan()
+        step = next(plan)
         try:
-            live = await self.retry.acall(t.is_server_live)
-            ready = live and await self.retry.acall(t.is_server_ready)
+            while True:
+                if isinstance(step, Endpoint):
+                    try:
+                        answer = await self._check(step)
+                    except MMRecError as error:
+                        answer = error
+                else:
+                    await asyncio.sleep(step)
+                    answer = None
+                step = plan.send(answer)
+        except StopIteration:
+            pass
+        if self._checks_health:
+            self._checker = asyncio.ensure_future(self._check_health())
+
+    async def _check(self, endpoint: Endpoint) -> dict[str, dict]:
+        """Is this endpoint live and ready, with every needed model? Returns the models' configs."""
+        t = endpoint.transport
+        try:
+            live = await t.is_server_live()
+            ready = live and await t.is_server_ready()
         except Exception as exc:
-            raise self._error(exc, "server") from exc
+            raise self._error(exc, "server", endpoint.url) from exc
         if not ready:
-            raise self._not_serving(live)
+            raise self._not_serving(endpoint.url, live)
         configs: dict[str, dict] = {}
         for model in self.needed_models:
             try:
-                if not await self.retry.acall(lambda: t.is_model_ready(model)):
-                    raise self._not_ready(model)
-                configs[model] = await self.retry.acall(lambda: t.get_model_config(model))
+                if not await t.is_model_ready(model):
+                    raise self._not_ready(endpoint.url, model)
+                configs[model] = await t.get_model_config(model)
             except MMRecError:
                 raise
             except Exception as exc:
-                raise self._error(exc, model) from exc
-        self._connected(configs)
+                raise self._error(exc, model, endpoint.url) from exc
+        return configs
+
+    async def _check_health(self) -> None:
+        """The health-check task: probe every endpoint each health_interval_s until close()."""
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            for endpoint in self._pool.endpoints:
+                try:
+                    ready = await asyncio.wait_for(endpoint.transport.is_server_ready(PROBE_TIMEOUT_S),
+                                                   PROBE_TIMEOUT_S)
+                    why = "not ready"
+                except Exception as exc:  # noqa: BLE001 - any failed probe means "not ready"
+                    ready, why = False, server_message(exc)
+                self._pool.probed(endpoint, ready, why)
 
     async def close(self) -> None:
-        """Close the connection. Idempotent."""
+        """Stop the health checks and close the connections. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        await self._transport.close()
+        if self._checker is not None:
+            self._checker.cancel()
+            await asyncio.gather(self._checker, return_exceptions=True)
+        for endpoint in self._pool.endpoints:
+            await endpoint.transport.close()
 
     async def __aenter__(self) -> "AsyncMMRecClient":
         try:
@@ -176,20 +220,29 @@ class AsyncMMRecClient(ClientBase):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _send(self, request: InferRequest, options: CallOptions) -> dict[str, np.ndarray]:
-        return await self.retry.acall(lambda: self._transport.infer(request, options))
+        """One request on some endpoint, failing over within the retry budget; typed errors."""
+        attempts = Attempts(self._pool, self.retry)
+        while True:
+            wait = attempts.backoff_s()
+            if wait:
+                await asyncio.sleep(wait)
+            try:
+                with self._pool.use() as endpoint:
+                    return await endpoint.transport.infer(request, options)
+            except Exception as exc:
+                if not attempts.again(exc):
+                    raise self._request_error(exc, request.model, endpoint) from exc
 
     async def _execute(self, pending: PendingRequest, options: CallOptions) -> dict[str, np.ndarray]:
         request = await asyncio.to_thread(pending.build) if pending.cpu_bound else pending.build()
         try:
             return await self._send(request, options)
-        except Exception as exc:
-            raise await self._failure(exc, request, options) from exc
+        except InvalidRequestError as error:
+            raise await self._locate(error, request, options) from error.__cause__
 
-    async def _failure(self, exc: Exception, request: InferRequest, options: CallOptions) -> MMRecError:
-        """The typed error; for INVALID_ARGUMENT, bisect to name the offending item."""
-        error = self._error(exc, request.model)
-        if not isinstance(error, InvalidRequestError):
-            return error
+    async def _locate(self, error: InvalidRequestError, request: InferRequest, options: CallOptions
+                      ) -> InvalidRequestError:
+        """The server rejected a batch: bisect it to name the offending item."""
         probes = bisect_bad_item(request)
         message = None
         try:
@@ -198,10 +251,8 @@ class AsyncMMRecClient(ClientBase):
                 try:
                     await self._send(probe, options)
                     rejected = False
-                except Exception as probe_exc:
-                    if classify(probe_exc) is not Failure.invalid:
-                        raise self._error(probe_exc, probe.model) from probe_exc
-                    rejected, message = True, server_message(probe_exc)
+                except InvalidRequestError as probe_error:
+                    rejected, message = True, probe_error.server_message
                 probe = probes.send(rejected)
         except StopIteration as located:
             index = located.value

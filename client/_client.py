@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Sequence
@@ -11,13 +12,15 @@ import numpy as np
 from mmrec import schema
 from mmrec.reference import user_vector as mean_embedding
 
-from ._base import ClientBase
-from ._errors import Failure, InvalidRequestError, MMRecError, classify, server_message
+from ._base import PROBE_TIMEOUT_S, ClientBase
+from ._endpoints import Attempts, Endpoint
+from ._errors import InvalidRequestError, MMRecError, server_message
 from ._items import Item, PreparedItems
 from ._plan import PendingRequest, Planner, bisect_bad_item
 from ._requests import CallOptions, InferRequest
 from ._results import EncodedItems, RankedItem, empty_encoded, encoded_from_chunks, scores_from_chunks, top_k
 from ._server_info import ServerInfo
+from ._shm import RegionPool
 from ._transport import SyncTransport
 
 
@@ -26,54 +29,106 @@ class MMRecClient(ClientBase):
 
     Use as `with MMRecClient("127.0.0.1:8001") as client:`; entering connects (checks the
     server and models, reads their configs), leaving closes connections and shared memory.
+    Several replicas: `MMRecClient(["10.0.0.1:8001", "10.0.0.2:8001"])` (or "a:8001,b:8001")
+    spreads requests over them, fails over when one drops, and a health-check thread re-admits
+    it every `health_interval_s` once it is ready again; `client.endpoints` shows their state.
     Per-call keywords keep tritonclient's names: request_id, priority, timeout (server-side,
     microseconds), client_timeout (seconds; per call on gRPC, per client on HTTP), headers
     (merged over the client's). A call split into several requests sends request_id + ":<n>".
     """
 
+    _transport_class = SyncTransport
+
     def _init_io(self) -> None:
-        self._transport = SyncTransport(self.connection)
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
+        self._workers: ThreadPoolExecutor | None = None
+        self._workers_lock = threading.Lock()
         self._connect_lock = threading.Lock()
+        self._stop_checks = threading.Event()
+        self._checker: threading.Thread | None = None
+
+    @property
+    def _regions(self) -> RegionPool | None:
+        """The first endpoint's shared-memory regions (the only ones for a single URL)."""
+        return self._pool.endpoints[0].regions
 
     # ---- lifecycle
     def connect(self) -> ServerInfo:
-        """Check the server is live/ready and the needed models are ready; read their configs."""
+        """Check each endpoint is live and ready with the needed models, and read their configs.
+
+        Succeeds when at least one endpoint is; the others are ejected until they are ready.
+        """
         with self._connect_lock:  # threads sharing one client connect once
             return self._info if self._info is not None else self._connect()
 
     def _connect(self) -> ServerInfo:
-        t = self._transport
+        plan = self._connect_plan()
+        step = next(plan)
         try:
-            live = self.retry.call(t.is_server_live)
-            ready = live and self.retry.call(t.is_server_ready)
+            while True:
+                if isinstance(step, Endpoint):
+                    try:
+                        answer = self._check(step)
+                    except MMRecError as error:
+                        answer = error
+                else:
+                    time.sleep(step)
+                    answer = None
+                step = plan.send(answer)
+        except StopIteration as done:
+            info = done.value
+        if self._checks_health:
+            self._checker = threading.Thread(target=self._check_health, name="mmrec-health", daemon=True)
+            self._checker.start()
+        return info
+
+    def _check(self, endpoint: Endpoint) -> dict[str, dict]:
+        """Is this endpoint live and ready, with every needed model? Returns the models' configs."""
+        t = endpoint.transport
+        try:
+            live = t.is_server_live()
+            ready = live and t.is_server_ready()
         except Exception as exc:
-            raise self._error(exc, "server") from exc
+            raise self._error(exc, "server", endpoint.url) from exc
         if not ready:
-            raise self._not_serving(live)
+            raise self._not_serving(endpoint.url, live)
         configs: dict[str, dict] = {}
         for model in self.needed_models:
             try:
-                if not self.retry.call(lambda: t.is_model_ready(model)):
-                    raise self._not_ready(model)
-                configs[model] = self.retry.call(lambda: t.get_model_config(model))
+                if not t.is_model_ready(model):
+                    raise self._not_ready(endpoint.url, model)
+                configs[model] = t.get_model_config(model)
             except MMRecError:
                 raise
             except Exception as exc:
-                raise self._error(exc, model) from exc
-        return self._connected(configs)
+                raise self._error(exc, model, endpoint.url) from exc
+        return configs
+
+    def _check_health(self) -> None:
+        """The health-check thread: probe every endpoint each health_interval_s until close()."""
+        while not self._stop_checks.wait(self.health_interval_s):
+            for endpoint in self._pool.endpoints:
+                try:
+                    ready, why = endpoint.transport.is_server_ready(PROBE_TIMEOUT_S), "not ready"
+                except Exception as exc:  # noqa: BLE001 - any failed probe means "not ready"
+                    ready, why = False, server_message(exc)
+                if self._stop_checks.is_set():
+                    return
+                self._pool.probed(endpoint, ready, why)
 
     def close(self) -> None:
-        """Stop workers, unregister and destroy shared memory, close connections. Idempotent."""
+        """Stop the health checks and workers, remove shared memory, close connections. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._regions is not None:
-            self._regions.close(self._transport.unregister_system_shared_memory)
-        self._transport.close()
+        self._stop_checks.set()
+        if self._checker is not None:
+            self._checker.join(PROBE_TIMEOUT_S + 1)
+        if self._workers is not None:
+            self._workers.shutdown(wait=True, cancel_futures=True)
+        for endpoint in self._pool.endpoints:
+            if endpoint.regions is not None:
+                endpoint.regions.close(endpoint.transport.unregister_system_shared_memory)
+            endpoint.transport.close()
 
     def __enter__(self) -> "MMRecClient":
         try:
@@ -154,10 +209,10 @@ class MMRecClient(ClientBase):
                                   schema.SCORE_MEMBER)
 
     def _executor(self) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="mmrec-client")
-            return self._pool
+        with self._workers_lock:
+            if self._workers is None:
+                self._workers = ThreadPoolExecutor(self.concurrency, thread_name_prefix="mmrec-client")
+            return self._workers
 
     def _run(self, pending: list[PendingRequest], options: CallOptions) -> list[dict[str, np.ndarray]]:
         """Send every request (concurrently when there are several); results in request order."""
@@ -173,20 +228,29 @@ class MMRecClient(ClientBase):
                 f.cancel()
 
     def _send(self, request: InferRequest, options: CallOptions) -> dict[str, np.ndarray]:
-        return self.retry.call(lambda: self._transport.infer(request, options, self._regions))
+        """One request on some endpoint, failing over within the retry budget; typed errors."""
+        attempts = Attempts(self._pool, self.retry)
+        while True:
+            wait = attempts.backoff_s()
+            if wait:
+                time.sleep(wait)
+            try:
+                with self._pool.use() as endpoint:
+                    return endpoint.transport.infer(request, options, endpoint.regions)
+            except Exception as exc:
+                if not attempts.again(exc):
+                    raise self._request_error(exc, request.model, endpoint) from exc
 
     def _execute(self, pending: PendingRequest, options: CallOptions) -> dict[str, np.ndarray]:
         request = pending.build()
         try:
             return self._send(request, options)
-        except Exception as exc:
-            raise self._failure(exc, request, options) from exc
+        except InvalidRequestError as error:
+            raise self._locate(error, request, options) from error.__cause__
 
-    def _failure(self, exc: Exception, request: InferRequest, options: CallOptions) -> MMRecError:
-        """The typed error; for INVALID_ARGUMENT, bisect to name the offending item."""
-        error = self._error(exc, request.model)
-        if not isinstance(error, InvalidRequestError):
-            return error
+    def _locate(self, error: InvalidRequestError, request: InferRequest, options: CallOptions
+                ) -> InvalidRequestError:
+        """The server rejected a batch: bisect it to name the offending item."""
         probes = bisect_bad_item(request)
         message = None
         try:
@@ -195,10 +259,8 @@ class MMRecClient(ClientBase):
                 try:
                     self._send(probe, options)
                     rejected = False
-                except Exception as probe_exc:
-                    if classify(probe_exc) is not Failure.invalid:
-                        raise self._error(probe_exc, probe.model) from probe_exc
-                    rejected, message = True, server_message(probe_exc)
+                except InvalidRequestError as probe_error:
+                    rejected, message = True, probe_error.server_message
                 probe = probes.send(rejected)
         except StopIteration as located:
             index = located.value

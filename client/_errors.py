@@ -29,7 +29,7 @@ class InvalidItemError(MMRecError, ValueError):
 
 
 class ServerUnavailableError(MMRecError, ConnectionError):
-    """Nothing answers at the URL, or the server is not live/ready."""
+    """Nothing answers at the URL (at any of the URLs), or the server is not live/ready."""
 
 
 class ModelNotReadyError(MMRecError):
@@ -85,7 +85,7 @@ def classify(exc: BaseException) -> Failure:
         return Failure.timeout
     if isinstance(exc, OSError):  # refused/reset connections; aiohttp's ClientOSError too
         return Failure.unavailable
-    if _is_aiohttp_connection_error(exc):
+    if _is_aiohttp_connection_error(exc) or _is_closed_connection(exc):
         return Failure.unavailable
     return Failure.other
 
@@ -96,6 +96,18 @@ def _is_aiohttp_connection_error(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - aiohttp ships with tritonclient[http]
         return False
     return isinstance(exc, aiohttp.ClientConnectionError)
+
+
+def _is_closed_connection(exc: BaseException) -> bool:
+    """geventhttpclient's "connection closed before the response" (a server that died mid-request).
+
+    It does not resend POSTs itself (they may not be idempotent); inference requests are.
+    """
+    try:
+        from geventhttpclient.response import HTTPConnectionClosed
+    except ImportError:  # pragma: no cover - geventhttpclient ships with tritonclient[http]
+        return False
+    return isinstance(exc, HTTPConnectionClosed)
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -12,6 +12,9 @@ from types import ModuleType
 from typing import Any, Callable
 
 DEFAULT_CLIENT_TIMEOUT_S = 60.0
+# gRPC waits up to 120 s between reconnection attempts by default, so a replica restarted after
+# a long outage would stay unreachable (and ejected) long after it is back.
+GRPC_MAX_RECONNECT_BACKOFF_MS = 2000
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,25 @@ def _http_aio() -> ModuleType:
     return module
 
 
+def _grpc_channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's own channel options (message sizes, keepalive) plus a reconnect backoff cap."""
+    module = _grpc()
+    keepalive = module.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", module.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", module.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.max_reconnect_backoff_ms", GRPC_MAX_RECONNECT_BACKOFF_MS),
+    ]
+
+
 def _grpc_kwargs(c: Connection) -> dict[str, Any]:
     return dict(url=c.url, verbose=c.verbose, ssl=c.ssl, root_certificates=c.root_certificates,
-                private_key=c.private_key, certificate_chain=c.certificate_chain)
+                private_key=c.private_key, certificate_chain=c.certificate_chain,
+                channel_args=_grpc_channel_args())
 
 
 def _http_timeout(c: Connection) -> float:

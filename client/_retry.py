@@ -1,7 +1,8 @@
 """Exponential backoff for connection-level failures only (UNAVAILABLE, refused, reset).
 
 INVALID_ARGUMENT and every other server answer is returned at once: resending a bad request
-only repeats the error and delays the message the caller needs.
+only repeats the error and delays the message the caller needs. The clients spend this budget
+across their endpoints through `_endpoints.Attempts`; `call`/`acall` retry one callable.
 """
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ ImageOpt = Annotated[Optional[List[Path]], typer.Option("--image", help="Item im
 ItemsOpt = Annotated[Optional[Path], typer.Option(
     "--items", help='JSON lines {"text": ..., "image": path, "id": ...}; paths relative to the file.')]
 UrlOpt = Annotated[Optional[str], typer.Option(
-    "--url", help="host:port of Triton (default 127.0.0.1:8001 for gRPC, :8000 for HTTP).")]
+    "--url", help="host:port of Triton, or several replicas comma-separated "
+                  "(default 127.0.0.1:8001 for gRPC, :8000 for HTTP).")]
 ProtocolOpt = Annotated[Protocol, typer.Option("--protocol", help="Transport to Triton.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="client_timeout per request, seconds.")]
 FormatOpt = Annotated[Optional[OutputFormat], typer.Option(
@@ -64,7 +65,10 @@ def _client(url: str | None, protocol: Protocol, timeout: float):
 
     if timeout <= 0:
         raise BadInput(f"--timeout must be positive, got {timeout}")
-    return MMRecClient(url or DEFAULT_URLS[protocol.value], protocol.value, client_timeout=timeout)
+    try:
+        return MMRecClient(url or DEFAULT_URLS[protocol.value], protocol.value, client_timeout=timeout)
+    except ValueError as err:  # e.g. an empty or repeated entry in a comma-separated --url
+        raise BadInput(f"--url: {err}") from None
 
 
 def score_command(

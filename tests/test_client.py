@@ -249,14 +249,16 @@ def test_tritonclient_options_pass_through_on_every_request(urls, items):
     with MMRecClient(urls["grpc"], headers={"authorization": "Bearer t0ken"}, max_batch_size=8) as client:
         tc = client._transport.client()
         calls: list[dict] = []
-        real = tc.infer
-        tc.infer = lambda *a, **k: calls.append(k) or real(*a, **k)
+        real = tc.async_infer
+        tc.async_infer = lambda *a, **k: calls.append(k) or real(*a, **k)
         client.encode_items(items[:10], request_id="r", priority=1, timeout=30_000_000, client_timeout=20.0,
                             headers={"x-trace": "abc"})
     assert len(calls) == 2
     for call in calls:
         assert call["headers"] == {"authorization": "Bearer t0ken", "x-trace": "abc"}
-        assert call["priority"] == 1 and call["timeout"] == 30_000_000 and call["client_timeout"] == 20.0
+        assert call["priority"] == 1 and call["timeout"] == 30_000_000
+        # client_timeout is a local wait: a gRPC deadline would cancel (crashes Triton < 2.53)
+        assert "client_timeout" not in call
     assert sorted(c["request_id"] for c in calls) == ["r:0", "r:1"]
 
 
@@ -527,3 +529,27 @@ def test_cli_errors_are_one_line_with_exit_codes(cli, item_files, urls, tmp_path
         result = cli(*args)
         assert result.exit_code == code, (args, result.output)
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_client_timeouts_never_cancel_requests_so_the_server_survives(triton_server, urls, items, reference):
+    """Regression: a gRPC deadline cancels the request server-side, and cancellation crashes
+    tritonserver 2.51 with SIGSEGV (Triton server#7368; reproduced here within 10 requests).
+    Our client waits locally instead, so 30 timed-out calls leave the server serving."""
+    batch = list(items[:8])
+    with MMRecClient(urls["grpc"], retries=0) as client:
+        for _ in range(30):
+            with pytest.raises(RequestTimeoutError):
+                client.encode_items(batch, client_timeout=0.002)
+
+    async def async_timeouts() -> None:
+        async with AsyncMMRecClient(urls["grpc"], retries=0) as client:
+            for _ in range(10):
+                with pytest.raises(RequestTimeoutError):
+                    await client.encode_items(batch, client_timeout=0.002)
+
+    asyncio.run(async_timeouts())
+    assert triton_server.is_running(), triton_server.log_tail()
+    with MMRecClient(urls["grpc"]) as client:
+        got = client.encode_items(batch[:2])
+    want = reference.encode_items([i.text for i in batch[:2]], [i.encoded_image() for i in batch[:2]])
+    np.testing.assert_allclose(got.item_embedding, want[schema.ITEM_EMBEDDING], atol=1e-4)

@@ -1,0 +1,176 @@
+"""Several replicas behind one client: spread requests, eject failing endpoints, re-admit them.
+
+Shared by the sync and asyncio clients and free of I/O: the clients send, sleep and probe;
+this module decides where each attempt goes and keeps every endpoint's counters.
+
+* An attempt goes to the healthy endpoint with the fewest requests in flight; ties rotate, so
+  equal replicas take turns, and the sub-batches of one long call spread the same way.
+* A connection failure (UNAVAILABLE, refused or reset) ejects the endpoint it happened on, and
+  the request moves at once to another healthy endpoint. Every move counts against the
+  client's RetryPolicy; INVALID_ARGUMENT and other server answers are never retried. Only when
+  every endpoint is ejected does a request back off and try the ejected ones in turn, which,
+  with a single URL, is plain retry with exponential backoff.
+* The clients' health checkers report each probe with `probed`: ready re-admits an endpoint,
+  anything else ejects it. A request that succeeds on an ejected endpoint re-admits it too.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Generic, Iterator, Sequence, TypeVar
+
+from ._errors import is_retryable, server_message
+from ._retry import RetryPolicy
+from ._shm import RegionPool
+
+T = TypeVar("T")
+logger = logging.getLogger("mmrec.client")
+
+
+def parse_urls(url: str | Sequence[str]) -> tuple[str, ...]:
+    """'host:port', 'a:8001,b:8001' or a list/tuple of 'host:port' -> the URLs, in order."""
+    parts = url.split(",") if isinstance(url, str) else list(url)
+    if not all(isinstance(p, str) for p in parts):
+        raise TypeError(f"url must be a 'host:port' string or a list of them, got {url!r}")
+    urls = tuple(p.strip() for p in parts)
+    if not urls or not all(urls):
+        raise ValueError(f"url must name one or more 'host:port' endpoints, got {url!r}")
+    repeated = sorted({u for u in urls if urls.count(u) > 1})
+    if repeated:
+        raise ValueError(f"endpoint(s) listed more than once: {', '.join(repeated)}")
+    return urls
+
+
+@dataclass(frozen=True)
+class EndpointStatus:
+    """One endpoint as `client.endpoints` reports it (a snapshot)."""
+
+    url: str
+    healthy: bool
+    in_flight: int  # attempts sent and not answered yet
+    requests: int  # attempts sent so far
+    failures: int  # attempts that failed to reach it (each one ejects it)
+
+
+class Endpoint(Generic[T]):
+    """One replica: its transport, its shared-memory regions and its counters.
+
+    Health and counters change under the pool's lock only.
+    """
+
+    def __init__(self, url: str, transport: T) -> None:
+        self.url = url
+        self.transport = transport
+        self.regions: RegionPool | None = None  # sync client with shared_memory=True
+        self.healthy = True
+        self.in_flight = 0
+        self.requests = 0
+        self.failures = 0
+
+    def status(self) -> EndpointStatus:
+        return EndpointStatus(self.url, self.healthy, self.in_flight, self.requests, self.failures)
+
+
+class EndpointPool(Generic[T]):
+    """The client's endpoints, one transport each; thread-safe, usable from asyncio too."""
+
+    def __init__(self, urls: Sequence[str], transport: Callable[[str], T]) -> None:
+        self.endpoints = tuple(Endpoint(url, transport(url)) for url in urls)
+        self._lock = threading.Lock()  # never held across I/O, so asyncio can share it
+        self._turns = itertools.count()
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(e.url for e in self.endpoints)
+
+    def statuses(self) -> tuple[EndpointStatus, ...]:
+        with self._lock:
+            return tuple(e.status() for e in self.endpoints)
+
+    def any_healthy(self) -> bool:
+        with self._lock:
+            return any(e.healthy for e in self.endpoints)
+
+    @contextmanager
+    def use(self) -> Iterator[Endpoint[T]]:
+        """The endpoint for one attempt, counted in flight until the block ends.
+
+        A connection failure raised in the block ejects the endpoint; success on an endpoint
+        that was ejected when the attempt began re-admits it.
+        """
+        with self._lock:
+            endpoint = self._pick()
+            endpoint.in_flight += 1
+            endpoint.requests += 1
+            was_ejected = not endpoint.healthy
+        try:
+            yield endpoint
+        except Exception as exc:
+            if is_retryable(exc):
+                with self._lock:
+                    endpoint.failures += 1
+                self.eject(endpoint, server_message(exc))
+            raise
+        else:
+            if was_ejected:
+                self.readmit(endpoint, "a request succeeded")
+        finally:
+            with self._lock:
+                endpoint.in_flight -= 1
+
+    def _pick(self) -> Endpoint[T]:
+        """Fewest in flight among the healthy, ties in rotation; all in rotation when none is."""
+        start = next(self._turns) % len(self.endpoints)
+        ring = self.endpoints[start:] + self.endpoints[:start]
+        healthy = [e for e in ring if e.healthy]
+        return min(healthy, key=lambda e: e.in_flight) if healthy else ring[0]
+
+    def probed(self, endpoint: Endpoint[T], ready: bool, why: str = "not ready") -> None:
+        """A health probe's answer: ready re-admits the endpoint, anything else ejects it."""
+        if ready:
+            self.readmit(endpoint, "ready again")
+        else:
+            self.eject(endpoint, why)
+
+    def eject(self, endpoint: Endpoint[T], why: str) -> None:
+        with self._lock:
+            was_healthy, endpoint.healthy = endpoint.healthy, False
+            left = sum(e.healthy for e in self.endpoints)
+        if endpoint.regions is not None:
+            endpoint.regions.reset()  # a restarted server has forgotten its registrations
+        if was_healthy:
+            logger.warning("ejected %s (%s); %d of %d endpoints left", endpoint.url, why, left,
+                           len(self.endpoints))
+
+    def readmit(self, endpoint: Endpoint[T], why: str) -> None:
+        with self._lock:
+            was_ejected, endpoint.healthy = not endpoint.healthy, True
+        if was_ejected:
+            logger.warning("re-admitted %s (%s)", endpoint.url, why)
+
+
+class Attempts:
+    """One request's retry budget across the pool (see the module docstring)."""
+
+    def __init__(self, pool: EndpointPool, policy: RetryPolicy) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.failed = 0
+        self.waits = 0
+
+    def again(self, exc: Exception) -> bool:
+        """After a failed attempt: is another one allowed?"""
+        if not is_retryable(exc) or self.failed >= self.policy.retries:
+            return False
+        self.failed += 1
+        return True
+
+    def backoff_s(self) -> float:
+        """Seconds to wait before the next attempt: none while some endpoint is still healthy."""
+        if not self.failed or self.pool.any_healthy():
+            return 0.0
+        self.waits += 1
+        return self.policy.delay(self.waits - 1)
