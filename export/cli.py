@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmrec import schema
+from mmrec.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TEXT_BYTES
 from .errors import ExportError
 from .models.image import DEFAULT_IMAGE_ENCODER
 from .pipeline import DEFAULT_OUTPUT, PRECISIONS, ExportOptions, Exporter, Reporter
@@ -60,6 +61,9 @@ def export_command(
     serve_variant: list[str] = typer.Option([], help="Serve a variant instead of fp32, e.g. text_encoder=int8 (repeatable)."),
     max_batch_size: int = typer.Option(32, help="Triton max_batch_size of every model (and TensorRT profile max)."),
     max_seq_len: int = typer.Option(128, help="Texts are truncated to this many tokens."),
+    max_image_bytes: int = typer.Option(DEFAULT_MAX_IMAGE_BYTES, help="Request limit: largest encoded image accepted, in bytes."),
+    max_image_pixels: int = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, help="Request limit: largest width x height accepted (checked from the header, before decoding)."),
+    max_text_bytes: int = typer.Option(DEFAULT_MAX_TEXT_BYTES, help="Request limit: longest text accepted, in UTF-8 bytes."),
     gpu: bool = typer.Option(False, help="onnxruntime target: place encoder instances on the GPU."),
     atol: float = typer.Option(1e-4, help="FP32 parity tolerance (max abs error vs PyTorch)."),
 ) -> None:
@@ -71,7 +75,8 @@ def export_command(
         image_weights=image_weights, fusion_checkpoint=fusion_checkpoint,
         precisions=tuple(dict.fromkeys(["fp32", *precision])),
         serve_variants=_parse_serve_variants(serve_variant), max_batch_size=max_batch_size,
-        max_seq_len=max_seq_len, atol=atol, gpu=gpu)
+        max_seq_len=max_seq_len, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+        max_text_bytes=max_text_bytes, atol=atol, gpu=gpu)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console) as progress:

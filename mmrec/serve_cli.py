@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -16,7 +17,8 @@ console = Console(stderr=True)
 def print_endpoints(server: TritonServer) -> None:
     urls = server.urls
     console.print(f"[green]tritonserver ready[/green] (pid {server.pid}) serving {server.config.repository}")
-    console.print(f"  gRPC     {urls['grpc']}\n  HTTP     http://{urls['http']}\n"
+    tls = " (TLS)" if server.config.grpc_tls else ""
+    console.print(f"  gRPC     {urls['grpc']}{tls}\n  HTTP     http://{urls['http']}\n"
                   f"  metrics  http://{urls['metrics']}/metrics")
     console.print("Ctrl-C stops it.")
 
@@ -30,6 +32,9 @@ def serve_command(
     model_control: str = typer.Option("none", help="none | poll | explicit (Triton model control mode)."),
     log_verbose: int = typer.Option(0, help="Triton --log-verbose level."),
     ready_timeout: float = typer.Option(180.0, help="Seconds to wait for readiness."),
+    grpc_tls_cert: Optional[Path] = typer.Option(None, help="PEM server certificate: serve gRPC over TLS (needs --grpc-tls-key). HTTP stays plaintext."),
+    grpc_tls_key: Optional[Path] = typer.Option(None, help="PEM private key of --grpc-tls-cert."),
+    grpc_tls_root_cert: Optional[Path] = typer.Option(None, help="PEM CA certificate: require client certificates signed by it (mutual TLS)."),
 ) -> None:
     """Serve a model repository with the tritonserver bundled in nvidia-pytriton; logs are
     forwarded here and SIGINT/SIGTERM shut it down cleanly."""
@@ -37,7 +42,9 @@ def serve_command(
         validate_repository(repository)
         config = ServerConfig(repository=repository, host=host, http_port=http_port,
                               grpc_port=grpc_port, metrics_port=metrics_port,
-                              model_control=model_control, log_verbose=log_verbose)
+                              model_control=model_control, log_verbose=log_verbose,
+                              grpc_tls_cert=grpc_tls_cert, grpc_tls_key=grpc_tls_key,
+                              grpc_tls_root_cert=grpc_tls_root_cert)
         code = serve_forever(config, print_endpoints, ready_timeout_s=ready_timeout)
     except (ServerError, ValueError) as err:
         console.print(f"[red]serve failed:[/red] {escape(str(err))}")

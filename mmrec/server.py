@@ -264,6 +264,11 @@ class ServerConfig:
     extra_args: list[str] = field(default_factory=list)
     # Triton's default drain timeout (30 s) outlives TritonServer.stop()'s SIGKILL deadline.
     exit_timeout_s: int = 10
+    # gRPC TLS (Triton's HTTP endpoint has no TLS: keep it on loopback or behind a proxy).
+    # cert + key turn TLS on; a root cert additionally requires client certificates (mutual TLS).
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
+    grpc_tls_root_cert: Path | None = None
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository)
@@ -272,10 +277,41 @@ class ServerConfig:
         ports = self.ports
         if len(set(ports)) != len(ports):
             raise ServerError(f"http, grpc and metrics ports must differ, got {ports}")
+        for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_root_cert"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value))
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ServerError("gRPC TLS needs both a certificate and its private key "
+                              "(--grpc-tls-cert and --grpc-tls-key)")
+        if self.grpc_tls_root_cert is not None and self.grpc_tls_cert is None:
+            raise ServerError("--grpc-tls-root-cert (mutual TLS) also needs --grpc-tls-cert and --grpc-tls-key")
 
     @property
     def ports(self) -> tuple[int, int, int]:
         return (self.http_port, self.grpc_port, self.metrics_port)
+
+    @property
+    def grpc_tls(self) -> bool:
+        return self.grpc_tls_cert is not None
+
+    def check_tls_files(self) -> None:
+        """Fail clearly before launch: tritonserver's own error for a missing PEM is terse."""
+        for flag, path in (("--grpc-tls-cert", self.grpc_tls_cert), ("--grpc-tls-key", self.grpc_tls_key),
+                           ("--grpc-tls-root-cert", self.grpc_tls_root_cert)):
+            if path is not None and not path.is_file():
+                raise ServerError(f"{flag} {path} is not a readable file")
+
+    def tls_args(self) -> list[str]:
+        """tritonserver flags for gRPC TLS (empty without a certificate)."""
+        if not self.grpc_tls:
+            return []
+        args = ["--grpc-use-ssl=true",
+                f"--grpc-server-cert={self.grpc_tls_cert.resolve()}",
+                f"--grpc-server-key={self.grpc_tls_key.resolve()}"]
+        if self.grpc_tls_root_cert is not None:
+            args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.grpc_tls_root_cert.resolve()}"]
+        return args
 
 
 def client_host(bind_host: str) -> str:
@@ -313,6 +349,7 @@ def build_command(
         # Named shm regions let stop() clean up after a SIGKILL (stubs can't, once killed).
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
     ]
+    cmd += config.tls_args()
     if install.caches_dir is not None:
         cmd.append(f"--cache-directory={install.caches_dir}")
     if config.model_control == "explicit" and not any(a.startswith("--load-model") for a in config.extra_args):
@@ -436,6 +473,7 @@ class TritonServer:
         if self._proc is not None:
             raise ServerError("this TritonServer was already started; create a new one")
         repository = validate_repository(self.config.repository)
+        self.config.check_tls_files()
         for port in self.config.ports:
             check_port_free(self.config.host, port)
         install = self._install or find_tritonserver()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -156,7 +157,11 @@ def test_dynamic_batcher_joins_requests_of_different_sequence_lengths(triton_ser
     for (text, image), got in zip(requests, results):
         _assert_close(got, reference.encode_items([text], [image]), ITEM_OUTPUTS)
     for model, (inferences0, executions0) in before.items():
+        deadline = time.monotonic() + 5  # statistics are updated just after each response is sent
         inferences, executions = _model_counts(url, model)
+        while inferences - inferences0 < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            inferences, executions = _model_counts(url, model)
         assert inferences - inferences0 == len(requests)
         assert executions - executions0 < len(requests), f"{model} never batched"
 

@@ -5,16 +5,20 @@ and is imported verbatim by the reference pipeline, the client's local preproces
 tests. Decoding is per image (it has to be); normalization runs once over the whole batch.
 
 Limits are checked from the header before any pixel is decoded, so a decompression bomb is
-rejected without allocating it.
+rejected without allocating it; an image whose padded square would exceed the pixel limit (a
+long thin strip) is scaled down before padding, so memory stays bounded by the limit too.
+Every failure of one item (corrupt data, unsupported mode, limits) is an `InvalidImage` for
+that request only; the other requests of the batch are still answered.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 try:  # only present inside Triton
     import triton_python_backend_utils as pb_utils
@@ -26,6 +30,12 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 
 class InvalidImage(ValueError):
     """An image cannot be decoded or breaks a limit; the message says which item and why."""
+
+
+def _signature(data: bytes) -> str:
+    """The first bytes of a payload, printable, so an error shows what was sent instead."""
+    head = bytes(data[:8])
+    return f"starts with {head!r}" + ("..." if len(data) > 8 else "")
 
 
 class ImageDecoder:
@@ -60,16 +70,30 @@ class ImageDecoder:
                         f"IMAGE[{index}] is {width}x{height} pixels, over the limit of "
                         f"{self.max_image_pixels} pixels")
                 image.load()
+                return self._to_square_rgb(image)
         except InvalidImage:
             raise
-        except Exception as err:  # PIL raises many types for corrupt data
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            # Pillow's own guard fires in open() for headers claiming > ~179M pixels.
+            raise InvalidImage(f"IMAGE[{index}] declares too many pixels, over the limit of "
+                               f"{self.max_image_pixels} pixels ({err})") from None
+        except MemoryError:
+            raise InvalidImage(f"IMAGE[{index}] needs more memory to decode than is available") from None
+        except UnidentifiedImageError:
+            raise InvalidImage(f"IMAGE[{index}] is not a decodable JPEG/PNG/WebP image (not "
+                               f"recognized as any of them; {_signature(data)})") from None
+        except Exception as err:  # PIL raises many types for corrupt or unsupported data
             raise InvalidImage(f"IMAGE[{index}] is not a decodable JPEG/PNG/WebP image "
                                f"({type(err).__name__}: {err})") from None
-        return self._to_square_rgb(image)
 
     def _to_square_rgb(self, image: Image.Image) -> np.ndarray:
         image = image.convert("RGBA")
         side = max(image.size)
+        if side * side > self.max_image_pixels:  # 1 x 40M strip: never allocate a 40M x 40M canvas
+            scale = math.sqrt(self.max_image_pixels) / side
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.Resampling.BILINEAR)
+            side = max(image.size)
         canvas = Image.new("RGBA", (side, side), self.background + (255,))
         canvas.alpha_composite(image, ((side - image.width) // 2, (side - image.height) // 2))
         canvas = canvas.convert("RGB").resize((self.image_size, self.image_size),
@@ -109,23 +133,28 @@ class TritonPythonModel:
             pb_utils.get_output_config_by_name(config, "pixel_values")["data_type"])
 
     def execute(self, requests: list) -> list:
-        decoded: list[np.ndarray | str] = []
+        decoded: list[np.ndarray | tuple[str, int]] = []
         for request in requests:
-            raw = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
             try:
+                tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
+                if tensor is None:
+                    raise InvalidImage("IMAGE input is missing")
+                raw = tensor.as_numpy().reshape(-1)
                 if raw.size == 0:
                     raise InvalidImage("IMAGE is empty: send one encoded image per batch item")
                 decoded.append(np.stack([self.decoder.decode(d, i) for i, d in enumerate(raw)]))
             except InvalidImage as err:
-                decoded.append(str(err))
-        valid = [d for d in decoded if not isinstance(d, str)]
+                decoded.append((str(err), pb_utils.TritonError.INVALID_ARG))
+            except Exception as err:  # a bug must fail this request only, never the batch
+                decoded.append((f"image_preprocess failed: {type(err).__name__}: {err}",
+                                pb_utils.TritonError.INTERNAL))
+        valid = [d for d in decoded if not isinstance(d, tuple)]
         normalized = (np.split(self.decoder.normalize(np.concatenate(valid)),
                                np.cumsum([len(d) for d in valid])[:-1]) if valid else [])
         responses, outputs = [], iter(normalized)
         for item in decoded:
-            if isinstance(item, str):
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(item, pb_utils.TritonError.INVALID_ARG)))
+            if isinstance(item, tuple):
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(*item)))
             else:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("pixel_values", next(outputs).astype(self.output_dtype))]))

@@ -9,6 +9,14 @@ All requests that the dynamic batcher hands over are concatenated and run as one
 Inputs with a dynamic sequence axis are right-padded with zeros to the longest request
 (`allow_ragged_batch` lets the batcher join different lengths); the encoders mean-pool under the
 attention mask, so padding does not change any result.
+
+Each request is checked on its own before the batch runs: floating-point inputs must be finite
+(a NaN/inf user or pixel tensor would otherwise come back as a NaN score with status OK), and a
+bad request gets INVALID_ARG naming the input and row without failing the others. If ORT still
+rejects the joined batch, each request is retried alone so only the offending one fails.
+(Inside an ensemble these checks are a last line: a step failing while a parallel branch is
+still running trips a Triton 2.51 bug, so the ensembles validate pixels in their first step and
+the only check expected to fire in serving is USER_EMBEDDING at the scorer, after the join.)
 """
 from __future__ import annotations
 
@@ -36,6 +44,14 @@ def pad_and_concatenate(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(padded)
 
 
+def non_finite_row(array: np.ndarray) -> int | None:
+    """Index of the first batch row holding NaN or +-inf, or None (non-float arrays: None)."""
+    if array.dtype.kind != "f" or array.size == 0 or np.isfinite(array).all():
+        return None
+    rows = ~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)
+    return int(np.flatnonzero(rows)[0])
+
+
 def make_session(model_path: Path, intra_op_threads: int = 0) -> ort.InferenceSession:
     """CPU session with full graph optimization; thread count from the model config."""
     options = ort.SessionOptions()
@@ -53,6 +69,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model_dir = Path(args["model_repository"]) / args["model_version"]
+        self.model_name = args.get("model_name", config.get("name", "model"))
         self.session = make_session(model_dir / MODEL_FILE,
                                     int(parameters.get("intra_op_threads", "0")))
         self.input_names = [i["name"] for i in config["input"]]
@@ -60,23 +77,54 @@ class TritonPythonModel:
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"]))
                         for o in config["output"]]
 
+    def check(self, arrays: list[np.ndarray]) -> str | None:
+        """Why one request's inputs cannot be run (NaN/inf values), or None."""
+        for name, array in zip(self.input_names, arrays):
+            row = non_finite_row(array)
+            if row is not None:
+                return (f"{self.model_name}: input '{name}' row {row} has NaN or infinite values; "
+                        "send finite numbers")
+        return None
+
+    def run(self, batches: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        """Run requests as one ORT call; per request, the outputs split back out."""
+        feed = {name: pad_and_concatenate([b[i] for b in batches]).astype(self.input_dtypes[name], copy=False)
+                for i, name in enumerate(self.input_names)}
+        results = self.session.run([name for name, _ in self.outputs], feed)
+        splits = np.cumsum([b[0].shape[0] for b in batches])[:-1]
+        per_output = [np.split(r, splits) for r in results]
+        return [[per_output[k][j] for k in range(len(self.outputs))] for j in range(len(batches))]
+
+    def _response(self, outputs: list[np.ndarray]):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(name, array.astype(dtype, copy=False))
+            for (name, dtype), array in zip(self.outputs, outputs)])
+
+    @staticmethod
+    def _error(message: str):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
+
     def execute(self, requests: list) -> list:
         batches = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names]
                    for r in requests]
-        sizes = [b[0].shape[0] for b in batches]
-        feed = {name: pad_and_concatenate([b[i] for b in batches]).astype(self.input_dtypes[name], copy=False)
-                for i, name in enumerate(self.input_names)}
+        problems = [self.check(b) for b in batches]
+        responses: list = [self._error(p) if p is not None else None for p in problems]
+        good = [j for j, problem in enumerate(problems) if problem is None]
+        if not good:
+            return responses
         try:
-            results = self.session.run([name for name, _ in self.outputs], feed)
-        except Exception as err:  # shape/dtype problems surface here; fail the batch, not the model
-            error = pb_utils.TritonError(f"{type(err).__name__}: {err}", pb_utils.TritonError.INVALID_ARG)
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        splits = np.cumsum(sizes)[:-1]
-        per_output = [np.split(r, splits) for r in results]
-        return [pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(name, per_output[k][j].astype(dtype, copy=False))
-                    for k, (name, dtype) in enumerate(self.outputs)])
-                for j in range(len(requests))]
+            for j, outputs in zip(good, self.run([batches[j] for j in good])):
+                responses[j] = self._response(outputs)
+        except Exception as err:  # shape/dtype problems surface here: isolate the bad request(s)
+            if len(good) == 1:
+                responses[good[0]] = self._error(f"{self.model_name}: {type(err).__name__}: {err}")
+                return responses
+            for j in good:
+                try:
+                    responses[j] = self._response(self.run([batches[j]])[0])
+                except Exception as alone:
+                    responses[j] = self._error(f"{self.model_name}: {type(alone).__name__}: {alone}")
+        return responses
 
     def finalize(self) -> None:
         self.session = None

@@ -47,7 +47,16 @@ class TextTokenizer:
             raise InvalidText("TEXT is empty: send one string per batch item")
         texts = []
         for i, item in enumerate(flat):
-            data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+            if isinstance(item, (bytes, bytearray)):
+                data = bytes(item)
+            elif isinstance(item, str):
+                try:
+                    data = item.encode("utf-8")
+                except UnicodeEncodeError as err:  # lone surrogates cannot be UTF-8
+                    raise InvalidText(f"TEXT[{i}] is not valid UTF-8 ({err.reason} at character "
+                                      f"{err.start})") from None
+            else:
+                raise InvalidText(f"TEXT[{i}] must be UTF-8 bytes, got {type(item).__name__}")
             if len(data) > self.max_text_bytes:
                 raise InvalidText(f"TEXT[{i}] is {len(data)} bytes, over the limit of "
                                   f"{self.max_text_bytes} bytes")
@@ -101,25 +110,34 @@ class TritonPythonModel:
             for name in ("input_ids", "attention_mask")
         }
 
+    @staticmethod
+    def _failure(message: str, code):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+    def _response(self, ids: np.ndarray, mask: np.ndarray):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("input_ids", ids.astype(self.output_dtypes["input_ids"])),
+            pb_utils.Tensor("attention_mask", mask.astype(self.output_dtypes["attention_mask"])),
+        ])
+
     def execute(self, requests: list) -> list:
-        per_request: list[list[str] | str] = []
+        responses = []
         for request in requests:
             raw = pb_utils.get_input_tensor_by_name(request, "TEXT")
             try:
-                per_request.append(self.tokenizer.decode_texts(raw.as_numpy()))
+                if raw is None:
+                    raise InvalidText("TEXT input is missing")
+                texts = self.tokenizer.decode_texts(raw.as_numpy())
             except InvalidText as err:
-                per_request.append(str(err))
-        responses = []
-        for texts in per_request:
-            if isinstance(texts, str):
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(texts, pb_utils.TritonError.INVALID_ARG)))
+                responses.append(self._failure(str(err), pb_utils.TritonError.INVALID_ARG))
                 continue
-            ids, mask = self.tokenizer(texts)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("input_ids", ids.astype(self.output_dtypes["input_ids"])),
-                pb_utils.Tensor("attention_mask", mask.astype(self.output_dtypes["attention_mask"])),
-            ]))
+            try:
+                ids, mask = self.tokenizer(texts)
+            except Exception as err:  # a bug must fail this request only, never the batch
+                responses.append(self._failure(f"tokenizer failed: {type(err).__name__}: {err}",
+                                               pb_utils.TritonError.INTERNAL))
+                continue
+            responses.append(self._response(ids, mask))
         return responses
 
     def finalize(self) -> None:

@@ -1,0 +1,316 @@
+"""Faults under load, each on a server of its own (never the shared session server):
+
+(a) SIGKILL tritonserver mid-load and restart it on the same ports: the mmrec client retries
+    UNAVAILABLE with exponential backoff; every request ends with a correct result or a typed,
+    worded error, and none is lost (results + errors == sent).
+(b) a new model version loaded under load (explicit model control): zero failed requests.
+(c) a python-backend stub SIGKILLed: requests fail promptly (bounded by client timeouts, never
+    hang) and Triton restarts the stub; service resumes without restarting the server.
+
+Observed numbers are printed as `FAULT {...}` JSON lines (pytest -s).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from mmrec import schema
+from mmrec.server import ServerConfig, TritonServer, free_ports
+from test_bad_inputs import OUTPUTS, TOLERANCE, column, infer
+from test_load import cmdline, process_tree
+
+READY_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def client_module():
+    from mmrec import client
+
+    for name in ("MMRecClient", "ServerUnavailableError", "MMRecError"):
+        if not hasattr(client, name):
+            pytest.skip(f"mmrec.client has no {name} yet")
+    return client
+
+
+def linked_copy(source: Path, target: Path) -> Path:
+    """Copy a repository, symlinking the big model files (Triton follows links)."""
+    def copy(src, dst):
+        if src.endswith((".onnx", ".plan")):
+            os.symlink(os.path.abspath(src), dst)
+        else:
+            shutil.copy2(src, dst)
+    shutil.copytree(source, target, copy_function=copy)
+    return target
+
+
+def new_server(repository: Path, log: Path, ports: tuple[int, int, int] | None = None,
+               model_control: str = "none") -> TritonServer:
+    http, grpc, metrics = ports or tuple(free_ports(3))
+    # exit_timeout_s: a model whose stub was killed never finishes unloading; do not wait 10 s for it
+    config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                          model_control=model_control, exit_timeout_s=3)
+    server = TritonServer(config, log_path=log, ready_timeout_s=READY_TIMEOUT_S)
+    server.start()
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def report(kind: str, **numbers) -> None:
+    print(f"\nFAULT {json.dumps({'fault': kind, **numbers})}")
+
+
+# ---- (a) kill -9 the server mid-load, restart on the same ports -------------------------------------
+
+@pytest.mark.server
+@pytest.mark.timeout(900)
+def test_server_killed_mid_load_and_restarted_loses_no_request(exported_repository, reference, sample_items,
+                                                               client_module, tmp_path):
+    items = [(t, i) for t, i, _ in sample_items[:16]]
+    want = reference.encode_items([t for t, _ in items], [i for _, i in items])[schema.ITEM_EMBEDDING]
+    sent_total, workers, kill_after = 120, 8, 24
+    server = new_server(Path(exported_repository), tmp_path / "before.log")
+    ports = server.config.ports
+    results: list[tuple[int, float]] = []  # (item index, finish time)
+    errors: list[tuple[int, BaseException, float]] = []
+    lock = threading.Lock()
+    done_count = threading.Event()
+
+    def worker(indexes: list[int]) -> None:
+        # retries=8, backoff 0.25 s doubling: waits up to ~64 s in all, enough for a restart here
+        with client_module.MMRecClient(server.urls["grpc"], retries=8, backoff_s=0.25,
+                                       client_timeout=120) as client:
+            for n in indexes:
+                k = n % len(items)
+                try:
+                    got = client.encode_items([items[k]]).item_embedding[0]
+                    ok = np.allclose(got, want[k], atol=TOLERANCE, rtol=0)
+                    with lock:
+                        (results if ok else errors).append(
+                            (k, time.monotonic()) if ok else (k, AssertionError("wrong result"), time.monotonic()))
+                except client_module.MMRecError as err:
+                    with lock:
+                        errors.append((k, err, time.monotonic()))
+                with lock:
+                    if len(results) + len(errors) >= kill_after:
+                        done_count.set()
+
+    plan = [list(range(w, sent_total, workers)) for w in range(workers)]
+    restarted_at = killed_at = None
+    no_retry_errors: list[BaseException] = []
+    no_retry = client_module.MMRecClient(server.urls["grpc"], retries=0, client_timeout=30)
+    no_retry.connect()
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(worker, p) for p in plan]
+            assert done_count.wait(300), "load never got going"
+            os.kill(server.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            server.stop()  # reap; kill the orphaned stubs; remove their shared memory
+            for k in range(3):  # without retries, the outage is a typed error at once
+                try:
+                    no_retry.encode_items([items[k]])
+                    no_retry_errors.append(AssertionError("answered while the server was down"))
+                except client_module.MMRecError as err:
+                    no_retry_errors.append(err)
+            server = new_server(Path(exported_repository), tmp_path / "after.log", ports=ports)
+            restarted_at = time.monotonic()
+            for future in futures:
+                future.result(timeout=600)
+    finally:
+        no_retry.close()
+        server.stop()
+    unavailable = [e for _, e, _ in errors if isinstance(e, client_module.ServerUnavailableError)]
+    report("server SIGKILL + restart on the same ports", sent=sent_total, results=len(results), errors=len(errors),
+           unavailable_errors=len(unavailable), restart_s=round(restarted_at - killed_at, 1),
+           results_after_restart=sum(1 for _, t in results if t > restarted_at),
+           error_example=str(errors[0][1])[:200] if errors else None,
+           no_retry_client_during_outage=[type(e).__name__ for e in no_retry_errors],
+           no_retry_message=str(no_retry_errors[0])[:200])
+    assert len(results) + len(errors) == sent_total  # nothing silently lost
+    assert len(unavailable) == len(errors), [str(e) for _, e, _ in errors if e not in unavailable][:3]
+    for err in unavailable:
+        assert "no Triton server answers" in str(err) or "not live" in str(err) or "not ready" in str(err)
+    assert sum(1 for _, t in results if t > restarted_at) > 0, "no request succeeded after the restart"
+    assert all(isinstance(e, client_module.ServerUnavailableError) for e in no_retry_errors), no_retry_errors
+    assert "no Triton server answers grpc" in str(no_retry_errors[0])
+
+
+# ---- (b) and (c) share one server with explicit model control -------------------------------------
+
+@pytest.fixture(scope="module")
+def explicit_server(exported_repository, tmp_path_factory):
+    """A server of this module's own on a linked copy of the repository (model versions get added)."""
+    folder = tmp_path_factory.mktemp("explicit")
+    repository = linked_copy(Path(exported_repository), folder / "repository")
+    server = new_server(repository, folder / "triton.log", model_control="explicit")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ---- (b) a new model version under load -------------------------------------------------------------
+
+@pytest.mark.server
+@pytest.mark.timeout(900)
+def test_new_model_version_loads_under_load_without_failed_requests(explicit_server, reference, sample_items):
+    server = explicit_server
+    repository = Path(server.config.repository)
+    text, image, _ = sample_items[0]
+    want = reference.encode_items([text], [image])
+    tensors = {schema.TEXT: (column([text.encode()]), "BYTES"), schema.IMAGE: (column([image]), "BYTES")}
+    stop = threading.Event()
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + 300
+
+    def load() -> None:
+        client = grpcclient.InferenceServerClient(server.urls["grpc"])
+        try:
+            while not stop.is_set() and time.monotonic() < deadline and len(outcomes) < 2000:
+                try:
+                    got = infer(client, "grpc", schema.ITEM_ENCODER, tensors, OUTPUTS[schema.ITEM_ENCODER])
+                    ok = all(np.allclose(got[o], want[o], atol=TOLERANCE, rtol=0) for o in OUTPUTS[schema.ITEM_ENCODER])
+                    outcome = "ok" if ok else "wrong result"
+                except InferenceServerException as err:
+                    outcome = f"{err.status()}: {err.message()}"
+                with lock:
+                    outcomes.append(outcome)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        while len(outcomes) < 20 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        before_load = len(outcomes)
+        version2 = repository / schema.FUSION / "2"
+        shutil.copytree(repository / schema.FUSION / "1", version2, symlinks=True)
+        control = grpcclient.InferenceServerClient(server.urls["grpc"])
+        started = time.monotonic()
+        control.load_model(schema.FUSION)  # version policy "latest 1": serves 2, retires 1
+        load_s = time.monotonic() - started
+        during = len(outcomes) - before_load
+        while len(outcomes) < before_load + during + 40 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        versions = list(control.get_model_metadata(schema.FUSION).versions)
+        stats = control.get_inference_statistics(schema.FUSION, "2").model_stats
+        v2_inferences = sum(s.inference_count for s in stats)
+        ready = (control.is_model_ready(schema.FUSION, "2"), control.is_model_ready(schema.FUSION, "1"))
+        control.close()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    failures = [o for o in outcomes if o != "ok"]
+    report("load fusion version 2 under load (explicit model control)", requests=len(outcomes),
+           failed=len(failures), load_model_s=round(load_s, 1), requests_during_load=during,
+           fusion_versions=versions, v2_inferences=v2_inferences)
+    assert not failures, failures[:5]
+    assert versions == ["2"] and ready == (True, False)
+    assert v2_inferences > 0
+
+
+# ---- (c) kill -9 a python stub ------------------------------------------------------------------
+
+def stub_of(server: TritonServer, model: str) -> int:
+    for pid in process_tree(server.pid):
+        if f"/{model}/1/model.py" in cmdline(pid) and "triton_python_backend_stub" in cmdline(pid):
+            return pid
+    raise LookupError(f"no python stub for {model} under tritonserver {server.pid}")
+
+
+@pytest.mark.server
+@pytest.mark.timeout(600)
+def test_killed_python_stub_fails_requests_promptly_and_recovers_by_reload(explicit_server, reference,
+                                                                          sample_items):
+    """What Triton 2.51 (nvidia-pytriton 0.7.0) does when a python stub dies: every request to the
+    model fails at once with INTERNAL "Stub process '<instance>' is not healthy." (no hang), the
+    server and model stay "ready", and the stub is NOT restarted by Triton; unloading and loading
+    the model (explicit model control) or restarting the server brings it back. The test records whether
+    Triton restarted the stub by itself, so a newer build that does is noticed, not failed."""
+    server = explicit_server
+    repository = Path(server.config.repository)
+    # the ensembles' first step: decoding + tokenizing (item_preprocess), or image_preprocess in
+    # repositories written before that step existed
+    model = next(m for m in ("item_preprocess", schema.IMAGE_PREPROCESS) if (repository / m).is_dir())
+    text, image, _ = sample_items[0]
+    want = reference.encode_items([text], [image])
+    tensors = {schema.TEXT: (column([text.encode()]), "BYTES"), schema.IMAGE: (column([image]), "BYTES")}
+    timeout_s = 30.0
+
+    def attempt() -> tuple[str, float]:
+        client = grpcclient.InferenceServerClient(server.urls["grpc"])
+        started = time.monotonic()
+        try:
+            inputs = []
+            for name, (array, datatype) in tensors.items():
+                tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+            result = client.infer(schema.ITEM_ENCODER, inputs, client_timeout=timeout_s)
+            ok = np.allclose(result.as_numpy(schema.ITEM_EMBEDDING), want[schema.ITEM_EMBEDDING], atol=TOLERANCE)
+            return ("ok" if ok else "wrong result"), time.monotonic() - started
+        except InferenceServerException as err:
+            return f"{err.status()}: {err.message()}", time.monotonic() - started
+        finally:
+            client.close()
+
+    control = grpcclient.InferenceServerClient(server.urls["grpc"])
+    try:
+        assert attempt()[0] == "ok"
+        old_stub = stub_of(server, model)
+        os.kill(old_stub, signal.SIGKILL)
+        killed = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:  # some in flight at the kill, all right after it
+            burst = list(pool.map(lambda _: attempt(), range(8)))
+        self_healed_after = None
+        while time.monotonic() - killed < 20:  # does Triton restart the stub by itself?
+            if attempt()[0] == "ok":
+                self_healed_after = time.monotonic() - killed
+                break
+            time.sleep(1)
+        reported_ready = (control.is_server_ready(), control.is_model_ready(model))
+        reload_s = None
+        if self_healed_after is None:
+            # explicit model control: load_model alone is a no-op for an unchanged model; unload
+            # first, then load: a fresh instance with a fresh stub (the ensembles follow)
+            started = time.monotonic()
+            control.unload_model(model)
+            control.load_model(model)
+            reload_s = time.monotonic() - started
+            while not control.is_model_ready(schema.ITEM_ENCODER) and time.monotonic() - started < 60:
+                time.sleep(0.2)
+        after_reload = attempt()[0]
+        new_stub = stub_of(server, model)
+        still_running = server.is_running()
+    finally:
+        control.close()
+    errors = [o for o, _ in burst if o != "ok"]
+    report("SIGKILL python stub of " + model, burst=len(burst), burst_errors=len(errors),
+           slowest_answer_s=round(max(s for _, s in burst), 2),
+           triton_restarted_stub_after_s=self_healed_after and round(self_healed_after, 1),
+           reported_ready_while_broken=reported_ready, reload_model_s=reload_s and round(reload_s, 1),
+           ok_after_reload=after_reload == "ok", error_example=errors[0][:200] if errors else None)
+    assert all(seconds < timeout_s for _, seconds in burst), burst  # nothing hung
+    assert all(o == "ok" or ("INTERNAL" in o and "is not healthy" in o) for o, _ in burst), burst
+    assert errors, "no request noticed the dead stub"
+    assert still_running, "tritonserver itself died"
+    assert after_reload == "ok" and new_stub != old_stub
