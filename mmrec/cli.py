@@ -7,6 +7,7 @@ from mmrec.export.cli import export_command
 from mmrec.serve_cli import serve_command
 from mmrec.demo import demo_command
 from mmrec.client.cli import encode_command, score_command
+from mmrec.benchmarks.cli import bench_command
 
 app = typer.Typer(help="mmrec: multimodal user-interest models on Triton + ONNX.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -22,6 +23,7 @@ app.command("serve")(serve_command)
 app.command("demo")(demo_command)
 app.command("score")(score_command)
 app.command("encode")(encode_command)
+app.command("bench")(bench_command)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

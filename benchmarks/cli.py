@@ -1,0 +1,129 @@
+"""`mmrec bench`: the benchmark suite (issue 5), with rich progress and a targets table at the end."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mmrec.export_defaults import DEFAULT_REPOSITORY
+
+from .settings import MODELS, MODES, PROTOCOLS, SECTIONS
+
+console = Console(stderr=True)
+DEFAULT_OUTPUT = Path("benchmarks") / "results"
+EXIT_SECTION_ERROR = 1
+EXIT_TARGET_MISSED = 3
+
+
+class RichSteps:
+    """One progress bar per step, kept on screen as a log of what ran and how long it took."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.current = None
+
+    def finish(self) -> None:
+        if self.current is not None:
+            self.progress.update(self.current, completed=self.progress.tasks[self.current].total)
+
+    def __call__(self, title: str, total: int) -> Callable[[int], None]:
+        self.finish()
+        self.current = self.progress.add_task(title, total=max(total, 1))
+        task_id = self.current
+        return lambda n=1: self.progress.advance(task_id, n)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def _check_choices(values: list[str], allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise typer.BadParameter(f"{option}: unknown {unknown}; choose from {', '.join(allowed)}")
+    return tuple(values)
+
+
+def _print_targets(results: dict) -> None:
+    table = Table(title="targets", show_lines=False)
+    for column in ("target", "threshold", "measured", "status"):
+        table.add_column(column)
+    style = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "[yellow]not measured[/yellow]"}
+    for t in results["targets"]:
+        table.add_row(escape(t["description"]), escape(t["threshold"]), escape(t["measured"]), style[t["met"]])
+    console.print(table)
+
+
+def bench_command(
+    repository: Path = typer.Option(DEFAULT_REPOSITORY, help="Model repository written by `mmrec export` (target portable or onnxruntime)."),
+    output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "-o", help="Folder for bench.json, summary.md, plots and the server log."),
+    quick: bool = typer.Option(False, "--quick", help="CI mode (< 3 min): fewer sizes and levels, short time budgets, every section that can run."),
+    threads: int = typer.Option(0, help="Threads for PyTorch and ORT intra-op (same for both); 0 = usable cores."),
+    only: list[str] = typer.Option([], "--only", help=f"Run only these sections: {', '.join(SECTIONS)}."),
+    skip: list[str] = typer.Option([], "--skip", help="Skip these sections."),
+    model: list[str] = typer.Option([], "--model", help=f"Offline models to compare: {', '.join(MODELS)} (default all)."),
+    protocol: list[str] = typer.Option([], "--protocol", help="Serving protocols: grpc, http (default both)."),
+    concurrency: list[int] = typer.Option([], "--concurrency", "-c", help="Serving concurrency levels (default 1 2 4 8 16 32; quick 1 4)."),
+    level_seconds: Optional[float] = typer.Option(None, help="Measured seconds per serving level (default 5; quick 1)."),
+    perf_analyzer: Optional[Path] = typer.Option(None, help="perf_analyzer binary (default: $MMREC_PERF_ANALYZER, the cache, PATH)."),
+    strict: bool = typer.Option(False, help=f"Exit {EXIT_TARGET_MISSED} if a measured target is missed."),
+    rerender: bool = typer.Option(False, "--rerender", help="Measure nothing: rebuild targets, summary.md and plots from --output/bench.json."),
+) -> None:
+    """Benchmark the exported models and the server: offline backends, roofline, serving sweep,
+    perf_analyzer cross-check, quality drift; reports in --output."""
+    from .suite import BenchOptions, run_bench
+
+    if rerender:
+        from .suite import rerender as rerender_reports
+
+        if not (output / "bench.json").is_file():
+            console.print(f"[red]error:[/red] {escape(str(output / 'bench.json'))} not found: nothing to re-render")
+            raise typer.Exit(2)
+        results = rerender_reports(output)
+        _print_targets(results)
+        console.print(f"re-rendered {escape(str(output))} from bench.json")
+        return
+
+    sections = _check_choices(only, SECTIONS, "--only") or SECTIONS
+    sections = tuple(s for s in sections if s not in _check_choices(skip, SECTIONS, "--skip"))
+    settings = MODES["quick" if quick else "full"].with_overrides(
+        models=_check_choices(model, MODELS, "--model") or None,
+        protocols=_check_choices(protocol, PROTOCOLS, "--protocol") or None,
+        concurrency=tuple(sorted(set(concurrency))) or None,
+        level_s=level_seconds)
+    if concurrency:
+        settings = settings.with_overrides(pa_concurrency=tuple(c for c in settings.pa_concurrency if c in concurrency)
+                                           or settings.concurrency)
+    if not (repository / "preprocess.json").is_file():
+        console.print(f"[red]error:[/red] {escape(str(repository))} is not a repository written by "
+                      "`mmrec export` (no preprocess.json); run `mmrec export` first")
+        raise typer.Exit(2)
+    options = BenchOptions(repository=repository, output=output, settings=settings,
+                           threads=threads or _usable_cores(), sections=sections, perf_analyzer=perf_analyzer)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        steps = RichSteps(progress)
+        results = run_bench(options, steps)
+        steps.finish()
+    for name, section in results["sections"].items():
+        if section["status"] != "ok":
+            colour = "red" if section["status"] == "error" else "yellow"
+            console.print(f"[{colour}]{name}: {section['status']}[/{colour}] "
+                          f"{escape(section.get('reason') or section.get('error', ''))}")
+    _print_targets(results)
+    console.print(f"reports: {escape(str(output / results['files']['json']))}, "
+                  f"{escape(str(output / results['files']['markdown']))}; plots: "
+                  + ", ".join(v for v in results["plots"].values() if v.endswith(".png")))
+    if any(s["status"] == "error" for s in results["sections"].values()):
+        raise typer.Exit(EXIT_SECTION_ERROR)
+    if strict and any(t["met"] is False for t in results["targets"]):
+        raise typer.Exit(EXIT_TARGET_MISSED)

@@ -1,0 +1,203 @@
+"""The engines compared offline, from a registry: PyTorch eager FP32 and ONNX Runtime FP32/INT8/FP16.
+
+PyTorch models are rebuilt from the same sources the export used (the manifest records the
+text model folder and image weights; the fusion head is the repository's safetensors), ONNX
+graphs are the repository's files (`<model>/1/model.onnx` and `<model>/variants/*.onnx`, as
+listed in manifest.json). ORT sessions use the portable runner's own `make_session`, so the
+offline numbers run with exactly the session options the server uses.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mmrec import schema
+from mmrec.preprocess import PreprocessConfig
+from mmrec.python_models import load_python_model
+
+from .workload import PipelineInput
+
+PIPELINE = "pipeline"
+PYTORCH = "pytorch"
+PRECISIONS = ("fp32", "int8", "fp16")
+PIPELINE_MEMBERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER, schema.FUSION)
+Runner = Callable[[object], list]
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    name: str
+    backend: str  # "pytorch" | "onnxruntime"
+    precision: str  # "fp32" | "int8" | "fp16"
+
+
+ENGINE_KINDS: dict[str, EngineKind] = {}
+
+
+def register_engine(kind: EngineKind) -> EngineKind:
+    ENGINE_KINDS[kind.name] = kind
+    return kind
+
+
+register_engine(EngineKind(PYTORCH, "pytorch", "fp32"))
+for _precision in PRECISIONS:
+    register_engine(EngineKind(f"ort-{_precision}", "onnxruntime", _precision))
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One engine for one model: its kind and the files it runs (member -> ONNX path)."""
+
+    kind: EngineKind
+    model: str
+    files: dict[str, Path] = field(default_factory=dict)
+    composition: dict[str, str] = field(default_factory=dict)  # pipeline: member -> precision
+
+    @property
+    def name(self) -> str:
+        return self.kind.name
+
+
+def load_manifest(repository: Path) -> dict:
+    path = Path(repository) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def onnx_files(repository: Path, model: str, manifest: dict | None = None) -> dict[str, Path]:
+    """precision -> ONNX file of one member, as the manifest lists them (files that exist)."""
+    repository = Path(repository)
+    manifest = load_manifest(repository) if manifest is None else manifest
+    variants = manifest.get("models", {}).get(model, {}).get("variants", {})
+    found = {v: repository / e["path"] for v, e in variants.items()
+             if e.get("path") and str(e["path"]).endswith(".onnx") and (repository / e["path"]).is_file()}
+    if not variants:  # no manifest: the served file is FP32, variants by file name
+        served = repository / model / "1" / "model.onnx"
+        if served.is_file():
+            found["fp32"] = served
+        for path in sorted((repository / model / "variants").glob("*.onnx")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def skipped_variants(repository: Path, model: str, manifest: dict | None = None) -> dict[str, str]:
+    """precision -> why the export left it out (failed gate), for the report."""
+    manifest = load_manifest(repository) if manifest is None else manifest
+    variants = manifest.get("models", {}).get(model, {}).get("variants", {})
+    return {v: "; ".join(e.get("gate", {}).get("reasons", [])) or "not written"
+            for v, e in variants.items() if e.get("written") is False}
+
+
+def engines_for(repository: Path, model: str, manifest: dict | None = None) -> list[Engine]:
+    """PyTorch first (the reference), then every ONNX precision present for the model."""
+    manifest = load_manifest(repository) if manifest is None else manifest
+    engines = [Engine(ENGINE_KINDS[PYTORCH], model)]
+    if model == PIPELINE:
+        # Each member runs the variant where the repository has it, FP32 otherwise; a variant
+        # pipeline is listed only if at least one member actually uses that variant.
+        members = {m: onnx_files(repository, m, manifest) for m in PIPELINE_MEMBERS}
+        if any("fp32" not in files for files in members.values()):
+            return engines
+        for precision in PRECISIONS:
+            chosen = {m: (precision if precision in files else "fp32") for m, files in members.items()}
+            if precision == "fp32" or precision in chosen.values():
+                engines.append(Engine(ENGINE_KINDS[f"ort-{precision}"], model,
+                                      {m: members[m][p] for m, p in chosen.items()}, chosen))
+        return engines
+    files = onnx_files(repository, model, manifest)
+    engines += [Engine(ENGINE_KINDS[f"ort-{p}"], model, {model: files[p]}) for p in PRECISIONS if p in files]
+    return engines
+
+
+# --------------------------------------------------------------------------- PyTorch sources
+
+
+class TorchSources:
+    """The PyTorch FP32 models of a repository, loaded on first use."""
+
+    def __init__(self, repository: Path, manifest: dict | None = None) -> None:
+        self.repository = Path(repository)
+        self.manifest = load_manifest(repository) if manifest is None else manifest
+        self.preprocess = PreprocessConfig.load(self.repository)
+
+    @cached_property
+    def text(self):
+        from mmrec.export.models.text import load_text_encoder
+
+        folder = self.manifest.get("inputs", {}).get("text_model", {}).get("path")
+        model, _ = load_text_encoder(Path(folder) if folder and Path(folder).is_dir() else None)
+        return model
+
+    @cached_property
+    def image(self):
+        from mmrec.export.models.image import DEFAULT_IMAGE_ENCODER, load_image_encoder
+
+        entry = self.manifest.get("inputs", {}).get("image_encoder", {})
+        weights = entry.get("weights")
+        model, _, _ = load_image_encoder(entry.get("name", DEFAULT_IMAGE_ENCODER),
+                                         Path(weights) if weights and Path(weights).is_file() else None)
+        return model
+
+    @cached_property
+    def fusion(self):
+        from mmrec.export.pipeline import FUSION_CHECKPOINT, load_fusion_checkpoint
+
+        return load_fusion_checkpoint(self.repository / schema.FUSION / "variants" / FUSION_CHECKPOINT,
+                                      self.preprocess)
+
+    def module(self, model: str):
+        return {schema.TEXT_ENCODER: lambda: self.text, schema.IMAGE_ENCODER: lambda: self.image,
+                schema.FUSION: lambda: self.fusion}[model]()
+
+
+def torch_call(module) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    import torch
+
+    @torch.inference_mode()
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = module(*[torch.from_numpy(v) for v in feed.values()])
+        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+    return run
+
+
+def ort_call(path: Path, threads: int) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    session = load_python_model("ort_runner").make_session(path, threads)
+    names = [o.name for o in session.get_outputs()]
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return session.run(names, feed)
+
+    return run
+
+
+class _Pipeline:
+    """tokenize -> text encoder, decode -> image encoder, -> fusion; members from any engine."""
+
+    def __init__(self, tokenizer, decoder, text, image, fusion) -> None:
+        self.tokenizer, self.decoder = tokenizer, decoder
+        self.text, self.image, self.fusion = text, image, fusion
+
+    def __call__(self, inputs: PipelineInput) -> list[np.ndarray]:
+        ids, mask = self.tokenizer(inputs.texts)
+        text = self.text({schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask})[0]
+        image = self.image({schema.PIXEL_VALUES: self.decoder(inputs.images)})[0]
+        return self.fusion({schema.TEXT_EMBEDDING: text, schema.IMAGE_EMBEDDING: image})
+
+
+def build_runner(engine: Engine, torch_sources: TorchSources, threads: int,
+                 tokenizer=None, decoder=None) -> Runner:
+    """A callable running the engine on one case's inputs, returning its outputs in order."""
+    if engine.model == PIPELINE:
+        if engine.kind.backend == "pytorch":
+            parts = [torch_call(torch_sources.module(m)) for m in PIPELINE_MEMBERS]
+        else:
+            parts = [ort_call(engine.files[m], threads) for m in PIPELINE_MEMBERS]
+        return _Pipeline(tokenizer, decoder, *parts)
+    if engine.kind.backend == "pytorch":
+        return torch_call(torch_sources.module(engine.model))
+    return ort_call(engine.files[engine.model], threads)

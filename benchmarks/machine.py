@@ -1,0 +1,128 @@
+"""The machine and software every number was measured on: CPU, flags, load, versions, commit."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+# CPU features that decide which GEMM / INT8 / FP16 kernels ORT and PyTorch can use.
+INTERESTING_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                     "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                     "amx_int8", "amx_bf16")
+BENCH_PACKAGES = ("mmrec", "torch", "onnx", "onnxruntime", "onnxslim", "transformers", "tokenizers",
+                  "numpy", "pillow", "nvidia-pytriton", "tritonclient", "grpcio", "aiohttp",
+                  "geventhttpclient", "matplotlib", "rich", "typer")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor block of /proc/cpuinfo as a dict ('' values where absent)."""
+    info: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    return info
+
+
+def loadavg() -> list[float]:
+    """1/5/15-minute load averages (other work on the machine skews every timing)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def cpu_share(seconds: float = 0.5) -> float | None:
+    """Fraction of the usable cores this process actually got while keeping them all busy
+    (multi-threaded sgemm): ~1.0 on an idle machine, lower when other work competes."""
+    import time
+
+    import numpy as np
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cores = os.cpu_count() or 1
+    a = np.ones((768, 768), np.float32)
+    a @ a
+    wall, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
+        a @ a
+    used = time.process_time() - cpu
+    return round(used / ((time.perf_counter() - wall) * cores), 3)
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def cpu_info() -> dict:
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        usable = os.cpu_count()
+    return {
+        "model": info.get("model name") or platform.processor() or "unknown",
+        "vendor": info.get("vendor_id", ""),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "flags": {f: f in flags for f in INTERESTING_FLAGS},
+        "memory_gib": _memory_gib(),
+        "hypervisor": "hypervisor" in flags,
+    }
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in BENCH_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit(root: Path = REPO_ROOT) -> dict:
+    """HEAD and whether the working tree had uncommitted changes when the numbers were taken."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def machine_info() -> dict:
+    """Everything about the host that a reader needs to judge a number."""
+    return {
+        "cpu": cpu_info(),
+        "platform": platform.platform(),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "loadavg_start": loadavg(),
+        "cpu_share_start": cpu_share(),
+    }

@@ -1,0 +1,317 @@
+"""Write a run's results: bench.json (everything) and summary.md (tables a person reads)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+JSON_FILE = "bench.json"
+MARKDOWN_FILE = "summary.md"
+ENGINE_ORDER = ("pytorch", "ort-fp32", "ort-int8", "ort-fp16")
+ENGINE_TITLES = {"pytorch": "PyTorch eager FP32", "ort-fp32": "ORT FP32", "ort-int8": "ORT INT8",
+                 "ort-fp16": "ORT FP16"}
+STATUS_MARK = {True: "**met**", False: "**missed**", None: "not measured"}
+
+
+def _clean(value):
+    """JSON without NaN/Infinity (not valid JSON): they become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(results: dict, output: Path) -> Path:
+    path = Path(output) / JSON_FILE
+    path.write_text(json.dumps(_clean(results), indent=1, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def _f(value, digits: int = 1, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+# --------------------------------------------------------------------------- headline
+
+
+def _offline_ok(results: dict) -> list[dict]:
+    return [r for r in (results["sections"].get("offline") or {}).get("records", []) if r["status"] == "ok"]
+
+
+def headline_cases(records: list[dict]) -> list[tuple[str, int, int | None]]:
+    """(model, batch, seq) rows of the headline: smallest and largest batch per model; the text
+    encoder at its shortest length for the smallest batch and longest for the largest."""
+    cases = []
+    for model in dict.fromkeys(r["model"] for r in records):
+        rows = [r for r in records if r["model"] == model]
+        batches = sorted({r["batch"] for r in rows})
+        seqs = sorted({r["seq_len"] for r in rows if r["seq_len"]})
+        for b, seq in ((batches[0], seqs[0] if seqs else None), (batches[-1], seqs[-1] if seqs else None)):
+            if (model, b, seq) not in cases:
+                cases.append((model, b, seq))
+    return cases
+
+
+def headline_offline(results: dict) -> list[str]:
+    records = _offline_ok(results)
+    if not records:
+        return []
+    engines = [e for e in ENGINE_ORDER if any(r["engine"] == e for r in records)]
+    rows = []
+    for model, b, seq in headline_cases(records):
+        row = [model, f"b={b}" + (f" s={seq}" if seq else "")]
+        for engine in engines:
+            r = next((x for x in records if x["model"] == model and x["engine"] == engine
+                      and x["batch"] == b and x["seq_len"] == seq), None)
+            if r is None:
+                row.append("–")
+                continue
+            cell = f"{_f(r['throughput_items_s'])}/s · p50 {_f(r['latency_ms']['p50'])} ms"
+            if engine != "pytorch" and r.get("speedup_vs_pytorch"):
+                cell += f" · **{r['speedup_vs_pytorch']:.1f}×**"
+                if r.get("speedup_vs_pytorch_p50"):
+                    cell += f" (p50 {r['speedup_vs_pytorch_p50']:.1f}×)"
+            row.append(cell)
+        rows.append(row)
+    return _table(["model", "case", *[ENGINE_TITLES[e] for e in engines]], rows)
+
+
+def serving_table(results: dict) -> list[str]:
+    serving = results["sections"].get("serving") or {}
+    pa = {lv["concurrency"]: lv for lv in (results["sections"].get("perf_analyzer") or {}).get("levels", [])
+          if "error" not in lv}
+    series = [(f"Triton {p}", levels) for p, levels in (serving.get("triton") or {}).items()]
+    series += [("Triton grpc, raw tritonclient", serving.get("triton_raw_tritonclient") or []),
+               ("in-process (threads)", serving.get("reference") or []),
+               ("in-process (batched)", serving.get("reference_batched") or [])]
+    series = [(n, {lv["concurrency"]: lv for lv in levels}) for n, levels in series if levels]
+    if not series:
+        return []
+    concurrency = sorted({c for _, levels in series for c in levels})
+    header = ["concurrency", *[f"{n}: p50 / p99 ms, items/s" for n, _ in series]]
+    if pa:
+        header.append("perf_analyzer gRPC: p50 / p99 ms, items/s")
+    rows = []
+    for c in concurrency:
+        row = [str(c)]
+        for _, levels in series:
+            lv = levels.get(c)
+            row.append(f"{_f(lv['latency_ms']['p50'])} / {_f(lv['latency_ms']['p99'])}, "
+                       f"{_f(lv['throughput_items_s'])}" if lv else "–")
+        if pa:
+            lv = pa.get(c)
+            row.append(f"{_f(lv['latency_ms'].get('p50'))} / {_f(lv['latency_ms'].get('p99'))}, "
+                       f"{_f(lv['throughput_items_s'])}" if lv else "–")
+        rows.append(row)
+    return _table(header, rows)
+
+
+def client_cost_table(results: dict) -> list[str]:
+    """CPU time the benchmark process spent per request: the client's own cost."""
+    serving = results["sections"].get("serving") or {}
+    series = [(f"mmrec client {p}", levels) for p, levels in (serving.get("triton") or {}).items()]
+    series += [("raw tritonclient grpc", serving.get("triton_raw_tritonclient") or [])]
+    series = [(n, {lv["concurrency"]: lv for lv in levels}) for n, levels in series if levels]
+    if not series:
+        return []
+    concurrency = sorted({c for _, levels in series for c in levels})
+    rows = [[str(c), *[_f((levels.get(c) or {}).get("client_cpu_ms_per_request"), 2) for _, levels in series]]
+            for c in concurrency]
+    return _table(["concurrency", *[f"{n}: client CPU ms/request" for n, _ in series]], rows)
+
+
+def _status(t: dict) -> str:
+    mark = STATUS_MARK[t["met"]]
+    if t.get("met_on_p50") is not None and t["met"] is not None and t["met_on_p50"] != t["met"]:
+        mark += f" (on p50 latency: {'met' if t['met_on_p50'] else 'missed'} — load bursts decided it)"
+    return mark
+
+
+def targets_table(results: dict) -> list[str]:
+    rows = [[t["description"], t["threshold"], t["measured"], _status(t), t["detail"]]
+            for t in results.get("targets", [])]
+    return _table(["target", "threshold", "measured", "status", "detail"], rows) if rows else []
+
+
+# --------------------------------------------------------------------------- detail sections
+
+
+def offline_detail(results: dict) -> list[str]:
+    section = results["sections"].get("offline") or {}
+    records = section.get("records", [])
+    if not records:
+        return []
+    rows = []
+    for r in records:
+        if r["status"] != "ok":
+            reason = r.get("error") or (r.get("check") or {}).get("reason", "")
+            rows.append([r["model"], r["engine"], r["label"], r["status"] + (f": {reason}" if reason else ""),
+                         "–", "–", "–", "–", "–", "–", _f(r.get("load_rss_rise_mb"), 0), "–"])
+            continue
+        check = r["check"]
+        check_cell = "reference" if check.get("rule") == "reference" else (
+            f"pass (max|Δ| {check['max_abs_error']:.1e}, cos {check['mean_cosine']:.5f})")
+        rows.append([r["model"], r["engine"], r["label"], check_cell,
+                     _f(r["latency_ms"]["p50"], 2), _f(r["latency_ms"]["p95"], 2), _f(r["latency_ms"]["p99"], 2),
+                     _f(r["throughput_items_s"]),
+                     f"{_f(r.get('speedup_vs_pytorch'), 2, '×')} / {_f(r.get('speedup_vs_pytorch_p50'), 2, '×')}",
+                     f"{_f(r.get('speedup_vs_ort_fp32'), 2, '×')} / {_f(r.get('speedup_vs_ort_fp32_p50'), 2, '×')}",
+                     _f(r.get("load_rss_rise_mb"), 0),
+                     _f(r["memory"]["peak_rss_mb"], 0)])
+    threads = "; ".join(f"{k}={v}" for k, v in section["threads"].items() if v is not None)
+    budget = ", ".join(f"{k}={v}" for k, v in section["budget"].items())
+    lines = [f"Thread settings (same count for both runtimes): {threads}.", "",
+             f"Time budget per case: {budget}.", ""]
+    lines += _table(["model", "engine", "case", "check vs PyTorch", "p50 ms", "p95 ms", "p99 ms", "items/s",
+                     "× PyTorch (thr / p50)", "× ORT FP32 (thr / p50)", "engine RSS MB (load)",
+                     "process peak RSS MB"], rows)
+    skipped = {m: v for m, v in (section.get("skipped_variants") or {}).items() if v}
+    for model, variants in skipped.items():
+        for variant, why in variants.items():
+            lines.append(f"- {model} {variant}: not in the repository (export gate: {why})")
+    return lines + ([""] if skipped else [])
+
+
+def roofline_detail(results: dict) -> list[str]:
+    section = results["sections"].get("roofline") or {}
+    if not section.get("peak"):
+        return []
+    peak = section["peak"]
+    lines = [f"Measured sgemm peak: **{_f(peak['peak_gflops'])} GFLOP/s** ({peak['peak_library']}, n={peak['peak_size']}, "
+             f"{peak['threads']} threads). Per library: "
+             + "; ".join(f"{lib} " + ", ".join(f"n={n}: {_f(v)}" for n, v in per.items())
+                         for lib, per in peak["gflops"].items() if lib != "errors"), ""]
+    lines += ["FLOPs: MatMul/Gemm/Conv of the FP32 graph at each case's shape (2 per multiply-add); "
+              "achieved = FLOPs / p50. INT8/FP16 rows are FP32-equivalent rates (INT8 runs VNNI integer "
+              "math, so it can exceed the sgemm peak); rows above 100% for FP32 mean the peak probe "
+              "itself was slowed by other load.", ""]
+    rows = [[r["model"], r["engine"], f"b={r['batch']}" + (f" s={r['seq_len']}" if r["seq_len"] else ""),
+             _f(r["gflop"], 2), _f(r["achieved_gflops"]), _f(100 * r["fraction_of_peak"], 0, "%")]
+            for r in section.get("encoders", [])]
+    lines += _table(["model", "engine", "case", "GFLOP / call", "achieved GFLOP/s", "of peak"], rows)
+    pairs = section.get("paired") or []
+    if pairs:
+        lines += ["Paired rounds: the sgemm probe (best window), then the encoder (fastest call), seconds "
+                  "apart — like for like, robust to background load that comes and goes:", ""]
+        lines += _table(["model", "case", "rounds: encoder / peak GFLOP/s", "of peak (median round)",
+                         "of peak (best round)"],
+                        [[p["model"], f"b={p['batch']}" + (f" s={p['seq_len']}" if p["seq_len"] else ""),
+                          "; ".join(f"{_f(r['achieved_gflops'])} / {_f(r['peak_gflops'])}" for r in p["rounds"]),
+                          _f(100 * p["fraction_of_peak_median"], 0, "%"), _f(100 * p["fraction_of_peak_best"], 0, "%")]
+                         for p in pairs])
+    return lines
+
+
+def server_breakdown(results: dict) -> list[str]:
+    levels = ((results["sections"].get("serving") or {}).get("triton") or {}).get("grpc") or []
+    rows = []
+    for lv in levels:
+        for model, s in sorted((lv.get("server") or {}).items()):
+            rows.append([str(lv["concurrency"]), model, str(s["requests"]), _f(s["mean_batch"], 2),
+                         _f(s["queue_ms"], 2), _f(s["compute_infer_ms"], 2),
+                         _f((s["compute_input_ms"] or 0) + (s["compute_output_ms"] or 0), 2),
+                         ", ".join(f"{b}×{n}" for b, n in s["batch_sizes"].items())])
+    if not rows:
+        return []
+    return _table(["concurrency", "model", "requests", "mean batch", "queue ms", "compute ms",
+                   "in+out ms", "executed batch sizes (size×count)"], rows)
+
+
+def perf_analyzer_detail(results: dict) -> list[str]:
+    section = results["sections"].get("perf_analyzer") or {}
+    if section.get("status") != "ok":
+        why = section.get("reason") or section.get("error") or "not run"
+        return [f"perf_analyzer: {section.get('status', 'not run')} — {why}", ""]
+    lines = [f"Binary: `{section['tool']}`; model `{section['model']}`, batch {section['batch']}, "
+             f"real items from `{section['input_items']}` held-out captions/images.", ""]
+    rows = [[str(r["concurrency"]), _f(r["throughput_ratio"], 2, "×"), _f(r.get("p50_ratio"), 2, "×"),
+             _f(r.get("p50_diff_ms"), 1), _f(r.get("p99_ratio"), 2, "×"),
+             f"±{r.get('pa_stability_pct')}%" if r.get("pa_stable") else "none reached (accepted as measured)"]
+            for r in section.get("comparison", [])]
+    errors = [f"- c={lv['concurrency']}: {lv['error'][-200:]}" for lv in section.get("levels", []) if "error" in lv]
+    return lines + _table(["concurrency", "own/PA throughput", "own/PA p50", "p50 Δ ms", "own/PA p99",
+                           "PA stability"], rows) + errors
+
+
+def quality_detail(results: dict) -> list[str]:
+    section = results["sections"].get("quality") or {}
+    if not section.get("variants"):
+        return []
+    fp32 = section["fp32"]
+    lines = [f"{section['items']} held-out items, {section['users']} simulated users "
+             f"({section['items_per_user']} items of one category each). FP32: interest accuracy "
+             f"{fp32['interest_accuracy']:.3f}, macro-F1 {fp32['interest_macro_f1']:.3f}.", ""]
+    rows = [[v["label"], _f(v["item_mean_cosine"], 4), _f(v["item_min_cosine"], 4),
+             _f(v["item_neighbour_agreement"], 3), _f(v["interest_accuracy"], 3), _f(v["interest_macro_f1"], 3),
+             _f(v["macro_f1_drop_points"], 2), _f(v["prediction_agreement"], 3), _f(v["ranking_agreement_top10"], 3),
+             "pass" if v["gate"]["passed"] else "FAIL: " + "; ".join(v["gate"]["reasons"])]
+            for v in section["variants"]]
+    lines += _table(["variants", "item cos mean", "item cos min", "top-10 nbr agr", "accuracy", "macro-F1",
+                     "F1 drop (pts)", "pred agr", "user top-10 rank agr", "export gate (item level)"], rows)
+    for model, variants in (section.get("left_out") or {}).items():
+        for variant, reasons in variants.items():
+            lines.append(f"- {model} {variant}: left out by the export ({'; '.join(reasons)})")
+    return lines + [""]
+
+
+def header(results: dict) -> list[str]:
+    m = results["machine"]
+    cpu = m["cpu"]
+    flags = ", ".join(f for f, on in cpu["flags"].items() if on and f.startswith(("avx512", "amx", "avx_vnni")))
+    git = results.get("git", {})
+    lines = [f"# mmrec benchmark ({results['settings']['mode']})", "",
+             f"- command: `{results['command']}`",
+             f"- git commit: `{git.get('commit')}`" + (" (uncommitted changes)" if git.get("dirty") else ""),
+             f"- machine: {cpu['model']}, {cpu['usable_cores']} usable cores, {cpu['memory_gib']} GiB; "
+             f"flags: {flags or 'no AVX-512/AMX'}",
+             f"- load average (1/5/15 min): start {m['loadavg_start']}, end {m.get('loadavg_end')}; "
+             f"share of the cores this process got in a busy probe: start {m.get('cpu_share_start')}, "
+             f"end {m.get('cpu_share_end')}"
+             + (" — **the machine was shared with other work: absolute numbers are pessimistic, and "
+                "PyTorch's OpenMP suffers most from it**" if results.get("contended") else ""),
+             f"- repository: `{results['repository']}`; duration {results.get('duration_s', 0):.0f} s", ""]
+    statuses = [f"{name}: {s.get('status')}" + (f" ({s.get('reason') or s.get('error', '')})"
+                                                  if s.get("status") != "ok" else "")
+                for name, s in results["sections"].items()]
+    return lines + ["Sections: " + "; ".join(statuses), ""]
+
+
+def markdown(results: dict) -> str:
+    lines = header(results)
+    blocks = [
+        ("Headline: offline throughput (items/s), p50 latency, speed-up vs PyTorch eager "
+         "(throughput ratio; p50-latency ratio in brackets)", headline_offline(results)),
+        ("Serving: item_encoder, closed loop, 1 item per request", serving_table(results)),
+        ("Targets", targets_table(results)),
+        ("Client cost (CPU time of the benchmark process per request, same 2 cores as the server)",
+         client_cost_table(results)),
+        ("Offline backend comparison (all cases)", offline_detail(results)),
+        ("Roofline", roofline_detail(results)),
+        ("Triton server-side breakdown per member (gRPC sweep, statistics API)", server_breakdown(results)),
+        ("perf_analyzer cross-check (own client / perf_analyzer)", perf_analyzer_detail(results)),
+        ("Quality drift vs FP32 (held-out items)", quality_detail(results)),
+    ]
+    for title, body in blocks:
+        if body:
+            lines += [f"## {title}", "", *body]
+    plots = [f"![{n}]({n})" for n, v in (results.get("plots") or {}).items() if v == n]
+    if plots:
+        lines += ["## Plots", "", *plots, ""]
+    return "\n".join(lines)
+
+
+def write_markdown(results: dict, output: Path) -> Path:
+    path = Path(output) / MARKDOWN_FILE
+    path.write_text(markdown(results))
+    return path

@@ -1,0 +1,282 @@
+"""Serving sweep: closed-loop load at each concurrency level against the real tritonserver
+(mmrec's own asyncio client, gRPC and HTTP) and against the in-process reference pipeline,
+so the cost of serving is a ratio measured in one run.
+
+Every level warms up first, then runs for a fixed time; each of the `concurrency` workers
+sends one request (of `request_batch` real items) at a time and waits for its answer.
+Triton's statistics are snapshotted around the measured window of every level, giving the
+per-member queue/compute breakdown and the batch sizes the dynamic batcher executed.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from mmrec.server import ServerConfig, TritonServer, free_ports
+
+from . import triton_stats
+from .settings import Settings
+from .timing import percentiles
+from .workload import Workload
+
+Tick = Callable[[int], None]
+SERVER_READY_TIMEOUT_S = 180.0
+CLIENT_TIMEOUT_S = 60.0
+
+
+@contextmanager
+def running_server(repository: Path, log_path: Path) -> Iterator[TritonServer]:
+    """tritonserver over the repository on free loopback ports (stopped on exit)."""
+    http, grpc, metrics = free_ports(3)
+    config = ServerConfig(repository=repository, host="127.0.0.1", http_port=http, grpc_port=grpc,
+                          metrics_port=metrics)
+    with TritonServer(config, log_path=log_path, ready_timeout_s=SERVER_READY_TIMEOUT_S) as server:
+        yield server
+
+
+def _level_result(latencies_ms: list[float], items: int, wall_s: float, errors: int,
+                  first_error: str | None, concurrency: int) -> dict:
+    """One measured window; `_latencies` (raw, ms) is kept until rounds are merged."""
+    return {"concurrency": concurrency, "requests": len(latencies_ms), "items": items,
+            "errors": errors, "first_error": first_error, "measured_s": wall_s,
+            "latency_ms": percentiles(latencies_ms),
+            "throughput_items_s": items / wall_s if wall_s > 0 else float("nan"),
+            "throughput_requests_s": len(latencies_ms) / wall_s if wall_s > 0 else float("nan"),
+            "_latencies": list(latencies_ms)}
+
+
+def merge_rounds(parts: list[dict]) -> dict:
+    """Windows of one series at one level (several rounds) as one result: latencies pooled,
+    throughput = all items / all measured time, server statistics summed."""
+    latencies = [x for p in parts for x in p.get("_latencies", [])]
+    merged = _level_result(latencies, sum(p["items"] for p in parts), sum(p["measured_s"] for p in parts),
+                           sum(p["errors"] for p in parts),
+                           next((p["first_error"] for p in parts if p["first_error"]), None),
+                           parts[0]["concurrency"])
+    merged.pop("_latencies")
+    merged["rounds"] = len(parts)
+    merged["throughput_items_s_per_round"] = [p["throughput_items_s"] for p in parts]
+    cpu = [(p["client_cpu_ms_per_request"], p["requests"]) for p in parts if p.get("client_cpu_ms_per_request")]
+    if cpu:
+        merged["client_cpu_ms_per_request"] = sum(c * n for c, n in cpu) / max(1, sum(n for _, n in cpu))
+    if any("server" in p for p in parts):
+        merged["server"] = triton_stats.merge([p.get("server", {}) for p in parts])
+    return merged
+
+
+class _Cursor:
+    """Round-robin over the workload's items, shared by all workers (thread-safe)."""
+
+    def __init__(self, workload: Workload, batch: int) -> None:
+        batches = max(1, -(-len(workload.items) // batch))  # every item once
+        self.inputs = [workload.pipeline_input(batch, offset=i * batch) for i in range(batches)]
+        self._i = 0
+        self._lock = threading.Lock()
+
+    def next(self):
+        with self._lock:
+            self._i += 1
+            return self.inputs[self._i % len(self.inputs)]
+
+
+# --------------------------------------------------------------------------- Triton, own client
+
+
+async def _closed_loop(call, cursor: _Cursor, concurrency: int, seconds: float) -> dict:
+    """`concurrency` coroutines, each sending its next request when its last one is answered.
+    Also records this process's CPU time per request: the client's own cost."""
+    latencies: list[float] = []
+    errors = [0]
+    first_error: list[str] = []
+    items = [0]
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            batch = cursor.next()
+            t0 = time.perf_counter()
+            try:
+                await call(batch)
+            except Exception as err:  # noqa: BLE001 - failures are counted and reported
+                errors[0] += 1
+                if not first_error:
+                    first_error.append(f"{type(err).__name__}: {err}")
+                continue
+            latencies.append((time.perf_counter() - t0) * 1e3)
+            items[0] += len(batch)
+
+    start, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result = _level_result(latencies, items[0], time.perf_counter() - start, errors[0],
+                           first_error[0] if first_error else None, concurrency)
+    result["client_cpu_ms_per_request"] = ((time.process_time() - cpu) * 1e3 / len(latencies)
+                                           if latencies else None)
+    return result
+
+
+async def _client_level(url: str, grpc_url: str, protocol: str, cursor: _Cursor, concurrency: int,
+                        settings: Settings) -> dict:
+    from mmrec.client import AsyncMMRecClient
+
+    async with AsyncMMRecClient(url, protocol, concurrency=concurrency, retries=0,
+                                client_timeout=CLIENT_TIMEOUT_S) as client:
+        async def call(batch) -> None:
+            await client.encode_items(list(zip(batch.texts, batch.images)))
+
+        await _closed_loop(call, cursor, concurrency, settings.level_warmup_s)
+        before = await asyncio.to_thread(triton_stats.snapshot, grpc_url)
+        result = await _closed_loop(call, cursor, concurrency, settings.level_s)
+        after = await asyncio.to_thread(triton_stats.snapshot, grpc_url)
+    result["server"] = triton_stats.window(before, after)
+    return result
+
+
+async def _raw_level(url: str, cursor: _Cursor, concurrency: int, settings: Settings) -> dict:
+    """Baseline without mmrec's client: tritonclient.grpc.aio with prebuilt request tensors,
+    so the difference to the mmrec client is the wrapper's own cost."""
+    import tritonclient.grpc.aio as grpcaio
+
+    import numpy as np
+
+    from mmrec import schema
+
+    def tensors(batch):
+        inputs = []
+        for name, values in ((schema.TEXT, [t.encode() for t in batch.texts]), (schema.IMAGE, batch.images)):
+            column = np.empty((len(values), 1), dtype=object)
+            column[:, 0] = values
+            tensor = grpcaio.InferInput(name, [len(values), 1], "BYTES")
+            tensor.set_data_from_numpy(column)
+            inputs.append(tensor)
+        return inputs
+
+    prebuilt = {id(b): tensors(b) for b in cursor.inputs}
+    outputs = [grpcaio.InferRequestedOutput(name)
+               for name in (schema.ITEM_EMBEDDING, schema.INTEREST_PROBS, schema.ALIGNMENT)]
+    client = grpcaio.InferenceServerClient(url)
+    try:
+        async def call(batch) -> None:
+            await client.infer(schema.ITEM_ENCODER, prebuilt[id(batch)], outputs=outputs,
+                               client_timeout=CLIENT_TIMEOUT_S)
+
+        await _closed_loop(call, cursor, concurrency, settings.level_warmup_s)
+        return await _closed_loop(call, cursor, concurrency, settings.level_s)
+    finally:
+        await client.close()
+
+
+# --------------------------------------------------------------------------- in-process reference
+
+
+def _threaded_loop(call, cursor: _Cursor, concurrency: int, seconds: float) -> dict:
+    lock = threading.Lock()
+    latencies: list[float] = []
+    state = {"items": 0, "errors": 0, "first_error": None}
+    deadline = time.perf_counter() + seconds
+
+    def worker() -> None:
+        while time.perf_counter() < deadline:
+            batch = cursor.next()
+            t0 = time.perf_counter()
+            try:
+                call(batch)
+            except Exception as err:  # noqa: BLE001
+                with lock:
+                    state["errors"] += 1
+                    state["first_error"] = state["first_error"] or f"{type(err).__name__}: {err}"
+                continue
+            elapsed = (time.perf_counter() - t0) * 1e3
+            with lock:
+                latencies.append(elapsed)
+                state["items"] += len(batch)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(worker) for _ in range(concurrency)]:
+            future.result()
+    return _level_result(latencies, state["items"], time.perf_counter() - start, state["errors"],
+                         state["first_error"], concurrency)
+
+
+def reference_level(pipeline, workload: Workload, settings: Settings, concurrency: int,
+                    batched: bool = False) -> dict:
+    """The same closed loop against ReferencePipeline in this process.
+
+    batched=False: `concurrency` threads each encode one request's items (what Triton sees);
+    batched=True: one caller encodes `concurrency` requests' items in one call, the ideal
+    batching a server could reach without any queueing delay.
+    """
+    def call(batch) -> None:
+        pipeline.encode_items(batch.texts, batch.images)
+
+    if batched:
+        cursor = _Cursor(workload, settings.request_batch * concurrency)
+        _threaded_loop(call, cursor, 1, settings.level_warmup_s)
+        result = _threaded_loop(call, cursor, 1, settings.level_s)
+        result["concurrency"] = concurrency
+        return result
+    cursor = _Cursor(workload, settings.request_batch)
+    _threaded_loop(call, cursor, concurrency, settings.level_warmup_s)
+    return _threaded_loop(call, cursor, concurrency, settings.level_s)
+
+
+PerLevelHook = Callable[[TritonServer, int], None]
+
+
+def run_serving(workload: Workload, settings: Settings, threads: int, step: Callable[[str, int], Tick],
+                server: Callable[[], TritonServer], per_level: PerLevelHook | None = None) -> dict:
+    """The whole section. Every series is measured level by level, one right after the other
+    (in-process, Triton per protocol, raw tritonclient, then `per_level`, e.g. perf_analyzer),
+    in `serving_rounds` rounds of alternating order with the level's time split between them,
+    so the numbers compared at one concurrency were taken within the same minute, under the
+    same background load. The server idles while the in-process pipeline runs."""
+    from mmrec.reference import ReferencePipeline
+
+    tick = step("serving: starting tritonserver", 1)
+    srv = server()
+    tick(1)
+    pipeline = ReferencePipeline(workload.repository, intra_op_threads=threads)
+    series = ["in-process", "in-process batched", *[f"Triton {p}" for p in settings.protocols]]
+    if settings.raw_client_baseline:
+        series.append("raw tritonclient")
+    if per_level is not None:
+        series.append("perf_analyzer")
+    tick = step(f"serving: {', '.join(series)} at concurrency {list(settings.concurrency)}",
+                len(settings.concurrency))
+    rounds = max(1, settings.serving_rounds)
+    part = replace(settings, level_s=settings.level_s / rounds)
+    cursor = _Cursor(workload, settings.request_batch)
+    out: dict = {"reference": [], "reference_batched": [], "triton": {p: [] for p in settings.protocols},
+                 "triton_raw_tritonclient": []}
+    for c in settings.concurrency:
+        measures: list[tuple[list, Callable[[], dict]]] = [
+            (out["reference"], lambda: reference_level(pipeline, workload, part, c)),
+            (out["reference_batched"], lambda: reference_level(pipeline, workload, part, c, batched=True))]
+        for protocol in settings.protocols:
+            measures.append((out["triton"][protocol], lambda p=protocol: asyncio.run(
+                _client_level(srv.urls[p], srv.urls["grpc"], p, cursor, c, part))))
+        if settings.raw_client_baseline:
+            measures.append((out["triton_raw_tritonclient"],
+                             lambda: asyncio.run(_raw_level(srv.urls["grpc"], cursor, c, part))))
+        if per_level is not None:
+            measures.append(([], lambda: per_level(srv, c) or {}))
+        windows: dict[int, list[dict]] = {i: [] for i in range(len(measures))}
+        for r in range(rounds):  # alternate the order: A B C D, then D C B A, ...
+            order = list(enumerate(measures))
+            for i, (_, measure) in (order if r % 2 == 0 else order[::-1]):
+                windows[i].append(measure())
+        for i, (target, _) in enumerate(measures):
+            if windows[i] and windows[i][0]:
+                target.append(merge_rounds(windows[i]))
+        tick(1)
+    return {"model": "item_encoder", "request_batch": settings.request_batch,
+            "level_s": settings.level_s, "level_warmup_s": settings.level_warmup_s, "rounds": rounds,
+            "client": "mmrec.client.AsyncMMRecClient (retries=0, concurrency=level)",
+            "order_per_level": series, "reference_threads": threads, **out,
+            "server": {"urls": srv.urls, "log": str(srv.log_path)}}

@@ -1,0 +1,107 @@
+"""What a benchmark run measures and for how long: one `Settings` per mode (full, quick).
+
+Every time budget is a named field here, so the report can record exactly what produced its
+numbers and `--quick` is a different object, not scattered if-statements.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+SECTIONS = ("offline", "roofline", "serving", "perf_analyzer", "quality")
+MODELS = ("text_encoder", "image_encoder", "fusion", "pipeline")
+PROTOCOLS = ("grpc", "http")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Time-bounded repetition: warm up, then repeat until `measure_s` and `min_reps` are both
+    reached (or `max_reps`); a single slow call never runs more than `min_reps` times."""
+
+    warmup_s: float
+    measure_s: float
+    min_reps: int
+    max_reps: int = 10_000
+    min_warmup_reps: int = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str
+    # offline backend comparison
+    batches: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    offline: Budget
+    # serving sweep (per concurrency level)
+    concurrency: tuple[int, ...]
+    level_warmup_s: float
+    level_s: float
+    protocols: tuple[str, ...] = PROTOCOLS
+    offline_rounds: int = 2  # rounds of alternating engine order per offline case (budget split)
+    serving_rounds: int = 2  # rounds of alternating series order per concurrency level (time split)
+    request_batch: int = 1  # items per request in the serving sweep (perf_analyzer's -b)
+    raw_client_baseline: bool = True  # also sweep plain tritonclient.grpc.aio (client overhead)
+    # perf_analyzer cross-check
+    pa_concurrency: tuple[int, ...] = ()
+    pa_window_ms: int = 2000
+    pa_max_trials: int = 6
+    pa_stability_pct: int = 15
+    pa_data_items: int = 32
+    # roofline: square sgemm sizes timed with numpy, torch and onnxruntime
+    gemm_sizes: tuple[int, ...] = (1024, 2048)
+    gemm_s: float = 1.0
+    roofline_rounds: int = 3  # paired sgemm-peak / encoder rounds for the largest batch
+    # quality drift: simulated users per category and items per user
+    users_per_category: int = 4
+    items_per_user: int = 5
+    neighbours: int = 10
+    quality_items: int | None = None  # held-out items for the drift report (None: all)
+    models: tuple[str, ...] = MODELS
+    sections: tuple[str, ...] = SECTIONS
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, **changes) -> "Settings":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+FULL = Settings(
+    mode="full",
+    batches=(1, 8, 32),
+    seq_lens=(16, 64, 128),
+    offline=Budget(warmup_s=0.3, measure_s=2.0, min_reps=3, min_warmup_reps=0),
+    concurrency=(1, 2, 4, 8, 16, 32),
+    level_warmup_s=1.0,
+    level_s=5.0,
+    pa_concurrency=(1, 2, 4, 8, 16, 32),
+    pa_window_ms=2000,
+    gemm_sizes=(1024, 2048),
+    gemm_s=1.0,
+)
+
+QUICK = Settings(
+    mode="quick",
+    batches=(1, 4),
+    seq_lens=(16,),
+    offline=Budget(warmup_s=0.0, measure_s=0.1, min_reps=2, min_warmup_reps=0),
+    offline_rounds=1,
+    serving_rounds=1,
+    concurrency=(1, 4),
+    level_warmup_s=0.3,
+    level_s=0.8,
+    pa_concurrency=(1, 4),
+    pa_window_ms=500,
+    pa_max_trials=3,
+    pa_stability_pct=50,
+    pa_data_items=4,
+    gemm_sizes=(512,),
+    gemm_s=0.2,
+    roofline_rounds=1,
+    raw_client_baseline=False,
+    users_per_category=2,
+    items_per_user=3,
+    quality_items=48,
+)
+
+MODES = {"full": FULL, "quick": QUICK}

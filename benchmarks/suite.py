@@ -1,0 +1,192 @@
+"""One benchmark run: every selected section in order, each isolated (a failing section is
+recorded and the others still run), then targets, JSON, Markdown and plots.
+
+Order: offline → roofline (uses offline's timings) → quality → serving, whose sweep also runs
+perf_analyzer level by level right after our own client (same server, same minute, same
+background load); the perf_analyzer section then reports those runs and the comparison. The
+server is started once, lazily, and stopped at the end.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import tempfile
+import time
+import traceback
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import machine, perf_analyzer, plots, quality, report, roofline, serving, targets
+from .offline import add_ratios, run_offline
+from .settings import SECTIONS, Settings
+from .workload import Workload
+
+SCHEMA_VERSION = 1
+Tick = Callable[[int], None]
+Step = Callable[[str, int], Tick]
+
+
+def silent_step(title: str, total: int) -> Tick:
+    return lambda n=1: None
+
+
+@dataclass
+class BenchOptions:
+    repository: Path
+    output: Path
+    settings: Settings
+    threads: int
+    sections: tuple[str, ...] = SECTIONS
+    perf_analyzer: Path | None = None
+
+
+class SectionSkipped(Exception):
+    """A section that cannot run here, with the reason (not an error)."""
+
+
+def _run_section(results: dict, name: str, selected: tuple[str, ...], fn: Callable[[], dict]) -> None:
+    if name not in selected:
+        results["sections"][name] = {"status": "skipped", "reason": "not selected", "duration_s": 0.0}
+        return
+    start, load = time.perf_counter(), machine.loadavg()
+    try:
+        data = {"status": "ok", **fn()}
+    except SectionSkipped as skip:
+        data = {"status": "skipped", "reason": str(skip)}
+    except Exception as err:  # noqa: BLE001 - one section failing must not lose the others
+        data = {"status": "error", "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc()[-4000:]}
+    data["duration_s"] = time.perf_counter() - start
+    data["loadavg"] = {"start": load, "end": machine.loadavg()}
+    results["sections"][name] = data
+
+
+def _contended(results: dict) -> bool:
+    """Was other work competing for the CPUs (1-min load above the usable cores, or this
+    process getting less than 80% of them in the start/end probe)?"""
+    cores = results["machine"]["cpu"]["usable_cores"] or 1
+    shares = [results["machine"].get(k) for k in ("cpu_share_start", "cpu_share_end")]
+    if any(s is not None and s < 0.8 for s in shares):
+        return True
+    loads = [results["machine"]["loadavg_start"], results["machine"].get("loadavg_end") or []]
+    loads += [s.get("loadavg", {}).get(k) or [] for s in results["sections"].values() for k in ("start", "end")]
+    return any(load and load[0] > cores + 0.5 for load in loads)
+
+
+def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
+    """Run the selected sections and write bench.json, summary.md and the plots."""
+    started = time.perf_counter()
+    settings = options.settings
+    output = Path(options.output)
+    output.mkdir(parents=True, exist_ok=True)
+    selected = tuple(s for s in SECTIONS if s in options.sections)
+    manifest_info = _manifest_info(options.repository)
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "command": machine.command_line(),
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "repository": str(Path(options.repository).resolve()),
+        "repository_manifest": manifest_info,
+        "settings": settings.to_dict(),
+        "threads": options.threads,
+        "machine": machine.machine_info(),
+        "versions": machine.package_versions(),
+        "git": machine.git_commit(),
+        "sections": {},
+    }
+    workload = Workload(options.repository)
+
+    _run_section(results, "offline", selected, lambda: run_offline(workload, settings, options.threads, step))
+    offline_records = (results["sections"]["offline"] or {}).get("records", [])
+
+    def roofline_section() -> dict:
+        tick = step("roofline: sgemm peak, encoder GFLOP/s, paired peak/encoder rounds", 1)
+        b, seq = max(settings.batches), max(settings.seq_lens)
+        data = roofline.run_roofline(offline_records, options.repository, settings.gemm_sizes,
+                                     settings.gemm_s, options.threads, workload,
+                                     [("image_encoder", b, None), ("text_encoder", b, seq)],
+                                     settings.roofline_rounds)
+        tick(1)
+        return data
+
+    _run_section(results, "roofline", selected, roofline_section)
+    _run_section(results, "quality", selected, lambda: quality.run_quality(
+        workload, settings, options.threads, step("quality drift vs FP32", quality.quality_steps(workload))))
+
+    with ExitStack() as stack:
+        holder: dict = {}
+
+        def server():
+            if "error" in holder:  # failed once: do not wait for another start timeout
+                raise holder["error"]
+            if "server" not in holder:
+                try:
+                    holder["server"] = stack.enter_context(
+                        serving.running_server(Path(options.repository), output / "tritonserver.log"))
+                except Exception as err:
+                    holder["error"] = err
+                    raise
+            return holder["server"]
+
+        pa_session, pa_reason = None, "not selected"
+        if "perf_analyzer" in selected:
+            located = perf_analyzer.locate(options.perf_analyzer)
+            pa_reason = located.reason
+            if located.tool is not None:
+                workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmrec-perf-analyzer-")))
+                pa_session = perf_analyzer.Session(located.tool, workload, settings, workdir)
+
+        _run_section(results, "serving", selected, lambda: serving.run_serving(
+            workload, settings, options.threads, step, server, pa_session.level if pa_session else None))
+
+        def pa_section() -> dict:
+            if pa_session is None:
+                raise SectionSkipped(pa_reason)
+            if not pa_session.runs:  # the serving sweep did not run: measure on our own
+                tick = step("perf_analyzer cross-check", len(settings.pa_concurrency))
+                for c in settings.pa_concurrency:
+                    pa_session.level(server(), c)
+                    tick(1)
+            own = ((results["sections"].get("serving") or {}).get("triton") or {}).get("grpc") or []
+            return pa_session.result(own)
+
+        _run_section(results, "perf_analyzer", selected, pa_section)
+
+    results["machine"]["loadavg_end"] = machine.loadavg()
+    results["machine"]["cpu_share_end"] = machine.cpu_share()
+    results["contended"] = _contended(results)
+    results["duration_s"] = time.perf_counter() - started
+    return write_reports(results, output)
+
+
+def write_reports(results: dict, output: Path) -> dict:
+    """Targets, plots, bench.json and summary.md from measured results."""
+    results["targets"] = targets.evaluate(results)
+    results["plots"] = plots.write_plots(results, output)
+    results["files"] = {"json": report.JSON_FILE, "markdown": report.MARKDOWN_FILE}
+    report.write_json(results, output)
+    report.write_markdown(results, output)
+    return results
+
+
+def rerender(output: Path) -> dict:
+    """Rebuild the reports of an earlier run (after a change to how numbers are judged or
+    shown) from its bench.json, without measuring anything again; the file records it."""
+    output = Path(output)
+    results = json.loads((output / report.JSON_FILE).read_text())
+    add_ratios((results["sections"].get("offline") or {}).get("records", []))
+    results["rerendered"] = {"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                             "git": machine.git_commit()}
+    return write_reports(results, output)
+
+
+def _manifest_info(repository: Path) -> dict:
+    from .engines import load_manifest
+
+    manifest = load_manifest(repository)
+    return {"target": manifest.get("target"), "served_variants":
+            {m: e.get("served_variant") for m, e in manifest.get("models", {}).items()},
+            "dataset_sha256": manifest.get("inputs", {}).get("dataset", {}).get("sha256"),
+            "export_versions": manifest.get("versions")}
