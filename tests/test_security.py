@@ -28,6 +28,7 @@ import pytest
 from mmrec import schema
 from mmrec.server import ServerConfig, ServerError, TritonServer, build_command, free_ports
 from test_bad_inputs import OUTPUTS, TOLERANCE, FakePbUtils, column, infer
+from toy_models import DOUBLE_CONFIG, DOUBLE_MODEL, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("mmrec", "export", "client", "benchmarks", "deploy", "model_repository")
@@ -223,27 +224,6 @@ def test_paths_in_requests_are_bytes_not_files(triton_server, reference, sample_
 
 # ---- TLS ----------------------------------------------------------------------------------------
 
-DOUBLE_CONFIG = """\
-name: "double"
-backend: "python"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
-DOUBLE_MODEL = """\
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
-            "OUTPUT0", (pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy() * 2).astype(np.float32))])
-            for r in requests]
-"""
-
-
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
@@ -277,9 +257,7 @@ def certificates(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def toy_repository(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("tls-repo")
-    (repo / "double" / "1").mkdir(parents=True)
-    (repo / "double" / "config.pbtxt").write_text(DOUBLE_CONFIG)
-    (repo / "double" / "1" / "model.py").write_text(DOUBLE_MODEL)
+    write_model(repo, "double", DOUBLE_CONFIG, DOUBLE_MODEL)
     return repo
 
 
