@@ -15,8 +15,9 @@ from mmrec import schema
 from mmrec.reference import user_vector as mean_embedding
 
 from ._base import PROBE_TIMEOUT_S, ClientBase
+from ._catalog import INDEX_HINT, CatalogInfo, catalog_info, catalog_requests, check_k, ranked_from_chunks
 from ._endpoints import Attempts, Endpoint
-from ._errors import InvalidRequestError, MMRecError, server_message
+from ._errors import InvalidItemError, InvalidRequestError, MMRecError, ModelNotReadyError, server_message
 from ._items import Item, PreparedItems
 from ._plan import PendingRequest, Planner, bisect_bad_item
 from ._requests import CallOptions, InferRequest
@@ -41,6 +42,7 @@ class AsyncMMRecClient(ClientBase):
         self._semaphore: asyncio.Semaphore | None = None
         self._connect_lock: asyncio.Lock | None = None
         self._checker: asyncio.Task | None = None
+        self._catalog_info: CatalogInfo | None = None
 
     # ---- lifecycle
     async def connect(self) -> ServerInfo:
@@ -177,7 +179,53 @@ class AsyncMMRecClient(ClientBase):
         scores = await self._score(planner, user_vec, prepared, options)
         return top_k(scores, k, prepared.item_ids if isinstance(prepared, PreparedItems) else ())
 
+    async def recommend(self, user: np.ndarray, k: int = 10, *, exclude: Sequence[str] = (),
+                        request_id: str = "", priority: int = 0, timeout: int | None = None,
+                        client_timeout: float | None = None, headers: dict[str, str] | None = None
+                        ) -> list[RankedItem]:
+        """The whole catalog's top-k for one user vector, best first (see MMRecClient.recommend)."""
+        planner = await self._ready()
+        users = planner.user(user)[None, :]
+        options = self._options(request_id, priority, timeout, client_timeout, headers)
+        return (await self._recommend(users, k, exclude, options))[0]
+
+    async def recommend_batch(self, users: np.ndarray, k: int = 10, *, exclude: Sequence[str] = (),
+                              request_id: str = "", priority: int = 0, timeout: int | None = None,
+                              client_timeout: float | None = None, headers: dict[str, str] | None = None
+                              ) -> list[list[RankedItem]]:
+        """recommend() for [B, D] user vectors at once."""
+        planner = await self._ready()
+        matrix = planner.embeddings(users, "user vectors")
+        options = self._options(request_id, priority, timeout, client_timeout, headers)
+        return await self._recommend(matrix, k, exclude, options)
+
     # ---- internals
+    async def _recommend(self, users: np.ndarray, k: int, exclude: Sequence[str], options: CallOptions
+                         ) -> list[list[RankedItem]]:
+        info = await self._catalog()
+        want = check_k(k, exclude, info)
+        if users.shape[1] != info.dim:
+            raise InvalidItemError(None, f"user vectors have {users.shape[1]} values; the index holds {info.dim}-d items")
+        if not len(users):
+            return []
+        pending = [PendingRequest(lambda r=r: r) for r in catalog_requests(info.model, users, want, info.max_batch_size)]
+        return ranked_from_chunks(await self._run(pending, options), k, exclude)
+
+    async def _catalog(self) -> CatalogInfo:
+        """catalog_scorer's config, read on first use (a server without an index still serves rank())."""
+        if self._catalog_info is None:
+            name = self.models.catalog_scorer
+            with self._pool.use() as endpoint:
+                try:
+                    ready = await endpoint.transport.is_model_ready(name)
+                    config = await endpoint.transport.get_model_config(name) if ready else {}
+                except Exception as exc:
+                    raise self._error(exc, name, endpoint.url) from exc
+            if not ready:
+                raise ModelNotReadyError(f"model {name!r} is not ready on {endpoint.url}: {INDEX_HINT}")
+            self._catalog_info = catalog_info(config, name)
+        return self._catalog_info
+
     async def _ready(self) -> Planner:
         if self._closed:
             raise MMRecError("this client is closed; create a new one")

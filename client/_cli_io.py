@@ -99,6 +99,10 @@ def ranked_rows(ranked: Iterable[RankedItem], items: Sequence[Item]) -> list[dic
              "score": x.score} for r, x in enumerate(ranked)]
 
 
+def recommended_rows(ranked: Iterable[RankedItem]) -> list[dict[str, Any]]:
+    return [{"rank": r + 1, "id": x.item_id, "row": x.index, "score": x.score} for r, x in enumerate(ranked)]
+
+
 def encoded_rows(encoded: EncodedItems, items: Sequence[Item], top: int = 3) -> list[dict[str, Any]]:
     return [{"index": i, "id": item.item_id, "text": item.text, "alignment": float(encoded.alignment[i]),
              "interests": [[name, p] for name, p in interests],
@@ -131,4 +135,14 @@ def write_encode_table(rows: Sequence[dict[str, Any]], items: Sequence[Item]) ->
         interests = ", ".join(f"{name} {p:.2f}" for name, p in row["interests"])
         table.add_row(_label(items[row["index"]], row["index"]), _short(row["text"]), interests,
                       f"{row['alignment']:.3f}")
+    Console().print(table)
+
+
+def write_recommend_table(rows: Sequence[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("rank", "item", "score")
+    for row in rows:
+        table.add_row(str(row["rank"]), str(row["id"]), f"{row['score']:.4f}")
     Console().print(table)

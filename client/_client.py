@@ -13,8 +13,9 @@ from mmrec import schema
 from mmrec.reference import user_vector as mean_embedding
 
 from ._base import PROBE_TIMEOUT_S, ClientBase
+from ._catalog import INDEX_HINT, CatalogInfo, catalog_info, catalog_requests, check_k, ranked_from_chunks
 from ._endpoints import Attempts, Endpoint
-from ._errors import InvalidRequestError, MMRecError, server_message
+from ._errors import InvalidItemError, InvalidRequestError, MMRecError, ModelNotReadyError, server_message
 from ._items import Item, PreparedItems
 from ._plan import PendingRequest, Planner, bisect_bad_item
 from ._requests import CallOptions, InferRequest
@@ -45,6 +46,7 @@ class MMRecClient(ClientBase):
         self._connect_lock = threading.Lock()
         self._stop_checks = threading.Event()
         self._checker: threading.Thread | None = None
+        self._catalog_info: CatalogInfo | None = None
 
     @property
     def _regions(self) -> RegionPool | None:
@@ -184,7 +186,54 @@ class MMRecClient(ClientBase):
         scores = self._score(planner, user_vec, prepared, options)
         return top_k(scores, k, prepared.item_ids if isinstance(prepared, PreparedItems) else ())
 
+    def recommend(self, user: np.ndarray, k: int = 10, *, exclude: Sequence[str] = (), request_id: str = "",
+                  priority: int = 0, timeout: int | None = None, client_timeout: float | None = None,
+                  headers: dict[str, str] | None = None) -> list[RankedItem]:
+        """The whole catalog's top-k for one user vector, best first, from the served index
+        (`mmrec index build`): RankedItem(row in the index, item_id, σ(item·user)). Ties go to
+        the lower row. `exclude` drops ids (e.g. the user's history) from the answer."""
+        planner = self._ready()
+        users = planner.user(user)[None, :]
+        options = self._options(request_id, priority, timeout, client_timeout, headers)
+        return self._recommend(users, k, exclude, options)[0]
+
+    def recommend_batch(self, users: np.ndarray, k: int = 10, *, exclude: Sequence[str] = (),
+                        request_id: str = "", priority: int = 0, timeout: int | None = None,
+                        client_timeout: float | None = None, headers: dict[str, str] | None = None
+                        ) -> list[list[RankedItem]]:
+        """recommend() for [B, D] user vectors at once (one request per max_batch_size users)."""
+        planner = self._ready()
+        matrix = planner.embeddings(users, "user vectors")
+        options = self._options(request_id, priority, timeout, client_timeout, headers)
+        return self._recommend(matrix, k, exclude, options)
+
     # ---- internals
+    def _recommend(self, users: np.ndarray, k: int, exclude: Sequence[str], options: CallOptions
+                   ) -> list[list[RankedItem]]:
+        info = self._catalog()
+        want = check_k(k, exclude, info)
+        if users.shape[1] != info.dim:
+            raise InvalidItemError(None, f"user vectors have {users.shape[1]} values; the index holds {info.dim}-d items")
+        if not len(users):
+            return []
+        pending = [PendingRequest(lambda r=r: r) for r in catalog_requests(info.model, users, want, info.max_batch_size)]
+        return ranked_from_chunks(self._run(pending, options), k, exclude)
+
+    def _catalog(self) -> CatalogInfo:
+        """catalog_scorer's config, read on first use (a server without an index still serves rank())."""
+        if self._catalog_info is None:
+            name = self.models.catalog_scorer
+            with self._pool.use() as endpoint:
+                try:
+                    ready = endpoint.transport.is_model_ready(name)
+                    config = endpoint.transport.get_model_config(name) if ready else {}
+                except Exception as exc:
+                    raise self._error(exc, name, endpoint.url) from exc
+            if not ready:
+                raise ModelNotReadyError(f"model {name!r} is not ready on {endpoint.url}: {INDEX_HINT}")
+            self._catalog_info = catalog_info(config, name)
+        return self._catalog_info
+
     def _ready(self) -> Planner:
         if self._closed:
             raise MMRecError("this client is closed; create a new one")

@@ -31,7 +31,8 @@ class EncodedItems:
 
 
 class RankedItem(NamedTuple):
-    """One ranked candidate: its position in the candidate list, its id, and its score."""
+    """One ranked candidate: its position in the candidate list (recommend: its row in the served
+    catalog index), its id, and its score σ(item·user)."""
 
     index: int
     item_id: str | None

@@ -29,6 +29,7 @@ class ModelNames:
     tokenizer: str = schema.TOKENIZER
     image_preprocess: str = schema.IMAGE_PREPROCESS
     fusion: str = schema.FUSION
+    catalog_scorer: str = schema.CATALOG_SCORER  # optional: checked on the first recommend(), not at connect
 
     def needed(self, local_preprocessing: bool) -> tuple[str, ...]:
         """Models that must be ready: the ones called, plus the ones whose configs are read."""

@@ -1,4 +1,4 @@
-"""`mmrec score` and `mmrec encode`: the client library from the shell.
+"""`mmrec score`, `mmrec encode` and `mmrec recommend`: the client library from the shell.
 
 Exit codes: 0 ok, 1 other server error, 2 bad input (arguments, files, items the client or
 the server rejects), 3 server unavailable, model not ready, or timed out. Errors print one
@@ -14,7 +14,8 @@ import numpy as np
 import typer
 
 from ._cli_io import (BadInput, OutputFormat, collect_items, encoded_rows, ranked_rows, read_items_jsonl,
-                      read_user_vector, resolve_format, write_encode_table, write_jsonl, write_score_table)
+                      read_user_vector, recommended_rows, resolve_format, write_encode_table, write_jsonl,
+                      write_recommend_table, write_score_table)
 
 EXIT_OTHER, EXIT_BAD_INPUT, EXIT_UNAVAILABLE = 1, 2, 3
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}  # `mmrec serve` defaults
@@ -132,3 +133,43 @@ def encode_command(
             write_encode_table(rows, chosen)
 
     _run(body)
+
+
+def recommend_command(
+    history: Annotated[Optional[Path], typer.Option(
+        "--history", help="The user's history as items (JSON lines, like --items).")] = None,
+    user_vector: Annotated[Optional[Path], typer.Option(
+        "--user-vector", help=".npy user vector [D], or item embeddings [N, D] to average.")] = None,
+    k: Annotated[int, typer.Option("--k", min=1, help="How many items to return.")] = 10,
+    exclude_history: Annotated[bool, typer.Option(
+        "--exclude-history/--include-history", help="Leave the history's own ids out of the answer.")] = True,
+    url: UrlOpt = None,
+    protocol: ProtocolOpt = Protocol.grpc,
+    timeout: TimeoutOpt = 60.0,
+    output_format: FormatOpt = None,
+) -> None:
+    """Recommend from the whole catalog index (`mmrec index build`): the user's top-k items, best first."""
+    from . import MMRecError
+
+    def body() -> None:
+        if (history is None) == (user_vector is None):
+            raise BadInput("give exactly one of --history FILE.jsonl or --user-vector FILE.npy")
+        vector = read_user_vector(user_vector) if user_vector is not None else None
+        past = read_items_jsonl(history) if history is not None else []
+        exclude = [i.item_id for i in past if i.item_id is not None] if exclude_history else []
+        with _client(url, protocol, timeout) as client:
+            user = vector if vector is not None else client.user_vector(past)
+            try:
+                ranked = client.recommend(user, k, exclude=exclude)
+            except ValueError as err:  # k over the server's max_k (client errors pass through as they are)
+                if isinstance(err, MMRecError):
+                    raise
+                raise BadInput(str(err)) from None
+        rows = recommended_rows(ranked)
+        if resolve_format(output_format) is OutputFormat.jsonl:
+            write_jsonl(rows)
+        else:
+            write_recommend_table(rows)
+
+    _run(body)
+

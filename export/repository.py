@@ -192,3 +192,23 @@ def write_repository(layout: RepositoryLayout, output: Path) -> dict[str, Path]:
             written[name] = target_file
     layout.preprocess.save(output)
     return written
+
+
+# --- catalog index (versions written by `mmrec index`, not by export) ---------------------------
+CATALOG_SCORER_POLICY = BatchingPolicy(500)
+
+
+def catalog_scorer_config(spec: ModelSpec, max_batch_size: int, parameters: dict[str, str],
+                          policy: BatchingPolicy = CATALOG_SCORER_POLICY) -> mc.ModelConfig:
+    """catalog_scorer on every target: a python model (it certifies exactness and batches users
+    asking for different K) running ONNX Runtime; Triton serves only the newest index version,
+    so loading a new version swaps catalogs while the old one answers until it is ready."""
+    config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=max_batch_size)
+    config.input.extend(_tensor_input(t) for t in spec.inputs)
+    config.output.extend(_tensor_output(t) for t in spec.outputs)
+    config.dynamic_batching.max_queue_delay_microseconds = policy.max_queue_delay_us
+    config.instance_group.append(mc.ModelInstanceGroup(count=policy.instances,
+                                                       kind=mc.ModelInstanceGroup.KIND_CPU))
+    config.version_policy.latest.num_versions = 1
+    _set_parameters(config, parameters)
+    return config

@@ -1,4 +1,4 @@
-"""The `mmrec` command: export, serve, score, encode, bench, demo."""
+"""The `mmrec` command: export, serve, score, encode, recommend, index, bench, demo."""
 from __future__ import annotations
 
 import typer
@@ -6,8 +6,9 @@ import typer
 from mmrec.export.cli import export_command
 from mmrec.serve_cli import serve_command
 from mmrec.demo import demo_command
-from mmrec.client.cli import encode_command, score_command
+from mmrec.client.cli import encode_command, recommend_command, score_command
 from mmrec.benchmarks.cli import bench_command
+from mmrec.index_cli import index_app
 
 app = typer.Typer(help="mmrec: multimodal user-interest models on Triton + ONNX.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -23,7 +24,9 @@ app.command("serve")(serve_command)
 app.command("demo")(demo_command)
 app.command("score")(score_command)
 app.command("encode")(encode_command)
+app.command("recommend")(recommend_command)
 app.command("bench")(bench_command)
+app.add_typer(index_app, name="index")
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -191,3 +191,27 @@ def ensemble_specs(members: dict[str, ModelSpec]) -> dict[str, EnsembleSpec]:
                       public_outputs + (TensorSpec(SCORE, "FP32", (1,)),)),
             (preprocess, encode_text, encode_image, fuse, score)),
     }
+
+
+# --- catalog index (`mmrec index`, issue 13) ------------------------------------------------------
+# A served index of item embeddings: one user vector in, the catalog's top-k item ids out. Its
+# versions are written by `mmrec index build/add/remove`, not by `mmrec export`.
+CATALOG_SCORER = "catalog_scorer"
+TOP_K = "K"  # optional per-request top-k (INT32 [1]); the model's default_k parameter otherwise
+ITEM_IDS = "ITEM_IDS"  # BYTES [k]: the catalog ids, best first
+ITEM_ROWS = "ITEM_ROWS"  # INT64 [k]: the same items' rows in the index version that answered
+# Internal graph tensors of the catalog scan (never in a config): how many candidates the fp32
+# scan keeps for the exact re-rank, and the two numbers that certify the re-rank was exact.
+CANDIDATES = "candidates"
+KTH_LOGIT = "kth_logit"
+CANDIDATE_FLOOR = "candidate_floor"
+
+
+def catalog_scorer_spec(item_dim: int = ITEM_EMBEDDING_DIM) -> ModelSpec:
+    """The served catalog_scorer: USER_EMBEDDING [D] (+ K) -> top-k ITEM_IDS, ITEM_ROWS, SCORE."""
+    return ModelSpec(CATALOG_SCORER, "python",
+                     (TensorSpec(USER_EMBEDDING, "FP32", (item_dim,)),
+                      TensorSpec(TOP_K, "INT32", (1,), optional=True)),
+                     (TensorSpec(ITEM_IDS, "BYTES", (-1,)),
+                      TensorSpec(ITEM_ROWS, "INT64", (-1,)),
+                      TensorSpec(SCORE, "FP32", (-1,))))

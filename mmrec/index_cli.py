@@ -1,0 +1,248 @@
+"""`mmrec index build|add|remove|status`: the catalog index from the shell.
+
+Exit codes: 0 done (bad items are listed, not fatal), 2 bad arguments or an unusable index or
+catalog, 3 the server is unavailable or did not load the new version, 130 interrupted (run the
+same command again to continue).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .export_defaults import DEFAULT_REPOSITORY
+from .index_build import DEFAULT_BATCH_SIZE, BuildReport, LocalEncoder, ServerEncoder, build, remove
+from .index_publish import (DEFAULT_K, DEFAULT_KEEP, DEFAULT_MAX_K, PublishError, Published, ServeOptions,
+                            load_on_server, publish, versions)
+from .index_store import CatalogIndexError, IndexStore, count_lines, default_build_dir, read_catalog
+
+EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 2, 3, 130
+console = Console(stderr=True)
+index_app = typer.Typer(help="Build, update and serve a catalog index (top-k over every item for a user).",
+                        no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+RepositoryOpt = Annotated[Path, typer.Option("--repository", help="Model repository written by `mmrec export`; "
+                                             "the index is published into it as catalog_scorer/<version>.")]
+BuildDirOpt = Annotated[Optional[Path], typer.Option(
+    "--build-dir", help="Where vectors and the resume journal live (default: <repository>.index beside it).")]
+ItemsOpt = Annotated[Path, typer.Option(
+    "--items", help='JSON lines {"text": ..., "image": path, "id": ...}, as for `mmrec score --items`.')]
+UrlOpt = Annotated[Optional[str], typer.Option(
+    "--url", help="gRPC host:port of a server serving this repository: items are encoded there and the "
+                  "new version is loaded there (needs `mmrec serve --model-control explicit`).")]
+LocalOpt = Annotated[bool, typer.Option("--local", help="Encode in-process even when --url is given.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Items per committed batch.")]
+PublishOpt = Annotated[bool, typer.Option("--publish/--no-publish", help="Write a new catalog_scorer version.")]
+MaxKOpt = Annotated[int, typer.Option("--max-k", min=1, help="Largest K a request may ask for.")]
+DefaultKOpt = Annotated[int, typer.Option("--default-k", min=1, help="K when a request sends none.")]
+KeepOpt = Annotated[int, typer.Option("--keep", min=1, help="Versions kept on disk (served + rollback).")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write the run's summary as JSON here.")]
+
+
+class _Stop:
+    """First SIGINT/SIGTERM: finish and commit the batch in flight, then stop. Second: now."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        console.print("[yellow]stopping after the batch in flight (again to abort now)…[/yellow]")
+
+
+@contextmanager
+def _graceful_stop() -> Iterator[threading.Event]:
+    handler = _Stop()
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield handler.event
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}")
+    return typer.Exit(code)
+
+
+def _encoder(repository: Path, url: str | None, local: bool):
+    if url and not local:
+        from mmrec.client import MMRecError
+
+        try:
+            return ServerEncoder(url)
+        except MMRecError as err:
+            raise _fail(str(err), EXIT_UNAVAILABLE) from None
+    try:
+        return LocalEncoder(repository)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err), EXIT_BAD_INPUT) from None
+
+
+def _progress():
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+def _print_bad(report: BuildReport) -> None:
+    if not report.bad:
+        return
+    table = Table("id / line", "problem", title=f"{len(report.bad)} item(s) skipped", title_style="yellow")
+    for bad in report.bad:
+        table.add_row(escape(bad.label), escape(bad.error))
+    console.print(table)
+
+
+def _summary(report: BuildReport, published: Published | None, loaded: bool) -> None:
+    console.print(f"encoded {report.encoded}, reused {report.reused}, unchanged {report.unchanged}, "
+                  f"removed {report.removed}, bad {len(report.bad)} -> {report.items} items in the index")
+    if published is not None:
+        state = "unchanged, still" if published.unchanged else "wrote"
+        console.print(f"{state} catalog_scorer version {published.version} ({published.items} items) in "
+                      f"{published.folder.parent}" + (" — loaded by the server" if loaded else ""))
+
+
+def _write_report(path: Path | None, report: BuildReport, published: Published | None) -> None:
+    if path is None:
+        return
+    data = report.to_json()
+    data["published_version"] = published.version if published else None
+    data["published_unchanged"] = published.unchanged if published else None
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _publish_and_load(store: IndexStore, repository: Path, url: str | None, options: ServeOptions,
+                      keep: int) -> tuple[Published, bool]:
+    try:
+        published = publish(store, repository, options, keep=keep)
+    except (PublishError, FileNotFoundError, ValueError) as err:
+        raise _fail(str(err), EXIT_BAD_INPUT) from None
+    if url is None or published.unchanged:
+        return published, False
+    try:
+        load_on_server(url, published.version)
+    except PublishError as err:
+        raise _fail(str(err), EXIT_UNAVAILABLE) from None
+    return published, True
+
+
+def _run_build(items: Path, repository: Path, build_dir: Path | None, url: str | None, local: bool,
+               batch_size: int, do_publish: bool, options: ServeOptions, keep: int, report_path: Path | None,
+               sync: bool, rebuild: bool) -> None:
+    folder = build_dir or default_build_dir(repository)
+    if not items.is_file():
+        raise _fail(f"--items {items} is not a readable file", EXIT_BAD_INPUT)
+    if rebuild and folder.exists():
+        shutil.rmtree(folder)
+    encoder = _encoder(repository, url, local)
+    try:
+        with IndexStore.open(folder, encoder.dim) as store, _graceful_stop() as stop, _progress() as bar:
+            task = bar.add_task("encoding catalog", total=count_lines(items))
+            report = build(store, read_catalog(items), encoder, sync=sync, batch_size=batch_size, stop=stop,
+                           advance=lambda n: bar.advance(task, n))
+            bar.stop()
+            _print_bad(report)
+            if report.interrupted:
+                _summary(report, None, False)
+                _write_report(report_path, report, None)
+                console.print(f"[yellow]interrupted[/yellow]: {report.seen} catalog lines done and committed; "
+                              "run the same command again to continue")
+                raise typer.Exit(EXIT_INTERRUPTED)
+            published, loaded = (_publish_and_load(store, repository, url, options, keep) if do_publish
+                                 else (None, False))
+            _summary(report, published, loaded)
+            _write_report(report_path, report, published)
+    except CatalogIndexError as err:
+        raise _fail(str(err), EXIT_BAD_INPUT) from None
+    except OSError as err:
+        raise _fail(f"{err.filename or ''}: {err.strerror or err}", EXIT_BAD_INPUT) from None
+    finally:
+        encoder.close()
+
+
+@index_app.command("build")
+def build_command(items: ItemsOpt, repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None,
+                  url: UrlOpt = None, local: LocalOpt = False, batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+                  do_publish: PublishOpt = True, max_k: MaxKOpt = DEFAULT_MAX_K, default_k: DefaultKOpt = DEFAULT_K,
+                  keep: KeepOpt = DEFAULT_KEEP, report: ReportOpt = None,
+                  rebuild: Annotated[bool, typer.Option("--rebuild", help="Forget stored vectors and "
+                                                        "re-encode everything (after re-exporting models).")] = False,
+                  ) -> None:
+    """Make the index hold exactly this catalog: encode new/changed items (resumable, each content
+    once), drop ids not in it, publish a new catalog_scorer version and load it on --url."""
+    _run_build(items, repository, build_dir, url, local, batch_size, do_publish, _options(max_k, default_k),
+               keep, report, sync=True, rebuild=rebuild)
+
+
+@index_app.command("add")
+def add_command(items: ItemsOpt, repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None,
+                url: UrlOpt = None, local: LocalOpt = False, batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+                do_publish: PublishOpt = True, max_k: MaxKOpt = DEFAULT_MAX_K, default_k: DefaultKOpt = DEFAULT_K,
+                keep: KeepOpt = DEFAULT_KEEP, report: ReportOpt = None) -> None:
+    """Add or update these items (others stay), publish and load a new version."""
+    _run_build(items, repository, build_dir, url, local, batch_size, do_publish, _options(max_k, default_k),
+               keep, report, sync=False, rebuild=False)
+
+
+@index_app.command("remove")
+def remove_command(ids: Annotated[Optional[List[str]], typer.Option("--id", help="An item id (repeatable).")] = None,
+                   ids_file: Annotated[Optional[Path], typer.Option("--ids-file", help="One id per line.")] = None,
+                   repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None, url: UrlOpt = None,
+                   do_publish: PublishOpt = True, max_k: MaxKOpt = DEFAULT_MAX_K,
+                   default_k: DefaultKOpt = DEFAULT_K, keep: KeepOpt = DEFAULT_KEEP) -> None:
+    """Remove items by id, publish and load a new version."""
+    wanted = list(ids or [])
+    try:
+        if ids_file is not None:
+            wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not wanted:
+            raise _fail("give --id ID (repeatable) or --ids-file FILE", EXIT_BAD_INPUT)
+        with IndexStore.open(build_dir or default_build_dir(repository)) as store:
+            removed, unknown = remove(store, wanted)
+            if unknown:
+                console.print(f"[yellow]not in the index[/yellow]: {escape(', '.join(unknown[:20]))}"
+                              + (f" (+{len(unknown) - 20})" if len(unknown) > 20 else ""))
+            console.print(f"removed {len(removed)} -> {len(store.items)} items in the index")
+            if do_publish and removed:
+                published, loaded = _publish_and_load(store, repository, url, _options(max_k, default_k), keep)
+                _summary(BuildReport(removed=len(removed), items=len(store.items)), published, loaded)
+    except (CatalogIndexError, FileNotFoundError) as err:
+        raise _fail(str(err), EXIT_BAD_INPUT) from None
+    except OSError as err:
+        raise _fail(f"{err.filename or ''}: {err.strerror or err}", EXIT_BAD_INPUT) from None
+
+
+@index_app.command("status")
+def status_command(repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None) -> None:
+    """Items, stored vectors, bad items and published versions (JSON on stdout)."""
+    folder = build_dir or default_build_dir(repository)
+    try:
+        with IndexStore.open(folder) as store:
+            data = {"build_dir": str(folder), "items": len(store.items), "vectors": store.vector_rows,
+                    "dim": store.dim, "bad": [{"id": i, "error": e} for i, (_, e) in store.bad.items()],
+                    "published": store.published[-5:], "versions_on_disk": versions(repository)}
+    except (CatalogIndexError, FileNotFoundError) as err:
+        raise _fail(str(err), EXIT_BAD_INPUT) from None
+    typer.echo(json.dumps(data, indent=1))
+
+
+def _options(max_k: int, default_k: int) -> ServeOptions:
+    try:
+        return ServeOptions(max_k=max_k, default_k=default_k)
+    except ValueError as err:
+        raise _fail(str(err), EXIT_BAD_INPUT) from None

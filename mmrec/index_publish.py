@@ -1,0 +1,212 @@
+"""Publish a catalog index as the next version of the `catalog_scorer` model, and swap it live.
+
+A version is written into a hidden staging folder inside the model folder and renamed into
+place, so Triton (or a poller, or an object-store sync) never sees half a version. With explicit
+model control, `load_model` makes Triton load the new version while the old one keeps answering;
+`version_policy: latest 1` then retires the old one after its in-flight requests. Each response
+comes from one version (one model instance runs the whole scan).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import schema
+from .index_graph import MODEL_FILE, RERANK_MARGIN, write_scan_graph
+from .index_store import CatalogIndexError, IndexStore
+from .preprocess import PreprocessConfig
+
+CONFIG_FILE = "config.pbtxt"
+INDEX_FILE = "index.json"  # read by model_repository/catalog_scorer/1/model.py
+PYTHON_FILE = "model.py"
+STAGING_PREFIX = ".staging-"
+DEFAULT_MAX_K = 1000
+DEFAULT_K = 10
+DEFAULT_KEEP = 2  # versions kept on disk: the served one and one to roll back to
+
+
+class PublishError(CatalogIndexError):
+    """A version could not be written, or the server did not load it."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """catalog_scorer config parameters (the same for every version, so a load is a pure swap)."""
+
+    max_k: int = DEFAULT_MAX_K
+    default_k: int = DEFAULT_K
+    intra_op_threads: int = 0
+    prepacking: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_k < 1 or not 1 <= self.default_k <= self.max_k:
+            raise ValueError(f"need 1 <= default_k <= max_k, got default_k={self.default_k}, max_k={self.max_k}")
+
+    def parameters(self) -> dict[str, str]:
+        return {"max_k": str(self.max_k), "default_k": str(self.default_k),
+                "intra_op_threads": str(self.intra_op_threads), "prepacking": "1" if self.prepacking else "0"}
+
+
+@dataclass(frozen=True)
+class Published:
+    version: int
+    folder: Path
+    items: int
+    fingerprint: str
+    unchanged: bool = False  # nothing changed since `version`: no new version was written
+
+
+def model_dir(repository: Path) -> Path:
+    return Path(repository) / schema.CATALOG_SCORER
+
+
+def versions(repository: Path) -> list[int]:
+    """Version folders of catalog_scorer on disk, ascending."""
+    folder = model_dir(repository)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def fingerprint(ids: list[str], vectors: np.ndarray) -> str:
+    """sha256 over ids and vector bytes: equal fingerprints serve identical answers."""
+    h = hashlib.sha256()
+    for item_id in ids:
+        data = item_id.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little") + data)
+    h.update(np.ascontiguousarray(vectors, np.float32).tobytes())
+    return h.hexdigest()
+
+
+def scorer_config_text(dim: int, max_batch_size: int, options: ServeOptions) -> str:
+    from mmrec.export.repository import catalog_scorer_config, render
+
+    return render(catalog_scorer_config(schema.catalog_scorer_spec(dim), max_batch_size, options.parameters()))
+
+
+def graph_tensors() -> dict[str, str]:
+    """The graph's tensor names for model.py, from the one schema."""
+    return {"user": schema.USER_EMBEDDING, "k": schema.TOP_K, "candidates": schema.CANDIDATES,
+            "ids": schema.ITEM_IDS, "rows": schema.ITEM_ROWS, "scores": schema.SCORE,
+            "kth_logit": schema.KTH_LOGIT, "candidate_floor": schema.CANDIDATE_FLOOR}
+
+
+def write_version_files(folder: Path, ids: list[str], vectors: np.ndarray, fp: str) -> None:
+    """One complete version folder: graph + external data, index.json, the python model."""
+    from mmrec.model_repository import model_source
+
+    graph = write_scan_graph(vectors, ids, folder)
+    norms = np.linalg.norm(np.asarray(vectors, np.float64), axis=1)
+    meta = {"items": graph.items, "dim": graph.dim, "model_file": MODEL_FILE,
+            # an upper bound for the certificate: nudged up so rounding cannot make it smaller
+            "max_item_norm": float(np.nextafter(norms.max(), np.inf)) if len(norms) else 0.0,
+            "rerank_margin": RERANK_MARGIN, "tensors": graph_tensors(), "fingerprint": fp}
+    (folder / INDEX_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    shutil.copyfile(model_source(schema.CATALOG_SCORER), folder / PYTHON_FILE)
+
+
+def publish(store: IndexStore, repository: Path, options: ServeOptions = ServeOptions(),
+            force: bool = False, keep: int = DEFAULT_KEEP) -> Published:
+    """Write the store's live catalog as catalog_scorer/<next version>; atomic per version."""
+    repository = Path(repository)
+    ids, vectors = store.catalog()
+    if not ids:
+        raise PublishError(f"the index at {store.folder} has no items: nothing to serve "
+                           "(add items with `mmrec index build` / `mmrec index add`)")
+    if not np.isfinite(vectors).all():
+        raise PublishError(f"the index at {store.folder} holds non-finite vectors; rebuild it")
+    fp = fingerprint(ids, vectors)
+    existing = versions(repository)
+    last = store.published[-1] if store.published else None
+    if (not force and last is not None and last.get("fingerprint") == fp
+            and last.get("version") in existing and Path(last.get("repository", "")) == repository.resolve()):
+        return Published(last["version"], model_dir(repository) / str(last["version"]), len(ids), fp, True)
+    preprocess = PreprocessConfig.load(repository)
+    if preprocess.item_dim != store.dim:
+        raise PublishError(f"{repository} serves {preprocess.item_dim}-d item embeddings but the index holds "
+                           f"{store.dim}-d vectors: build the index with this repository's encoder")
+    folder = model_dir(repository)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(folder / CONFIG_FILE, scorer_config_text(store.dim, preprocess.max_batch_size, options))
+    version = (existing[-1] if existing else 0) + 1
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    try:
+        staging.chmod(0o755)
+        write_version_files(staging, ids, vectors, fp)
+        _fsync_tree(staging)
+        target = folder / str(version)
+        os.rename(staging, target)  # atomic: a version folder is complete or absent
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    store.record_publish({"version": version, "items": len(ids), "fingerprint": fp,
+                          "repository": str(repository.resolve())})
+    prune(repository, keep)
+    return Published(version, target, len(ids), fp)
+
+
+def prune(repository: Path, keep: int = DEFAULT_KEEP) -> list[int]:
+    """Delete all but the newest `keep` versions (a loaded version's mmapped files stay valid)."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    old = versions(repository)[:-keep]
+    for version in old:
+        shutil.rmtree(model_dir(repository) / str(version), ignore_errors=True)
+    return old
+
+
+def load_on_server(url: str, version: int, timeout_s: float = 600.0) -> None:
+    """Ask Triton (explicit model control) to load catalog_scorer; check `version` is what serves."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        try:
+            client.load_model(schema.CATALOG_SCORER, client_timeout=timeout_s)
+        except InferenceServerException as err:
+            message = err.message() or str(err)
+            hint = (" Live swaps need explicit model control: start the server with "
+                    "`mmrec serve --model-control explicit`." if "explicit" in message.lower()
+                    or "not allowed" in message.lower() else "")
+            raise PublishError(f"wrote catalog_scorer version {version}, but {url} did not load it: "
+                               f"{message}.{hint}") from None
+        if not client.is_model_ready(schema.CATALOG_SCORER, str(version)):
+            served = list(client.get_model_metadata(schema.CATALOG_SCORER).versions)
+            raise PublishError(f"{url} loaded catalog_scorer but serves version(s) {served}, not {version}: "
+                               "is it serving this repository?")
+    finally:
+        client.close()
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Rewriting an identical config would be harmless, but a changed one makes Triton reload
+    every version rather than swap: only write when it differs."""
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,219 @@
+"""Triton python model: a user vector in, the whole catalog's top-k item ids and scores out.
+
+Each version folder holds one catalog index, written by `mmrec index build/add/remove`:
+model.onnx (fp32 scan -> TopK -> exact float64 re-rank -> ids), its external data
+(embeddings_t.f32 [D, N] for the scan, embeddings.f32 [N, D] for the re-rank, both mmapped)
+and index.json (size, width, graph tensor names, the largest item norm). Triton serves the
+newest version (`version_policy: latest 1`); a new one is loaded with explicit model control
+while the old one keeps answering, and every response comes from exactly one version.
+
+Why a python model and not the ONNX graph alone: the portable target has no native ONNX
+backend, K is optional per request, requests with different K share one batched scan, and
+exactness is certified here: when the fp32 scan's last candidate is too close to the exact
+K-th score for the rounding bound to rule out a missed row, that user is re-run with 4x the
+candidates (up to the whole catalog). This file is self-contained (numpy + onnxruntime) and is
+also imported by tests and the benchmark (`mmrec.python_models.load_python_model`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+try:  # only present inside Triton
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover - exercised outside the server
+    pb_utils = None
+
+INDEX_FILE = "index.json"
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+CANDIDATE_GROWTH = 4  # an uncertified user is re-run with this many times the candidates
+
+
+class BadRequest(ValueError):
+    """A request this index cannot answer (its message goes back as INVALID_ARG)."""
+
+
+def dot_error_bound(dim: int) -> float:
+    """γ_D = D·u / (1 - D·u): relative error bound of an fp32 dot product, any summation order."""
+    du = dim * FP32_UNIT_ROUNDOFF
+    return du / (1.0 - du)
+
+
+def certified(kth_logit: np.ndarray, floor: np.ndarray, user_norm: np.ndarray, max_item_norm: float,
+              dim: int, candidates: int, items: int) -> np.ndarray:
+    """Per user: is the exact top-K over the candidates the exact top-K over the whole catalog?
+
+    A row left out has an fp32 logit <= floor, so its true logit is at most
+    floor + γ_D·|u|·|e|; it cannot reach the top K while that stays below the exact K-th logit
+    (strictly: an equal one might hold a lower row). A factor 2 covers rounding of the bound
+    itself. A zero user scores every row exactly 0 in fp32 too, and TopK keeps the lowest rows
+    among ties (ONNX TopK's rule, tested), so its candidates are exact as they are.
+    """
+    if candidates >= items:
+        return np.ones(len(kth_logit), dtype=bool)
+    slack = 2.0 * dot_error_bound(dim) * np.asarray(user_norm, np.float64).reshape(-1) * max_item_norm
+    gap = np.asarray(kth_logit, np.float64).reshape(-1) - np.asarray(floor, np.float64).reshape(-1)
+    return (gap > slack) | ((slack == 0) & (gap >= 0))
+
+
+def make_session(model_path: Path, intra_op_threads: int = 0, prepacking: bool = False) -> ort.InferenceSession:
+    """CPU session like the ort_runner's (no spinning), and by default without weight prepacking:
+    prepacking copies the [D, N] matrix into the heap (one copy per instance and per version),
+    while unpacked the mmapped file is shared and M=1 streams it once."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Top-k per user: ids (bytes), rows in this index version, σ(item·user)."""
+
+    ids: np.ndarray  # [B, k] object (bytes)
+    rows: np.ndarray  # [B, k] int64
+    scores: np.ndarray  # [B, k] float32
+    reruns: int = 0  # users re-run with more candidates (certificate failed)
+
+
+class CatalogScan:
+    """One index version: load its graph, validate queries, answer exact top-k."""
+
+    def __init__(self, folder: Path, intra_op_threads: int = 0, prepacking: bool = False) -> None:
+        folder = Path(folder)
+        self.meta = json.loads((folder / INDEX_FILE).read_text())
+        self.items = int(self.meta["items"])
+        self.dim = int(self.meta["dim"])
+        self.max_item_norm = float(self.meta["max_item_norm"])
+        self.margin = int(self.meta["rerank_margin"])
+        self.tensors = self.meta["tensors"]  # graph input/output names, written from mmrec.schema
+        self.session = make_session(folder / self.meta["model_file"], intra_op_threads, prepacking)
+        self.outputs = [self.tensors[k] for k in ("ids", "rows", "scores", "kth_logit", "candidate_floor")]
+
+    def check_users(self, users: np.ndarray, where: str) -> None:
+        if users.ndim != 2 or users.shape[1] != self.dim:
+            raise BadRequest(f"{where}: {self.tensors['user']} must be [batch, {self.dim}] (this index's "
+                             f"width), got {list(users.shape)}")
+        if users.size and not np.isfinite(users).all():
+            row = int(np.flatnonzero(~np.isfinite(users).all(axis=1))[0])
+            raise BadRequest(f"{where}: {self.tensors['user']} row {row} has NaN or infinite values; "
+                             "send finite numbers")
+
+    def check_k(self, k: int, max_k: int, where: str) -> None:
+        limit = min(max_k, self.items)
+        if not 1 <= k <= limit:
+            raise BadRequest(f"{where}: {self.tensors['k']}={k} is out of range: this index has "
+                             f"{self.items} items and answers 1 <= {self.tensors['k']} <= {limit} "
+                             f"(max_k {max_k})")
+
+    def _run(self, users: np.ndarray, k: int, candidates: int) -> list[np.ndarray]:
+        feed = {self.tensors["user"]: users,
+                self.tensors["k"]: np.array([k], np.int64),
+                self.tensors["candidates"]: np.array([candidates], np.int64)}
+        return self.session.run(self.outputs, feed)
+
+    def search(self, users: np.ndarray, k: int) -> Ranked:
+        """Exact top-k of every user (rows ranked by σ(item·user) desc, then row asc)."""
+        users = np.ascontiguousarray(users, dtype=np.float32)
+        candidates = min(self.items, k + self.margin)
+        ids, rows, scores, kth, floor = self._run(users, k, candidates)
+        norms = np.linalg.norm(users.astype(np.float64), axis=1)
+        pending = np.flatnonzero(~certified(kth, floor, norms, self.max_item_norm, self.dim,
+                                            candidates, self.items))
+        reruns = len(pending)
+        while len(pending):
+            candidates = min(self.items, candidates * CANDIDATE_GROWTH)
+            again = self._run(users[pending], k, candidates)
+            ids[pending], rows[pending], scores[pending] = again[0], again[1], again[2]
+            ok = certified(again[3], again[4], norms[pending], self.max_item_norm, self.dim,
+                           candidates, self.items)
+            pending = pending[~ok]
+        return Ranked(_as_bytes(ids), rows, scores, reruns)
+
+
+def _as_bytes(ids: np.ndarray) -> np.ndarray:
+    """ORT returns str objects; Triton BYTES tensors carry bytes."""
+    out = np.empty(ids.shape, dtype=object)
+    out.flat[:] = [s.encode("utf-8") if isinstance(s, str) else s for s in ids.flat]
+    return out
+
+
+class TritonPythonModel:
+    """Batches users across requests into one scan; each request gets its own K."""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.version = args["model_version"]
+        self.model_name = args.get("model_name", config.get("name", "catalog_scorer"))
+        folder = Path(args["model_repository"]) / self.version
+        self.scan = CatalogScan(folder, int(parameters.get("intra_op_threads", "0")),
+                                parameters.get("prepacking", "0") == "1")
+        self.max_k = int(parameters["max_k"])
+        self.default_k = int(parameters["default_k"])
+        self.user_name, self.k_name = (i["name"] for i in config["input"])
+        self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
+
+    def parse(self, request) -> tuple[np.ndarray, int]:
+        where = f"{self.model_name} (index version {self.version})"
+        users = pb_utils.get_input_tensor_by_name(request, self.user_name).as_numpy()
+        self.scan.check_users(users, where)
+        k_tensor = pb_utils.get_input_tensor_by_name(request, self.k_name)
+        if k_tensor is None:
+            k = min(self.default_k, self.scan.items)
+        else:
+            ks = k_tensor.as_numpy().reshape(-1)
+            if len(ks) != len(users) or (len(ks) and (ks != ks[0]).any()):
+                raise BadRequest(f"{where}: every row of one request must ask for the same "
+                                 f"{self.k_name}, got {ks.tolist()[:8]}")
+            k = int(ks[0]) if len(ks) else self.default_k
+        self.scan.check_k(k, self.max_k, where)
+        return users.astype(np.float32, copy=False), k
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        parsed: dict[int, tuple[np.ndarray, int]] = {}
+        for j, request in enumerate(requests):
+            try:
+                parsed[j] = self.parse(request)
+            except BadRequest as err:
+                responses[j] = _error(str(err), pb_utils.TritonError.INVALID_ARG)
+        if not parsed:
+            return responses
+        order = list(parsed)
+        users = np.concatenate([parsed[j][0] for j in order])
+        k_max = max(parsed[j][1] for j in order)
+        try:
+            ranked = self.scan.search(users, k_max)
+        except Exception as err:  # an ORT failure on validated input: fail this batch, keep serving
+            for j in order:
+                responses[j] = _error(f"{self.model_name}: {type(err).__name__}: {err}",
+                                      pb_utils.TritonError.INTERNAL)
+            return responses
+        start = 0
+        for j in order:
+            n, k = len(parsed[j][0]), parsed[j][1]
+            t = self.scan.tensors
+            part = {t["ids"]: ranked.ids[start:start + n, :k], t["rows"]: ranked.rows[start:start + n, :k],
+                    t["scores"]: ranked.scores[start:start + n, :k]}
+            start += n
+            responses[j] = pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(name, part[name] if dtype == np.object_ else part[name].astype(dtype, copy=False))
+                for name, dtype in self.outputs])
+        return responses
+
+    def finalize(self) -> None:
+        self.scan = None
+
+
+def _error(message: str, code):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
