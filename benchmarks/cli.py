@@ -13,11 +13,12 @@ from rich.table import Table
 
 from mmrec.export_defaults import DEFAULT_REPOSITORY
 
+from . import targets
 from .settings import MODELS, MODES, PROTOCOLS, SECTIONS
 
 console = Console(stderr=True)
 DEFAULT_OUTPUT = Path("benchmarks") / "results"
-EXIT_SECTION_ERROR = 1
+EXIT_SECTION_ERROR = 1  # a section raised, or judging a target did
 EXIT_TARGET_MISSED = 3
 
 
@@ -59,8 +60,17 @@ def _print_targets(results: dict) -> None:
         table.add_column(column)
     style = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "[yellow]not measured[/yellow]"}
     for t in results["targets"]:
-        table.add_row(escape(t["description"]), escape(t["threshold"]), escape(t["measured"]), style[t["met"]])
+        status = "[red]error[/red]" if t.get("error") else style[t["met"]]
+        table.add_row(escape(t["description"]), escape(t["threshold"]), escape(t["measured"]), status)
     console.print(table)
+    for t in targets.errors(results):
+        console.print(f"[red]error judging {escape(t['id'])}:[/red]\n{escape(t['error'])}")
+
+
+def _exit_on_target_errors(results: dict) -> None:
+    """A target whose judging raised is a failure of the run, whatever --strict says."""
+    if targets.errors(results):
+        raise typer.Exit(EXIT_SECTION_ERROR)
 
 
 def bench_command(
@@ -91,6 +101,7 @@ def bench_command(
         results = rerender_reports(output)
         _print_targets(results)
         console.print(f"re-rendered {escape(str(output))} from bench.json")
+        _exit_on_target_errors(results)
         return
 
     sections = _check_choices(only, SECTIONS, "--only") or SECTIONS
@@ -125,5 +136,6 @@ def bench_command(
                   + ", ".join(v for v in results["plots"].values() if v.endswith(".png")))
     if any(s["status"] == "error" for s in results["sections"].values()):
         raise typer.Exit(EXIT_SECTION_ERROR)
+    _exit_on_target_errors(results)
     if strict and any(t["met"] is False for t in results["targets"]):
         raise typer.Exit(EXIT_TARGET_MISSED)

@@ -132,6 +132,8 @@ def client_cost_table(results: dict) -> list[str]:
 
 
 def _status(t: dict) -> str:
+    if t.get("error"):  # judging raised: a failure, shown as such (the detail names the exception)
+        return "**error**"
     mark = STATUS_MARK[t["met"]]
     if t.get("met_on_p50") is not None and t["met"] is not None and t["met_on_p50"] != t["met"]:
         mark += f" (on p50 latency: {'met' if t['met_on_p50'] else 'missed'} — load bursts decided it)"

@@ -2,9 +2,12 @@
 
 Each target is a small function registered with its id; it returns the measured value, the
 threshold and a one-line detail, or says what was not measured (e.g. batch 32 in --quick).
+"Not measured" is only ever a judge's own answer about missing numbers: an exception raised
+while judging is a failure (`met` False, `error` set), which `mmrec bench` reports and exits on.
 """
 from __future__ import annotations
 
+import traceback
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -17,11 +20,14 @@ class TargetResult:
     description: str
     threshold: str
     measured: str
-    met: bool | None  # None: not measured in this run
+    met: bool | None  # None: not measured in this run; False: missed, or could not be judged (error)
     detail: str = ""
     # For throughput ratios: the verdict on p50-latency ratios. Where it differs from `met`
     # (judged on throughput, as the target says), bursts of other load decided the outcome.
     met_on_p50: bool | None = None
+    # The exception that judging this target raised ("" when it was judged): a bug or a malformed
+    # results section, never a reason to call the target unmeasured.
+    error: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,21 +177,33 @@ def _pa(results: dict, tid: str, description: str) -> TargetResult:
     if not rows:
         why = section.get("reason") or section.get("error") or "perf_analyzer not run"
         return _not_measured(tid, description, "throughput ≥ 0.90×, p50 ≤ 1.10×", why)
+    no_p50 = [r["concurrency"] for r in rows if "p50_ratio" not in r]
+    if no_p50:  # half of the target cannot be judged: never count a missing p50 as within 10 %
+        return _not_measured(tid, description, "throughput ≥ 0.90×, p50 ≤ 1.10×",
+                             f"perf_analyzer reported no p50 at concurrency {', '.join(map(str, no_p50))}")
     worst_t = min(rows, key=lambda r: r["throughput_ratio"])
-    worst_l = max(rows, key=lambda r: r.get("p50_ratio", 0))
-    met = all(r["throughput_ratio"] >= 0.9 and r.get("p50_ratio", 1) <= 1.1 for r in rows)
-    per = ", ".join(f"c={r['concurrency']}: thr {r['throughput_ratio']:.2f}×, p50 {r.get('p50_ratio', float('nan')):.2f}×"
+    worst_l = max(rows, key=lambda r: r["p50_ratio"])
+    met = all(r["throughput_ratio"] >= 0.9 and r["p50_ratio"] <= 1.1 for r in rows)
+    per = ", ".join(f"c={r['concurrency']}: thr {r['throughput_ratio']:.2f}×, p50 {r['p50_ratio']:.2f}×"
                     for r in rows)
     return TargetResult(tid, description, "throughput ≥ 0.90×, p50 ≤ 1.10×",
-                        f"thr {worst_t['throughput_ratio']:.2f}×, p50 {worst_l.get('p50_ratio', float('nan')):.2f}× (worst)",
+                        f"thr {worst_t['throughput_ratio']:.2f}×, p50 {worst_l['p50_ratio']:.2f}× (worst)",
                         met, per)
 
 
 def evaluate(results: dict) -> list[dict]:
+    """Every target's verdict. A judge that raises fails its target (met False, `error` names the
+    exception) while the others are still judged, so the run's numbers are reported either way."""
     out = []
     for tid, description, fn in TARGETS:
         try:
             out.append(fn(results, tid, description).to_dict())
-        except Exception as err:  # noqa: BLE001 - a malformed section must not hide the other targets
-            out.append(TargetResult(tid, description, "", "–", None, f"could not evaluate: {err}").to_dict())
+        except Exception as err:  # noqa: BLE001 - recorded as a failure of this target, never as "not measured"
+            out.append(TargetResult(tid, description, "", "–", False, f"could not judge: {type(err).__name__}: {err}",
+                                    error="".join(traceback.format_exception(err)).strip()).to_dict())
     return out
+
+
+def errors(results: dict) -> list[dict]:
+    """The targets whose judging raised (see `evaluate`)."""
+    return [t for t in results.get("targets", []) if t.get("error")]

@@ -96,6 +96,12 @@ def test_quick_bench_json_is_complete(quick_run):
     ids = {t["id"] for t in results["targets"]}
     assert len(ids) == len(targets.TARGETS)
     assert all(t["met"] in (True, False, None) for t in results["targets"])
+    assert not targets.errors(results), [(t["id"], t["error"]) for t in targets.errors(results)]
+    # what --quick measures is judged (met or missed), not reported as unmeasured
+    judged = {t["id"]: t["met"] for t in results["targets"]}
+    for tid in ("ort_fp32_vs_pytorch.text_encoder.b1", "ort_fp32_vs_pytorch.image_encoder.b1",
+                "triton_vs_inprocess.p50.c1"):
+        assert judged[tid] is not None, (tid, next(t for t in results["targets"] if t["id"] == tid))
 
 
 @pytest.mark.server
@@ -265,6 +271,51 @@ def test_targets_judged_from_results():
     assert by_id["triton_vs_inprocess.p50.c1"]["met"] is False
     assert by_id["triton_vs_inprocess.throughput.c8"]["met"] is None
     assert by_id["client_vs_perf_analyzer"]["met"] is None
+
+
+def test_an_exception_while_judging_is_a_failure_not_unmeasured(monkeypatch):
+    """A judge that raises (a bug, a malformed section) fails its target; the others are still judged."""
+    def broken(results, tid, description):
+        return {"p50": 1.0}["p95"]
+
+    monkeypatch.setattr(targets, "TARGETS", [*targets.TARGETS, ("broken.judge", "a judge that raises", broken)])
+    malformed = {"sections": {"offline": {"status": "ok", "records": [{"model": "text_encoder"}]}}}
+    by_id = {t["id"]: t for t in targets.evaluate(malformed)}
+    assert len(by_id) == len(targets.TARGETS)
+    for tid in ("broken.judge", "ort_fp32_vs_pytorch.text_encoder.b1"):  # KeyError inside the judge
+        assert by_id[tid]["met"] is False and "KeyError" in by_id[tid]["error"], by_id[tid]
+        assert by_id[tid]["detail"].startswith("could not judge: KeyError")
+    assert by_id["triton_vs_inprocess.p50.c1"]["met"] is None and not by_id["triton_vs_inprocess.p50.c1"]["error"]
+    assert {t["id"] for t in targets.errors({"targets": list(by_id.values())})} >= {"broken.judge"}
+    assert "**error**" in "\n".join(report.targets_table({"targets": list(by_id.values())}))
+
+
+def test_bench_exits_nonzero_when_a_target_cannot_be_judged(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import mmrec.benchmarks.suite as suite
+    from mmrec.cli import app
+
+    def broken(results, tid, description):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(targets, "TARGETS", [("broken.judge", "a judge that raises", broken)])
+    monkeypatch.setattr(suite, "write_reports", lambda results, output: {**results,
+                                                                         "targets": targets.evaluate(results)})
+    (tmp_path / "bench.json").write_text(json.dumps({"sections": {}}))
+    result = CliRunner().invoke(app, ["bench", "--rerender", "--output", str(tmp_path)])
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert "error judging broken.judge" in result.output and "ZeroDivisionError" in result.output
+
+
+def test_perf_analyzer_target_never_counts_a_missing_p50_as_met():
+    row = {"concurrency": 1, "throughput_ratio": 1.0}
+    results = {"sections": {"perf_analyzer": {"comparison": [row]}}}
+    verdict = next(t for t in targets.evaluate(results) if t["id"] == "client_vs_perf_analyzer")
+    assert verdict["met"] is None and "no p50" in verdict["detail"] and not verdict["error"]
+    row["p50_ratio"] = 1.2
+    verdict = next(t for t in targets.evaluate(results) if t["id"] == "client_vs_perf_analyzer")
+    assert verdict["met"] is False
 
 
 def test_json_report_has_no_nan(tmp_path):

@@ -19,6 +19,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from mmrec import schema
+from mmrec.client import InvalidItemError, InvalidRequestError, MMRecClient
 from mmrec.export.errors import ExportError
 from mmrec.export.pipeline import ExportOptions
 from mmrec.export.repository import CONFIG_FILE, RepositoryLayout, Target, parse, write_repository
@@ -179,18 +180,6 @@ def _item_encoder_requests(url: str) -> int:
         return stats.success.count + stats.fail.count
 
 
-@pytest.fixture(scope="module")
-def mmrec_client_module():
-    try:
-        from mmrec import client
-    except ImportError as err:  # pragma: no cover - the client package is built beside this one
-        pytest.skip(f"mmrec.client is not importable: {err}")
-    for name in ("MMRecClient", "InvalidItemError"):
-        if not hasattr(client, name):
-            pytest.skip(f"mmrec.client has no {name} yet")
-    return client
-
-
 CLIENT_CASES = [  # name, (text, image), local_preprocessing
     ("text_over_limit", (TEXT_OVER, SMALL_PNG), False),
     ("image_over_byte_limit", ("noise", HEAVY_PNG), False),
@@ -201,15 +190,13 @@ CLIENT_CASES = [  # name, (text, image), local_preprocessing
 @pytest.mark.server
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name, item, local", CLIENT_CASES, ids=[c[0] for c in CLIENT_CASES])
-def test_client_rejects_over_limit_items_before_sending(small_server, mmrec_client_module, name, item, local):
+def test_client_rejects_over_limit_items_before_sending(small_server, name, item, local):
     url = small_server.urls["grpc"]
-    with mmrec_client_module.MMRecClient(url, local_preprocessing=local) as client:
-        limits = getattr(client.server_info, "limits", None)
-        if limits is None:
-            pytest.skip("MMRecClient exposes no server limits (server_info.limits)")
+    with MMRecClient(url, local_preprocessing=local) as client:
+        limits = client.server_info.limits
         assert (limits.max_text_bytes, limits.max_image_bytes) == (64, 12_000)
         before = _item_encoder_requests(url)
-        with pytest.raises(mmrec_client_module.InvalidItemError) as raised:
+        with pytest.raises(InvalidItemError) as raised:
             client.encode_items([("fine", SMALL_PNG), item])
         assert raised.value.index == 1, raised.value
         assert "over" in str(raised.value) and "limit" in str(raised.value)
@@ -218,24 +205,21 @@ def test_client_rejects_over_limit_items_before_sending(small_server, mmrec_clie
 
 @pytest.mark.server
 @pytest.mark.timeout(300)
-def test_client_without_local_decoding_leaves_the_pixel_limit_to_the_server(small_server, mmrec_client_module):
+def test_client_without_local_decoding_leaves_the_pixel_limit_to_the_server(small_server):
     """The pixel count is in the image header; without local_preprocessing the client does not parse
     it, so the server's INVALID_ARGUMENT comes back typed, naming the item."""
-    invalid_request = getattr(mmrec_client_module, "InvalidRequestError", None)
-    if invalid_request is None:
-        pytest.skip("mmrec.client has no InvalidRequestError yet")
-    with mmrec_client_module.MMRecClient(small_server.urls["grpc"]) as client:
-        with pytest.raises((invalid_request, mmrec_client_module.InvalidItemError)) as raised:
+    with MMRecClient(small_server.urls["grpc"]) as client:
+        with pytest.raises(InvalidRequestError) as raised:
             client.encode_items([("fine", SMALL_PNG), ("wide", WIDE_PNG)])
     assert "65x64 pixels, over the limit of 4096" in str(raised.value)
-    assert getattr(raised.value, "index", 1) == 1
+    assert raised.value.index == 1
 
 
 @pytest.mark.server
 @pytest.mark.timeout(300)
-def test_client_splits_calls_into_batches_within_the_server_limit(small_server, mmrec_client_module, reference):
+def test_client_splits_calls_into_batches_within_the_server_limit(small_server, reference):
     items = [(f"item {i}", SMALL_PNG) for i in range(10)]
-    with mmrec_client_module.MMRecClient(small_server.urls["grpc"]) as client:
+    with MMRecClient(small_server.urls["grpc"]) as client:
         assert client.server_info.max_batch_size == 4
         encoded = client.encode_items(items)
     want = reference.encode_items([t for t, _ in items], [i for _, i in items])

@@ -6,7 +6,7 @@
   comments and strings do not count and keyword arguments are checked for real).
 - Runtime: the preprocessing code opens no file while handling requests (Python audit hook on
   "open"), and over the wire an IMAGE that is a path is just bytes that are not an image.
-- TLS: a self-signed certificate (openssl CLI, or the `cryptography` package when installed),
+- TLS: a test CA and certificates made with the `cryptography` package (a dev requirement),
   tritonserver with --grpc-use-ssl via ServerConfig(grpc_tls_cert=..., grpc_tls_key=...): a TLS
   client with the certificate as root succeeds, a plaintext client and a client trusting another
   root fail; mutual TLS refuses a client without a certificate. See docs/tls.md.
@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import ast
-import shutil
-import subprocess
+import datetime
+import ipaddress
 import sys
 import textwrap
 import threading
@@ -24,8 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mmrec import schema
+from mmrec.client import MMRecClient
 from mmrec.server import ServerConfig, ServerError, TritonServer, build_command, free_ports
 from test_bad_inputs import OUTPUTS, TOLERANCE, FakePbUtils, column, infer
 from toy_models import DOUBLE_CONFIG, DOUBLE_MODEL, write_model
@@ -224,28 +229,65 @@ def test_paths_in_requests_are_bytes_not_files(triton_server, reference, sample_
 
 # ---- TLS ----------------------------------------------------------------------------------------
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+def _key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _certificate(subject: str, key: rsa.RSAPrivateKey, issuer: x509.Certificate | None = None,
+                 issuer_key: rsa.RSAPrivateKey | None = None, usage: x509.ObjectIdentifier | None = None,
+                 names: list[x509.GeneralName] | None = None) -> x509.Certificate:
+    """A CA certificate (no issuer: self-signed, may sign others) or a leaf signed by `issuer`."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    is_ca = issuer is None
+    builder = (x509.CertificateBuilder()
+               .subject_name(name)
+               .issuer_name(name if is_ca else issuer.subject)
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(hours=1))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+    if is_ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                          encipher_only=False, decipher_only=False), critical=True)
+    else:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(key if is_ca else issuer_key, hashes.SHA256())
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by
-    the CA, plus an unrelated self-signed 'other' root. Uses the openssl CLI."""
-    if shutil.which("openssl") is None:
-        pytest.skip("no `openssl` CLI (and the `cryptography` package path is not implemented here)")
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, both signed by
+    the CA, plus an unrelated self-signed 'other' root; PEM files, made with `cryptography`."""
     folder.mkdir(parents=True, exist_ok=True)
-    ext = folder / "san.ext"
-    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=mmrec test CA",
-             "-keyout", "ca.key", "-out", "ca.pem", cwd=folder)
-    for name, cn in (("server", "localhost"), ("client", "mmrec test client")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", cwd=folder)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "1", "-out", f"{name}.pem", *(["-extfile", "san.ext"] if name == "server" else []),
-                 cwd=folder)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=someone else",
-             "-keyout", "other.key", "-out", "other.pem", cwd=folder)
+    files: dict[str, bytes] = {}
+
+    def save(stem: str, certificate: x509.Certificate, key: rsa.RSAPrivateKey) -> None:
+        files[f"{stem}.pem"] = certificate.public_bytes(serialization.Encoding.PEM)
+        files[f"{stem}.key"] = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption())
+
+    ca_key = _key()
+    ca = _certificate("mmrec test CA", ca_key)
+    save("ca", ca, ca_key)
+    server_key = _key()
+    save("server", _certificate("localhost", server_key, ca, ca_key, ExtendedKeyUsageOID.SERVER_AUTH,
+                                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+         server_key)
+    client_key = _key()
+    save("client", _certificate("mmrec test client", client_key, ca, ca_key, ExtendedKeyUsageOID.CLIENT_AUTH),
+         client_key)
+    other_key = _key()
+    save("other", _certificate("someone else", other_key), other_key)
+    for file_name, data in files.items():
+        (folder / file_name).write_bytes(data)
     return {n: folder / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key", "other.pem")}
 
 
@@ -311,14 +353,9 @@ def test_grpc_tls_serves_tls_clients_and_refuses_plaintext(exported_repository, 
             call()
         with pytest.raises(InferenceServerException) as wrong_root:
             call(ssl=True, root_certificates=str(certificates["other.pem"]))
-        try:
-            from mmrec.client import MMRecClient
-        except ImportError:  # pragma: no cover - the client package is built beside this one
-            MMRecClient = None
-        if MMRecClient is not None:
-            with MMRecClient(url, ssl=True, root_certificates=ca) as client:
-                encoded = client.encode_items([(text, image)])
-            np.testing.assert_allclose(encoded.item_embedding, want[schema.ITEM_EMBEDDING], atol=TOLERANCE)
+        with MMRecClient(url, ssl=True, root_certificates=ca) as client:
+            encoded = client.encode_items([(text, image)])
+        np.testing.assert_allclose(encoded.item_embedding, want[schema.ITEM_EMBEDDING], atol=TOLERANCE)
     np.testing.assert_allclose(got[schema.ITEM_EMBEDDING], want[schema.ITEM_EMBEDDING], atol=TOLERANCE)
     assert "UNAVAILABLE" in str(plaintext.value.status()), plaintext.value
     assert "UNAVAILABLE" in str(wrong_root.value.status()), wrong_root.value
