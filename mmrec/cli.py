@@ -9,6 +9,7 @@ from mmrec.demo import demo_command
 from mmrec.client.cli import encode_command, recommend_command, score_command
 from mmrec.benchmarks.cli import bench_command
 from mmrec.index_cli import index_app
+from mmrec.benchmarks.index_scan import bench_index_command
 
 app = typer.Typer(help="mmrec: multimodal user-interest models on Triton + ONNX.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -27,6 +28,7 @@ app.command("encode")(encode_command)
 app.command("recommend")(recommend_command)
 app.command("bench")(bench_command)
 app.add_typer(index_app, name="index")
+app.command("bench-index")(bench_index_command)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

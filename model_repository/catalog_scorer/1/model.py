@@ -17,8 +17,8 @@ also imported by tests and the benchmark (`mmrec.python_models.load_python_model
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -75,8 +75,7 @@ def make_session(model_path: Path, intra_op_threads: int = 0, prepacking: bool =
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
-@dataclass(frozen=True)
-class Ranked:
+class Ranked(NamedTuple):
     """Top-k per user: ids (bytes), rows in this index version, σ(item·user)."""
 
     ids: np.ndarray  # [B, k] object (bytes)

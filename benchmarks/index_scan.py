@@ -1,0 +1,458 @@
+"""Catalog scan benchmark (issue 13): top-k latency and memory of the served exact scan for 10k,
+100k and 1M items, next to this machine's physical limits measured in the same run.
+
+- Limits: memory bandwidth = a threaded numpy copy of a 512 MiB array ((read + write) bytes / s,
+  one thread per usable core); GEMM peak = the best of numpy sgemm and ONNX Runtime MatMul on
+  2048^3 at the same thread count. One user's scan cannot beat (Et bytes / bandwidth), a batch
+  cannot beat (2·B·N·D / peak); the report gives the measured/limit ratios.
+- What is timed is the served code itself: the catalog_scorer model.py's CatalogScan over files
+  written by the same publisher (`write_version_files`), after checking its top-k equals numpy's
+  exact ranking (float64, stable) for several users.
+- Reduced precision (benchmark-only graphs, not served): INT8 (MatMulInteger on an int8 copy)
+  and FP16 copies of Et; top-k overlap with the exact answer, raw and after an exact float64
+  re-rank of K + margin candidates (what a served variant would do), and their time.
+- Served: the same index behind tritonserver (gRPC, python backend), one user per request.
+
+Synthetic unit vectors stand in for size (quality is measured on real items by the tests).
+`python -m mmrec.benchmarks.index_scan --help` or `mmrec bench-index`.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from mmrec import schema
+
+from .machine import command_line, cpu_info, git_commit, loadavg, machine_info, package_versions
+
+DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
+DEFAULT_DIM = 256
+DEFAULT_K = 100
+BATCH_USERS = 32
+CHECK_USERS = 8
+BANDWIDTH_BYTES = 512 * 2**20
+GEMM_SIZE = 2048
+DEFAULT_OUTPUT = Path("benchmarks/results/index")
+QUANT_MARGIN_FACTOR = 2  # quantized scans keep 2K candidates for the exact re-rank
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def _threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def memory_kib() -> dict[str, int]:
+    """RSS split: anonymous (heap) vs file-backed (mmapped index files in the page cache)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    a = np.asarray(samples) * 1e3
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+            "p99_ms": float(np.percentile(a, 99)), "min_ms": float(a.min()), "runs": len(a)}
+
+
+def timed(fn, runs: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def unit_vectors(n: int, d: int, seed: int, block: int = 262_144) -> np.ndarray:
+    """[n, d] float32 unit vectors, generated in blocks (1M x 256 is 1 GiB)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, d), np.float32)
+    for start in range(0, n, block):
+        v = rng.standard_normal((min(block, n - start), d), dtype=np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        out[start:start + len(v)] = v
+    return out
+
+
+def simulated_users(vectors: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """A user = the mean of 3 items' vectors (the project's user model)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([vectors[rng.choice(len(vectors), 3, replace=False)].mean(axis=0)
+                     for _ in range(count)]).astype(np.float32)
+
+
+def exact_top_k(vectors: np.ndarray, users: np.ndarray, k: int, block: int = 131_072) -> np.ndarray:
+    """numpy's exact ranking: float64 logits, (score desc, row asc); blocked to bound memory."""
+    logits = np.empty((len(users), len(vectors)), np.float64)
+    u = users.astype(np.float64)
+    for start in range(0, len(vectors), block):
+        logits[:, start:start + block] = u @ vectors[start:start + block].astype(np.float64).T
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+
+
+# ---------------------------------------------------------------------------------- limits
+
+def measure_bandwidth(threads: int, nbytes: int = BANDWIDTH_BYTES, repeats: int = 7) -> dict:
+    """Threaded numpy copy: (read + write) bytes / best time, and the median for context."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    parts = np.array_split(np.arange(len(src)), threads)
+    slices = [slice(int(p[0]), int(p[-1]) + 1) for p in parts if len(p)]
+
+    def once() -> float:
+        workers = [threading.Thread(target=np.copyto, args=(dst[s], src[s])) for s in slices]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return time.perf_counter() - start
+
+    once()
+    times = [once() for _ in range(repeats)]
+    return {"copy_gbps_best": 2 * nbytes / min(times) / 1e9, "copy_gbps_median": 2 * nbytes / float(np.median(times)) / 1e9,
+            "bytes": nbytes, "threads": threads, "method": "numpy.copyto per thread; (read+write) bytes / time"}
+
+
+def measure_gemm_peak(threads: int, size: int = GEMM_SIZE, repeats: int = 5) -> dict:
+    """sgemm GFLOP/s: numpy (its BLAS) and ONNX Runtime MatMul (MLAS), same thread count."""
+    from onnx import TensorProto, helper
+
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    flops = 2.0 * size ** 3
+    numpy_times = timed(lambda: a @ a, repeats, warmup=1)
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [size, size])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])])
+    session = _ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+                           threads)
+    ort_times = timed(lambda: session.run(None, {"a": a, "b": a}), repeats, warmup=1)
+    numpy_gflops, ort_gflops = flops / min(numpy_times) / 1e9, flops / min(ort_times) / 1e9
+    return {"numpy_gflops": numpy_gflops, "onnxruntime_gflops": ort_gflops,
+            "peak_gflops": max(numpy_gflops, ort_gflops), "size": size, "threads": threads}
+
+
+def _ort_session(model, threads: int, prepacking: bool = True):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------------------------- the served scan
+
+@dataclass
+class Limits:
+    bandwidth_gbps: float
+    peak_gflops: float
+
+
+def bench_served_scan(vectors: np.ndarray, users: np.ndarray, k: int, folder: Path, runs: int,
+                      batch_runs: int, prepacking: bool, limits: Limits) -> dict:
+    """Time the catalog_scorer model's own CatalogScan over freshly published files."""
+    from mmrec.index_publish import fingerprint, write_version_files
+    from mmrec.python_models import load_python_model
+
+    n, d = vectors.shape
+    ids = [f"item-{i}" for i in range(n)]
+    if not (folder / "index.json").is_file():
+        write_version_files(folder, ids, vectors, fingerprint(ids, vectors))
+    gc.collect()
+    before = memory_kib()
+    start = time.perf_counter()
+    scan = load_python_model(schema.CATALOG_SCORER).CatalogScan(folder, prepacking=prepacking)
+    load_s = time.perf_counter() - start
+    loaded = memory_kib()
+    want = exact_top_k(vectors, users[:CHECK_USERS], k)
+    got = scan.search(users[:CHECK_USERS], k)
+    exact = bool((got.rows == want).all())
+    one = users[:1]
+    single = percentiles(timed(lambda: scan.search(one, k), runs))
+    batch = users[:BATCH_USERS]
+    batched = percentiles(timed(lambda: scan.search(batch, k), batch_runs))
+    after = memory_kib()
+    scan_bytes = n * d * 4
+    t_bw = scan_bytes / (limits.bandwidth_gbps * 1e9)
+    flops = 2.0 * len(batch) * n * d
+    t_flop = flops / (limits.peak_gflops * 1e9)
+    del scan
+    gc.collect()
+    return {
+        "items": n, "dim": d, "k": k, "prepacking": prepacking, "exact_vs_numpy": exact,
+        "load_s": load_s, "one_user": single, "batch_users": len(batch), "batch": batched,
+        "index_bytes_scan": scan_bytes, "files_bytes": sum(p.stat().st_size for p in folder.iterdir()),
+        "rss_kib": {"before": before, "loaded": loaded, "after_queries": after},
+        "bound_one_user_ms": t_bw * 1e3, "one_user_over_bound": single["p50_ms"] / (t_bw * 1e3),
+        "bound_batch_ms": t_flop * 1e3, "batch_over_bound": batched["p50_ms"] / (t_flop * 1e3),
+        "batch_gflops": flops / (batched["p50_ms"] / 1e3) / 1e9,
+        "one_user_gbps": scan_bytes / (single["p50_ms"] / 1e3) / 1e9,
+    }
+
+
+# ---------------------------------------------------------------------------------- reduced precision
+
+def _quantized_session(vectors: np.ndarray, precision: str, threads: int):
+    """Benchmark-only scan graphs over an FP16 or INT8 copy of Et: user -> (logits, TopK rows)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = vectors.shape[1]
+    et = np.ascontiguousarray(vectors.T)
+    user = helper.make_tensor_value_info("u", TensorProto.FLOAT, ["B", d])
+    k = helper.make_tensor_value_info("k", TensorProto.INT64, [1])
+    outputs = [helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
+               helper.make_tensor_value_info("i", TensorProto.INT64, None)]
+    if precision == "fp16":
+        inits = [numpy_helper.from_array(et.astype(np.float16), "et")]
+        nodes = [helper.make_node("Cast", ["u"], ["u16"], to=TensorProto.FLOAT16),
+                 helper.make_node("MatMul", ["u16", "et"], ["s16"]),
+                 helper.make_node("Cast", ["s16"], ["s"], to=TensorProto.FLOAT)]
+    elif precision == "int8":
+        scale = float(np.abs(et).max()) / 127.0  # symmetric, per tensor (unit vectors)
+        inits = [numpy_helper.from_array(np.clip(np.round(et / scale), -127, 127).astype(np.int8), "et")]
+        nodes = [helper.make_node("DynamicQuantizeLinear", ["u"], ["uq", "us", "uz"]),
+                 helper.make_node("MatMulInteger", ["uq", "et", "uz"], ["si"]),
+                 helper.make_node("Cast", ["si"], ["s"], to=TensorProto.FLOAT)]
+    else:
+        raise ValueError(precision)
+    nodes.append(helper.make_node("TopK", ["s", "k"], ["v", "i"], axis=-1))
+    model = helper.make_model(helper.make_graph(nodes, f"scan_{precision}", [user, k], outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    return _ort_session(model.SerializeToString(), threads)
+
+
+def bench_reduced_precision(vectors: np.ndarray, users: np.ndarray, k: int, runs: int, threads: int,
+                            fp32_one_user_ms: float) -> dict:
+    """Overlap@k with the exact answer (raw, and after an exact re-rank of 2K candidates) and time."""
+    want = exact_top_k(vectors, users, k)
+    results = {}
+    for precision in ("fp16", "int8"):
+        try:
+            session = _quantized_session(vectors, precision, threads)
+        except Exception as err:  # noqa: BLE001 - a kernel ORT lacks on this CPU is a result too
+            results[precision] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            continue
+        candidates = min(len(vectors), QUANT_MARGIN_FACTOR * k)
+        _, rows = session.run(None, {"u": users, "k": np.array([candidates], np.int64)})
+        raw = np.mean([len(set(rows[b, :k]) & set(want[b])) / k for b in range(len(users))])
+        reranked = []
+        for b in range(len(users)):
+            cand = np.sort(rows[b])
+            exact = vectors[cand].astype(np.float64) @ users[b].astype(np.float64)
+            reranked.append(cand[np.argsort(-exact, kind="stable")[:k]])
+        overlap_rerank = np.mean([len(set(reranked[b]) & set(want[b])) / k for b in range(len(users))])
+        identical = float(np.mean([(reranked[b] == want[b]).all() for b in range(len(users))]))
+        one = percentiles(timed(lambda: session.run(None, {"u": users[:1], "k": np.array([candidates], np.int64)}), runs))
+        results[precision] = {"overlap_at_k_raw": float(raw), "overlap_at_k_after_exact_rerank": float(overlap_rerank),
+                              "identical_after_rerank": identical, "candidates": candidates,
+                              "one_user_scan": one, "speedup_vs_fp32_served": fp32_one_user_ms / one["p50_ms"],
+                              "index_bytes": vectors.size * (2 if precision == "fp16" else 1)}
+        del session
+        gc.collect()
+    return results
+
+
+# ---------------------------------------------------------------------------------- through Triton
+
+def bench_through_triton(folder: Path, users: np.ndarray, k: int, runs: int) -> dict:
+    """One user per gRPC request to catalog_scorer on a real tritonserver (python backend)."""
+    import tritonclient.grpc as grpcclient
+
+    from mmrec.index_publish import ServeOptions, scorer_config_text
+    from mmrec.server import ServerConfig, TritonServer, free_ports
+
+    meta = json.loads((folder / "index.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="mmrec-bench-index-") as tmp:
+        model = Path(tmp) / "repository" / schema.CATALOG_SCORER
+        (model / "1").mkdir(parents=True)
+        for path in folder.iterdir():
+            os.symlink(path.resolve(), model / "1" / path.name)
+        (model / "config.pbtxt").write_text(scorer_config_text(meta["dim"], BATCH_USERS, ServeOptions()))
+        http, grpc, metrics = free_ports(3)
+        config = ServerConfig(repository=model.parent, http_port=http, grpc_port=grpc, metrics_port=metrics)
+        with TritonServer(config, log_path=Path(tmp) / "triton.log", ready_timeout_s=600) as server:
+            client = grpcclient.InferenceServerClient(server.urls["grpc"])
+            try:
+                def once() -> None:
+                    inputs = [grpcclient.InferInput(schema.USER_EMBEDDING, [1, meta["dim"]], "FP32"),
+                              grpcclient.InferInput(schema.TOP_K, [1, 1], "INT32")]
+                    inputs[0].set_data_from_numpy(users[:1])
+                    inputs[1].set_data_from_numpy(np.array([[k]], np.int32))
+                    client.infer(schema.CATALOG_SCORER, inputs)
+                return percentiles(timed(once, runs, warmup=5))
+            finally:
+                client.close()
+
+
+# ---------------------------------------------------------------------------------- report
+
+def run(sizes: tuple[int, ...] = DEFAULT_SIZES, dim: int = DEFAULT_DIM, k: int = DEFAULT_K,
+        output: Path = DEFAULT_OUTPUT, served: bool = True, quick: bool = False, workdir: Path | None = None) -> dict:
+    threads = _threads()
+    report: dict = {"command": command_line(), "machine": machine_info(), "cpu": cpu_info(),
+                    "packages": package_versions(), "git": git_commit(), "threads": threads,
+                    "sizes": list(sizes), "dim": dim, "k": k, "catalogs": [], "notes": []}
+    report["bandwidth"] = measure_bandwidth(threads)
+    report["gemm"] = measure_gemm_peak(threads)
+    limits = Limits(report["bandwidth"]["copy_gbps_best"], report["gemm"]["peak_gflops"])
+    report["limits_used"] = {"bandwidth_gbps": limits.bandwidth_gbps, "peak_gflops": limits.peak_gflops}
+    root = Path(workdir or tempfile.mkdtemp(prefix="mmrec-index-bench-"))
+    try:
+        for n in sizes:
+            runs = 30 if quick else (200 if n <= 100_000 else 60)
+            batch_runs = 5 if quick else (30 if n <= 100_000 else 8)
+            vectors = unit_vectors(n, dim, seed=n)
+            users = simulated_users(vectors, max(BATCH_USERS, CHECK_USERS), seed=1)
+            entry = {"items": n, "loadavg_start": loadavg()}
+            folder = root / f"n{n}"
+            entry["fp32"] = bench_served_scan(vectors, users, k, folder, runs, batch_runs, False, limits)
+            if n <= 100_000 and not quick:  # the batched GEMM with MLAS's prepacked copy (memory x2)
+                entry["fp32_prepacked"] = bench_served_scan(vectors, users, k, folder, runs, batch_runs, True, limits)
+            entry["reduced_precision"] = bench_reduced_precision(
+                vectors, users[:CHECK_USERS * 2], k, runs, threads, entry["fp32"]["one_user"]["p50_ms"])
+            if served:
+                entry["through_triton_one_user"] = bench_through_triton(folder, users, k, runs)
+            entry["loadavg_end"] = loadavg()
+            report["catalogs"].append(entry)
+            shutil.rmtree(folder, ignore_errors=True)
+            del vectors
+            gc.collect()
+    finally:
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    report["machine"]["loadavg_end"] = loadavg()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "index_scan.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, output / "index_scan.png")
+    (output / "summary.md").write_text(summary_markdown(report))
+    return report
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = report["catalogs"]
+    n = [c["items"] for c in cats]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.loglog(n, [c["fp32"]["one_user"]["p50_ms"] for c in cats], "o-", label="served scan, fp32 exact (p50)")
+    left.loglog(n, [c["fp32"]["bound_one_user_ms"] for c in cats], "k--", label="Et bytes / copy bandwidth")
+    for precision, marker in (("int8", "s:"), ("fp16", "^:")):
+        pts = [(c["items"], c["reduced_precision"][precision]["one_user_scan"]["p50_ms"]) for c in cats
+               if "one_user_scan" in c["reduced_precision"].get(precision, {})]
+        if pts:
+            left.loglog(*zip(*pts), marker, label=f"{precision} scan only (benchmark graph)")
+    tri = [(c["items"], c["through_triton_one_user"]["p50_ms"]) for c in cats if "through_triton_one_user" in c]
+    if tri:
+        left.loglog(*zip(*tri), "d-", label="through Triton gRPC (p50)")
+    left.axhline(10, color="grey", lw=0.5)
+    left.set_xlabel("catalog items (256-d)")
+    left.set_ylabel("one user, top-100 latency (ms)")
+    left.legend(fontsize=7)
+    right.loglog(n, [c["fp32"]["batch"]["p50_ms"] for c in cats], "o-", label=f"{BATCH_USERS} users, served (p50)")
+    right.loglog(n, [c["fp32"]["bound_batch_ms"] for c in cats], "k--", label="2·B·N·D / GEMM peak")
+    pre = [(c["items"], c["fp32_prepacked"]["batch"]["p50_ms"]) for c in cats if "fp32_prepacked" in c]
+    if pre:
+        right.loglog(*zip(*pre), "x:", label="served, prepacked weights")
+    right.set_xlabel("catalog items (256-d)")
+    right.set_ylabel(f"batch of {BATCH_USERS} users (ms)")
+    right.legend(fontsize=7)
+    cpu = report["cpu"]["model"]
+    fig.suptitle(f"catalog scan — {cpu}, {report['threads']} threads, load {report['machine']['loadavg_start']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_markdown(report: dict) -> str:
+    bw, gemm = report["bandwidth"], report["gemm"]
+    lines = [
+        "# Catalog scan benchmark (issue 13)", "",
+        f"Command: `{report['command']}`  ",
+        f"CPU: {report['cpu']['model']}, {report['threads']} usable cores, flags "
+        f"{', '.join(f for f, on in report['cpu']['flags'].items() if on)}; load average at start "
+        f"{report['machine']['loadavg_start']}, end {report['machine']['loadavg_end']}; commit "
+        f"{(report['git'].get('commit') or '')[:10]}{' (dirty tree)' if report['git'].get('dirty') else ''}.", "",
+        f"Limits measured in this run: copy bandwidth {bw['copy_gbps_best']:.1f} GB/s (best; median "
+        f"{bw['copy_gbps_median']:.1f}), sgemm peak {gemm['peak_gflops']:.0f} GFLOP/s (numpy {gemm['numpy_gflops']:.0f}, "
+        f"ORT {gemm['onnxruntime_gflops']:.0f}).", "",
+        "| items | exact | one user p50 / p95 (ms) | bound (ms) | ×bound | batch of 32 p50 (ms) | bound (ms) | ×bound "
+        "| via Triton p50 (ms) | RSS anon / file after queries (MiB) | files (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in report["catalogs"]:
+        f = c["fp32"]
+        rss = f["rss_kib"]["after_queries"]
+        tri = c.get("through_triton_one_user", {}).get("p50_ms")
+        lines.append(
+            f"| {c['items']:,} | {'yes' if f['exact_vs_numpy'] else '**no**'} | {f['one_user']['p50_ms']:.2f} / "
+            f"{f['one_user']['p95_ms']:.2f} | {f['bound_one_user_ms']:.2f} | {f['one_user_over_bound']:.2f} | "
+            f"{f['batch']['p50_ms']:.1f} | {f['bound_batch_ms']:.1f} | {f['batch_over_bound']:.2f} | "
+            f"{'–' if tri is None else f'{tri:.2f}'} | {rss.get('RssAnon', 0) / 1024:.0f} / "
+            f"{rss.get('RssFile', 0) / 1024:.0f} | {f['files_bytes'] / 2**20:.0f} |")
+    lines += ["", "Prepacked weights (MLAS copies Et into its GEMM layout; memory ×2):", ""]
+    for c in report["catalogs"]:
+        if "fp32_prepacked" in c:
+            p = c["fp32_prepacked"]
+            lines.append(f"- {c['items']:,} items: one user p50 {p['one_user']['p50_ms']:.2f} ms, batch of 32 "
+                         f"{p['batch']['p50_ms']:.1f} ms (×{p['batch_over_bound']:.2f} of the GEMM bound), "
+                         f"RSS anon {p['rss_kib']['after_queries'].get('RssAnon', 0) / 1024:.0f} MiB")
+    lines += ["", "Reduced-precision copies of the index (benchmark graphs; scan time for one user, and top-100 "
+              "overlap with the exact answer raw / after an exact re-rank of 2K candidates):", "",
+              "| items | precision | scan p50 (ms) | speed-up vs served fp32 | overlap raw | overlap re-ranked | "
+              "identical lists re-ranked |", "|---|---|---|---|---|---|---|"]
+    for c in report["catalogs"]:
+        for precision, r in c["reduced_precision"].items():
+            if "error" in r:
+                lines.append(f"| {c['items']:,} | {precision} | {r['error']} | | | | |")
+                continue
+            lines.append(f"| {c['items']:,} | {precision} | {r['one_user_scan']['p50_ms']:.2f} | "
+                         f"{r['speedup_vs_fp32_served']:.2f}× | {r['overlap_at_k_raw']:.3f} | "
+                         f"{r['overlap_at_k_after_exact_rerank']:.3f} | {r['identical_after_rerank']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_index_command(
+    sizes: Annotated[str, typer.Option(help="Catalog sizes, comma-separated.")] = ",".join(map(str, DEFAULT_SIZES)),
+    dim: Annotated[int, typer.Option(help="Embedding width.")] = DEFAULT_DIM,
+    k: Annotated[int, typer.Option(help="Top-k.")] = DEFAULT_K,
+    output: Annotated[Path, typer.Option(help="Where JSON, PNG and summary.md go.")] = DEFAULT_OUTPUT,
+    served: Annotated[bool, typer.Option("--served/--no-served", help="Also time it through tritonserver.")] = True,
+    quick: Annotated[bool, typer.Option(help="Few repetitions (CI smoke run).")] = False,
+    workdir: Annotated[Optional[Path], typer.Option(help="Scratch folder for index files (default: a temp dir).")] = None,
+) -> None:
+    """Catalog scan: top-k latency and memory at 10k/100k/1M items vs measured bandwidth and GEMM peak."""
+    report = run(tuple(int(s) for s in sizes.split(",") if s), dim, k, output, served, quick, workdir)
+    print(summary_markdown(report))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    typer.run(bench_index_command)
