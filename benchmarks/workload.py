@@ -43,7 +43,7 @@ class Workload:
         self.preprocess = PreprocessConfig.load(self.repository)
         self.tokenizer_file = tokenizer_file_in(self.repository)
         if items is None:
-            _, items = split(load_items())
+            items = split(load_items()).held_out
         if not items:
             raise WorkloadError("no held-out items to benchmark with")
         self.items = items

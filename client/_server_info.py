@@ -122,6 +122,7 @@ def server_info(url: str, protocol: str, configs: dict[str, dict], names: ModelN
         image_mean=_floats(image["image_mean"]),
         image_std=_floats(image["image_std"]),
         background=tuple(int(v) for v in image["background"].split(",")),
+        image_fit=image.get("image_fit", "pad"),
         max_image_bytes=int(image["max_image_bytes"]),
         max_image_pixels=int(image["max_image_pixels"]),
         categories=categories,

@@ -10,10 +10,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmrec import schema
-from mmrec.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TEXT_BYTES
+from mmrec.preprocess import (DEFAULT_IMAGE_FIT, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
+                              DEFAULT_MAX_TEXT_BYTES)
 from .errors import ExportError
 from .models.image import DEFAULT_IMAGE_ENCODER
-from .pipeline import DEFAULT_OUTPUT, PRECISIONS, ExportOptions, Exporter, Reporter
+from .pipeline import DEFAULT_OUTPUT, DEFAULT_SEEDS, PRECISIONS, ExportOptions, Exporter, Reporter
 from .repository import Target
 
 console = Console(stderr=True)
@@ -64,6 +65,8 @@ def export_command(
     max_image_bytes: int = typer.Option(DEFAULT_MAX_IMAGE_BYTES, help="Request limit: largest encoded image accepted, in bytes."),
     max_image_pixels: int = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, help="Request limit: largest width x height accepted (checked from the header, before decoding)."),
     max_text_bytes: int = typer.Option(DEFAULT_MAX_TEXT_BYTES, help="Request limit: longest text accepted, in UTF-8 bytes."),
+    image_fit: str = typer.Option(DEFAULT_IMAGE_FIT, help="How a non-square image becomes square: crop (centre crop, the encoders' ImageNet recipe) or pad (letterbox the whole picture)."),
+    seeds: int = typer.Option(DEFAULT_SEEDS, help="Training seeds behind the held-out mean +- std in the manifest (1 = no spread)."),
     gpu: bool = typer.Option(False, help="onnxruntime target: place encoder instances on the GPU."),
     atol: float = typer.Option(1e-4, help="FP32 parity tolerance (max abs error vs PyTorch)."),
 ) -> None:
@@ -76,7 +79,7 @@ def export_command(
         precisions=tuple(dict.fromkeys(["fp32", *precision])),
         serve_variants=_parse_serve_variants(serve_variant), max_batch_size=max_batch_size,
         max_seq_len=max_seq_len, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-        max_text_bytes=max_text_bytes, atol=atol, gpu=gpu)
+        max_text_bytes=max_text_bytes, atol=atol, image_fit=image_fit, seeds=seeds, gpu=gpu)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console) as progress:
@@ -91,7 +94,7 @@ def summarize(manifest: dict) -> None:
     from rich.table import Table
 
     table = Table(title="exported models")
-    for column in ("model", "variant", "served", "bytes", "parity max|Δ|", "gate"):
+    for column in ("model", "variant", "served", "bytes", "parity max|Δ|", "gate (cos / long cos / top-10)"):
         table.add_column(column)
     for name, info in manifest["models"].items():
         for variant, entry in info["variants"].items():
@@ -99,9 +102,34 @@ def summarize(manifest: dict) -> None:
             gate = entry.get("gate")
             table.add_row(name, variant, "yes" if variant == info["served_variant"] else "",
                           str(entry.get("bytes", "-")), f"{parity:.2e}" if parity is not None else "-",
-                          "-" if gate is None else ("pass" if gate["passed"] else "FAIL: " + "; ".join(gate["reasons"])))
+                          _gate_cell(gate))
     console.print(table)
-    held = manifest["training"]["held_out"]
+    training = manifest["training"]
+    held = training["held_out"]
     console.print(f"fusion head on {held['items']} held-out items: interest accuracy "
                   f"{held['interest_accuracy']:.3f}, macro-F1 {held['interest_macro_f1']:.3f}, "
-                  f"alignment AUC {held['alignment_pair_auc']:.3f}")
+                  f"alignment AUC {held['alignment_pair_auc']:.3f}, text->image R@1 "
+                  f"{held['text_to_image_recall_at_1']:.3f}")
+    spread = training.get("held_out_seed_spread")
+    if spread:
+        console.print(f"over {spread['seeds']} seeds (mean ± std): " + ", ".join(
+            f"{key} {spread[key]['mean']:.3f} ± {spread[key]['std']:.3f}"
+            for key in spread if key != "seeds"))
+    per_class = Table(title="held-out interest categories")
+    for column in ("category", "support", "precision", "recall", "F1"):
+        per_class.add_column(column)
+    for category, scores in held["per_class"].items():
+        per_class.add_row(category, str(scores["support"]), f"{scores['precision']:.2f}",
+                          f"{scores['recall']:.2f}", f"{scores['f1']:.2f}")
+    console.print(per_class)
+
+
+def _gate_cell(gate: dict | None) -> str:
+    if gate is None:
+        return "-"
+    numbers = f"{gate['mean_cosine']:.4f}"
+    if gate.get("long_input_mean_cosine") is not None:
+        numbers += f" / {gate['long_input_mean_cosine']:.4f}"
+    numbers += f" / {gate['neighbour_agreement']:.3f}"
+    return (f"pass ({numbers})" if gate["passed"]
+            else f"FAIL ({numbers}): " + "; ".join(gate["reasons"]))

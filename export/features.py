@@ -2,12 +2,15 @@
 
 Texts go through the server's own tokenizer and images through the server's own decoder
 (model_repository/*/1/model.py), so what the fusion head learns from is exactly what it will
-receive when served.
+receive when served. Every item is tokenized, decoded and encoded once per export; the parts
+(train / validation / held-out), parity cases, variant gates and calibration all read from
+that one `EncodedDataset`.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -17,6 +20,9 @@ from mmrec.preprocess import PreprocessConfig
 from .data import Item
 
 Progress = Callable[[int], None]
+# One fixed intra-op thread count for feature extraction: results must not depend on how many
+# cores the export machine has.
+FEATURE_THREADS = 2
 
 
 @dataclass
@@ -26,9 +32,44 @@ class ItemFeatures:
     labels: np.ndarray  # [N] category index
 
 
+@dataclass
+class EncodedDataset:
+    """All items, decoded and encoded once: uint8 pixels plus both encoders' features."""
+
+    items: list[Item]
+    pixels: np.ndarray  # uint8 [N, S, S, 3], the server decoder's output before normalization
+    features: ItemFeatures
+    normalize: Callable[[np.ndarray], np.ndarray]
+
+    def __post_init__(self) -> None:
+        self._row = {item.item_id: row for row, item in enumerate(self.items)}
+
+    def rows(self, items: list[Item]) -> np.ndarray:
+        return np.array([self._row[item.item_id] for item in items], dtype=np.int64)
+
+    def subset(self, items: list[Item]) -> ItemFeatures:
+        rows = self.rows(items)
+        f = self.features
+        return ItemFeatures(f.text[rows], f.image[rows], f.labels[rows])
+
+    def pixel_values(self, items: list[Item]) -> np.ndarray:
+        """Normalized FP32 [N, 3, S, S] exactly as image_preprocess serves them."""
+        return self.normalize(self.pixels[self.rows(items)])
+
+
 def _batches(seq: list, size: int) -> Iterable[list]:
     for start in range(0, len(seq), size):
         yield seq[start:start + size]
+
+
+@contextmanager
+def fixed_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @torch.inference_mode()
@@ -60,11 +101,23 @@ def decode_images(config: PreprocessConfig, items: list[Item]) -> np.ndarray:
     return image_decoder(config)([item.image_bytes() for item in items])
 
 
+def encode_dataset(text_model, image_model, config: PreprocessConfig, tokenizer_file,
+                   items: list[Item], progress: Progress | None = None) -> EncodedDataset:
+    """Tokenize, decode and encode every item once (fixed thread count, batch order by id)."""
+    tokenizer = text_tokenizer(config, tokenizer_file)
+    decoder = image_decoder(config)
+    categories = {c: i for i, c in enumerate(config.categories)}
+    pixels = np.stack([decoder.decode(item.image_bytes(), i) for i, item in enumerate(items)])
+    with fixed_threads(FEATURE_THREADS):
+        text = encode_texts(text_model, tokenizer, [i.caption for i in items], progress=progress)
+        image = np.concatenate([
+            encode_pixels(image_model, decoder.normalize(pixels[start:start + 64]), progress=progress)
+            for start in range(0, len(pixels), 64)])
+    labels = np.array([categories[i.category] for i in items], dtype=np.int64)
+    return EncodedDataset(items, pixels, ItemFeatures(text, image, labels), decoder.normalize)
+
+
 def encode_items(text_model, image_model, config: PreprocessConfig, tokenizer_file,
                  items: list[Item], progress: Progress | None = None) -> ItemFeatures:
-    tokenizer = text_tokenizer(config, tokenizer_file)
-    categories = {c: i for i, c in enumerate(config.categories)}
-    text = encode_texts(text_model, tokenizer, [i.caption for i in items], progress=progress)
-    image = encode_pixels(image_model, decode_images(config, items), progress=progress)
-    labels = np.array([categories[i.category] for i in items], dtype=np.int64)
-    return ItemFeatures(text, image, labels)
+    """Features of some items (tests and tools; export encodes the whole dataset once)."""
+    return encode_dataset(text_model, image_model, config, tokenizer_file, items, progress).features

@@ -19,14 +19,14 @@ import torch
 
 from mmrec import schema
 from mmrec.export_defaults import DEFAULT_REPOSITORY
-from mmrec.preprocess import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
-                              DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_TEXT_BYTES, DEFAULT_SEQ_BUCKETS,
-                              PreprocessConfig)
+from mmrec.preprocess import (DEFAULT_IMAGE_FIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGE_BYTES,
+                              DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_TEXT_BYTES,
+                              DEFAULT_SEQ_BUCKETS, IMAGE_FITS, PreprocessConfig)
 from mmrec.python_models import text_tokenizer
 from . import variants as var
-from .data import Item, categories_of, dataset_fingerprint, load_items, split
+from .data import Item, categories_of, dataset_fingerprint, image_hash, load_items, split
 from .errors import ExportError, ModelSourceError, QualityGateError
-from .features import ItemFeatures, decode_images, encode_items
+from .features import EncodedDataset, ItemFeatures, encode_dataset
 from .manifest import file_entry, package_versions, sha256_file, sha256_tree, write_manifest
 from .models.fusion import FusionConfig, FusionHead, UserItemScorer
 from .models.image import DEFAULT_IMAGE_ENCODER, IMAGE_ENCODERS, load_image_encoder
@@ -34,7 +34,7 @@ from .models.text import load_text_encoder, text_hidden_size
 from .onnx_export import export_onnx, slim
 from .parity import ATOL_FP32, check_parity, cpu_session
 from .repository import RepositoryLayout, Target, write_repository
-from .train import evaluate_fusion, train_fusion
+from .train import evaluate_fusion, seed_spread, train_fusion
 
 PRECISIONS = ("fp32", "int8", "fp16")
 QUANTIZABLE = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
@@ -42,6 +42,8 @@ CALIBRATION_IMAGES = 64
 FUSION_CHECKPOINT = "fusion_head.safetensors"
 CHECKPOINT_METADATA_KEY = "mmrec_fusion"
 DEFAULT_OUTPUT = DEFAULT_REPOSITORY
+DEFAULT_SEEDS = 5  # training seeds behind the reported mean +- std
+LONG_TEXT_CASES = 32  # texts of max_seq_len tokens in the variant gates
 
 
 @dataclass
@@ -62,6 +64,8 @@ class ExportOptions:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
     atol: float = ATOL_FP32
+    image_fit: str = DEFAULT_IMAGE_FIT
+    seeds: int = DEFAULT_SEEDS
     gpu: bool = False
     models: tuple[str, ...] = schema.ONNX_MODELS  # which members to export (all for a repository)
 
@@ -81,6 +85,10 @@ class ExportOptions:
             raise ModelSourceError(f"image weights file {self.image_weights} does not exist")
         if self.fusion_checkpoint is not None and not Path(self.fusion_checkpoint).is_file():
             raise ModelSourceError(f"fusion checkpoint {self.fusion_checkpoint} does not exist")
+        if self.image_fit not in IMAGE_FITS:
+            raise ExportError(f"unknown image fit {self.image_fit!r}; choose from {IMAGE_FITS}")
+        if not 1 <= self.seeds <= 100:
+            raise ExportError(f"--seeds must be within 1..100, got {self.seeds}")
         if not 1 <= self.max_batch_size <= 1024:
             raise ExportError(f"max batch size {self.max_batch_size} is outside 1..1024")
         if not 8 <= self.max_seq_len <= 512:
@@ -121,7 +129,9 @@ class Sources:
     preprocess: PreprocessConfig
     items: list[Item]
     train: list[Item]
+    validation: list[Item]
     held_out: list[Item]
+    image_encoder: str
 
 
 @contextmanager
@@ -146,16 +156,17 @@ def load_sources(options: ExportOptions) -> Sources:
     text_model, text_folder = load_text_encoder(options.text_model)
     image_model, entry, weights = load_image_encoder(options.image_encoder, options.image_weights)
     items = load_items()
-    train, held_out = split(items)
+    parts = split(items, [image_hash(item) for item in items])
     preprocess = PreprocessConfig(
         max_seq_len=options.max_seq_len, seq_buckets=options.seq_buckets,
         image_size=entry.image_size, image_mean=entry.mean, image_std=entry.std,
-        categories=categories_of(items), max_batch_size=options.max_batch_size,
+        image_fit=options.image_fit, categories=categories_of(items), max_batch_size=options.max_batch_size,
         max_image_bytes=options.max_image_bytes, max_image_pixels=options.max_image_pixels,
         max_text_bytes=options.max_text_bytes,
         text_dim=text_hidden_size(text_model), image_dim=entry.feature_dim,
         item_dim=schema.ITEM_EMBEDDING_DIM)
-    return Sources(text_model, text_folder, image_model, weights, preprocess, items, train, held_out)
+    return Sources(text_model, text_folder, image_model, weights, preprocess, items, parts.train,
+                   parts.validation, parts.held_out, options.image_encoder)
 
 
 def load_fusion_checkpoint(path: Path, preprocess: PreprocessConfig) -> FusionHead:
@@ -198,16 +209,19 @@ def save_fusion_checkpoint(model: FusionHead, categories: tuple[str, ...], path:
 
 # ---- parity cases on real inputs --------------------------------------------------------------
 
-def text_cases(sources: Sources) -> list[tuple[str, dict[str, np.ndarray]]]:
+def joined_captions(captions: list[str], count: int, per_text: int) -> list[str]:
+    """`count` texts of `per_text` real captions each: long inputs made of real language."""
+    return [" ".join(captions[(b * per_text + j) % len(captions)] for j in range(per_text))
+            for b in range(count)]
+
+
+def text_cases(sources: Sources, tokenizer) -> list[tuple[str, dict[str, np.ndarray]]]:
     """Real captions at batch 1/8/32; long texts are captions joined to reach each length."""
-    tokenizer = text_tokenizer(sources.preprocess, sources.text_folder / "tokenizer.json")
     captions = [i.caption for i in sources.held_out]
     cases = []
     for words_per_text in (1, 6, 30):  # ~16, ~64 and max_seq_len tokens
         for batch in (1, 8, 32):
-            texts = [" ".join(captions[(b * words_per_text + j) % len(captions)]
-                              for j in range(words_per_text)) for b in range(batch)]
-            ids, mask = tokenizer(texts)
+            ids, mask = tokenizer(joined_captions(captions, batch, words_per_text))
             cases.append((f"batch={batch} seq={ids.shape[1]}",
                           {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask}))
     return cases
@@ -250,31 +264,39 @@ class Exporter:
         o, p = self.options, sources.preprocess
         members = schema.member_specs(len(p.categories), p.text_dim, p.image_dim, p.item_dim, p.image_size)
         tokenizer_file = sources.text_folder / "tokenizer.json"
+        tokenizer = text_tokenizer(p, tokenizer_file)
 
         # a user's checkpoint is checked before the long feature pass
         fusion = load_fusion_checkpoint(o.fusion_checkpoint, p) if o.fusion_checkpoint else None
         n = len(sources.items)
-        tick = self.reporter.step("encoding items with the PyTorch encoders", 2 * n)
-        train_f = encode_items(sources.text_model, sources.image_model, p, tokenizer_file, sources.train, tick)
-        held_f = encode_items(sources.text_model, sources.image_model, p, tokenizer_file, sources.held_out, tick)
+        tick = self.reporter.step(f"decoding and encoding {n} items with the PyTorch encoders", 2 * n)
+        dataset = encode_dataset(sources.text_model, sources.image_model, p, tokenizer_file,
+                                 sources.items, tick)
+        train_f, val_f, held_f = (dataset.subset(part) for part in
+                                  (sources.train, sources.validation, sources.held_out))
 
         fusion_dir = root / schema.FUSION / "variants"
+        config = FusionConfig(p.text_dim, p.image_dim, p.item_dim, num_categories=len(p.categories))
         if fusion is not None:
             training = {"source": "checkpoint", "sha256": sha256_file(o.fusion_checkpoint)}
         else:
-            config = FusionConfig(p.text_dim, p.image_dim, p.item_dim, num_categories=len(p.categories))
             fusion, loss = train_fusion(train_f, config, self.reporter.step("training the fusion head", 60))
             training = {"source": "trained", "final_loss": round(loss, 6), "train_items": len(train_f.labels)}
-        training["held_out"] = evaluate_fusion(fusion, held_f, len(p.categories))
+            if o.seeds > 1:
+                training["held_out_seed_spread"] = seed_spread(
+                    train_f, held_f, config, o.seeds,
+                    self.reporter.step(f"fusion head: spread over {o.seeds} seeds", o.seeds))
+        training["validation"] = evaluate_fusion(fusion, val_f, len(p.categories), p.categories)
+        training["held_out"] = evaluate_fusion(fusion, held_f, len(p.categories), p.categories)
         save_fusion_checkpoint(fusion, p.categories, fusion_dir / FUSION_CHECKPOINT)
 
         staging = root / ".onnx"
-        fp32 = self._export_fp32(staging, members, sources, fusion, held_f)
+        fp32 = self._export_fp32(staging, members, sources, dataset, tokenizer, fusion, held_f)
         served: dict[str, Path] = {name: info["file"] for name, info in fp32.items()}
         models = {name: {"served_variant": "fp32",
                          "variants": {"fp32": {"parity": info["parity"], "file": info["file"]}}}
                   for name, info in fp32.items()}
-        self._variants(staging, sources, fusion, held_f, fp32, models)
+        gates = self._variants(staging, sources, dataset, tokenizer, fusion, held_f, fp32, models)
 
         for member, variant in o.serve_variants.items():
             entry = models[member]["variants"].get(variant)
@@ -283,9 +305,10 @@ class Exporter:
                 raise QualityGateError(f"cannot serve {member} [{variant}]: {reason}")
             served[member] = entry["file"]
             models[member]["served_variant"] = variant
+        combination = gates.served_combination(o.serve_variants) if gates else None
 
         if o.target is Target.tensorrt:
-            served = self._tensorrt(staging, fp32, members, sources)
+            served = self._tensorrt(staging, fp32, members, sources, dataset, tokenizer, models)
 
         layout = RepositoryLayout(o.target, p, served, tokenizer_file, gpu=o.gpu)
         written = write_repository(layout, root)
@@ -300,7 +323,7 @@ class Exporter:
                     shutil.copyfile(file, dest)
                     entry.update(file_entry(dest, root))
         shutil.rmtree(staging)
-        return {
+        manifest = {
             "format": 1,
             "target": o.target.value,
             "max_batch_size": o.max_batch_size,
@@ -308,26 +331,30 @@ class Exporter:
             "models": models,
             "training": training,
             "inputs": {
-                "text_model": {"path": str(sources.text_folder), "sha256": sha256_tree(sources.text_folder)},
-                "image_encoder": {"name": o.image_encoder, "weights": str(sources.image_weights),
-                                  "sha256": sha256_file(sources.image_weights)},
-                "dataset": {"items": len(sources.items), "held_out": len(sources.held_out),
+                "text_model": source_identity(sources.text_folder, sha256_tree(sources.text_folder)),
+                "image_encoder": {"name": sources.image_encoder,
+                                  **source_identity(sources.image_weights, sha256_file(sources.image_weights))},
+                "dataset": {"items": len(sources.items), "train": len(sources.train),
+                            "validation": len(sources.validation), "held_out": len(sources.held_out),
                             "sha256": dataset_fingerprint(sources.items)},
             },
             "versions": package_versions(),
         }
+        if combination is not None:
+            manifest["served_combination"] = combination
+        return manifest
 
-    def _export_fp32(self, staging: Path, members: dict, sources: Sources, fusion: FusionHead,
-                     held_f: ItemFeatures) -> dict[str, dict]:
+    def _export_fp32(self, staging: Path, members: dict, sources: Sources, dataset: EncodedDataset,
+                     tokenizer, fusion: FusionHead, held_f: ItemFeatures) -> dict[str, dict]:
         """Export, slim and parity-check each member; returns name -> {file, parity}."""
         o = self.options
         scorer = UserItemScorer().eval()
         with torch.inference_mode():
             item_emb = fusion(torch.from_numpy(held_f.text), torch.from_numpy(held_f.image))[0].numpy()
         users = item_emb[::-1].copy()
-        images = decode_images(sources.preprocess, sources.held_out[:16])
+        images = dataset.pixel_values(sources.held_out[:16])
         plans = {
-            schema.TEXT_ENCODER: (sources.text_model, text_cases(sources)),
+            schema.TEXT_ENCODER: (sources.text_model, text_cases(sources, tokenizer)),
             schema.IMAGE_ENCODER: (sources.image_model, [
                 (f"batch={b}", {schema.PIXEL_VALUES: images[:b]}) for b in (1, 4, 16)]),
             schema.FUSION: (fusion, [
@@ -351,65 +378,72 @@ class Exporter:
             results[name] = {"file": cleaned, "parity": report.to_dict()}
         return results
 
-    def _variants(self, staging: Path, sources: Sources, fusion: FusionHead, held_f: ItemFeatures,
-                  fp32: dict, models: dict) -> None:
-        """Build INT8/FP16 variants of the encoders and gate each against FP32 on held-out items."""
-        p = sources.preprocess
-        wanted = [v for v in self.options.precisions if v != "fp32"]
-        if not wanted:
-            return
-        tokenizer = text_tokenizer(p, sources.text_folder / "tokenizer.json")
+    def _gate_feeds(self, sources: Sources, dataset: EncodedDataset, tokenizer) -> tuple[dict, list]:
+        """Held-out inputs for each quantizable member, plus max_seq_len texts for the text gate."""
         captions = [i.caption for i in sources.held_out]
         text_feeds = [dict(zip((schema.INPUT_IDS, schema.ATTENTION_MASK), tokenizer(captions[i:i + 32])))
                       for i in range(0, len(captions), 32)]
-        pixels = decode_images(p, sources.held_out)
+        long_texts = joined_captions(captions, LONG_TEXT_CASES, 30)
+        long_feeds = [dict(zip((schema.INPUT_IDS, schema.ATTENTION_MASK), tokenizer(long_texts[i:i + 16])))
+                      for i in range(0, len(long_texts), 16)]
+        pixels = dataset.pixel_values(sources.held_out)
         image_feeds = [{schema.PIXEL_VALUES: pixels[i:i + 16]} for i in range(0, len(pixels), 16)]
-        feeds = {schema.TEXT_ENCODER: text_feeds, schema.IMAGE_ENCODER: image_feeds}
+        return {schema.TEXT_ENCODER: text_feeds, schema.IMAGE_ENCODER: image_feeds}, long_feeds
 
-        def predict(text: np.ndarray, image: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return fusion(torch.from_numpy(text), torch.from_numpy(image))[1].numpy().argmax(1)
-
-        reference = {name: ort_outputs(fp32[name]["file"], feeds[name]) for name in QUANTIZABLE
-                     if name in fp32}
-        for name in reference:
-            ref_pred = predict(reference.get(schema.TEXT_ENCODER, held_f.text),
-                               reference.get(schema.IMAGE_ENCODER, held_f.image))
+    def _variants(self, staging: Path, sources: Sources, dataset: EncodedDataset, tokenizer,
+                  fusion: FusionHead, held_f: ItemFeatures, fp32: dict, models: dict) -> "VariantGates | None":
+        """Build INT8/FP16 variants of the encoders and gate each against FP32 on held-out items
+        (text: also on max_seq_len inputs, where INT8 error grows with length)."""
+        p = sources.preprocess
+        wanted = [v for v in self.options.precisions if v != "fp32"]
+        if not wanted:
+            return None
+        feeds, long_feeds = self._gate_feeds(sources, dataset, tokenizer)
+        gates = VariantGates(fusion, held_f, len(p.categories), p.categories)
+        for name in QUANTIZABLE:
+            if name not in fp32:
+                continue
+            gates.reference[name] = ort_outputs(fp32[name]["file"], feeds[name])
+        long_reference = (ort_outputs(fp32[schema.TEXT_ENCODER]["file"], long_feeds)
+                          if schema.TEXT_ENCODER in fp32 else None)
+        for name in list(gates.reference):
             for variant in wanted:
                 tick = self.reporter.step(f"{name}: {variant} variant and quality gate", 2)
-                path = self._build_variant(name, variant, fp32[name]["file"], staging, sources)
+                path = self._build_variant(name, variant, fp32[name]["file"], staging, sources, dataset)
                 tick()
                 emb = ort_outputs(path, feeds[name])
-                text = emb if name == schema.TEXT_ENCODER else reference.get(schema.TEXT_ENCODER, held_f.text)
-                image = emb if name == schema.IMAGE_ENCODER else reference.get(schema.IMAGE_ENCODER, held_f.image)
-                gate = var.quality_gate(variant, reference[name], emb, held_f.labels, ref_pred,
-                                        predict(text, image), len(p.categories))
+                long_pair = ((long_reference, ort_outputs(path, long_feeds))
+                             if name == schema.TEXT_ENCODER else None)
+                gate = gates.gate_member(name, variant, emb, long_pair)
                 tick()
                 models[name]["variants"][variant] = {"gate": gate.to_dict(), "written": gate.passed,
                                                      "file": path}
                 if not gate.passed:
                     self.reporter.done(f"{name} ({variant}) left out: {'; '.join(gate.reasons)}")
+        return gates
 
     def _build_variant(self, name: str, variant: str, fp32_file: Path, staging: Path,
-                       sources: Sources) -> Path:
+                       sources: Sources, dataset: EncodedDataset) -> Path:
         target = staging / f"{name}.{variant}.onnx"
         if variant == "fp16":
             return var.convert_fp16(fp32_file, target)
         if name == schema.TEXT_ENCODER:
             return var.quantize_dynamic_int8(fp32_file, target)
-        calibration = decode_images(sources.preprocess, sources.train[:CALIBRATION_IMAGES])
+        calibration = dataset.pixel_values(sources.train[:CALIBRATION_IMAGES])
         return var.quantize_static_int8(fp32_file, target, schema.PIXEL_VALUES, calibration)
 
-    def _tensorrt(self, staging: Path, fp32: dict[str, dict], members: dict,
-                  sources: Sources) -> dict[str, Path]:
-        """Build a plan for every member from its FP32 graph (GPU only).
+    def _tensorrt(self, staging: Path, fp32: dict[str, dict], members: dict, sources: Sources,
+                  dataset: EncodedDataset, tokenizer, models: dict) -> dict[str, Path]:
+        """Build a plan for every member from its FP32 graph (GPU only), compare it with FP32
+        on held-out inputs, and record it under its own variant name (tensorrt-fp16/-int8).
 
         FP16 everywhere (LayerNorm pinned to FP32); INT8 where --serve-variant asks for it,
-        through explicit Q/DQ from nvidia-modelopt calibrated on real held-out inputs.
+        through explicit Q/DQ from nvidia-modelopt calibrated on real training inputs.
         """
-        from .tensorrt import batch_profiles, build_engine, modelopt_int8
+        from .tensorrt import batch_profiles, build_engine, modelopt_int8, run_engine
 
         p = sources.preprocess
+        feeds, _ = self._gate_feeds(sources, dataset, tokenizer)
         plans = {}
         for name, info in fp32.items():
             tick = self.reporter.step(f"{name}: TensorRT engine", 1)
@@ -417,23 +451,109 @@ class Exporter:
             int8 = self.options.serve_variants.get(name) == "int8"
             if int8:
                 source = modelopt_int8(source, staging / f"{name}.qdq.onnx",
-                                       self._calibration_feed(name, sources))
+                                       self._calibration_feed(name, sources, dataset, tokenizer))
             dims = {t.name: t.dims for t in members[name].inputs}
             buckets = p.seq_buckets if name == schema.TEXT_ENCODER else ()
             plans[name] = build_engine(source, staging / f"{name}.plan",
                                        batch_profiles(dims, p.max_batch_size, buckets),
                                        fp16=True, int8=int8)
+            variant = "tensorrt-int8" if int8 else "tensorrt-fp16"
+            entry: dict = {"written": True}
+            if name in feeds:
+                reference = ort_outputs(info["file"], feeds[name])
+                got = np.concatenate([run_engine(plans[name], feed)[0] for feed in feeds[name]])
+                gate = var.embedding_gate(variant, reference, got)
+                entry.update(gate=gate.to_dict(), written=gate.passed)
+                if not gate.passed:
+                    raise QualityGateError(f"{name} [{variant}] fails its gate vs FP32: "
+                                           + "; ".join(gate.reasons))
+            models[name]["variants"][variant] = entry
+            models[name]["served_variant"] = variant
             tick()
         return plans
 
-    def _calibration_feed(self, name: str, sources: Sources) -> dict[str, np.ndarray]:
+    def _calibration_feed(self, name: str, sources: Sources, dataset: EncodedDataset,
+                          tokenizer) -> dict[str, np.ndarray]:
         """Real calibration inputs for modelopt (training split, never the held-out items)."""
-        p = sources.preprocess
         calib = sources.train[:CALIBRATION_IMAGES]
         if name == schema.TEXT_ENCODER:
-            tokenizer = text_tokenizer(p, sources.text_folder / "tokenizer.json")
             ids, mask = tokenizer([i.caption for i in calib])
             return {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask}
         if name == schema.IMAGE_ENCODER:
-            return {schema.PIXEL_VALUES: decode_images(p, calib)}
+            return {schema.PIXEL_VALUES: dataset.pixel_values(calib)}
         raise QualityGateError(f"INT8 is offered for the encoders only, not {name}")
+
+
+class VariantGates:
+    """Held-out FP32 references, and the gates of single variants and of the served mix.
+
+    A member's variant is judged with the other member at FP32; the combination actually
+    served (e.g. text int8 + image fp16) is judged again as a whole on the fused item
+    embedding and interest predictions, because errors of two variants add up.
+    """
+
+    def __init__(self, fusion: FusionHead, held_f: ItemFeatures, num_categories: int,
+                 categories: tuple[str, ...]) -> None:
+        self.fusion = fusion
+        self.held_f = held_f
+        self.num_categories = num_categories
+        self.categories = categories
+        self.reference: dict[str, np.ndarray] = {}
+        self.variant_outputs: dict[tuple[str, str], np.ndarray] = {}
+
+    def _features(self, chosen: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        text = chosen.get(schema.TEXT_ENCODER, self.reference.get(schema.TEXT_ENCODER, self.held_f.text))
+        image = chosen.get(schema.IMAGE_ENCODER, self.reference.get(schema.IMAGE_ENCODER, self.held_f.image))
+        return text, image
+
+    def _fuse(self, text: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            item, probs, _ = self.fusion(torch.from_numpy(text), torch.from_numpy(image))
+        return item.numpy(), probs.numpy().argmax(1)
+
+    def gate_member(self, name: str, variant: str, embeddings: np.ndarray,
+                    long_pair: tuple[np.ndarray, np.ndarray] | None) -> var.GateResult:
+        self.variant_outputs[(name, variant)] = embeddings
+        _, ref_pred = self._fuse(*self._features({}))
+        _, var_pred = self._fuse(*self._features({name: embeddings}))
+        return var.quality_gate(variant, self.reference[name], embeddings, self.held_f.labels, ref_pred,
+                                var_pred, self.num_categories, long_inputs=long_pair)
+
+    def served_combination(self, serve_variants: dict[str, str]) -> dict | None:
+        """Gate of the fused outputs of every non-FP32 member served together, or None."""
+        chosen = {m: v for m, v in serve_variants.items() if v != "fp32" and (m, v) in self.variant_outputs}
+        if not chosen:
+            return None
+        ref_item, ref_pred = self._fuse(*self._features({}))
+        var_item, var_pred = self._fuse(*self._features(
+            {m: self.variant_outputs[(m, v)] for m, v in chosen.items()}))
+        label = "+".join(f"{m}={v}" for m, v in sorted(chosen.items()))
+        gate = var.quality_gate(label, ref_item, var_item, self.held_f.labels, ref_pred, var_pred,
+                                self.num_categories)
+        if not gate.passed:
+            raise QualityGateError(f"the served combination {label} fails its gate on the fused "
+                                   "item embedding: " + "; ".join(gate.reasons))
+        return {"variants": chosen, "gate": gate.to_dict()}
+
+
+def source_identity(path: Path, sha256: str) -> dict:
+    """Name, owning package and version, and hash of a source: never a machine's absolute path."""
+    path = Path(path).resolve()
+    identity = {"file": path.name, "sha256": sha256}
+    for parent in path.parents:
+        if parent.name in ("site-packages", "dist-packages"):
+            top = path.relative_to(parent).parts[0]
+            identity["package_path"] = path.relative_to(parent).as_posix()
+            distribution = _distribution_of(top)
+            if distribution:
+                identity["package"], identity["version"] = distribution
+            break
+    return identity
+
+
+def _distribution_of(top_level: str) -> tuple[str, str] | None:
+    import importlib.metadata
+
+    for name in importlib.metadata.packages_distributions().get(top_level, []):
+        return name, importlib.metadata.version(name)
+    return None

@@ -108,3 +108,49 @@ def modelopt_int8(onnx_path: Path, output_path: Path, calibration: dict[str, np.
     quantize(onnx_path=str(onnx_path), quantize_mode="int8", calibration_data=calibration,
              output_path=str(output_path), calibration_eps=["cuda:0", "cpu"])
     return output_path
+
+
+def run_engine(plan_path: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run one batch through a built plan (GPU): how a plan is compared with the FP32 graph.
+
+    Picks the first optimization profile whose ranges hold the feed's shapes (the text encoder
+    has one per sequence bucket); buffers are torch CUDA tensors, so no pycuda is needed.
+    """
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        raise ExportError(f"cannot run TensorRT engine {plan_path}: {reason}")
+    import tensorrt as trt
+    import torch
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    profile = next((k for k in range(engine.num_optimization_profiles)
+                    if all(_fits(engine.get_tensor_profile_shape(n, k), feed[n].shape) for n in inputs)), None)
+    if profile is None:
+        raise ExportError(f"no optimization profile of {plan_path} holds shapes "
+                          f"{ {n: feed[n].shape for n in inputs} }")
+    stream = torch.cuda.Stream()
+    context.set_optimization_profile_async(profile, stream.cuda_stream)
+    buffers = {}
+    for name in inputs:
+        dtype = trt.nptype(engine.get_tensor_dtype(name))
+        buffers[name] = torch.from_numpy(np.ascontiguousarray(feed[name], dtype=dtype)).cuda()
+        context.set_input_shape(name, tuple(feed[name].shape))
+    outputs = [n for n in names if n not in inputs]
+    for name in outputs:
+        dtype = torch.from_numpy(np.zeros(1, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+        buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+    for name, tensor in buffers.items():
+        context.set_tensor_address(name, tensor.data_ptr())
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise ExportError(f"TensorRT execution of {plan_path} failed")
+    stream.synchronize()
+    return [buffers[n].float().cpu().numpy() for n in outputs]
+
+
+def _fits(profile_shapes, shape: tuple[int, ...]) -> bool:
+    low, _, high = profile_shapes
+    return all(lo <= s <= hi for lo, s, hi in zip(low, shape, high))

@@ -39,7 +39,8 @@ def _ensure_export(repository: Path) -> None:
 def _pick_items(category: str):
     from mmrec.export.data import load_items, split
 
-    train, held_out = split(load_items())
+    parts = split(load_items())
+    train, held_out = parts.train, parts.held_out
     history = [i for i in train if i.category == category][:DEMO_HISTORY]
     step = max(1, len(held_out) // DEMO_CANDIDATES)
     candidates = held_out[::step][:DEMO_CANDIDATES]

@@ -9,16 +9,46 @@ def accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
 
 
 def macro_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> float:
-    """Unweighted mean of per-class F1 over classes present in labels or predictions."""
-    scores = []
-    for c in range(num_classes):
-        tp = np.sum((predicted == c) & (labels == c))
-        fp = np.sum((predicted == c) & (labels != c))
-        fn = np.sum((predicted != c) & (labels == c))
-        if tp + fp + fn == 0:
-            continue
-        scores.append(2 * tp / (2 * tp + fp + fn))
+    """Unweighted mean of per-class F1 over the classes present in `labels`.
+
+    A class that only appears among the predictions adds no term of its own (an F1 of 0 that
+    says nothing about the data); its false positives still count, as misses of the true
+    classes they were taken from.
+    """
+    present = np.unique(labels)
+    scores = [_f1(labels, predicted, int(c)) for c in present if 0 <= c < num_classes]
     return float(np.mean(scores)) if scores else 0.0
+
+
+def _counts(labels: np.ndarray, predicted: np.ndarray, c: int) -> tuple[int, int, int]:
+    tp = int(np.sum((predicted == c) & (labels == c)))
+    fp = int(np.sum((predicted == c) & (labels != c)))
+    fn = int(np.sum((predicted != c) & (labels == c)))
+    return tp, fp, fn
+
+
+def _f1(labels: np.ndarray, predicted: np.ndarray, c: int) -> float:
+    tp, fp, fn = _counts(labels, predicted, c)
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def per_class_scores(labels: np.ndarray, predicted: np.ndarray, names: tuple[str, ...]) -> dict:
+    """name -> support, precision, recall, F1 (precision 0 where the class was never predicted)."""
+    scores = {}
+    for c, name in enumerate(names):
+        tp, fp, fn = _counts(labels, predicted, c)
+        scores[name] = {"support": tp + fn,
+                        "precision": round(tp / (tp + fp), 4) if tp + fp else 0.0,
+                        "recall": round(tp / (tp + fn), 4) if tp + fn else 0.0,
+                        "f1": round(_f1(labels, predicted, c), 4)}
+    return scores
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """[true, predicted] counts."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predicted), 1)
+    return matrix
 
 
 def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -17,6 +17,11 @@ TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_MAX_SEQ_LEN = 128
 DEFAULT_SEQ_BUCKETS = (16, 32, 64, 128)
 DEFAULT_IMAGE_SIZE = 224
+# How a non-square picture becomes S x S: "pad" keeps the whole picture (letterbox onto the
+# background), "crop" is the ImageNet evaluation recipe the encoders were trained for (shorter
+# side to S * (S + 32) / S, centre crop S). Export measures both; see README "image fit".
+IMAGE_FITS = ("pad", "crop")
+DEFAULT_IMAGE_FIT = "crop"
 DEFAULT_MAX_BATCH_SIZE = 32
 # Request limits enforced by the python models and by the client before sending.
 DEFAULT_MAX_IMAGE_BYTES = 16 * 1024 * 1024
@@ -32,6 +37,7 @@ class PreprocessConfig:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     background: tuple[int, int, int] = (255, 255, 255)
+    image_fit: str = DEFAULT_IMAGE_FIT
     categories: tuple[str, ...] = ()
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
@@ -82,5 +88,6 @@ class PreprocessConfig:
                 "image_mean": ",".join(map(repr, self.image_mean)),
                 "image_std": ",".join(map(repr, self.image_std)),
                 "background": ",".join(map(str, self.background)),
+                "image_fit": self.image_fit,
                 "max_image_bytes": str(self.max_image_bytes),
                 "max_image_pixels": str(self.max_image_pixels)}

@@ -56,5 +56,5 @@ def sample_items():
     """Real captioned images (held-out Tux Paint stamps): list of (caption, png bytes, category)."""
     from mmrec.export.data import load_items, split
 
-    _, held_out = split(load_items())
+    held_out = split(load_items()).held_out
     return [(i.caption, i.image_bytes(), i.category) for i in held_out[:48]]

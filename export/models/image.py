@@ -69,6 +69,27 @@ class PooledEfficientNet(nn.Module):
         return nn.functional.normalize(pooled, p=2.0, dim=-1, eps=1e-12)
 
 
+def make_exportable(net: nn.Module) -> nn.Module:
+    """Swap only the activations ONNX cannot trace, each for the same function.
+
+    The package's `set_swish()` must not be used: it puts Swish into *every* block, including
+    the Lite family's, which were trained with ReLU6 (Lite drops Swish and SE so INT8 works).
+    Here a Lite keeps its ReLU6 (exported as Clip) and a B-series keeps Swish: its custom-autograd
+    `MemoryEfficientSwish` becomes the plain `Swish` with identical values.
+    """
+    from efficientnet_lite_pytorch.utils import MemoryEfficientSwish, Swish
+
+    for module in net.modules():
+        if isinstance(getattr(module, "_swish", None), MemoryEfficientSwish):
+            module._swish = Swish()
+    return net
+
+
+def activation_names(net: nn.Module) -> set[str]:
+    """Class names of every block activation: what a test compares with the trained network."""
+    return {type(m._swish).__name__ for m in net.modules() if isinstance(getattr(m, "_swish", None), nn.Module)}
+
+
 def _efficientnet_builder(arch: str) -> Callable[[Path | None], nn.Module]:
     def build(weights: Path | None) -> nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
@@ -81,7 +102,7 @@ def _efficientnet_builder(arch: str) -> Callable[[Path | None], nn.Module]:
         trunk_missing = [k for k in missing if not k.startswith("_fc.")]
         if trunk_missing:
             raise ModelSourceError(f"weights {weights} do not fit {arch}: missing {trunk_missing[:5]}")
-        net.set_swish(memory_efficient=False)  # the custom autograd swish does not export
+        make_exportable(net)
         return PooledEfficientNet(net)
 
     return build

@@ -18,7 +18,7 @@ import math
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 try:  # only present inside Triton
     import triton_python_backend_utils as pb_utils
@@ -26,6 +26,15 @@ except ImportError:  # pragma: no cover - exercised outside the server
     pb_utils = None
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+# Decode and box-reduce no further down than this multiple of the target side, so the final
+# bilinear resize still has real pixels to average (embedding cosine vs full decode >= 0.999).
+DRAFT_OVERSAMPLE = 2
+FITS = ("pad", "crop")  # mmrec.preprocess.IMAGE_FITS; this file runs in Triton without mmrec
+CROP_MARGIN = 32  # "crop": shorter side to S + 32, centre S x S (TF EfficientNet eval recipe)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
 class InvalidImage(ValueError):
@@ -39,10 +48,14 @@ def _signature(data: bytes) -> str:
 
 
 class ImageDecoder:
-    """Decode, flatten alpha onto a background, pad to square, resize, normalize."""
+    """Decode, turn upright, flatten alpha onto a background, fit to S x S, normalize."""
 
     def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 background: tuple[int, ...], max_image_bytes: int, max_image_pixels: int) -> None:
+                 background: tuple[int, ...], max_image_bytes: int, max_image_pixels: int,
+                 fit: str = "pad") -> None:
+        if fit not in FITS:
+            raise ValueError(f"image fit must be one of {FITS}, got {fit!r}")
+        self.fit = fit
         self.image_size = image_size
         self.scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32))).reshape(1, 3, 1, 1)
         self.offset = (np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
@@ -69,7 +82,6 @@ class ImageDecoder:
                     raise InvalidImage(
                         f"IMAGE[{index}] is {width}x{height} pixels, over the limit of "
                         f"{self.max_image_pixels} pixels")
-                image.load()
                 return self._to_square_rgb(image)
         except InvalidImage:
             raise
@@ -87,18 +99,47 @@ class ImageDecoder:
                                f"({type(err).__name__}: {err})") from None
 
     def _to_square_rgb(self, image: Image.Image) -> np.ndarray:
-        image = image.convert("RGBA")
-        side = max(image.size)
-        if side * side > self.max_image_pixels:  # 1 x 40M strip: never allocate a 40M x 40M canvas
-            scale = math.sqrt(self.max_image_pixels) / side
-            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                 Image.Resampling.BILINEAR)
-            side = max(image.size)
-        canvas = Image.new("RGBA", (side, side), self.background + (255,))
-        canvas.alpha_composite(image, ((side - image.width) // 2, (side - image.height) // 2))
-        canvas = canvas.convert("RGB").resize((self.image_size, self.image_size),
-                                              Image.Resampling.BILINEAR)
-        return np.asarray(canvas, dtype=np.uint8)
+        """The recipe: upright (EXIF), alpha over the background, then to S x S by `fit`:
+        "pad" letterboxes the whole picture onto the background, "crop" takes the centre
+        square of side min(w, h) * S / (S + 32) (the encoders' ImageNet evaluation recipe).
+
+        Computed in the cheap order with the same result: a JPEG is decoded at reduced scale
+        (DCT scaling, never below DRAFT_OVERSAMPLE x the target), the picture is reduced by an
+        integer box filter, and only then padded or cropped. A 12 MP phone photo never becomes
+        a full-resolution canvas.
+        """
+        if image.format == "JPEG":
+            scale = self._needed_scale(image.size)
+            if scale < 1:  # DCT scaling: each side stays >= what the fit reads from it
+                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+        image = ImageOps.exif_transpose(image)  # phones store sideways pixels + a rotation tag
+        if image.mode not in ("RGB", "RGBA"):
+            image = image.convert("RGBA" if _has_alpha(image) else "RGB")
+        if image.mode == "RGBA":  # flatten before any filtering: transparent pixels have no colour
+            flat = Image.new("RGBA", image.size, self.background + (255,))
+            flat.alpha_composite(image)
+            image = flat.convert("RGB")
+        factor = int(1 / self._needed_scale(image.size))
+        if factor >= 2:
+            image = image.reduce(factor)
+        size = self.image_size
+        if self.fit == "crop":
+            side = min(image.size) * size / (size + CROP_MARGIN)
+            left, top = (image.width - side) / 2, (image.height - side) / 2
+            resized = image.resize((size, size), Image.Resampling.BILINEAR,
+                                   box=(left, top, left + side, top + side))
+            return np.asarray(resized, dtype=np.uint8)
+        side = max(image.size)  # already reduced: this canvas is small
+        canvas = Image.new("RGB", (side, side), self.background)
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        return np.asarray(canvas.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+    def _needed_scale(self, size: tuple[int, int]) -> float:
+        """Smallest scale of the picture at which the part the fit reads still has
+        DRAFT_OVERSAMPLE x S pixels across: the crop's square (min side * S / (S + 32)) or
+        the letterboxed long side."""
+        read = min(size) * self.image_size / (self.image_size + CROP_MARGIN) if self.fit == "crop" else max(size)
+        return self.image_size * DRAFT_OVERSAMPLE / read
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] -> float32 [N, 3, S, S], one vectorized pass."""
@@ -117,6 +158,7 @@ def decoder_from_parameters(parameters: dict[str, str]) -> ImageDecoder:
         mean=floats("image_mean"),
         std=floats("image_std"),
         background=tuple(int(v) for v in parameters["background"].split(",")),
+        fit=parameters.get("image_fit", "pad"),  # repositories written before the option padded
         max_image_bytes=int(parameters["max_image_bytes"]),
         max_image_pixels=int(parameters["max_image_pixels"]),
     )
