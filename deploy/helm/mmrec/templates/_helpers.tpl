@@ -48,6 +48,111 @@ mmrec.io/target: {{ .Values.model.target }}
 {{- end }}
 {{- end }}
 
+{{/* The image reference: repository:tag, pinned to a digest when image.digest is set. */}}
+{{- define "mmrec.image" -}}
+{{- $image := printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- with .Values.image.digest }}
+{{- if not (regexMatch "^sha256:[0-9a-f]{64}$" .) }}
+{{- fail (printf "image.digest %q: expected sha256:<64 hex digits>" .) }}
+{{- end }}
+{{- $image = printf "%s@%s" $image . }}
+{{- end }}
+{{- $image }}
+{{- end }}
+
+{{/* Bytes in a Kubernetes quantity ("512Mi", "2Gi", "1G", "1000"); fails on anything else. */}}
+{{- define "mmrec.bytes" -}}
+{{- $q := toString . }}
+{{- $num := regexFind "^[0-9]+" $q }}
+{{- $unit := trimPrefix $num $q }}
+{{- $mult := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- if or (not $num) (not (hasKey $mult $unit)) }}
+{{- fail (printf "unsupported size %q: use an integer with Ki, Mi, Gi, Ti, k, M, G or T" $q) }}
+{{- end }}
+{{- mul (int64 $num) (get $mult $unit) }}
+{{- end }}
+
+{{/* Shortest preStop (s) that outlasts every gRPC connection a client can hold: one opened just
+     before the endpoint removal reached kube-proxy is closed by Triton at most
+     1.1 x max-connection-age (gRPC adds +-10 % jitter) + grace later. */}}
+{{- define "mmrec.minPreStopSeconds" -}}
+{{- $ageMs := int64 .Values.triton.grpc.maxConnectionAgeMs }}
+{{- $graceMs := int64 .Values.triton.grpc.maxConnectionAgeGraceMs }}
+{{- $propagationMs := mul (int64 .Values.lifecycle.endpointPropagationSeconds) 1000 }}
+{{- $ms := add (div (mul $ageMs 11) 10) $graceMs $propagationMs }}
+{{- div (add $ms 999) 1000 }}
+{{- end }}
+
+{{- define "mmrec.preStopSeconds" -}}
+{{- $min := include "mmrec.minPreStopSeconds" . | int64 }}
+{{- if kindIs "invalid" .Values.lifecycle.preStopSleepSeconds }}
+{{- $min }}
+{{- else }}
+{{- $set := int64 .Values.lifecycle.preStopSleepSeconds }}
+{{- if lt $set $min }}
+{{- fail (printf "lifecycle.preStopSleepSeconds=%d is shorter than the %d s a client's gRPC connection can stay open (1.1 x triton.grpc.maxConnectionAgeMs + maxConnectionAgeGraceMs + lifecycle.endpointPropagationSeconds): calls on it would reach a stopping server. Leave it null or raise it" $set $min) }}
+{{- end }}
+{{- $set }}
+{{- end }}
+{{- end }}
+
+{{- define "mmrec.terminationGracePeriodSeconds" -}}
+{{- $drain := add (include "mmrec.preStopSeconds" . | int64) (int64 .Values.triton.exitTimeoutSeconds) }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $drain 10 }}
+{{- else }}
+{{- $set := int64 .Values.terminationGracePeriodSeconds }}
+{{- if le $set $drain }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed the preStop drain + triton.exitTimeoutSeconds (%d), or in-flight requests are killed" $set $drain) }}
+{{- end }}
+{{- $set }}
+{{- end }}
+{{- end }}
+
+{{/* Marker the preStop hook creates; the readiness probe fails while it exists. In the /tmp
+     emptyDir, which outlives a container restart, so the start command removes it. */}}
+{{- define "mmrec.drainMarker" -}}/tmp/mmrec-draining{{- end }}
+
+{{/* Readiness: not while draining, else Triton's own readiness over HTTP. python3 -I -S:
+     stdlib only, no PYTHONPATH packages, no proxy. A non-2xx answer raises (exit 1). */}}
+{{- define "mmrec.readinessCommand" -}}
+- python3
+- -I
+- -S
+- -c
+- |-
+  import os, sys, urllib.request as u
+  if os.path.exists(sys.argv[1]):
+      sys.exit("draining: " + sys.argv[1])
+  u.build_opener(u.ProxyHandler({})).open(sys.argv[2], timeout=float(sys.argv[3])).close()
+- {{ include "mmrec.drainMarker" . }}
+- {{ printf "http://127.0.0.1:%d%s" (int .Values.ports.http) (include "mmrec.readinessPath" .) }}
+- {{ .Values.probes.readiness.timeoutSeconds | quote }}
+{{- end }}
+
+{{/* The python packages' requirement lines: the chart's hash-pinned files plus extraRequirements. */}}
+{{- define "mmrec.requirements" -}}
+{{- .Files.Get "files/requirements/base.txt" }}
+{{- if eq .Values.model.target "portable" }}
+{{ .Files.Get "files/requirements/onnxruntime.txt" }}
+{{- end }}
+{{- with .Values.pythonDeps.extraRequirements }}
+# pythonDeps.extraRequirements
+{{- range . }}
+{{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Sum of the disk-backed emptyDirs' size limits of the Triton container's pod, in MiB. */}}
+{{- define "mmrec.ephemeralStorageMi" -}}
+{{- $bytes := add (include "mmrec.bytes" .Values.tmpSizeLimit | int64) (include "mmrec.bytes" .Values.modelRepository.cacheSizeLimit | int64) }}
+{{- if .Values.pythonDeps.install }}
+{{- $bytes = add $bytes (include "mmrec.bytes" .Values.pythonDeps.sizeLimit | int64) }}
+{{- end }}
+{{- div (add $bytes 1048575) 1048576 }}
+{{- end }}
+
 {{/* python backend shm region size: explicit, or two full batches of decoded images. */}}
 {{- define "mmrec.shmDefaultByteSize" -}}
 {{- if .Values.triton.python.shmDefaultByteSize }}
@@ -73,12 +178,22 @@ mmrec.io/target: {{ .Values.model.target }}
 {{- if and (eq $target "tensorrt") (lt (int .Values.gpu.count) 1) }}
 {{- fail "model.target=tensorrt needs gpu.count >= 1: TensorRT plans only run on the GPU they were built for" }}
 {{- end }}
-{{- if and (eq $target "portable") .Values.pythonDeps.install }}
-{{- $hasOrt := false }}
-{{- range .Values.pythonDeps.packages }}{{ if hasPrefix "onnxruntime" . }}{{ $hasOrt = true }}{{ end }}{{ end }}
-{{- if not $hasOrt }}
-{{- fail "model.target=portable runs ONNX Runtime inside python models: add onnxruntime (or onnxruntime-gpu) to pythonDeps.packages" }}
+{{- if and (eq $target "tensorrt") (not .Values.gpu.products) }}
+{{- fail "model.target=tensorrt needs gpu.products (e.g. [NVIDIA-A10G]): a TensorRT plan only runs on the GPU model it was built on, so the pods must be pinned to it" }}
 {{- end }}
+{{- range .Values.pythonDeps.extraRequirements }}
+{{- if not (regexMatch "^[A-Za-z0-9_.\\[\\]-]+==[^ ]+( +--hash=sha256:[0-9a-f]{64})+$" .) }}
+{{- fail (printf "pythonDeps.extraRequirements %q: expected \"name==version --hash=sha256:<hex>\" (pip runs with --require-hashes)" .) }}
+{{- end }}
+{{- end }}
+{{- if and (hasPrefix "as://" .Values.modelRepository.uri) (not .Values.modelRepository.existingSecret) }}
+{{- fail "modelRepository.uri as://... needs modelRepository.existingSecret with AZURE_STORAGE_ACCOUNT and AZURE_STORAGE_KEY: Triton 2.51 reads Azure blobs only with an account key (no workload/pod identity)" }}
+{{- end }}
+{{- if not (gt (int64 .Values.triton.grpc.maxConnectionAgeMs) 0) }}
+{{- fail "triton.grpc.maxConnectionAgeMs must be > 0: without it clients keep their gRPC connections to a terminating pod until Triton stops, and their calls fail (see docs/deployment.md, Shutdown)" }}
+{{- end }}
+{{- if and .Values.triton.grpc.tls.enabled (not .Values.triton.grpc.tls.existingSecret) }}
+{{- fail "triton.grpc.tls.enabled needs triton.grpc.tls.existingSecret (a kubernetes.io/tls Secret; ca.crt too for mutual TLS)" }}
 {{- end }}
 {{- if and (eq .Values.triton.modelControlMode "explicit") (not .Values.triton.loadModels) }}
 {{- fail "triton.modelControlMode=explicit needs triton.loadModels (use [\"*\"] for all models)" }}
@@ -86,10 +201,7 @@ mmrec.io/target: {{ .Values.model.target }}
 {{- if and (has "*" .Values.triton.loadModels) (gt (len .Values.triton.loadModels) 1) }}
 {{- fail "triton.loadModels: \"*\" must be the only entry (tritonserver rejects it combined with names)" }}
 {{- end }}
-{{- $drain := add (int .Values.lifecycle.preStopSleepSeconds) (int .Values.triton.exitTimeoutSeconds) }}
-{{- if le (int .Values.terminationGracePeriodSeconds) $drain }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed lifecycle.preStopSleepSeconds + triton.exitTimeoutSeconds (%d), or in-flight requests are killed" (int .Values.terminationGracePeriodSeconds) $drain) }}
-{{- end }}
+{{- $_ := include "mmrec.terminationGracePeriodSeconds" . }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
 {{- end }}
@@ -125,9 +237,27 @@ mmrec.io/target: {{ .Values.model.target }}
 - --log-format={{ .Values.triton.logFormat }}
 - --backend-config=python,shm-default-byte-size={{ include "mmrec.shmDefaultByteSize" . }}
 - --backend-config=python,shm-growth-byte-size={{ .Values.triton.python.shmGrowthByteSize | int64 }}
-{{- if .Values.triton.grpc.maxConnectionAgeMs }}
 - --grpc-max-connection-age={{ .Values.triton.grpc.maxConnectionAgeMs | int64 }}
 - --grpc-max-connection-age-grace={{ .Values.triton.grpc.maxConnectionAgeGraceMs | int64 }}
+{{- if .Values.triton.grpc.tls.enabled }}
+- --grpc-use-ssl=true
+- --grpc-server-cert=/var/run/secrets/mmrec-tls/tls.crt
+- --grpc-server-key=/var/run/secrets/mmrec-tls/tls.key
+{{- if .Values.triton.grpc.tls.mutual }}
+- --grpc-use-ssl-mutual=true
+- --grpc-root-cert=/var/run/secrets/mmrec-tls/ca.crt
+{{- end }}
+{{- end }}
+{{- with .Values.triton.restrictedApis.apis }}
+{{- /* $(MMREC_ADMIN_KEY): expanded by the kubelet from the Secret, so the key is not in the pod spec */}}
+- --grpc-restricted-protocol={{ join "," . }}:{{ $.Values.triton.restrictedApis.header }}=$(MMREC_ADMIN_KEY)
+- --http-restricted-api={{ join "," . }}:{{ $.Values.triton.restrictedApis.header }}=$(MMREC_ADMIN_KEY)
+{{- end }}
+{{- if and (eq .Values.model.target "onnxruntime") .Values.triton.onnxruntime.globalThreadPool }}
+{{- /* one ORT pool for all sessions, sized to the pod: $(MMREC_CPU_THREADS) = CPU limit (downward API) */}}
+- --backend-config=onnxruntime,enable-global-threadpool=1
+- --backend-config=onnxruntime,intra_op_thread_count={{ if .Values.triton.onnxruntime.intraOpThreads }}{{ .Values.triton.onnxruntime.intraOpThreads | int }}{{ else }}$(MMREC_CPU_THREADS){{ end }}
+- --backend-config=onnxruntime,inter_op_thread_count={{ .Values.triton.onnxruntime.interOpThreads | int }}
 {{- end }}
 {{- range .Values.triton.extraArgs }}
 - {{ . | quote }}
