@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mmrec.client import MMRecError
+
 from .export_defaults import DEFAULT_REPOSITORY
 from .index_build import DEFAULT_BATCH_SIZE, BuildReport, LocalEncoder, ServerEncoder, build, remove
 from .index_publish import (DEFAULT_K, DEFAULT_KEEP, DEFAULT_MAX_K, PublishError, Published, ServeOptions,
@@ -79,8 +81,6 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 def _encoder(repository: Path, url: str | None, local: bool):
     if url and not local:
-        from mmrec.client import MMRecError
-
         try:
             return ServerEncoder(url)
         except MMRecError as err:
@@ -169,6 +169,9 @@ def _run_build(items: Path, repository: Path, build_dir: Path | None, url: str |
             _write_report(report_path, report, published)
     except CatalogIndexError as err:
         raise _fail(str(err), EXIT_BAD_INPUT) from None
+    except MMRecError as err:  # the encoding server failed mid-build: committed batches are kept
+        raise _fail(f"{err} — every batch committed so far is kept: run the same command again to continue",
+                    EXIT_UNAVAILABLE) from None
     except OSError as err:
         raise _fail(f"{err.filename or ''}: {err.strerror or err}", EXIT_BAD_INPUT) from None
     finally:
