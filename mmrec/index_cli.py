@@ -47,6 +47,9 @@ PublishOpt = Annotated[bool, typer.Option("--publish/--no-publish", help="Write 
 MaxKOpt = Annotated[int, typer.Option("--max-k", min=1, help="Largest K a request may ask for.")]
 DefaultKOpt = Annotated[int, typer.Option("--default-k", min=1, help="K when a request sends none.")]
 KeepOpt = Annotated[int, typer.Option("--keep", min=1, help="Versions kept on disk (served + rollback).")]
+PrepackOpt = Annotated[str, typer.Option(
+    "--prepacking", help="auto: one user unpacked + batches prepacked (index twice in RAM); on: batches fast, "
+                         "one copy; off: least memory, batches slower (see docs/catalog_index.md).")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write the run's summary as JSON here.")]
 
 
@@ -182,24 +185,24 @@ def _run_build(items: Path, repository: Path, build_dir: Path | None, url: str |
 def build_command(items: ItemsOpt, repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None,
                   url: UrlOpt = None, local: LocalOpt = False, batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
                   do_publish: PublishOpt = True, max_k: MaxKOpt = DEFAULT_MAX_K, default_k: DefaultKOpt = DEFAULT_K,
-                  keep: KeepOpt = DEFAULT_KEEP, report: ReportOpt = None,
+                  keep: KeepOpt = DEFAULT_KEEP, report: ReportOpt = None, prepacking: PrepackOpt = "auto",
                   rebuild: Annotated[bool, typer.Option("--rebuild", help="Forget stored vectors and "
                                                         "re-encode everything (after re-exporting models).")] = False,
                   ) -> None:
     """Make the index hold exactly this catalog: encode new/changed items (resumable, each content
     once), drop ids not in it, publish a new catalog_scorer version and load it on --url."""
-    _run_build(items, repository, build_dir, url, local, batch_size, do_publish, _options(max_k, default_k),
-               keep, report, sync=True, rebuild=rebuild)
+    _run_build(items, repository, build_dir, url, local, batch_size, do_publish,
+               _options(max_k, default_k, prepacking), keep, report, sync=True, rebuild=rebuild)
 
 
 @index_app.command("add")
 def add_command(items: ItemsOpt, repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None,
                 url: UrlOpt = None, local: LocalOpt = False, batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
                 do_publish: PublishOpt = True, max_k: MaxKOpt = DEFAULT_MAX_K, default_k: DefaultKOpt = DEFAULT_K,
-                keep: KeepOpt = DEFAULT_KEEP, report: ReportOpt = None) -> None:
+                keep: KeepOpt = DEFAULT_KEEP, report: ReportOpt = None, prepacking: PrepackOpt = "auto") -> None:
     """Add or update these items (others stay), publish and load a new version."""
-    _run_build(items, repository, build_dir, url, local, batch_size, do_publish, _options(max_k, default_k),
-               keep, report, sync=False, rebuild=False)
+    _run_build(items, repository, build_dir, url, local, batch_size, do_publish,
+               _options(max_k, default_k, prepacking), keep, report, sync=False, rebuild=False)
 
 
 @index_app.command("remove")
@@ -207,7 +210,8 @@ def remove_command(ids: Annotated[Optional[List[str]], typer.Option("--id", help
                    ids_file: Annotated[Optional[Path], typer.Option("--ids-file", help="One id per line.")] = None,
                    repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None, url: UrlOpt = None,
                    do_publish: PublishOpt = True, max_k: MaxKOpt = DEFAULT_MAX_K,
-                   default_k: DefaultKOpt = DEFAULT_K, keep: KeepOpt = DEFAULT_KEEP) -> None:
+                   default_k: DefaultKOpt = DEFAULT_K, keep: KeepOpt = DEFAULT_KEEP,
+                   prepacking: PrepackOpt = "auto") -> None:
     """Remove items by id, publish and load a new version."""
     wanted = list(ids or [])
     try:
@@ -222,7 +226,8 @@ def remove_command(ids: Annotated[Optional[List[str]], typer.Option("--id", help
                               + (f" (+{len(unknown) - 20})" if len(unknown) > 20 else ""))
             console.print(f"removed {len(removed)} -> {len(store.items)} items in the index")
             if do_publish and removed:
-                published, loaded = _publish_and_load(store, repository, url, _options(max_k, default_k), keep)
+                published, loaded = _publish_and_load(store, repository, url,
+                                                      _options(max_k, default_k, prepacking), keep)
                 _summary(BuildReport(removed=len(removed), items=len(store.items)), published, loaded)
     except (CatalogIndexError, FileNotFoundError) as err:
         raise _fail(str(err), EXIT_BAD_INPUT) from None
@@ -244,8 +249,8 @@ def status_command(repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: Bu
     typer.echo(json.dumps(data, indent=1))
 
 
-def _options(max_k: int, default_k: int) -> ServeOptions:
+def _options(max_k: int, default_k: int, prepacking: str) -> ServeOptions:
     try:
-        return ServeOptions(max_k=max_k, default_k=default_k)
+        return ServeOptions(max_k=max_k, default_k=default_k, prepacking=prepacking)
     except ValueError as err:
         raise _fail(str(err), EXIT_BAD_INPUT) from None

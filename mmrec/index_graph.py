@@ -88,9 +88,9 @@ def write_scan_graph(embeddings: np.ndarray, ids: list[str], folder: Path) -> Sc
         helper.make_node("Gather", ["item_embeddings", "rows_sorted"], ["cand"], axis=0),  # [B, C, D]
         helper.make_node("Cast", ["cand"], ["cand64"], to=TensorProto.DOUBLE),
         helper.make_node("Cast", [user], ["user64"], to=TensorProto.DOUBLE),
-        helper.make_node("Unsqueeze", ["user64", "axis1"], ["user64_b"]),  # [B, 1, D]
-        helper.make_node("Mul", ["cand64", "user64_b"], ["products"]),
-        helper.make_node("ReduceSum", ["products", "axis_last"], ["cand_logits"], keepdims=0),  # [B, C]
+        helper.make_node("Unsqueeze", ["user64", "axis_last"], ["user64_col"]),  # [B, D, 1]
+        helper.make_node("MatMul", ["cand64", "user64_col"], ["cand_logits_col"]),  # [B, C, 1]
+        helper.make_node("Squeeze", ["cand_logits_col", "axis_last"], ["cand_logits"]),  # [B, C]
         helper.make_node("TopK", ["cand_logits", schema.TOP_K], ["top_logits", "top_pos"], axis=-1),
         helper.make_node("GatherElements", ["rows_sorted", "top_pos"], [schema.ITEM_ROWS], axis=1),
         helper.make_node("Sigmoid", ["top_logits"], ["top_scores64"]),

@@ -43,15 +43,18 @@ class ServeOptions:
     max_k: int = DEFAULT_MAX_K
     default_k: int = DEFAULT_K
     intra_op_threads: int = 0
-    prepacking: bool = False
+    prepacking: str = "auto"  # auto | on | off: see CatalogScan in the served model.py
 
     def __post_init__(self) -> None:
         if self.max_k < 1 or not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"need 1 <= default_k <= max_k, got default_k={self.default_k}, max_k={self.max_k}")
+        modes = served_model().PREPACKING_MODES
+        if self.prepacking not in modes:
+            raise ValueError(f"prepacking must be one of {modes}, got {self.prepacking!r}")
 
     def parameters(self) -> dict[str, str]:
         return {"max_k": str(self.max_k), "default_k": str(self.default_k),
-                "intra_op_threads": str(self.intra_op_threads), "prepacking": "1" if self.prepacking else "0"}
+                "intra_op_threads": str(self.intra_op_threads), "prepacking": self.prepacking}
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,13 @@ class Published:
     items: int
     fingerprint: str
     unchanged: bool = False  # nothing changed since `version`: no new version was written
+
+
+def served_model():
+    """The catalog_scorer model.py as a module (its names are the ones the server checks)."""
+    from .python_models import load_python_model
+
+    return load_python_model(schema.CATALOG_SCORER)
 
 
 def model_dir(repository: Path) -> Path:
