@@ -13,6 +13,7 @@ Tools (both from package registries, no cluster needed):
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import os
@@ -93,12 +94,18 @@ def helm_template(helm: str, values: tuple[Path, ...] = (), sets: tuple[str, ...
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
-def render(helm: str, values: tuple[Path, ...] = (), sets: tuple[str, ...] = (),
-           kube_version: str = KUBE_VERSIONS[-1]) -> list[dict]:
+@functools.lru_cache(maxsize=None)
+def _rendered(helm: str, values: tuple[Path, ...], sets: tuple[str, ...], kube_version: str) -> str:
     result = helm_template(helm, values, sets, kube_version)
     if result.returncode != 0:
         pytest.fail(f"helm template failed:\n{result.stderr}")
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return result.stdout
+
+
+def render(helm: str, values: tuple[Path, ...] = (), sets: tuple[str, ...] = (),
+           kube_version: str = KUBE_VERSIONS[-1]) -> list[dict]:
+    """The chart's objects (each value set rendered by helm once per session)."""
+    return [doc for doc in yaml.safe_load_all(_rendered(helm, tuple(values), tuple(sets), kube_version)) if doc]
 
 
 @dataclass(frozen=True)

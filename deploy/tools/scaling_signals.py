@@ -140,7 +140,8 @@ def main() -> None:
     http, grpc, metrics = free_ports(3)
     config = ServerConfig(repository=opts.repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
                           extra_args=[a for a in args if a.split("=", 1)[0] not in HANDLED])
-    _, held_out = split(load_items())
+    parts = split(load_items())
+    held_out = parts.held_out if hasattr(parts, "held_out") else parts[1]
     items = [(i.caption.encode(), i.image_bytes()) for i in held_out[:64]]
     rows = []
     started = time.monotonic()
@@ -161,7 +162,11 @@ def main() -> None:
                    "items_per_s": round(delta(before, after, "nv_inference_count", item_models) / elapsed, 1),
                    "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
                    "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
-                   "queue_compute_ratio": round(queue / max(compute, 1.0), 3)}
+                   "queue_compute_ratio": round(queue / max(compute, 1.0), 3),
+                   # per member: which stage queues (the adapter rule sums them)
+                   "per_model": {m: round(delta(before, after, "nv_inference_queue_duration_us", [m])
+                                          / max(delta(before, after, "nv_inference_compute_infer_duration_us", [m]), 1.0), 3)
+                                 for m in ratio_models}}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| concurrency | items/s | p50 ms | p99 ms | queue:compute | errors |\n|---|---|---|---|---|---|")
