@@ -1223,7 +1223,7 @@ def test_drain_under_load_loses_no_call(helm, tmp_path):
     assert not grpc_load.failed() and not http_load.failed(), (grpc_load.failed() + http_load.failed())[:3]
     assert t["grpc_connections_at_sigterm"] == 0, "a gRPC connection outlived the preStop"
     assert t["delete"] < t["readiness_fails"] < t["sigterm"] < t["grpc_listener_closed"] <= t["exit"]
-    assert t["readiness_fails"] - t["delete"] < 1.0  # the marker, not the endpoint removal, fails it
+    assert t["readiness_fails"] - t["delete"] < 2.0  # the marker (first probe), not the endpoint removal
     grpc_seen = [e[1] for c in grpc_load.calls for e in c["errors"] if e[0] >= t["sigterm"]]
     assert not grpc_seen, f"gRPC callers reached the stopping server: {grpc_seen[:3]}"
     # HTTP keep-alive connections have no max age: 2.51 keeps serving them after SIGTERM until the
