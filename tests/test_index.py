@@ -628,3 +628,17 @@ def test_catalog_swap_under_load_fails_nothing_and_never_mixes_versions(index_se
     assert not failures, failures[:3]
     assert all(by_version[v] > 0 for v in ("1", "2", "3")), by_version
     assert truth["1"] != truth["2"] != truth["3"] and versions(repository) == [2, 3]
+
+
+# ---- the benchmark runs and checks itself ----------------------------------------------------------------
+
+def test_bench_index_quick_run_checks_exactness_and_writes_its_report(tmp_path):
+    from mmrec.benchmarks.index_scan import run
+
+    report = run(sizes=(2000,), k=50, output=tmp_path, served=False, quick=True)
+    entry = report["catalogs"][0]
+    assert entry["fp32"]["exact_vs_numpy"] and entry["fp32"]["one_user_over_bound"] > 0
+    assert report["bandwidth"]["copy_gbps_best"] > 0 and report["gemm"]["peak_gflops"] > 0
+    assert entry["reduced_precision"]["int8"]["overlap_at_k_after_exact_rerank"] >= 0.99
+    assert {p.name for p in tmp_path.iterdir()} >= {"index_scan.json", "index_scan.png", "summary.md"}
+    assert report["machine"]["loadavg_start"] and report["cpu"]["model"]
