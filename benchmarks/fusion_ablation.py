@@ -47,10 +47,10 @@ def run(seeds: int = 5) -> dict:
         fusion = FusionConfig(config.text_dim, config.image_dim, ITEM_EMBEDDING_DIM,
                               num_categories=len(config.categories))
         train = dataset.subset(parts.train)
-        results[arm] = {}
-        for name, part in (("validation", parts.validation), ("held_out", parts.held_out)):
-            print(f"[{arm}] {seeds} seeds on {name}", file=sys.stderr, flush=True)
-            results[arm][name] = seed_spread(train, dataset.subset(part), fusion, seeds)
+        print(f"[{arm}] training {seeds} seeds", file=sys.stderr, flush=True)
+        results[arm] = seed_spread(train, {"validation": dataset.subset(parts.validation),
+                                           "held_out": dataset.subset(parts.held_out)}, fusion, seeds,
+                                   progress=lambda n: print(".", end="", file=sys.stderr, flush=True))
     return {"command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
             "cpu": _cpu_model(), "split": {k: len(v) for k, v in parts._asdict().items()},
             "arms": results}

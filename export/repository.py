@@ -12,7 +12,7 @@ Targets:
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -46,8 +46,7 @@ class BatchingPolicy:
     instances: int = 1
 
 
-# Tuned on the 2-core CPU machine: python preprocessing queues briefly; the encoders wait a
-# little longer because one batched ORT call beats several small ones.
+# GPU targets: a short queue delay pays for itself (one batched kernel launch beats several).
 DEFAULT_POLICIES = {
     schema.TOKENIZER: BatchingPolicy(500),
     schema.IMAGE_PREPROCESS: BatchingPolicy(500),
@@ -58,6 +57,20 @@ DEFAULT_POLICIES = {
     schema.FUSION: BatchingPolicy(1000, (8, 16, 32)),
     schema.SCORER: BatchingPolicy(500),
 }
+# CPU targets: no queue delay. Measured on 2 cores (issue 11): at concurrency 1 every member
+# paid its delay on the critical path with nothing to batch (+6 ms of 26 ms p50); Triton still
+# joins whatever queued up while the member was busy, which is where CPU batching comes from.
+CPU_POLICIES = {name: BatchingPolicy(0, policy.preferred_batch_sizes, policy.instances)
+                for name, policy in DEFAULT_POLICIES.items()}
+# The portable runner's share of the cores per member: the encoders run side by side (half
+# each); fusion and scorer are tiny and run on one thread.
+CPU_SHARES = {schema.TEXT_ENCODER: 2, schema.IMAGE_ENCODER: 2}
+SINGLE_THREAD_MEMBERS = (schema.FUSION, schema.SCORER)
+
+
+def default_policies(target: "Target", gpu: bool) -> dict[str, BatchingPolicy]:
+    on_gpu = target is Target.tensorrt or (target is Target.onnxruntime and gpu)
+    return dict(DEFAULT_POLICIES if on_gpu else CPU_POLICIES)
 
 
 @dataclass
@@ -69,8 +82,12 @@ class RepositoryLayout:
     member_files: dict[str, Path]  # onnx member -> model file to copy (variant already chosen)
     tokenizer_file: Path
     gpu: bool = False
-    policies: dict[str, BatchingPolicy] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
-    intra_op_threads: int = 0
+    policies: dict[str, BatchingPolicy] | None = None  # None: default_policies(target, gpu)
+    intra_op_threads: int = 0  # 0: each member's share of the serving machine's cores
+
+    def __post_init__(self) -> None:
+        if self.policies is None:
+            self.policies = default_policies(self.target, self.gpu)
 
     @property
     def max_batch_size(self) -> int:
@@ -128,7 +145,9 @@ def member_config(spec: ModelSpec, layout: RepositoryLayout) -> mc.ModelConfig:
         _set_parameters(config, {**layout.preprocess.tokenizer_parameters(),
                                  **layout.preprocess.image_parameters()})
     elif layout.target is Target.portable:
-        _set_parameters(config, {"intra_op_threads": str(layout.intra_op_threads)})
+        threads = 1 if spec.name in SINGLE_THREAD_MEMBERS and not layout.intra_op_threads else layout.intra_op_threads
+        _set_parameters(config, {"intra_op_threads": str(threads),
+                                 "cpu_share": str(CPU_SHARES.get(spec.name, 1))})
     if spec.name == schema.FUSION:  # clients read category names from the server, not the disk
         _set_parameters(config, {"categories": ",".join(layout.preprocess.categories)})
     return config

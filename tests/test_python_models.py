@@ -46,11 +46,33 @@ def test_tokenizer_rejects_bad_text_naming_the_item(tokenizer, raw, message):
 
 
 def test_decoder_flattens_alpha_pads_to_square_and_normalizes():
-    decoder = image_decoder(CONFIG)
+    from dataclasses import replace
+
+    decoder = image_decoder(replace(CONFIG, image_fit="pad"))
     pixels = decoder([png(40, 20), png(10, 10, "RGB")])
     assert pixels.shape == (2, 3, 224, 224) and pixels.dtype == np.float32
     assert pixels.min() >= -1.0 and pixels.max() <= 1.0
     assert np.allclose(pixels[0, :, 0, 112], 1.0)  # padding band is the white background
+
+
+def test_decoder_crops_the_centre_square_by_default():
+    """The centre of a wide image fills the square; the left and right ends are cut."""
+    image = Image.new("RGB", (300, 100), (255, 0, 0))
+    image.paste((0, 0, 255), (100, 0, 200, 100))  # blue centre third
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    pixels = image_decoder(CONFIG)([buffer.getvalue()])[0]
+    assert CONFIG.image_fit == "crop"
+    assert np.allclose(pixels[:, 5:-5, 5:-5], np.array([-1, -1, 1]).reshape(3, 1, 1), atol=0.02)
+
+
+def test_ort_runner_thread_budget(monkeypatch):
+    runner = load_python_model("ort_runner")
+    monkeypatch.delenv(runner.THREADS_ENV, raising=False)
+    assert runner.thread_budget(3, 2) == 3  # an explicit count wins
+    assert runner.thread_budget(0, 2) == max(1, runner.usable_cores() // 2)
+    monkeypatch.setenv(runner.THREADS_ENV, "8")  # the chart's CPU limit
+    assert runner.thread_budget(0, 2) == 4 and runner.thread_budget(0, 1) == 8
 
 
 @pytest.mark.parametrize("data, message", [

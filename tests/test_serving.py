@@ -43,7 +43,15 @@ def test_every_generated_config_parses_into_model_config(target, tmp_path):
             assert ensemble.max_batch_size <= members[step.model_name].max_batch_size
     for name in schema.ONNX_MODELS:
         member = configs[name]
-        assert member.dynamic_batching.max_queue_delay_microseconds > 0
+        assert member.HasField("dynamic_batching")
+        # CPU: no queue delay on the critical path at low load; GPU: a delay that pays for itself
+        delayed = member.dynamic_batching.max_queue_delay_microseconds > 0
+        assert delayed == (target is not Target.portable), (target, name)  # layout.gpu set above
+        if target is Target.portable:
+            threads = {k: v.string_value for k, v in member.parameters.items()}
+            encoder = name in (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
+            assert threads["cpu_share"] == ("2" if encoder else "1")
+            assert threads["intra_op_threads"] == ("0" if encoder else "1")
         expected = {Target.portable: ("python", ""), Target.onnxruntime: ("onnxruntime", ""),
                     Target.tensorrt: ("", "tensorrt_plan")}[target]
         assert (member.backend, member.platform) == expected

@@ -21,6 +21,7 @@ the only check expected to fire in serving is USER_EMBEDDING at the scorer, afte
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,30 @@ except ImportError:  # pragma: no cover - exercised outside the server
     pb_utils = None
 
 MODEL_FILE = "model.onnx"
+THREADS_ENV = "MMREC_ORT_INTRA_OP_THREADS"  # set by the Helm chart from the pod's CPU limit
+
+
+def usable_cores() -> int:
+    """Cores this process may use: CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def thread_budget(configured: int, cpu_share: int) -> int:
+    """intra-op threads of one session: the configured count, else the environment's, else this
+    member's share of the usable cores (text and image encoders run at the same time, so each
+    gets half: more threads than cores makes both slower)."""
+    if configured > 0:
+        return configured
+    from_env = int(os.environ.get(THREADS_ENV, "0") or 0)
+    total = from_env if from_env > 0 else usable_cores()
+    return max(1, total // max(1, cpu_share))
 
 
 def pad_and_concatenate(arrays: list[np.ndarray]) -> np.ndarray:
@@ -73,8 +98,8 @@ class TritonPythonModel:
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model_dir = Path(args["model_repository"]) / args["model_version"]
         self.model_name = args.get("model_name", config.get("name", "model"))
-        self.session = make_session(model_dir / MODEL_FILE,
-                                    int(parameters.get("intra_op_threads", "0")))
+        self.session = make_session(model_dir / MODEL_FILE, thread_budget(
+            int(parameters.get("intra_op_threads", "0")), int(parameters.get("cpu_share", "1"))))
         self.input_names = [i["name"] for i in config["input"]]
         self.input_dtypes = {i.name: np.dtype(_ORT_TO_NUMPY[i.type]) for i in self.session.get_inputs()}
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"]))

@@ -1,0 +1,122 @@
+"""README block regenerated from a fresh export's manifest (and the encoder before/after study).
+
+`python -m mmrec.export.report REPOSITORY --ablation benchmarks/results/fusion_ablation.json
+--readme README.md` rewrites the text between the markers below, so the numbers a reader sees
+are the ones the last export measured, never typed by hand.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from mmrec import schema
+from .manifest import MANIFEST_FILE
+
+BEGIN = "<!-- export-report:begin (python -m mmrec.export.report) -->"
+END = "<!-- export-report:end -->"
+ARM_TITLES = {"swish-pad": "before: Swish in every block, letterboxed (the pre-fix export)",
+              "relu6-pad": "ReLU6 as trained, letterboxed",
+              "relu6-crop": "ReLU6 as trained, centre crop (**served**)"}
+
+
+def _gate(entry: dict) -> str:
+    gate = entry.get("gate")
+    if gate is None:
+        return "–"
+    numbers = f"cos {gate['mean_cosine']:.4f}"
+    if gate.get("long_input_mean_cosine") is not None:
+        numbers += f", 128-token cos {gate['long_input_mean_cosine']:.4f}"
+    numbers += f", top-10 {gate['neighbour_agreement']:.3f}"
+    if gate.get("macro_f1_fp32") is not None:
+        numbers += f", macro-F1 {gate['macro_f1_fp32']:.3f}→{gate['macro_f1_variant']:.3f}"
+    return f"pass ({numbers})" if gate["passed"] else f"**fails** ({numbers}): left out"
+
+
+def _size(count: int | None) -> str:
+    if not count:
+        return "–"
+    return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count} B"
+
+
+def _mean_std(metric: dict) -> str:
+    return f"{metric['mean']:.3f} ± {metric['std']:.3f}"
+
+
+def models_table(manifest: dict) -> list[str]:
+    lines = ["| model | variant | size | parity max \\|Δ\\| vs PyTorch | gate vs FP32 on held-out items |",
+             "|---|---|---|---|---|"]
+    order = [m for m in schema.ONNX_MODELS if m in manifest["models"]]
+    for name in order + sorted(set(manifest["models"]) - set(order)):
+        info = manifest["models"][name]
+        for variant, entry in info["variants"].items():
+            size = _size(entry.get("bytes"))
+            parity = entry.get("parity", {}).get("max_abs_error")
+            lines.append(f"| {name} | {variant}{' (served)' if variant == info['served_variant'] else ''} "
+                         f"| {size} | {f'{parity:.1e}' if parity is not None else '–'} | {_gate(entry)} |")
+    return lines
+
+
+def quality_lines(manifest: dict) -> list[str]:
+    training, dataset = manifest["training"], manifest["inputs"]["dataset"]
+    held = training["held_out"]
+    lines = [f"Fusion head, split {dataset['train']} train / {dataset['validation']} validation / "
+             f"{dataset['held_out']} held-out items (stratified by category, duplicates grouped). "
+             f"Served seed on the held-out items: interest accuracy {held['interest_accuracy']:.3f}, "
+             f"macro-F1 {held['interest_macro_f1']:.3f}, alignment pair AUC {held['alignment_pair_auc']:.3f}, "
+             f"text→image R@1 {held['text_to_image_recall_at_1']:.3f}."]
+    spread = training.get("held_out_seed_spread")
+    if spread:
+        lines.append(f"Over {spread['seeds']} training seeds (mean ± std, what a difference must exceed to "
+                     f"mean anything): accuracy {_mean_std(spread['interest_accuracy'])}, macro-F1 "
+                     f"{_mean_std(spread['interest_macro_f1'])}, alignment AUC "
+                     f"{_mean_std(spread['alignment_pair_auc'])}, R@1 {_mean_std(spread['text_to_image_recall_at_1'])}.")
+    per_class = held["per_class"]
+    lines += ["", "| held-out category | items | precision | recall | F1 |", "|---|---|---|---|---|"]
+    lines += [f"| {c} | {s['support']} | {s['precision']:.2f} | {s['recall']:.2f} | {s['f1']:.2f} |"
+              for c, s in per_class.items()]
+    return lines
+
+
+def ablation_lines(ablation: dict) -> list[str]:
+    lines = [f"Image encoder before/after (`python -m mmrec.benchmarks.fusion_ablation`, "
+             f"{ablation['arms'][next(iter(ablation['arms']))]['held_out']['seeds']} seeds each, same split, "
+             f"{ablation['cpu']}):", "",
+             "| image encoder | validation macro-F1 | held-out accuracy | held-out macro-F1 | "
+             "alignment AUC | text→image R@1 |", "|---|---|---|---|---|---|"]
+    for arm, parts in ablation["arms"].items():
+        v, h = parts["validation"], parts["held_out"]
+        lines.append(f"| {ARM_TITLES.get(arm, arm)} | {_mean_std(v['interest_macro_f1'])} | "
+                     f"{_mean_std(h['interest_accuracy'])} | {_mean_std(h['interest_macro_f1'])} | "
+                     f"{_mean_std(h['alignment_pair_auc'])} | {_mean_std(h['text_to_image_recall_at_1'])} |")
+    return lines
+
+
+def render(manifest: dict, ablation: dict | None) -> str:
+    lines = models_table(manifest) + [""] + quality_lines(manifest)
+    if ablation:
+        lines += [""] + ablation_lines(ablation)
+    return "\n".join(lines)
+
+
+def rewrite_block(readme: Path, block: str) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block to rewrite")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+
+
+def main(repository: Path, ablation: Path = typer.Option(None), readme: Path = typer.Option(None)) -> None:
+    manifest = json.loads((repository / MANIFEST_FILE).read_text())
+    block = render(manifest, json.loads(ablation.read_text()) if ablation else None)
+    if readme:
+        rewrite_block(readme, block)
+    else:
+        print(block)
+
+
+if __name__ == "__main__":
+    typer.run(main)
