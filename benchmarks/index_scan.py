@@ -58,12 +58,19 @@ def _threads() -> int:
 
 
 def memory_kib() -> dict[str, int]:
-    """RSS split: anonymous (heap) vs file-backed (mmapped index files in the page cache)."""
+    """Resident memory split into anonymous (heap: prepacked copies) and file-backed (mmapped index
+    files). PSS, not RSS: the two sessions of prepacking=auto map the same files, and RSS would
+    count a page once per mapping."""
     out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0])
+    for source, keys in (("/proc/self/status", ("VmRSS",)), ("/proc/self/smaps_rollup", ("Pss_Anon", "Pss_File"))):
+        try:
+            lines = Path(source).read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key in keys:
+                out[key] = int(value.split()[0])
     return out
 
 
@@ -256,7 +263,7 @@ def bench_served_scan(vectors: np.ndarray, users: np.ndarray, k: int, folder: Pa
         "index_bytes_scan": scan_bytes, "files_bytes": sum(p.stat().st_size for p in folder.iterdir()),
         "rss_kib": {"before": before, "loaded": loaded, "after_queries": after},
         # what the index added to this process (anonymous heap: prepacked copies; file: mmapped pages)
-        "index_rss_mib": {key: (after.get(key, 0) - before.get(key, 0)) / 1024 for key in ("RssAnon", "RssFile")},
+        "index_pss_mib": {key: (after.get(key, 0) - before.get(key, 0)) / 1024 for key in ("Pss_Anon", "Pss_File")},
         "bound_one_user_ms": t_bw * 1e3, "one_user_over_bound": single["p50_ms"] / (t_bw * 1e3),
         "bound_batch_ms": t_flop * 1e3, "batch_over_bound": batched["p50_ms"] / (t_flop * 1e3),
         # the fair ratios: each run against the limit probed right before it, median over runs
@@ -471,12 +478,12 @@ def summary_markdown(report: dict) -> str:
         "bandwidth or sgemm probe run right before it), the fair ratio on a shared machine.", "",
         "| items | limits next to it | exact | one user p50 / p95 / min (ms) | bound (ms) | ×bound | paired "
         "| batch of 32 p50 (ms) | bound (ms) | ×bound | paired | via Triton p50 (ms) "
-        "| index RSS anon / file (MiB) | files (MiB) |",
+        "| index memory anon / file, PSS (MiB) | files (MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in report["catalogs"]:
         f = c["fp32"]
-        rss = f["index_rss_mib"]
+        rss = f["index_pss_mib"]
         tri = c.get("through_triton_one_user", {}).get("p50_ms")
         limits = (f"{c['bandwidth']['copy_gbps_best']:.1f} GB/s, {c['gemm']['peak_gflops']:.0f} GFLOP/s, "
                   f"load {c['loadavg_start'][0]}")
@@ -486,20 +493,20 @@ def summary_markdown(report: dict) -> str:
             f"{f['one_user_over_bound']:.2f} | {f['one_user_over_bound_paired']:.2f} | "
             f"{f['batch']['p50_ms']:.1f} | {f['bound_batch_ms']:.1f} | {f['batch_over_bound']:.2f} | "
             f"{f['batch_over_bound_paired']:.2f} | "
-            f"{'–' if tri is None else f'{tri:.2f}'} | {rss['RssAnon']:.0f} / "
-            f"{rss['RssFile']:.0f} | {f['files_bytes'] / 2**20:.0f} |")
+            f"{'–' if tri is None else f'{tri:.2f}'} | {rss['Pss_Anon']:.0f} / "
+            f"{rss['Pss_File']:.0f} | {f['files_bytes'] / 2**20:.0f} |")
     lines += ["", "The table is the served default, `prepacking=auto` (one user: unpacked GEMV over the mmapped "
               "file; batches: MLAS's prepacked copy; the index twice in memory). The single-copy modes:", ""]
     for c in report["catalogs"]:
         for mode in ("off", "on"):
             if f"fp32_{mode}" in c:
                 p = c[f"fp32_{mode}"]
-                rss = p["index_rss_mib"]
+                rss = p["index_pss_mib"]
                 lines.append(
                     f"- {c['items']:,} items, prepacking={mode}: one user p50 {p['one_user']['p50_ms']:.2f} ms "
                     f"(paired ×{p['one_user_over_bound_paired']:.2f} of the bandwidth bound), batch of 32 "
                     f"{p['batch']['p50_ms']:.1f} ms (paired ×{p['batch_over_bound_paired']:.2f} of the GEMM bound), "
-                    f"index RSS anon / file {rss['RssAnon']:.0f} / {rss['RssFile']:.0f} MiB")
+                    f"index memory anon / file {rss['Pss_Anon']:.0f} / {rss['Pss_File']:.0f} MiB")
     lines += ["", "Reduced-precision copies of the index (benchmark graphs; scan time for one user, and top-100 "
               "overlap with the exact answer raw / after an exact re-rank of 2K candidates):", "",
               "| items | precision | scan p50 (ms) | speed-up vs served fp32 | overlap raw | overlap re-ranked | "
