@@ -85,7 +85,9 @@ def ablation_lines(ablation: dict) -> list[str]:
              f"{ablation['cpu']}):", "",
              "| image encoder | validation macro-F1 | held-out accuracy | held-out macro-F1 | "
              "alignment AUC | text→image R@1 |", "|---|---|---|---|---|---|"]
-    for arm, parts in ablation["arms"].items():
+    arms = ablation["arms"]
+    for arm in [a for a in ARM_TITLES if a in arms] + sorted(set(arms) - set(ARM_TITLES)):
+        parts = arms[arm]
         v, h = parts["validation"], parts["held_out"]
         lines.append(f"| {ARM_TITLES.get(arm, arm)} | {_mean_std(v['interest_macro_f1'])} | "
                      f"{_mean_std(h['interest_accuracy'])} | {_mean_std(h['interest_macro_f1'])} | "

@@ -10,7 +10,7 @@ import torch
 
 from mmrec import schema
 from mmrec.export import variants
-from mmrec.export.errors import ExportError, ModelSourceError, ParityError, QualityGateError
+from mmrec.export.errors import ExportError, ModelSourceError, ParityError
 from mmrec.export.manifest import MANIFEST_FILE, sha256_file
 from mmrec.export.models.image import load_image_encoder
 from mmrec.export.parity import check_parity
@@ -171,8 +171,6 @@ def test_quality_gate_rejects_a_degraded_variant():
     assert not gate.passed
     assert any("mean cosine" in r for r in gate.reasons)
     assert any("macro-F1" in r for r in gate.reasons)
-    with pytest.raises(QualityGateError, match=r"image_encoder \[int8\] fails its quality gate"):
-        variants.require(gate, "image_encoder")
     ok = variants.quality_gate("fp16", fp32, fp32 * 1.0001, labels, labels, labels, 4)
     assert ok.passed and not ok.reasons
 
