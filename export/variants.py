@@ -111,14 +111,65 @@ class ArrayCalibrationReader:
         pass
 
 
+# Image encoder static INT8 (choices measured on held-out items against FP32 on an AMD EPYC
+# Zen 3, AVX2 without VNNI, ORT 1.32). ORT's AVX2 U8S8 convolution kernel adds pairs of u8 x s8 products
+# in int16 with saturation (vpmaddubsw): with 8-bit weights and white-background images the
+# integer kernels drift far from the quantized graph's own values (mean cosine 0.81 vs 0.987).
+# 7-bit weights (|w| <= 64, so 2 * 255 * 64 < 2**15) make the kernels exact on every x86 CPU.
+INT8_CALIBRATION = "MinMax"
+INT8_PER_CHANNEL = True
+# Leading Convs kept in FP32: the quantized region starts after them, so ORT cannot re-quantize
+# them (an excluded Conv between DequantizeLinear and QuantizeLinear is turned back into
+# QLinearConv with per-tensor weights by ORT's WeightBiasQuantization). For EfficientNet-Lite
+# these are the stem and MBConv blocks 0-1 (high resolution, ~10% of the MACs), the layers whose
+# weights and activations cost the most accuracy.
+INT8_FP32_LEADING_CONVS = 6
+# 7-bit weights on every quantized Conv that ORT runs as a GEMM (all but depthwise); depthwise
+# Convs use a kernel without the int16 pair sum and keep 8 bits (7 there costs 0.007 cosine).
+INT8_REDUCED_RANGE_GEMM_WEIGHTS = True
+
+
+@dataclass(frozen=True)
+class ConvNode:
+    name: str
+    weight: str
+    depthwise: bool  # group > 1
+
+
+def conv_nodes(model: onnx.ModelProto) -> list[ConvNode]:
+    """The graph's Conv nodes in (topological) graph order."""
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            nodes.append(ConvNode(node.name, node.input[1], group > 1))
+    return nodes
+
+
 def quantize_static_int8(source: Path, target: Path, input_name: str, calibration: np.ndarray) -> Path:
-    """Static QDQ INT8 with per-channel weights, calibrated on real data."""
+    """Static QDQ INT8 calibrated on real data: per-channel weights, u8 activations, s8 weights;
+    FP32 for the first INT8_FP32_LEADING_CONVS Convs, 7-bit weights on non-depthwise Convs.
+
+    Held-out gate (141 items, 64 calibration images): mean cosine 0.9940 (min 0.985), top-10
+    neighbour agreement 0.933; INT8/FP32 latency 0.73-0.76 at batch 1 and 0.64-0.66 at batch 32
+    (2 intra-op threads). 8-bit weights everywhere scored 0.81 there (AVX2, no VNNI).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    model = onnx.load(str(source), load_external_data=False)
+    convs = conv_nodes(model)
+    initializers = {i.name for i in model.graph.initializer}
+    kept_fp32 = convs[:INT8_FP32_LEADING_CONVS]
+    overrides = {}
+    if INT8_REDUCED_RANGE_GEMM_WEIGHTS:
+        overrides = {c.weight: [{"axis": 0, "reduce_range": True}]
+                     for c in convs[INT8_FP32_LEADING_CONVS:] if not c.depthwise and c.weight in initializers}
     quantize_static(str(source), str(target), ArrayCalibrationReader(input_name, calibration),
-                    quant_format=QuantFormat.QDQ, per_channel=True,
+                    quant_format=QuantFormat.QDQ, per_channel=INT8_PER_CHANNEL,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+                    calibrate_method=CalibrationMethod[INT8_CALIBRATION],
+                    nodes_to_exclude=[c.name for c in kept_fp32] or None,
+                    extra_options={"TensorQuantOverrides": overrides} if overrides else None)
     return target
 
 
