@@ -138,7 +138,7 @@ def test_cli_exits_non_zero_when_the_parity_gate_fails(tmp_path):
     from mmrec.cli import app
 
     result = CliRunner().invoke(app, ["export", "-o", str(tmp_path / "o"), "--precision", "fp32",
-                                      "--atol", "1e-12"], env={"COLUMNS": "300"})
+                                      "--seeds", "1", "--atol", "1e-12"], env={"COLUMNS": "300"})
     assert result.exit_code == 2, result.output
     assert "text_encoder [fp32] disagrees with PyTorch" in result.output
     assert "max_abs=" in result.output and "batch=" in result.output
