@@ -125,11 +125,9 @@ def summarize(manifest: dict) -> None:
 
 
 def _gate_cell(gate: dict | None) -> str:
+    from .report import gate_numbers
+
     if gate is None:
         return "-"
-    numbers = f"{gate['mean_cosine']:.4f}"
-    if gate.get("long_input_mean_cosine") is not None:
-        numbers += f" / {gate['long_input_mean_cosine']:.4f}"
-    numbers += f" / {gate['neighbour_agreement']:.3f}"
-    return (f"pass ({numbers})" if gate["passed"]
-            else f"FAIL ({numbers}): " + "; ".join(gate["reasons"]))
+    return (f"pass ({gate_numbers(gate)})" if gate["passed"]
+            else f"FAIL ({gate_numbers(gate)}): " + "; ".join(gate["reasons"]))

@@ -21,17 +21,22 @@ ARM_TITLES = {"swish-pad": "before: Swish in every block, letterboxed (the pre-f
               "relu6-crop": "ReLU6 as trained, centre crop (**served**)"}
 
 
-def _gate(entry: dict) -> str:
-    gate = entry.get("gate")
-    if gate is None:
-        return "–"
+def gate_numbers(gate: dict) -> str:
+    """A gate's numbers in one line (README table and the export's printed table)."""
     numbers = f"cos {gate['mean_cosine']:.4f}"
     if gate.get("long_input_mean_cosine") is not None:
         numbers += f", 128-token cos {gate['long_input_mean_cosine']:.4f}"
     numbers += f", top-10 {gate['neighbour_agreement']:.3f}"
     if gate.get("macro_f1_fp32") is not None:
         numbers += f", macro-F1 {gate['macro_f1_fp32']:.3f}→{gate['macro_f1_variant']:.3f}"
-    return f"pass ({numbers})" if gate["passed"] else f"**fails** ({numbers}): left out"
+    return numbers
+
+
+def _gate(entry: dict) -> str:
+    gate = entry.get("gate")
+    if gate is None:
+        return "–"
+    return f"pass ({gate_numbers(gate)})" if gate["passed"] else f"**fails** ({gate_numbers(gate)}): left out"
 
 
 def _size(count: int | None) -> str:

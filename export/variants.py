@@ -52,15 +52,10 @@ def quality_gate(variant: str, fp32_embeddings: np.ndarray, variant_embeddings: 
     `long_inputs` = (FP32, variant) embeddings of max-length inputs: they must meet the same
     mean-cosine bar, since a short-caption gate hides error that grows with sequence length.
     """
-    cosine = float(metrics.row_cosine(fp32_embeddings, variant_embeddings).mean())
-    agreement = metrics.neighbour_agreement(fp32_embeddings, variant_embeddings, NEIGHBOURS)
+    cosine, agreement, reasons = _embedding_checks(fp32_embeddings, variant_embeddings, min_mean_cosine,
+                                                   min_neighbour_agreement)
     f1_ref = metrics.macro_f1(labels, fp32_predicted, num_classes)
     f1_var = metrics.macro_f1(labels, variant_predicted, num_classes)
-    reasons = []
-    if cosine < min_mean_cosine:
-        reasons.append(f"mean cosine {cosine:.4f} < {min_mean_cosine}")
-    if agreement < min_neighbour_agreement:
-        reasons.append(f"top-{NEIGHBOURS} neighbour agreement {agreement:.3f} < {min_neighbour_agreement}")
     if f1_ref - f1_var > max_f1_drop:
         reasons.append(f"interest macro-F1 drops {100 * (f1_ref - f1_var):.2f} points "
                        f"(> {100 * max_f1_drop:.0f})")
@@ -74,10 +69,9 @@ def quality_gate(variant: str, fp32_embeddings: np.ndarray, variant_embeddings: 
                       long_input_mean_cosine=long_mean, long_input_min_cosine=long_min)
 
 
-def embedding_gate(variant: str, fp32_embeddings: np.ndarray, variant_embeddings: np.ndarray,
-                   min_mean_cosine: float = GATE_MIN_MEAN_COSINE,
-                   min_neighbour_agreement: float = GATE_MIN_NEIGHBOUR_AGREEMENT) -> GateResult:
-    """The embedding half of the gate, for engines judged without the fusion head (TensorRT)."""
+def _embedding_checks(fp32_embeddings: np.ndarray, variant_embeddings: np.ndarray, min_mean_cosine: float,
+                      min_neighbour_agreement: float) -> tuple[float, float, list[str]]:
+    """Mean cosine and top-k neighbour agreement with FP32, and the reasons they fail."""
     cosine = float(metrics.row_cosine(fp32_embeddings, variant_embeddings).mean())
     agreement = metrics.neighbour_agreement(fp32_embeddings, variant_embeddings, NEIGHBOURS)
     reasons = []
@@ -85,6 +79,15 @@ def embedding_gate(variant: str, fp32_embeddings: np.ndarray, variant_embeddings
         reasons.append(f"mean cosine {cosine:.4f} < {min_mean_cosine}")
     if agreement < min_neighbour_agreement:
         reasons.append(f"top-{NEIGHBOURS} neighbour agreement {agreement:.3f} < {min_neighbour_agreement}")
+    return cosine, agreement, reasons
+
+
+def embedding_gate(variant: str, fp32_embeddings: np.ndarray, variant_embeddings: np.ndarray,
+                   min_mean_cosine: float = GATE_MIN_MEAN_COSINE,
+                   min_neighbour_agreement: float = GATE_MIN_NEIGHBOUR_AGREEMENT) -> GateResult:
+    """The embedding half of the gate, for engines judged without the fusion head (TensorRT)."""
+    cosine, agreement, reasons = _embedding_checks(fp32_embeddings, variant_embeddings, min_mean_cosine,
+                                                   min_neighbour_agreement)
     return GateResult(variant, cosine, agreement, None, None, not reasons, reasons,
                       evaluated_on="TensorRT")
 
