@@ -52,7 +52,8 @@ def train(path: str) -> dict:
         return ItemFeatures(data["text"][rows], data["image"][rows], data["labels"][rows])
 
     train_f, held = part("train"), part("held_out")
-    config = FusionConfig(num_categories=int(data["labels"].max()) + 1)
+    config = FusionConfig(text_dim=data["text"].shape[1], image_dim=data["image"].shape[1],
+                          num_categories=int(data["labels"].max()) + 1)
     cpuinfo = open("/proc/cpuinfo").read()
     cpu = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")),
                platform.processor())

@@ -148,9 +148,10 @@ def split(items: list[Item], image_hashes: list[int] | None = None) -> Split:
         quotas = [("held_out", round(total * HELD_OUT_PERCENT / 100)),
                   ("validation", round(total * VALIDATION_PERCENT / 100))]
         filled = {"held_out": 0, "validation": 0}
-        for group in category_groups:
-            part = next((name for name, quota in quotas
-                         if filled[name] < max(quota, 1)), "train")
+        for position, group in enumerate(category_groups):
+            last = position == len(category_groups) - 1  # training always learns every category
+            part = "train" if last else next((name for name, quota in quotas
+                                              if filled[name] < max(quota, 1)), "train")
             if part != "train":
                 filled[part] += len(group)
             for index in group:

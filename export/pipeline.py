@@ -305,7 +305,9 @@ class Exporter:
                 raise QualityGateError(f"cannot serve {member} [{variant}]: {reason}")
             served[member] = entry["file"]
             models[member]["served_variant"] = variant
-        combination = gates.served_combination(o.serve_variants) if gates else None
+        # TensorRT plans are gated one by one against FP32 in _tensorrt; the ONNX mix is not served
+        combination = (gates.served_combination(o.serve_variants)
+                       if gates and o.target is not Target.tensorrt else None)
 
         if o.target is Target.tensorrt:
             served = self._tensorrt(staging, fp32, members, sources, dataset, tokenizer, models)
@@ -380,14 +382,16 @@ class Exporter:
 
     def _gate_feeds(self, sources: Sources, dataset: EncodedDataset, tokenizer) -> tuple[dict, list]:
         """Held-out inputs for each quantizable member, plus max_seq_len texts for the text gate."""
+        # batches within max_batch_size: TensorRT profiles end there
+        text_step, step = (min(n, sources.preprocess.max_batch_size) for n in (32, 16))
         captions = [i.caption for i in sources.held_out]
-        text_feeds = [dict(zip((schema.INPUT_IDS, schema.ATTENTION_MASK), tokenizer(captions[i:i + 32])))
-                      for i in range(0, len(captions), 32)]
+        text_feeds = [dict(zip((schema.INPUT_IDS, schema.ATTENTION_MASK), tokenizer(captions[i:i + text_step])))
+                      for i in range(0, len(captions), text_step)]
         long_texts = joined_captions(captions, LONG_TEXT_CASES, 30)
-        long_feeds = [dict(zip((schema.INPUT_IDS, schema.ATTENTION_MASK), tokenizer(long_texts[i:i + 16])))
-                      for i in range(0, len(long_texts), 16)]
+        long_feeds = [dict(zip((schema.INPUT_IDS, schema.ATTENTION_MASK), tokenizer(long_texts[i:i + step])))
+                      for i in range(0, len(long_texts), step)]
         pixels = dataset.pixel_values(sources.held_out)
-        image_feeds = [{schema.PIXEL_VALUES: pixels[i:i + 16]} for i in range(0, len(pixels), 16)]
+        image_feeds = [{schema.PIXEL_VALUES: pixels[i:i + step]} for i in range(0, len(pixels), step)]
         return {schema.TEXT_ENCODER: text_feeds, schema.IMAGE_ENCODER: image_feeds}, long_feeds
 
     def _variants(self, staging: Path, sources: Sources, dataset: EncodedDataset, tokenizer,

@@ -63,6 +63,7 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known.setdefault("image_fit", "pad")  # repositories written before the option letterboxed
         for key in ("seq_buckets", "image_mean", "image_std", "background", "categories"):
             if key in known:
                 known[key] = tuple(known[key])

@@ -41,10 +41,12 @@ def test_split_is_stratified_every_category_is_evaluated(items, parts):
     totals = Counter(i.category for i in items)
     held = Counter(i.category for i in parts.held_out)
     validation = Counter(i.category for i in parts.validation)
+    train = Counter(i.category for i in parts.train)
     for category, total in totals.items():
         assert held[category] >= 1, category
         assert validation[category] >= 1, category
         assert held[category] <= max(0.45 * total, 3), (category, held[category], total)
+        assert train[category] >= 0.5 * total, (category, train[category], total)
     assert 0.15 <= len(parts.held_out) / len(items) <= 0.25
 
 
@@ -61,6 +63,17 @@ def test_duplicates_never_straddle_parts(items, hashes, parts):
         by_group.setdefault(group, set()).add(part_of[item.item_id])
     assert all(len(p) == 1 for p in by_group.values())
     assert len(set(groups)) < len(items)  # the data does have duplicates to keep together
+
+
+def test_every_category_keeps_training_items(items):
+    """Two duplicate groups in a small category: held-out gets one, training the other."""
+    from dataclasses import replace
+
+    small = [replace(items[k], item_id=f"x{k}", caption=("one" if k < 5 else "two"), category="tiny")
+             for k in range(10)]
+    spread = [int(h) for h in np.random.default_rng(0).integers(0, 1 << 62, 52)]  # far apart
+    parts = split(items[:50] + small, spread[:50] + [spread[50]] * 5 + [spread[51]] * 5)
+    assert sum(i.category == "tiny" for i in parts.train) == 5
 
 
 def test_near_duplicate_images_share_a_group(items):

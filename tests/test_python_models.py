@@ -55,6 +55,19 @@ def test_decoder_flattens_alpha_pads_to_square_and_normalizes():
     assert np.allclose(pixels[0, :, 0, 112], 1.0)  # padding band is the white background
 
 
+@pytest.mark.parametrize("mode, key", [("RGB", (0, 0, 0)), ("L", 0)])
+def test_decoder_honours_a_colour_key(mode, key):
+    """PNG tRNS colour keys are transparency too: keyed pixels become the white background."""
+    from dataclasses import replace
+
+    image = Image.new(mode, (40, 40), key)
+    image.paste((255, 0, 0) if mode == "RGB" else 128, (15, 15, 25, 25))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", transparency=key)
+    pixels = image_decoder(replace(CONFIG, image_fit="pad"))([buffer.getvalue()])[0]
+    assert np.allclose(pixels[:, 2, 2], 1.0)  # a keyed corner pixel is the background, not black
+
+
 def test_decoder_crops_the_centre_square_by_default():
     """The centre of a wide image fills the square; the left and right ends are cut."""
     image = Image.new("RGB", (300, 100), (255, 0, 0))

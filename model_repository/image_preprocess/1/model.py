@@ -34,7 +34,8 @@ CROP_MARGIN = 32  # "crop": shorter side to S + 32, centre S x S (TF EfficientNe
 
 
 def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    """An alpha channel, or a colour key (PNG tRNS on P, L or RGB images)."""
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
 
 class InvalidImage(ValueError):
@@ -112,8 +113,11 @@ class ImageDecoder:
             scale = self._needed_scale(image.size)
             if scale < 1:  # DCT scaling: each side stays >= what the fit reads from it
                 image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-        image = ImageOps.exif_transpose(image)  # phones store sideways pixels + a rotation tag
-        if image.mode not in ("RGB", "RGBA"):
+        try:
+            image = ImageOps.exif_transpose(image)  # phones store sideways pixels + a rotation tag
+        except (TypeError, ValueError, KeyError, SyntaxError):
+            pass  # a malformed orientation tag: keep the pixels as stored rather than refuse the photo
+        if image.mode not in ("RGB", "RGBA") or (image.mode == "RGB" and _has_alpha(image)):
             image = image.convert("RGBA" if _has_alpha(image) else "RGB")
         if image.mode == "RGBA":  # flatten before any filtering: transparent pixels have no colour
             flat = Image.new("RGBA", image.size, self.background + (255,))
