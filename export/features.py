@@ -96,11 +96,6 @@ def encode_pixels(model: torch.nn.Module, pixels: np.ndarray, batch_size: int = 
     return np.concatenate(out)
 
 
-def decode_images(config: PreprocessConfig, items: list[Item]) -> np.ndarray:
-    """Item images -> normalized FP32 [N, 3, S, S] via the server's decoder."""
-    return image_decoder(config)([item.image_bytes() for item in items])
-
-
 def encode_dataset(text_model, image_model, config: PreprocessConfig, tokenizer_file,
                    items: list[Item], progress: Progress | None = None) -> EncodedDataset:
     """Tokenize, decode and encode every item once (fixed thread count, batch order by id)."""
@@ -115,9 +110,3 @@ def encode_dataset(text_model, image_model, config: PreprocessConfig, tokenizer_
             for start in range(0, len(pixels), 64)])
     labels = np.array([categories[i.category] for i in items], dtype=np.int64)
     return EncodedDataset(items, pixels, ItemFeatures(text, image, labels), decoder.normalize)
-
-
-def encode_items(text_model, image_model, config: PreprocessConfig, tokenizer_file,
-                 items: list[Item], progress: Progress | None = None) -> ItemFeatures:
-    """Features of some items (tests and tools; export encodes the whole dataset once)."""
-    return encode_dataset(text_model, image_model, config, tokenizer_file, items, progress).features
