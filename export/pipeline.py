@@ -285,7 +285,8 @@ class Exporter:
             if o.seeds > 1:
                 training["held_out_seed_spread"] = seed_spread(
                     train_f, {"held_out": held_f}, config, o.seeds,
-                    self.reporter.step(f"fusion head: spread over {o.seeds} seeds", o.seeds))["held_out"]
+                    self.reporter.step(f"fusion head: spread over {o.seeds} seeds", o.seeds),
+                    first=fusion)["held_out"]
         training["validation"] = evaluate_fusion(fusion, val_f, len(p.categories), p.categories)
         training["held_out"] = evaluate_fusion(fusion, held_f, len(p.categories), p.categories)
         save_fusion_checkpoint(fusion, p.categories, fusion_dir / FUSION_CHECKPOINT)

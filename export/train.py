@@ -94,15 +94,17 @@ def train_fusion(train: ItemFeatures, config: FusionConfig,
 
 
 def seed_spread(train: ItemFeatures, parts: dict[str, ItemFeatures], config: FusionConfig,
-                seeds: int, progress: Callable[[int], None] | None = None) -> dict[str, dict]:
+                seeds: int, progress: Callable[[int], None] | None = None,
+                first: FusionHead | None = None) -> dict[str, dict]:
     """Per part: mean and standard deviation of the headline metrics over `seeds` seeds.
 
     What a reader needs to judge a difference: a change smaller than this spread is noise.
-    Each seed trains once and is evaluated on every part.
+    Each seed trains once and is evaluated on every part; `first`, the head already trained
+    with SEED (training is deterministic), stands in for that seed instead of a second run.
     """
     runs: dict[str, list[dict]] = {name: [] for name in parts}
     for offset in range(seeds):
-        model, _ = train_fusion(train, config, seed=SEED + offset)
+        model = first if offset == 0 and first is not None else train_fusion(train, config, seed=SEED + offset)[0]
         for name, features in parts.items():
             runs[name].append(evaluate_fusion(model, features, config.num_categories))
         if progress:

@@ -124,6 +124,22 @@ def test_fusion_training_is_deterministic(monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_seed_spread_reuses_the_served_seed(monkeypatch):
+    """The head trained with SEED stands in for seed 0 of the spread: same numbers, one run less."""
+    from mmrec.export import train
+    from mmrec.export.features import ItemFeatures
+    from mmrec.export.models.fusion import FusionConfig
+
+    monkeypatch.setattr(train, "EPOCHS", 2)
+    rng = np.random.default_rng(2)
+    features = ItemFeatures(rng.standard_normal((64, 384)).astype(np.float32),
+                            rng.standard_normal((64, 1280)).astype(np.float32), np.arange(64) % 4)
+    config = FusionConfig(num_categories=4)
+    served, _ = train.train_fusion(features, config)
+    parts = {"held_out": features}
+    assert train.seed_spread(features, parts, config, 2, first=served) == train.seed_spread(features, parts, config, 2)
+
+
 def test_bad_fusion_checkpoint_is_rejected_before_any_work(tmp_path):
     bad = tmp_path / "fusion.safetensors"
     bad.write_bytes(b"\x00" * 64)
