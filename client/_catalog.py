@@ -12,7 +12,7 @@ import numpy as np
 
 from mmrec import schema
 
-from ._errors import MMRecError
+from ._errors import InvalidItemError, MMRecError
 from ._requests import InferRequest, chunk_slices
 from ._results import RankedItem
 
@@ -61,6 +61,16 @@ def catalog_requests(model: str, users: np.ndarray, k: int, batch: int) -> list[
                                  schema.TOP_K: np.full((s.stop - s.start, 1), k, dtype=np.int32)},
                          CATALOG_OUTPUTS, s.start)
             for s in chunk_slices(len(users), batch)]
+
+
+def recommend_requests(users: np.ndarray, k: int, exclude: Sequence[str], info: CatalogInfo
+                       ) -> list[InferRequest]:
+    """Check k and the user width against the index, then the requests: what the sync and
+    async clients' recommend() send (none for zero users)."""
+    want = check_k(k, exclude, info)
+    if users.shape[1] != info.dim:
+        raise InvalidItemError(None, f"user vectors have {users.shape[1]} values; the index holds {info.dim}-d items")
+    return catalog_requests(info.model, users, want, info.max_batch_size) if len(users) else []
 
 
 def ranked_from_chunks(chunks: Sequence[dict[str, np.ndarray]], k: int,

@@ -13,9 +13,9 @@ from mmrec import schema
 from mmrec.reference import user_vector as mean_embedding
 
 from ._base import PROBE_TIMEOUT_S, ClientBase
-from ._catalog import INDEX_HINT, CatalogInfo, catalog_info, catalog_requests, check_k, ranked_from_chunks
+from ._catalog import INDEX_HINT, CatalogInfo, catalog_info, ranked_from_chunks, recommend_requests
 from ._endpoints import Attempts, Endpoint
-from ._errors import InvalidItemError, InvalidRequestError, MMRecError, ModelNotReadyError, server_message
+from ._errors import InvalidRequestError, MMRecError, ModelNotReadyError, server_message
 from ._items import Item, PreparedItems
 from ._plan import PendingRequest, Planner, bisect_bad_item
 from ._requests import CallOptions, InferRequest
@@ -210,13 +210,10 @@ class MMRecClient(ClientBase):
     # ---- internals
     def _recommend(self, users: np.ndarray, k: int, exclude: Sequence[str], options: CallOptions
                    ) -> list[list[RankedItem]]:
-        info = self._catalog()
-        want = check_k(k, exclude, info)
-        if users.shape[1] != info.dim:
-            raise InvalidItemError(None, f"user vectors have {users.shape[1]} values; the index holds {info.dim}-d items")
-        if not len(users):
+        requests = recommend_requests(users, k, exclude, self._catalog())
+        if not requests:
             return []
-        pending = [PendingRequest(lambda r=r: r) for r in catalog_requests(info.model, users, want, info.max_batch_size)]
+        pending = [PendingRequest(lambda r=r: r) for r in requests]
         return ranked_from_chunks(self._run(pending, options), k, exclude)
 
     def _catalog(self) -> CatalogInfo:
