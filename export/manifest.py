@@ -14,7 +14,7 @@ from pathlib import Path
 MANIFEST_FILE = "manifest.json"
 HASH_CHUNK = 1 << 20
 TRACKED_PACKAGES = ("mmrec", "torch", "onnx", "onnxruntime", "onnxslim", "transformers",
-                    "tokenizers", "numpy", "pillow", "nvidia-pytriton", "tritonclient", "tensorrt")
+                    "tokenizers", "numpy", "pillow", "nvidia-pytriton", "tritonclient", "tensorrt", "openvino")
 
 
 def sha256_file(path: Path) -> str:

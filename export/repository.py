@@ -7,19 +7,21 @@ Targets:
 - portable:    ONNX members run by ONNX Runtime inside python-backend models (ort_runner); runs
                on the tritonserver bundled by nvidia-pytriton (python backend only).
 - onnxruntime: native `backend: "onnxruntime"` members for the NGC Triton container.
+- openvino:    native `backend: "openvino"` members (ONNX files read by OpenVINO) for the NGC
+               container's OpenVINO backend, CPU only.
 - tensorrt:    `platform: "tensorrt_plan"` members (engines from export.tensorrt).
 """
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from mmrec.model_repository import model_source
+from mmrec.model_repository import library_source, model_source
 from mmrec.preprocess import TOKENIZER_FILE, PreprocessConfig
 from mmrec import schema
 from mmrec.schema import EnsembleSpec, ModelSpec, TensorSpec
@@ -31,10 +33,13 @@ CONFIG_FILE = "config.pbtxt"
 class Target(str, Enum):
     portable = "portable"
     onnxruntime = "onnxruntime"
+    openvino = "openvino"
     tensorrt = "tensorrt"
 
 
-MODEL_FILE = {Target.portable: "model.onnx", Target.onnxruntime: "model.onnx", Target.tensorrt: "model.plan"}
+MODEL_FILE = {Target.portable: "model.onnx", Target.onnxruntime: "model.onnx", Target.openvino: "model.onnx",
+              Target.tensorrt: "model.plan"}
+RUNTIME_LIBRARY = "runtime.py"  # model_repository/lib/runtime.py, copied beside the portable runner
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,8 @@ class RepositoryLayout:
     gpu: bool = False
     policies: dict[str, BatchingPolicy] | None = None  # None: default_policies(target, gpu)
     intra_op_threads: int = 0  # 0: each member's share of the serving machine's cores
+    # member -> (runtime, precision) chosen for it (portable/openvino targets); absent: ORT FP32
+    member_runtimes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.policies is None:
@@ -120,13 +127,13 @@ def member_config(spec: ModelSpec, layout: RepositoryLayout) -> mc.ModelConfig:
     is_python = spec.kind == "python" or layout.target is Target.portable
     # The portable runner pads sequence inputs across requests itself, so the batcher may join
     # requests of different lengths; native backends need equal shapes (bucketed by tokenizer).
-    ragged = layout.target is Target.portable and spec.kind == "onnx"
+    ragged = layout.target is Target.portable and spec.kind == "onnx"  # OpenVINO backend: equal shapes
     config.input.extend(_tensor_input(t, ragged=ragged and bool(t.dynamic_axes)) for t in spec.inputs)
     config.output.extend(_tensor_output(t) for t in spec.outputs)
     config.dynamic_batching.max_queue_delay_microseconds = policy.max_queue_delay_us
     config.dynamic_batching.preferred_batch_size.extend(
         b for b in policy.preferred_batch_sizes if b <= layout.max_batch_size)
-    on_gpu = layout.gpu and spec.kind == "onnx" and layout.target is not Target.portable
+    on_gpu = layout.gpu and spec.kind == "onnx" and layout.target is Target.onnxruntime
     config.instance_group.append(mc.ModelInstanceGroup(
         count=policy.instances,
         kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu or layout.target is Target.tensorrt and spec.kind == "onnx"
@@ -135,6 +142,9 @@ def member_config(spec: ModelSpec, layout: RepositoryLayout) -> mc.ModelConfig:
         config.backend = "python"
     elif layout.target is Target.onnxruntime:
         config.backend = "onnxruntime"
+    elif layout.target is Target.openvino:
+        config.backend = "openvino"
+        config.default_model_filename = MODEL_FILE[Target.openvino]
     else:
         config.platform = "tensorrt_plan"
     if spec.name == schema.TOKENIZER:
@@ -146,11 +156,30 @@ def member_config(spec: ModelSpec, layout: RepositoryLayout) -> mc.ModelConfig:
                                  **layout.preprocess.image_parameters()})
     elif layout.target is Target.portable:
         threads = 1 if spec.name in SINGLE_THREAD_MEMBERS and not layout.intra_op_threads else layout.intra_op_threads
-        _set_parameters(config, {"intra_op_threads": str(threads),
+        runtime, precision = layout.member_runtimes.get(spec.name, ("onnxruntime", "fp32"))
+        _set_parameters(config, {"intra_op_threads": str(threads), "runtime": runtime, "precision": precision,
                                  "cpu_share": str(CPU_SHARES.get(spec.name, 1))})
+    elif layout.target is Target.openvino and spec.kind == "onnx":
+        _set_parameters(config, openvino_parameters(spec.name, layout))
     if spec.name == schema.FUSION:  # clients read category names from the server, not the disk
         _set_parameters(config, {"categories": ",".join(layout.preprocess.categories)})
     return config
+
+
+def openvino_precision(precision: str) -> str:
+    """OpenVINO's name of an inference precision (fp32 -> f32, bf16 -> bf16)."""
+    return {"fp32": "f32", "bf16": "bf16"}[precision]
+
+
+def openvino_parameters(name: str, layout: RepositoryLayout) -> dict[str, str]:
+    """The OpenVINO backend's properties: one latency stream, the chosen inference precision,
+    threads only where pinned (else the backend sizes them to the container)."""
+    _, precision = layout.member_runtimes.get(name, ("openvino", "fp32"))
+    parameters = {"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": openvino_precision(precision)}
+    if layout.intra_op_threads:
+        parameters["INFERENCE_NUM_THREADS"] = str(layout.intra_op_threads)
+    return parameters
 
 
 def ensemble_config(ensemble: EnsembleSpec, max_batch_size: int) -> mc.ModelConfig:
@@ -208,6 +237,7 @@ def write_repository(layout: RepositoryLayout, output: Path) -> dict[str, Path]:
             shutil.copyfile(layout.member_files[name], target_file)
             if layout.target is Target.portable:
                 shutil.copyfile(model_source("ort_runner"), version_dir / "model.py")
+                shutil.copyfile(library_source("runtime"), version_dir / RUNTIME_LIBRARY)
             written[name] = target_file
     layout.preprocess.save(output)
     return written

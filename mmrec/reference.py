@@ -1,7 +1,8 @@
 """In-process reference pipeline: what the Triton ensembles compute, without Triton.
 
 Same files (the repository's model.onnx, tokenizer.json, preprocess.json), same preprocessing
-code (the python models' own modules), same ONNX Runtime settings as the portable runner. Tests
+code (the python models' own modules), same runtime (ONNX Runtime or OpenVINO, as each member's
+config says) and session settings as the portable runner. Tests
 use it as ground truth for the server; benchmarks use it to measure serving overhead.
 """
 from __future__ import annotations
@@ -12,7 +13,20 @@ import numpy as np
 
 from . import schema
 from .preprocess import PreprocessConfig
-from .python_models import image_decoder, load_python_model, text_tokenizer, tokenizer_file_in
+from .python_models import image_decoder, text_tokenizer, tokenizer_file_in
+from mmrec.model_repository.lib import runtime
+
+
+def served_runtime(repository: Path, member: str) -> tuple[str, str]:
+    """(runtime, precision) a portable member is served with: its config's parameters."""
+    from tritonclient.grpc import model_config_pb2 as mc
+    from google.protobuf import text_format
+
+    config = Path(repository) / member / "config.pbtxt"
+    parameters = text_format.Parse(config.read_text(), mc.ModelConfig()).parameters if config.is_file() else {}
+    runtime_name = parameters["runtime"].string_value if "runtime" in parameters else "onnxruntime"
+    precision = parameters["precision"].string_value if "precision" in parameters else "fp32"
+    return runtime_name, precision
 
 
 class ReferencePipeline:
@@ -23,22 +37,21 @@ class ReferencePipeline:
         self.preprocess = PreprocessConfig.load(self.repository)
         self.tokenizer = text_tokenizer(self.preprocess, tokenizer_file_in(self.repository))
         self.decoder = image_decoder(self.preprocess)
-        runner = load_python_model("ort_runner")
         self.sessions = {}
         for name in schema.ONNX_MODELS:
-            path = self.repository / name / "1" / runner.MODEL_FILE
+            path = self.repository / name / "1" / "model.onnx"
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: the reference pipeline needs an ONNX "
-                                        "repository (target portable or onnxruntime)")
-            self.sessions[name] = runner.make_session(path, intra_op_threads)
+                                        "repository (target portable, onnxruntime or openvino)")
+            runtime_name, precision = served_runtime(self.repository, name)
+            self.sessions[name] = runtime.open_session(path, runtime_name, intra_op_threads, precision)
 
     @property
     def categories(self) -> tuple[str, ...]:
         return self.preprocess.categories
 
     def _run(self, model: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        session = self.sessions[model]
-        return session.run([o.name for o in session.get_outputs()], feed)
+        return self.sessions[model].run(None, feed)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         ids, mask = self.tokenizer(texts)

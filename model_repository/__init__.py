@@ -10,3 +10,11 @@ def model_source(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no python model source {path}")
     return path
+
+
+def library_source(name: str) -> Path:
+    """Path of a library module under lib/ that export copies beside the models using it."""
+    path = SOURCE_DIR / "lib" / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"no library module {path}")
+    return path
