@@ -370,6 +370,10 @@ class Exporter:
             served[member] = entry["file"]
             models[member]["served_variant"] = variant
             runtimes[member] = (entry["runtime"], entry["precision"])
+        if o.target is Target.openvino:  # its backend runs every ONNX member on OpenVINO
+            for member, info in models.items():
+                if info["served_variant"] == "fp32" and info["variants"].get("openvino-fp32", {}).get("written"):
+                    info["served_variant"] = "openvino-fp32"
         # TensorRT plans are gated one by one against FP32 in _tensorrt; the ONNX mix is not served
         combination = None
         if gates and o.target is not Target.tensorrt:

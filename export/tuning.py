@@ -132,14 +132,16 @@ def measure_member(root: Path, manifest: dict, member: str, runtimes: tuple[str,
     return result
 
 
-def rank(measured: dict) -> list[str]:
-    """Variants significantly faster than ORT FP32 (interval below 1), fastest first, then FP32."""
-    faster = [v for v, m in measured["variants"].items() if v != REFERENCE and m["interval_95"][1] < 1.0]
-    return sorted(faster, key=lambda v: measured["variants"][v]["score_vs_fp32"]) + [REFERENCE]
+def rank(measured: dict, fallback: str = REFERENCE) -> list[str]:
+    """Variants significantly faster than ORT FP32 (interval below 1), fastest first, then the
+    fallback (ORT FP32; OpenVINO FP32 on the openvino target, whose backend runs OpenVINO only)."""
+    faster = [v for v, m in measured["variants"].items()
+              if v not in (REFERENCE, fallback) and m["interval_95"][1] < 1.0]
+    return sorted(faster, key=lambda v: measured["variants"][v]["score_vs_fp32"]) + [fallback]
 
 
 def choose_pair(measured: dict[str, dict], combinations: list[dict],
-                fixed: dict[str, str] | None = None) -> tuple[dict[str, str], dict | None]:
+                fixed: dict[str, str] | None = None, fallback: str = REFERENCE) -> tuple[dict[str, str], dict | None]:
     """The fastest per-member choice whose combination (with the `fixed` members' variants)
     passed its gate, by product of scores; returns it with that combination's record (None
     when everything served stays ORT FP32)."""
@@ -152,14 +154,14 @@ def choose_pair(measured: dict[str, dict], combinations: list[dict],
 
     options: list[dict[str, str]] = [{}]
     for member in measured:
-        options = [{**o, member: v} for o in options for v in rank(measured[member])]
+        options = [{**o, member: v} for o in options for v in rank(measured[member], fallback)]
     for choice in sorted(options, key=score):
         if all(v == REFERENCE for v in {**fixed, **choice}.values()):
             return choice, None
         combination = passed.get(_key({**fixed, **choice}, gated))
         if combination is not None:
             return choice, combination
-    return {m: REFERENCE for m in measured}, None
+    return {m: fallback for m in measured}, None
 
 
 def _key(choice: dict[str, str], members: list[str]) -> tuple:
@@ -216,11 +218,13 @@ def tune_repository(root: Path, runtimes: tuple[str, ...] | None = None, rounds:
         allowed = ("onnxruntime",) + allowed  # the FP32 reference is timed with ORT
     members = [m for m in TUNED_MEMBERS if m in manifest["models"] and m not in fixed]
     measured = {m: measure_member(root, manifest, m, allowed, rounds, progress) for m in members}
+    fallback = REFERENCE
     if target is Target.openvino:  # the OpenVINO backend serves OpenVINO variants only
+        fallback = "openvino-fp32"
         for m in measured:
             measured[m]["variants"] = {v: r for v, r in measured[m]["variants"].items()
                                        if VARIANTS[v].runtime == "openvino" or v == REFERENCE}
-    choice, combination = choose_pair(measured, manifest.get("combinations", []), fixed)
+    choice, combination = choose_pair(measured, manifest.get("combinations", []), fixed, fallback)
     for member, variant in choice.items():
         if variant != manifest["models"][member]["served_variant"]:
             serve_variant(root, manifest, member, variant, target)

@@ -130,6 +130,13 @@ def test_choice_respects_the_combination_gate():
     # a slower-than-FP32 variant (openvino-fp32 image, interval above 1) is never chosen
     assert choose_pair({schema.IMAGE_ENCODER: measured[schema.IMAGE_ENCODER]}, [], {})[0] == {
         schema.IMAGE_ENCODER: REFERENCE}
+    # the openvino target serves OpenVINO variants only: its fallback is OpenVINO FP32
+    ov_only = {m: {"variants": {v: r for v, r in measured[m]["variants"].items() if v != "int8"}} for m in measured}
+    pairs = everything + [combo("openvino-fp32", "openvino-fp32", True)]
+    slow = {m: {"variants": {v: {**r, "interval_95": [1.0, 1.1]} for v, r in ov_only[m]["variants"].items()}}
+            for m in ov_only}
+    assert choose_pair(slow, pairs, {}, "openvino-fp32")[0] == {
+        schema.TEXT_ENCODER: "openvino-fp32", schema.IMAGE_ENCODER: "openvino-fp32"}
     # a user's --serve-variant is kept and the rest is chosen around it
     choice, _ = choose_pair({schema.IMAGE_ENCODER: measured[schema.IMAGE_ENCODER]}, everything,
                             {schema.TEXT_ENCODER: "openvino-fp32"})
