@@ -6,9 +6,10 @@ real photos and the Tux Paint drawings decoded by the served decoder):
             PyTorch FP32 and PyTorch BF16 autocast (where the CPU has native BF16), interleaved
             rounds, medians, bootstrap 95 % interval of each ratio to ORT FP32, and the mean/min
             cosine of each output to ORT FP32's;
-  pipeline  text + image encoders + fusion on 32 items, the ORT FP32 pipeline vs the tuned one;
-  served    `item_encoder` over gRPC, one request of 32 items, the FP32 repository vs the tuned
-            one (each its own Triton, alternating rounds).
+  pipeline  text + image encoders + fusion on 32 items: ORT FP32 padded to the longest text,
+            ORT FP32 with rows at their length bucket (the runner's way), and the tuned variants;
+  served    `item_encoder` over gRPC, one request of 32 items, the same three arms, each its own
+            Triton, requests alternating.
 Variants that fail their gate or cannot run on this CPU are listed with the reason.
 
 `python -m mmrec.benchmarks.runtimes --fp32 FP32_REPO --tuned TUNED_REPO --output benchmarks/results/runtimes`
@@ -125,31 +126,68 @@ def offline(repository: Path, feeds: dict[str, dict[int, dict]], rounds: int, bf
 
 def pipeline(fp32: ReferencePipeline, tuned: ReferencePipeline, texts: list[str], images: list[bytes],
              rounds: int) -> dict:
-    """Encoders + fusion on one batch, pre-decoded pixels (the decoder is the same in both)."""
+    """Encoders + fusion on one batch, pre-decoded pixels (the decoder is the same in every arm).
+    Arms: ORT FP32 with the batch padded to its longest text (what a plain pipeline does), ORT
+    FP32 with rows run at their length bucket (what the runner does), and the tuned variants."""
     ids, mask = fp32.tokenizer(texts)
     pixels = fp32.preprocess_images(images)
 
-    class Path_:
-        def __init__(self, pipe):
-            self.pipe = pipe
+    class Arm:
+        def __init__(self, pipe: ReferencePipeline, bucketed: bool) -> None:
+            self.pipe, self.bucketed = pipe, bucketed
 
-        def run(self, _names, _feed):
-            text = self.pipe._run(schema.TEXT_ENCODER, {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask})[0]
+        def run(self, _names, _feed) -> list[np.ndarray]:
+            feed = {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask}
+            text = (self.pipe.embed_tokens(ids, mask) if self.bucketed
+                    else self.pipe.sessions[schema.TEXT_ENCODER].run(None, feed)[0])
             image = self.pipe.embed_pixels(pixels)
             return [self.pipe.fuse(text, image)[schema.ITEM_EMBEDDING]]
 
-    arms = {"ort-fp32": Path_(fp32), "tuned": Path_(tuned)}
-    print(f"pipeline: batch {len(texts)}, {rounds} rounds", file=sys.stderr, flush=True)
+    arms = {"ort-fp32-padded": Arm(fp32, False), "ort-fp32": Arm(fp32, True), "tuned": Arm(tuned, True)}
+    print(f"pipeline: batch {len(texts)}, {len(arms)} arms x {rounds} rounds", file=sys.stderr, flush=True)
     times = time_interleaved(arms, {}, rounds)
-    point, low, high = score_interval([times["tuned"]], [times["ort-fp32"]])
-    cos = metrics.row_cosine(arms["ort-fp32"].run(None, {})[0], arms["tuned"].run(None, {})[0])
-    return {"batch": len(texts), "median_ms": {k: round(1e3 * float(np.median(v)), 1) for k, v in times.items()},
-            "speedup_tuned_over_fp32": round(1 / point, 3), "ci95": [round(1 / high, 3), round(1 / low, 3)],
+    reference = arms["ort-fp32-padded"].run(None, {})[0]
+    groups = runtime.length_groups(mask, fp32.preprocess.seq_buckets)
+    report = {"batch": len(texts), "text_width": int(mask.shape[1]),
+              "padding": {"real_tokens": int(mask.sum()), "computed_padded": int(mask.size),
+                          "computed_bucketed": int(sum(len(rows) * width for rows, width in groups))},
+              "median_ms": {k: round(1e3 * float(np.median(v)), 1) for k, v in times.items()}, "speedups": {}}
+    for arm in ("ort-fp32", "tuned"):
+        point, low, high = score_interval([times[arm]], [times["ort-fp32-padded"]])
+        cos = metrics.row_cosine(reference, arms[arm].run(None, {})[0])
+        report["speedups"][f"{arm}_over_ort-fp32-padded"] = {
+            "speedup": round(1 / point, 3), "ci95": [round(1 / high, 3), round(1 / low, 3)],
             "item_embedding_cosine": {"mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5)}}
+    point, low, high = score_interval([times["tuned"]], [times["ort-fp32"]])
+    report["speedups"]["tuned_over_ort-fp32"] = {"speedup": round(1 / point, 3),
+                                                 "ci95": [round(1 / high, 3), round(1 / low, 3)]}
+    return report
+
+
+def padded_copy(repository: Path, into: Path) -> Path:
+    """The repository with the text runner's length grouping off (the behaviour before it): files
+    symlinked, only text_encoder/config.pbtxt rewritten."""
+    import os
+    import shutil
+
+    from mmrec.export.repository import CONFIG_FILE, parse, render
+
+    copy = into / "padded"
+    shutil.copytree(repository, copy, copy_function=os.symlink)
+    config_file = copy / schema.TEXT_ENCODER / CONFIG_FILE
+    config = parse(config_file.read_text())
+    del config.parameters["seq_buckets"]
+    config_file.unlink()
+    config_file.write_text(render(config))
+    return copy
 
 
 def served(fp32_repo: Path, tuned_repo: Path, texts: list[str], images: list[bytes], rounds: int) -> dict:
-    """`item_encoder` over gRPC, one request of the whole batch, FP32 vs tuned repository."""
+    """`item_encoder` over gRPC, one request of the whole batch: ORT FP32 with the batch padded to
+    its longest text, ORT FP32 as exported (rows at their length bucket), and the tuned repository,
+    each its own Triton, all up at once (an idle server costs no CPU), requests alternating."""
+    from contextlib import ExitStack
+
     import tritonclient.grpc as grpcclient
 
     from .serving import running_server
@@ -161,13 +199,15 @@ def served(fp32_repo: Path, tuned_repo: Path, texts: list[str], images: list[byt
         picture.set_data_from_numpy(np.array([[i] for i in images], dtype=object))
         return [text, picture]
 
-    samples: dict[str, list[float]] = {"ort-fp32": [], "tuned": []}
+    samples: dict[str, list[float]] = {}
     outputs = {}
-    # both servers up at once (an idle server costs no CPU); requests alternate between them
-    with tempfile.TemporaryDirectory() as tmp, running_server(fp32_repo, Path(tmp) / "fp32.log") as a, \
-            running_server(tuned_repo, Path(tmp) / "tuned.log") as b:
-        clients = {"ort-fp32": grpcclient.InferenceServerClient(a.urls["grpc"]),
-                   "tuned": grpcclient.InferenceServerClient(b.urls["grpc"])}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        repos = {"ort-fp32-padded": padded_copy(fp32_repo, Path(tmp)), "ort-fp32": fp32_repo, "tuned": tuned_repo}
+        clients = {}
+        for name, repo in repos.items():
+            server = stack.enter_context(running_server(repo, Path(tmp) / f"{name}.log"))
+            clients[name] = grpcclient.InferenceServerClient(server.urls["grpc"])
+            samples[name] = []
         for name, client in clients.items():
             for _ in range(2):  # warm-up
                 outputs[name] = client.infer(schema.ITEM_ENCODER, request()).as_numpy(schema.ITEM_EMBEDDING)
@@ -179,12 +219,15 @@ def served(fp32_repo: Path, tuned_repo: Path, texts: list[str], images: list[byt
                     samples[name].append(time.perf_counter() - t)
             print(f"served round {r + 1}/{rounds}: " + ", ".join(
                 f"{k} p50 {1e3 * np.median(v):.0f} ms" for k, v in samples.items()), file=sys.stderr, flush=True)
-    point, low, high = score_interval([samples["tuned"]], [samples["ort-fp32"]])
-    cos = metrics.row_cosine(outputs["ort-fp32"], outputs["tuned"])
-    return {"batch": len(texts), "samples_per_arm": len(samples["tuned"]),
-            "median_ms": {k: round(1e3 * float(np.median(v)), 1) for k, v in samples.items()},
-            "speedup_tuned_over_fp32": round(1 / point, 3), "ci95": [round(1 / high, 3), round(1 / low, 3)],
+    report = {"batch": len(texts), "samples_per_arm": len(samples["tuned"]),
+              "median_ms": {k: round(1e3 * float(np.median(v)), 1) for k, v in samples.items()}, "speedups": {}}
+    for arm, base in (("ort-fp32", "ort-fp32-padded"), ("tuned", "ort-fp32-padded"), ("tuned", "ort-fp32")):
+        point, low, high = score_interval([samples[arm]], [samples[base]])
+        cos = metrics.row_cosine(outputs[base], outputs[arm])
+        report["speedups"][f"{arm}_over_{base}"] = {
+            "speedup": round(1 / point, 3), "ci95": [round(1 / high, 3), round(1 / low, 3)],
             "item_embedding_cosine": {"mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5)}}
+    return report
 
 
 def plot(report: dict, path: Path) -> Path:

@@ -159,6 +159,9 @@ def member_config(spec: ModelSpec, layout: RepositoryLayout) -> mc.ModelConfig:
         runtime, precision = layout.member_runtimes.get(spec.name, ("onnxruntime", "fp32"))
         _set_parameters(config, {"intra_op_threads": str(threads), "runtime": runtime, "precision": precision,
                                  "cpu_share": str(CPU_SHARES.get(spec.name, 1))})
+        if spec.name == schema.TEXT_ENCODER:  # the runner computes each row at its length bucket
+            _set_parameters(config, {"seq_buckets": ",".join(map(str, layout.preprocess.seq_buckets)),
+                                     "length_input": schema.ATTENTION_MASK})
     elif layout.target is Target.openvino and spec.kind == "onnx":
         _set_parameters(config, openvino_parameters(spec.name, layout))
     if spec.name == schema.FUSION:  # clients read category names from the server, not the disk

@@ -55,7 +55,13 @@ class ReferencePipeline:
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         ids, mask = self.tokenizer(texts)
-        return self._run(schema.TEXT_ENCODER, {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask})[0]
+        return self.embed_tokens(ids, mask)
+
+    def embed_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The text encoder as the portable runner runs it: rows at their own length bucket."""
+        return runtime.run_by_length(self.sessions[schema.TEXT_ENCODER], None,
+                                     {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask},
+                                     schema.ATTENTION_MASK, self.preprocess.seq_buckets)[0]
 
     def preprocess_images(self, images: list[bytes]) -> np.ndarray:
         return self.decoder(images)

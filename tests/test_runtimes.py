@@ -208,3 +208,29 @@ def test_openvino_variants_serve_through_triton(exported_repository, reference, 
             served = client.encode_items(list(zip(texts, images)))
     np.testing.assert_allclose(served.item_embedding, local[schema.ITEM_EMBEDDING], atol=1e-4)
     assert metrics.row_cosine(served.item_embedding, fp32[schema.ITEM_EMBEDDING]).min() >= 0.98
+
+
+def test_length_groups_cut_padding_only_where_it_pays():
+    mask = np.zeros((32, 128), np.int64)
+    mask[:8] = 1  # 8 texts of 128 tokens
+    mask[8:, :12] = 1  # 24 captions of 12 tokens
+    groups = runtime.length_groups(mask, (16, 32, 64, 128))
+    assert [(len(rows), width) for rows, width in groups] == [(24, 16), (8, 128)]
+    assert sorted(np.concatenate([rows for rows, _ in groups])) == list(range(32))
+    similar = np.ones((32, 40), np.int64)
+    similar[:, 36:] = 0  # every row 36 tokens: one group, nothing to gain
+    assert [(len(rows), width) for rows, width in runtime.length_groups(similar, (16, 32, 64))] == [(32, 40)]
+
+
+def test_text_encoder_by_length_equals_the_padded_batch(exported_repository, reference):
+    """Rows run at their own bucket give what the padded batch gives (mean pooling under the mask)."""
+    texts = ["a cat", "rocket ship " * 60, "a red apple on a white plate", "ein Hund 🐕"] * 4
+    ids, mask = reference.tokenizer(texts)
+    assert ids.shape[1] == 128
+    session = reference.sessions[schema.TEXT_ENCODER]
+    padded = session.run(None, {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask})[0]
+    grouped = runtime.run_by_length(session, None, {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask},
+                                    schema.ATTENTION_MASK, reference.preprocess.seq_buckets)[0]
+    assert len(runtime.length_groups(mask, reference.preprocess.seq_buckets)) == 2
+    np.testing.assert_allclose(grouped, padded, atol=2e-5)
+    np.testing.assert_allclose(reference.embed_texts(texts), padded, atol=2e-5)

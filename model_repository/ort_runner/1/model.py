@@ -58,6 +58,9 @@ class TritonPythonModel:
                                             threads, parameters.get("precision", "fp32"))
         self.input_names = [i["name"] for i in config["input"]]
         self.input_dtypes = self.session.input_dtypes
+        # text encoder: rows of a joined batch run at their own length bucket (see length_groups)
+        self.seq_buckets = tuple(int(b) for b in parameters.get("seq_buckets", "").split(",") if b)
+        self.length_input = parameters.get("length_input", "")
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"]))
                         for o in config["output"]]
 
@@ -74,7 +77,11 @@ class TritonPythonModel:
         """Run requests as one session call; per request, the outputs split back out."""
         feed = {name: pad_and_concatenate([b[i] for b in batches]).astype(self.input_dtypes[name], copy=False)
                 for i, name in enumerate(self.input_names)}
-        results = self.session.run([name for name, _ in self.outputs], feed)
+        names = [name for name, _ in self.outputs]
+        if self.seq_buckets and self.length_input in feed:
+            results = runtime.run_by_length(self.session, names, feed, self.length_input, self.seq_buckets)
+        else:
+            results = self.session.run(names, feed)
         splits = np.cumsum([b[0].shape[0] for b in batches])[:-1]
         per_output = [np.split(r, splits) for r in results]
         return [[per_output[k][j] for k in range(len(self.outputs))] for j in range(len(batches))]
