@@ -16,22 +16,29 @@ Variants that fail their gate or cannot run on this CPU are listed with the reas
 """
 from __future__ import annotations
 
-import json
+import os
+
+# PyTorch's OpenMP threads busy-wait after each op by default; in one process with ORT and
+# OpenVINO that spin steals the cores of the next arm (and made PyTorch's own batch-1 runs look
+# 50x slow). Passive waiting must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
 import sys
-import tempfile
-import time
-from pathlib import Path
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import numpy as np
-import typer
+import numpy as np  # noqa: E402
+import typer  # noqa: E402
 
-from mmrec import metrics, schema
-from mmrec.export.tuning import score_interval, time_interleaved
-from mmrec.export.variants import VARIANTS
-from mmrec.model_repository.lib import runtime
-from mmrec.photos import known_photos
-from mmrec.reference import ReferencePipeline
-from .machine import cpu_share, loadavg, machine_info
+from mmrec import metrics, schema  # noqa: E402
+from mmrec.export.tuning import score_interval, time_interleaved  # noqa: E402
+from mmrec.export.variants import VARIANTS  # noqa: E402
+from mmrec.model_repository.lib import runtime  # noqa: E402
+from mmrec.photos import known_photos  # noqa: E402
+from mmrec.reference import ReferencePipeline  # noqa: E402
+from .machine import cpu_share, git_commit, loadavg, machine_info  # noqa: E402
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -248,6 +255,7 @@ def plot(report: dict, path: Path) -> Path:
                                for n in names]).T
             ax.barh(np.arange(len(names)) + 0.4 * k, values, 0.4, xerr=errors, label=case)
         ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
         ax.set_yticks(np.arange(len(names)) + 0.2, names)
         ax.set_xlabel("latency / ORT FP32 (lower is faster), 95% CI")
         ax.set_title(member)
@@ -275,7 +283,7 @@ def main(fp32: Path = typer.Option(..., help="Repository serving ORT FP32 (expor
                                    batch: {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask}},
              schema.IMAGE_ENCODER: {1: {schema.PIXEL_VALUES: pixels[:1]}, batch: {schema.PIXEL_VALUES: pixels}}}
     start = {"loadavg": loadavg(), "cpu_share": cpu_share()}
-    report = {"machine": machine_info(), "start": start,
+    report = {"machine": machine_info(), "commit": git_commit(), "start": start,
               "tuned_choice": json.loads((tuned / "manifest.json").read_text()).get("tuning", {}).get("chosen"),
               "text_tokens_batch": int(ids.shape[1]), "offline": offline(fp32, feeds, rounds, bf16_cpu),
               "pipeline": pipeline(fp32_pipe, tuned_pipe, texts, images, rounds)}
