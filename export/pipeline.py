@@ -36,6 +36,7 @@ from .models.text import load_text_encoder, text_hidden_size
 from .onnx_export import export_onnx, slim
 from .parity import ATOL_FP32, check_parity, cpu_session
 from .repository import RepositoryLayout, Target, write_repository
+from .text_int8 import calibration_texts, quantize_text_int8
 from .train import evaluate_fusion, seed_spread, train_fusion
 from .tuning import tune_repository
 
@@ -481,7 +482,8 @@ class Exporter:
             graphs = {"fp32": fp32[name]["file"]}
             for graph in wanted:
                 tick = self.reporter.step(f"{name}: {graph} graph", 1)
-                graphs[graph] = self._build_variant(name, graph, fp32[name]["file"], staging, sources, dataset)
+                graphs[graph] = self._build_variant(name, graph, fp32[name]["file"], staging, sources, dataset,
+                                                    tokenizer)
                 tick()
             variants = [var.VARIANTS[g] for g in wanted]
             variants += [v for graph in graphs for v in var.runtime_variants(graph, o.runtimes)]
@@ -506,12 +508,15 @@ class Exporter:
         return gates
 
     def _build_variant(self, name: str, variant: str, fp32_file: Path, staging: Path,
-                       sources: Sources, dataset: EncodedDataset) -> Path:
+                       sources: Sources, dataset: EncodedDataset, tokenizer) -> Path:
         target = staging / f"{name}.{variant}.onnx"
         if variant == "fp16":
             return var.convert_fp16(fp32_file, target)
-        if name == schema.TEXT_ENCODER:
-            return var.quantize_dynamic_int8(fp32_file, target)
+        if name == schema.TEXT_ENCODER:  # static INT8 (NNCF), calibrated on training captions
+            texts = calibration_texts([i.caption for i in sources.train])
+            feeds = [dict(zip((schema.INPUT_IDS, schema.ATTENTION_MASK), tokenizer(texts[i:i + 16])))
+                     for i in range(0, len(texts), 16)]
+            return quantize_text_int8(fp32_file, target, feeds)
         calibration = dataset.pixel_values(sources.train[:CALIBRATION_IMAGES])
         return var.quantize_static_int8(fp32_file, target, schema.PIXEL_VALUES, calibration)
 

@@ -1,7 +1,8 @@
 """Variants of the FP32 graphs (graph x runtime x precision), and the quality gates that admit them.
 
 Graphs:
-- text encoder INT8: ONNX Runtime dynamic quantization (weights INT8, activations at run time);
+- text encoder INT8: static Q/DQ by NNCF (SmoothQuant, 7-bit weights, Q/K/V merged; see
+  export/text_int8.py), calibrated on training captions;
 - image encoder INT8: static QDQ with per-channel weights, calibrated on real images;
 - FP16 (GPU targets): LayerNormalization and the softmax/reduction ops kept in FP32.
 Runtimes: every CPU graph also runs on OpenVINO (FP32, BF16 where the CPU has it, and the INT8
@@ -122,15 +123,6 @@ def embedding_gate(variant: str, fp32_embeddings: np.ndarray, variant_embeddings
                                                    min_neighbour_agreement)
     return GateResult(variant, cosine, agreement, None, None, not reasons, reasons,
                       evaluated_on="TensorRT")
-
-
-def quantize_dynamic_int8(source: Path, target: Path) -> Path:
-    """Dynamic INT8 (MatMul/Gemm weights), the CPU recipe for BERT-family encoders."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Gemm"])
-    return target
 
 
 class ArrayCalibrationReader:
