@@ -60,9 +60,3 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
 
-
-def load_manifest(root: Path) -> dict:
-    path = Path(root) / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `mmrec export` first")
-    return json.loads(path.read_text())

@@ -8,7 +8,7 @@ model directory pulled alone from object storage still knows them). Both come fr
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PREPROCESS_FILE = "preprocess.json"
@@ -46,7 +46,6 @@ class PreprocessConfig:
     text_dim: int = 384
     image_dim: int = 1280
     item_dim: int = 256
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         buckets = tuple(b for b in self.seq_buckets if b < self.max_seq_len) + (self.max_seq_len,)

@@ -37,11 +37,6 @@ class TensorSpec:
         axes.update({i + 1: name for i, name in self.dynamic_axes.items()})
         return axes
 
-    @property
-    def numpy_dtype(self) -> str:
-        return {"FP32": "float32", "FP16": "float16", "INT64": "int64", "INT32": "int32",
-                "BYTES": "object", "UINT8": "uint8"}[self.dtype]
-
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -74,12 +74,8 @@ class FusionHead(nn.Module):
 
 class UserItemScorer(nn.Module):
     """score = σ(item_embedding · user_embedding); a user vector is the mean of the embeddings
-    of items the user engaged with (seed 003), see `user_vector`."""
+    of items the user engaged with (seed 003), see `mmrec.client` `user_vector`."""
 
     def forward(self, item_embedding: torch.Tensor, user_embedding: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid((item_embedding * user_embedding).sum(dim=-1, keepdim=True))
 
-
-def user_vector(history: torch.Tensor) -> torch.Tensor:
-    """Mean of engaged items' embeddings, [N, D] -> [D]."""
-    return history.mean(dim=0)
