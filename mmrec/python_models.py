@@ -10,14 +10,14 @@ from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
-from .preprocess import TOKENIZER_FILE, PreprocessConfig
-from mmrec.model_repository import model_source
+from .layout import SOURCES, RepositoryLayout, source_file
+from .preprocess import PreprocessConfig
 
 
 @lru_cache(maxsize=None)
 def load_python_model(name: str) -> ModuleType:
     """Load model_repository/<name>/1/model.py under a private module name."""
-    path = model_source(name)
+    path = source_file(SOURCES.python_model(name))
     spec = importlib.util.spec_from_file_location(f"mmrec._python_models.{name}", path)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
@@ -39,4 +39,4 @@ def text_tokenizer(config: PreprocessConfig, tokenizer_file: Path):
 
 
 def tokenizer_file_in(repository: Path) -> Path:
-    return Path(repository) / "tokenizer" / "1" / TOKENIZER_FILE
+    return RepositoryLayout(repository).tokenizer_file()

@@ -13,7 +13,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from mmrec import schema
-from mmrec.export.repository import (CONFIG_FILE, RepositoryLayout, Target, all_configs, parse,
+from mmrec.export.repository import (CONFIG_FILE, RepositoryPlan, Target, all_configs, parse,
                                      render)
 from mmrec.preprocess import PreprocessConfig
 
@@ -26,7 +26,7 @@ PROTOCOLS = {"grpc": grpcclient, "http": httpclient}
 
 @pytest.mark.parametrize("target", list(Target))
 def test_every_generated_config_parses_into_model_config(target, tmp_path):
-    layout = RepositoryLayout(target, PreprocessConfig(categories=("a", "b", "c")), {}, tmp_path / "t.json",
+    layout = RepositoryPlan(target, PreprocessConfig(categories=("a", "b", "c")), {}, tmp_path / "t.json",
                               gpu=target is not Target.portable)
     configs = all_configs(layout)
     assert set(configs) == set(schema.PYTHON_MODELS + schema.ONNX_MODELS + schema.ENSEMBLES)
@@ -46,7 +46,7 @@ def test_every_generated_config_parses_into_model_config(target, tmp_path):
         assert member.HasField("dynamic_batching")
         # CPU: no queue delay on the critical path at low load; GPU: a delay that pays for itself
         delayed = member.dynamic_batching.max_queue_delay_microseconds > 0
-        assert delayed == (target is not Target.portable), (target, name)  # layout.gpu set above
+        assert delayed == (target is not Target.portable), (target, name)  # plan.gpu set above
         if target is Target.portable:
             threads = {k: v.string_value for k, v in member.parameters.items()}
             encoder = name in (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
