@@ -8,7 +8,7 @@ ort-options: the portable runner's ORT session as shipped vs the same session wi
 thread spinning disabled, per encoder and for the three-session item pipeline, in this process.
 server-config: copies of the repository (never the original) with one change each, served by the
 real tritonserver and loaded by plain tritonclient at each concurrency:
-  nospin   the copied ort_runner model.py sets session.intra_op.allow_spinning=0
+  nospin   the copied runtime.py of the ort_runner sets session.intra_op.allow_spinning=0
   nodelay  max_queue_delay_microseconds: 0 on every member
   intra1   intra_op_threads "1" on the ORT members
 Variants combine with '+', e.g. nodelay+nospin. Rounds alternate the variants, so a change in
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mmrec import schema
-from mmrec.layout import RepositoryLayout
+from mmrec.layout import SOURCES, RepositoryLayout
 
 from .settings import FULL, Budget
 from .timing import time_calls
@@ -46,10 +46,10 @@ def _session(path: Path, threads: int, spinning: bool):
     """The runner's own session; with spinning=False the one config entry added."""
     import onnxruntime as ort
 
-    from mmrec.python_models import load_python_model
+    from mmrec.model_repository.lib import runtime
 
     if spinning:
-        return load_python_model("ort_runner").make_session(path, threads)
+        return runtime.make_session(path, threads)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -107,7 +107,8 @@ def repository_variant(base: Path, name: str, root: Path) -> Path:
         config.write_text(text)
     if "nospin" in changes:
         for member in ORT_MEMBERS:
-            runner = RepositoryLayout(target).python_model(member)
+            # the runner's session options live in the runtime library copied beside its model.py
+            runner = RepositoryLayout(target).version_dir(member) / SOURCES.lib_file("runtime").name
             code = runner.read_text()
             if RUNNER_ANCHOR not in code:
                 raise SystemExit(f"{runner}: cannot find `{RUNNER_ANCHOR}` to add {SPIN_KEY}=0 after")

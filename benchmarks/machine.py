@@ -9,27 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-# CPU features that decide which GEMM / INT8 / FP16 kernels ORT and PyTorch can use.
-INTERESTING_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
-                     "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
-                     "amx_int8", "amx_bf16")
-BENCH_PACKAGES = ("mmrec", "torch", "onnx", "onnxruntime", "onnxslim", "transformers", "tokenizers",
+BENCH_PACKAGES = ("mmrec", "torch", "onnx", "onnxruntime", "openvino", "onnxslim", "transformers", "tokenizers",
                   "numpy", "pillow", "nvidia-pytriton", "tritonclient", "grpcio", "aiohttp",
                   "geventhttpclient", "matplotlib", "rich", "typer")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-
-def _cpuinfo() -> dict[str, str]:
-    """The first processor block of /proc/cpuinfo as a dict ('' values where absent)."""
-    info: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, _, value = line.partition(":")
-        info[key.strip()] = value.strip()
-    return info
+from mmrec.machine import INTERESTING_FLAGS, cpu_info  # noqa: E402  (re-exported: one definition)
 
 
 def loadavg() -> list[float]:
@@ -58,34 +43,6 @@ def cpu_share(seconds: float = 0.5) -> float | None:
         a @ a
     used = time.process_time() - cpu
     return round(used / ((time.perf_counter() - wall) * cores), 3)
-
-
-def _memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def cpu_info() -> dict:
-    info = _cpuinfo()
-    flags = set(info.get("flags", "").split())
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        usable = os.cpu_count()
-    return {
-        "model": info.get("model name") or platform.processor() or "unknown",
-        "vendor": info.get("vendor_id", ""),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "flags": {f: f in flags for f in INTERESTING_FLAGS},
-        "memory_gib": _memory_gib(),
-        "hypervisor": "hypervisor" in flags,
-    }
 
 
 def package_versions() -> dict[str, str | None]:

@@ -56,9 +56,9 @@ SPIN_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning
 
 def ort_session_settings(probe_model: Path, threads: int) -> dict:
     """The options the portable runner's make_session really sets (read back from a session)."""
-    from mmrec.python_models import load_python_model
+    from mmrec.model_repository.lib import runtime
 
-    options = load_python_model("ort_runner").make_session(probe_model, threads).get_session_options()
+    options = runtime.make_session(probe_model, threads).get_session_options()
     out = {"ort_intra_op_threads": options.intra_op_num_threads, "ort_inter_op_threads": options.inter_op_num_threads,
            "ort_execution_mode": str(options.execution_mode), "ort_graph_optimization": str(options.graph_optimization_level)}
     for key in SPIN_KEYS:

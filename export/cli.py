@@ -1,6 +1,7 @@
 """`mmrec export`: the command a release pipeline runs."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -15,7 +16,7 @@ from mmrec.preprocess import (DEFAULT_IMAGE_FIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT
                               DEFAULT_SEQ_BUCKETS, ContractError, parse_buckets)
 from .errors import ExportError
 from .models.image import DEFAULT_IMAGE_ENCODER
-from .pipeline import DEFAULT_OUTPUT, DEFAULT_SEEDS, PRECISIONS, ExportOptions, Exporter, Reporter
+from .pipeline import DEFAULT_OUTPUT, DEFAULT_SEEDS, PRECISIONS, ExportOptions, Exporter, Reporter, default_runtimes
 from .repository import Target
 
 console = Console(stderr=True)
@@ -27,8 +28,11 @@ class RichReporter(Reporter):
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.current = None
+        self.started = time.monotonic()
 
     def step(self, title: str, total: int | None = None) -> Callable[[int], None]:
+        if not self.progress.console.is_terminal:  # logs and CI: bars do not render, lines do
+            self.progress.console.print(f"[{time.monotonic() - self.started:7.1f} s] {title}")
         if self.current is not None:
             task = self.progress.tasks[self.current]
             self.progress.update(self.current, completed=task.total)
@@ -60,7 +64,9 @@ def export_command(
     image_weights: Optional[Path] = typer.Option(None, help="Weights file for the image encoder (.pth state dict or .safetensors)."),
     fusion_checkpoint: Optional[Path] = typer.Option(None, help="Use this fusion head (.safetensors from a previous export) instead of training one."),
     precision: list[str] = typer.Option(list(PRECISIONS), "--precision", "-p", help="Variants to build and gate: fp32 (always), int8, fp16."),
-    serve_variant: list[str] = typer.Option([], help="Serve a variant instead of fp32, e.g. text_encoder=int8 (repeatable)."),
+    serve_variant: list[str] = typer.Option([], help="Serve this variant, e.g. text_encoder=int8 or image_encoder=openvino-int8 (repeatable; overrides tuning for that member)."),
+    runtime: list[str] = typer.Option(list(default_runtimes()), "--runtime", help="CPU runtimes whose variants are built, gated and tuned: onnxruntime (always), openvino (repeatable)."),
+    tune: bool = typer.Option(True, help="Time the admitted CPU variants on this machine and serve the fastest (see `mmrec tune`)."),
     max_batch_size: int = typer.Option(DEFAULT_MAX_BATCH_SIZE, help="Triton max_batch_size of every model (and TensorRT profile max)."),
     max_seq_len: int = typer.Option(DEFAULT_MAX_SEQ_LEN, help="Texts are truncated to this many tokens."),
     seq_buckets: str = typer.Option(",".join(map(str, DEFAULT_SEQ_BUCKETS)), "--seq-buckets", metavar="<n,n,...>", help="Sequence lengths texts are padded to (the smallest that holds the longest text of a request; --max-seq-len is always one, larger ones are dropped). Fewer buckets: more padding, fewer shapes to batch and to build TensorRT profiles for."),
@@ -80,8 +86,9 @@ def export_command(
         image_weights=image_weights, fusion_checkpoint=fusion_checkpoint,
         precisions=tuple(dict.fromkeys(["fp32", *precision])),
         serve_variants=_parse_serve_variants(serve_variant), max_batch_size=max_batch_size,
-        max_seq_len=max_seq_len, seq_buckets=_parse_seq_buckets(seq_buckets), max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-        max_text_bytes=max_text_bytes, atol=atol, image_fit=image_fit, seeds=seeds, gpu=gpu)
+        max_seq_len=max_seq_len, seq_buckets=_parse_seq_buckets(seq_buckets), max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels, max_text_bytes=max_text_bytes, atol=atol, image_fit=image_fit, seeds=seeds,
+        gpu=gpu, runtimes=tuple(dict.fromkeys(["onnxruntime", *runtime])), tune=tune)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console) as progress:
@@ -111,8 +118,10 @@ def summarize(manifest: dict) -> None:
             gate = entry.get("gate")
             table.add_row(name, variant, "yes" if variant == info["served_variant"] else "",
                           str(entry.get("bytes", "-")), f"{parity:.2e}" if parity is not None else "-",
-                          _gate_cell(gate))
+                          f"not built: {entry['skipped']}" if entry.get("skipped") else _gate_cell(gate))
     console.print(table)
+    if "tuning" in manifest:
+        summarize_tuning(manifest["tuning"])
     training = manifest["training"]
     held = training["held_out"]
     console.print(f"fusion head on {held['items']} held-out items: interest accuracy "
@@ -140,3 +149,37 @@ def _gate_cell(gate: dict | None) -> str:
         return "-"
     return (f"pass ({gate_numbers(gate)})" if gate["passed"]
             else f"FAIL ({gate_numbers(gate)}): " + "; ".join(gate["reasons"]))
+
+
+def tune_command(
+    repository: Path = typer.Argument(DEFAULT_OUTPUT, help="Repository written by `mmrec export`."),
+    runtime: list[str] = typer.Option(list(default_runtimes()), "--runtime", help="Runtimes to consider (repeatable)."),
+    rounds: int = typer.Option(7, min=3, max=100, help="Interleaved timing rounds per case."),
+) -> None:
+    """Time every admitted CPU variant of the encoders on this machine (ORT FP32/INT8, OpenVINO
+    FP32/BF16/INT8) and serve the fastest pair that passed its gates; the manifest records the
+    machine, the numbers and the choice. Run it on the serving machine after copying a repository."""
+    from .tuning import TuneError, tune_repository
+
+    try:
+        tuning = tune_repository(repository, tuple(runtime), rounds, progress=lambda m: console.print(m))
+    except TuneError as err:
+        console.print(f"[red]tune failed:[/red] {escape(str(err))}")
+        raise typer.Exit(2)
+    summarize_tuning(tuning)
+
+
+def summarize_tuning(tuning: dict) -> None:
+    from rich.table import Table
+
+    machine = tuning["machine"]
+    table = Table(title=f"tuning on {machine['cpu']} ({machine['usable_cores']} cores; "
+                        f"OpenVINO: {', '.join(machine['openvino_capabilities']) or 'absent'})")
+    for column in ("member", "variant", "median ms", "latency vs ORT FP32 (95% CI)", "served"):
+        table.add_column(column)
+    for member, measured in tuning["members"].items():
+        for variant, m in measured["variants"].items():
+            table.add_row(member, variant, " / ".join(f"{c}: {v}" for c, v in m["median_ms"].items()),
+                          f"{m['score_vs_fp32']:.3f} [{m['interval_95'][0]:.3f}, {m['interval_95'][1]:.3f}]",
+                          "yes" if tuning["chosen"].get(member) == variant else "")
+    console.print(table)

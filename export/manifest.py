@@ -15,7 +15,7 @@ from mmrec.layout import MANIFEST_FILE, RepositoryLayout
 
 HASH_CHUNK = 1 << 20
 TRACKED_PACKAGES = ("mmrec", "torch", "onnx", "onnxruntime", "onnxslim", "transformers",
-                    "tokenizers", "numpy", "pillow", "nvidia-pytriton", "tritonclient", "tensorrt")
+                    "tokenizers", "numpy", "pillow", "nvidia-pytriton", "tritonclient", "tensorrt", "openvino")
 
 
 def sha256_file(path: Path) -> str:

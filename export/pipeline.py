@@ -6,6 +6,7 @@ every gate passed, so a failed export never leaves a half-written repository beh
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from mmrec.layout import FUSION_CHECKPOINT, RepositoryLayout  # noqa: F401 - FUS
 from mmrec.preprocess import (DEFAULT_IMAGE_FIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGE_BYTES,
                               DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_TEXT_BYTES,
                               DEFAULT_SEQ_BUCKETS, IMAGE_FITS, TOKENIZER_FILE, PreprocessConfig)
+from mmrec.model_repository.lib import runtime
 from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
 from mmrec.reference import torch_member
 from . import variants as var
@@ -38,6 +40,7 @@ from .parity import ATOL_FP32, check_parity, cpu_session
 from .recipes import CALIBRATION_ITEMS, RECIPES, ExportInputs
 from .repository import RepositoryPlan, Target, write_repository
 from .train import evaluate_fusion, seed_spread, train_fusion
+from .tuning import tune_repository
 
 PRECISIONS = ("fp32", "int8", "fp16")
 QUANTIZABLE = tuple(name for name, recipe in RECIPES.items() if recipe.quantizable)
@@ -69,6 +72,9 @@ class ExportOptions:
     seeds: int = DEFAULT_SEEDS
     gpu: bool = False
     models: tuple[str, ...] = schema.ONNX_MODELS  # which members to export (all for a repository)
+    # CPU runtimes whose variants are built, gated and offered to tuning (openvino when installed)
+    runtimes: tuple[str, ...] = field(default_factory=lambda: default_runtimes())
+    tune: bool = True  # measure the gated CPU variants here and serve the fastest (portable target)
 
     def validate(self) -> None:
         """Fail before any work on options that cannot succeed."""
@@ -101,16 +107,35 @@ class ExportOptions:
                             ("--max-text-bytes", self.max_text_bytes)):
             if value < 1:
                 raise ExportError(f"{flag} must be at least 1, got {value}")
+        for name in self.runtimes:
+            if name not in runtime.RUNTIMES:
+                raise ExportError(f"unknown runtime {name!r}; choose from {runtime.RUNTIMES}")
+            reason = runtime.unavailable_reason(name)
+            if reason:
+                raise ExportError(f"--runtime {name}: {reason}")
+        if "onnxruntime" not in self.runtimes:
+            raise ExportError("onnxruntime is required: its FP32 run is the reference of every gate")
         for member, variant in self.serve_variants.items():
             if member not in schema.ONNX_MODELS:
                 raise ExportError(f"--serve-variant names unknown model {member!r}")
-            if variant not in self.precisions:
+            spec = var.VARIANTS.get(variant)
+            if spec is None:
+                raise ExportError(f"--serve-variant {member}={variant}: unknown variant; choose from "
+                                  + ", ".join(var.VARIANTS))
+            if spec.graph not in self.precisions or spec.runtime not in self.runtimes:
                 raise ExportError(f"--serve-variant {member}={variant}: {variant} is not being exported")
+        if self.target is Target.openvino and "openvino" not in self.runtimes:
+            raise ExportError("target openvino needs the openvino runtime (pip install openvino)")
         if self.target is Target.tensorrt:
             from .tensorrt import tensorrt_unavailable_reason
             reason = tensorrt_unavailable_reason()
             if reason:
                 raise ExportError(f"target tensorrt needs a GPU build machine: {reason}")
+
+
+def default_runtimes() -> tuple[str, ...]:
+    """Every CPU runtime installed here (ONNX Runtime always; OpenVINO when importable)."""
+    return tuple(name for name in runtime.RUNTIMES if runtime.unavailable_reason(name) is None)
 
 
 class Reporter:
@@ -218,6 +243,34 @@ def ort_outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarr
     return np.concatenate([session.run(None, feed)[0] for feed in feeds])
 
 
+def variant_outputs(path: Path, variant: var.Variant, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Run feeds through a variant's runtime at its precision, concatenating the first output."""
+    session = runtime.open_session(path, variant.runtime, 0, variant.precision)
+    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+
+
+def _variant_fields(variant: var.Variant) -> dict:
+    return {"graph": variant.graph, "runtime": variant.runtime, "precision": variant.precision}
+
+
+def _place_variant_files(models: dict, written: dict[str, Path], root: Path) -> None:
+    """Record each admitted variant's file: the served graph is `<member>/1/model.onnx`; every
+    other graph an admitted variant runs is kept once as `<member>/variants/<graph>.onnx`."""
+    for name, info in models.items():
+        served_graph = info["variants"][info["served_variant"]].get("graph", info["served_variant"])
+        for variant, entry in info["variants"].items():
+            file = entry.pop("file", None)
+            graph = entry.get("graph", variant)
+            if name in written and graph == served_graph and (entry.get("written") or variant == info["served_variant"]):
+                entry.update(file_entry(written[name], root))
+            elif entry.get("written") and file is not None:
+                dest = RepositoryLayout(root).variant_file(name, graph)
+                if not dest.exists():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(file, dest)
+                entry.update(file_entry(dest, root))
+
+
 # ---- the pipeline -------------------------------------------------------------------------------
 
 class Exporter:
@@ -234,6 +287,13 @@ class Exporter:
         with staging_dir(options.output) as root:
             manifest = self._export_into(root, sources)
             write_manifest(root, manifest)
+            if options.tune and options.target is not Target.tensorrt and not options.gpu:
+                tick = self.reporter.step("tuning: timing the admitted CPU variants on this machine")
+                tuning = tune_repository(root, options.runtimes, progress=self.reporter.done,
+                                         fixed=options.serve_variants)
+                tick()
+                manifest = RepositoryLayout(root).read_manifest()
+                self.reporter.done("serving " + ", ".join(f"{m}={v}" for m, v in tuning["chosen"].items()))
         self.reporter.done(f"repository written to {Path(options.output).resolve()}")
         return manifest
 
@@ -274,35 +334,39 @@ class Exporter:
         fp32 = self._export_fp32(staging, members)
         served: dict[str, Path] = {name: info["file"] for name, info in fp32.items()}
         models = {name: {"served_variant": "fp32",
-                         "variants": {"fp32": {"parity": info["parity"], "file": info["file"]}}}
+                         "variants": {"fp32": {"parity": info["parity"], "file": info["file"], "written": True,
+                                               **_variant_fields(var.VARIANTS["fp32"])}}}
                   for name, info in fp32.items()}
         gates = self._variants(staging, sources, dataset, tokenizer, fusion, held_f, fp32, models)
 
+        runtimes: dict[str, tuple[str, str]] = {}
         for member, variant in o.serve_variants.items():
             entry = models[member]["variants"].get(variant)
             if entry is None or not entry.get("written"):
-                reason = entry["gate"]["reasons"] if entry and "gate" in entry else "not exported"
+                reason = (entry.get("skipped") or entry["gate"]["reasons"]) if entry and (
+                    "gate" in entry or "skipped" in entry) else "not exported"
                 raise QualityGateError(f"cannot serve {member} [{variant}]: {reason}")
             served[member] = entry["file"]
             models[member]["served_variant"] = variant
+            runtimes[member] = (entry["runtime"], entry["precision"])
+        if o.target is Target.openvino:  # its backend runs every ONNX member on OpenVINO
+            for member, info in models.items():
+                if info["served_variant"] == "fp32" and info["variants"].get("openvino-fp32", {}).get("written"):
+                    info["served_variant"] = "openvino-fp32"
         # TensorRT plans are gated one by one against FP32 in _tensorrt; the ONNX mix is not served
-        combination = (gates.served_combination(o.serve_variants)
-                       if gates and o.target is not Target.tensorrt else None)
+        combination = None
+        if gates and o.target is not Target.tensorrt:
+            combination = gates.served_combination(o.serve_variants)
+            manifest_combinations = gates.all_combinations(models)
+        else:
+            manifest_combinations = []
 
         if o.target is Target.tensorrt:
             served = self._tensorrt(staging, fp32, members, sources, dataset, tokenizer, models)
 
-        written = write_repository(RepositoryPlan(o.target, p, served, tokenizer_file, gpu=o.gpu), root)
-        for name, info in models.items():
-            for variant, entry in info["variants"].items():
-                file = entry.pop("file", None)
-                if variant == info["served_variant"]:
-                    entry.update(file_entry(written[name], root))
-                elif entry.get("written") and file is not None:
-                    dest = layout.variant_file(name, variant)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(file, dest)
-                    entry.update(file_entry(dest, root))
+        plan = RepositoryPlan(o.target, p, served, tokenizer_file, gpu=o.gpu, member_runtimes=runtimes)
+        written = write_repository(plan, root)
+        _place_variant_files(models, written, root)
         shutil.rmtree(staging)
         manifest = {
             "format": 1,
@@ -323,6 +387,8 @@ class Exporter:
         }
         if combination is not None:
             manifest["served_combination"] = combination
+        if manifest_combinations:
+            manifest["combinations"] = manifest_combinations
         return manifest
 
     def _export_fp32(self, staging: Path, members: dict) -> dict[str, dict]:
@@ -353,11 +419,12 @@ class Exporter:
 
     def _variants(self, staging: Path, sources: Sources, dataset: EncodedDataset, tokenizer,
                   fusion: FusionHead, held_f: ItemFeatures, fp32: dict, models: dict) -> "VariantGates | None":
-        """Build INT8/FP16 variants of the encoders and gate each against FP32 on held-out items
-        (text: also on max_seq_len inputs, where INT8 error grows with length)."""
-        p = sources.preprocess
-        wanted = [v for v in self.options.precisions if v != "fp32"]
-        if not wanted:
+        """Build INT8/FP16 graphs of the encoders, run every graph on every requested runtime and
+        precision, and gate each variant against ORT FP32 on held-out items (text: also on
+        max_seq_len inputs, where INT8 error grows with length)."""
+        p, o = sources.preprocess, self.options
+        wanted = [v for v in o.precisions if v != "fp32"]
+        if not wanted and o.runtimes == ("onnxruntime",):
             return None
         feeds, long_feeds = self._gate_feeds(sources, dataset, tokenizer)
         gates = VariantGates(fusion, held_f, len(p.categories), p.categories)
@@ -368,19 +435,31 @@ class Exporter:
         long_reference = (ort_outputs(fp32[schema.TEXT_ENCODER]["file"], long_feeds)
                           if schema.TEXT_ENCODER in fp32 else None)
         for name in list(gates.reference):
-            for variant in wanted:
-                tick = self.reporter.step(f"{name}: {variant} variant and quality gate", 2)
-                path = self._build_variant(name, variant, fp32[name]["file"], staging, sources, dataset)
+            graphs = {"fp32": fp32[name]["file"]}
+            for graph in wanted:
+                tick = self.reporter.step(f"{name}: {graph} graph", 1)
+                graphs[graph] = self._build_variant(name, graph, fp32[name]["file"], staging, sources, dataset)
                 tick()
-                emb = ort_outputs(path, feeds[name])
-                long_pair = ((long_reference, ort_outputs(path, long_feeds))
+            variants = [var.VARIANTS[g] for g in wanted]
+            variants += [v for graph in graphs for v in var.runtime_variants(graph, o.runtimes)]
+            for variant in variants:
+                entry: dict = {"file": graphs[variant.graph], **_variant_fields(variant)}
+                models[name]["variants"][variant.name] = entry
+                reason = runtime.unavailable_reason(variant.runtime, variant.precision)
+                if reason:
+                    entry.update(written=False, skipped=reason)
+                    self.reporter.done(f"{name} ({variant.name}) not built: {reason}")
+                    continue
+                tick = self.reporter.step(f"{name}: {variant.name} quality gate", 1)
+                emb = variant_outputs(entry["file"], variant, feeds[name])
+                long_pair = ((long_reference, variant_outputs(entry["file"], variant, long_feeds))
                              if name == schema.TEXT_ENCODER else None)
-                gate = gates.gate_member(name, variant, emb, long_pair)
+                gate = gates.gate_member(name, variant.name, emb, long_pair)
+                gate.evaluated_on = f"{variant.runtime} {variant.precision}"
                 tick()
-                models[name]["variants"][variant] = {"gate": gate.to_dict(), "written": gate.passed,
-                                                     "file": path}
+                entry.update(gate=gate.to_dict(), written=gate.passed)
                 if not gate.passed:
-                    self.reporter.done(f"{name} ({variant}) left out: {'; '.join(gate.reasons)}")
+                    self.reporter.done(f"{name} ({variant.name}) left out: {'; '.join(gate.reasons)}")
         return gates
 
     def _build_variant(self, name: str, variant: str, fp32_file: Path, staging: Path,
@@ -477,21 +556,44 @@ class VariantGates:
         return var.quality_gate(variant, self.reference[name], embeddings, self.held_f.labels, ref_pred,
                                 var_pred, self.num_categories, long_inputs=long_pair)
 
+    def combination_gate(self, chosen: dict[str, str]) -> var.GateResult:
+        """Gate of the fused outputs when the chosen member variants are served together."""
+        ref_item, ref_pred = self._fuse(*self._features({}))
+        var_item, var_pred = self._fuse(*self._features(
+            {m: self.variant_outputs[(m, v)] for m, v in chosen.items()}))
+        label = "+".join(f"{m}={v}" for m, v in sorted(chosen.items()))
+        return var.quality_gate(label, ref_item, var_item, self.held_f.labels, ref_pred, var_pred,
+                                self.num_categories)
+
     def served_combination(self, serve_variants: dict[str, str]) -> dict | None:
         """Gate of the fused outputs of every non-FP32 member served together, or None."""
         chosen = {m: v for m, v in serve_variants.items() if v != "fp32" and (m, v) in self.variant_outputs}
         if not chosen:
             return None
-        ref_item, ref_pred = self._fuse(*self._features({}))
-        var_item, var_pred = self._fuse(*self._features(
-            {m: self.variant_outputs[(m, v)] for m, v in chosen.items()}))
-        label = "+".join(f"{m}={v}" for m, v in sorted(chosen.items()))
-        gate = var.quality_gate(label, ref_item, var_item, self.held_f.labels, ref_pred, var_pred,
-                                self.num_categories)
+        gate = self.combination_gate(chosen)
         if not gate.passed:
-            raise QualityGateError(f"the served combination {label} fails its gate on the fused "
+            raise QualityGateError(f"the served combination {gate.variant} fails its gate on the fused "
                                    "item embedding: " + "; ".join(gate.reasons))
         return {"variants": chosen, "gate": gate.to_dict()}
+
+    def all_combinations(self, models: dict) -> list[dict]:
+        """The combination gate of every pair of admitted CPU variants of the two encoders, so
+        `mmrec tune` can serve the fastest pair that passes without the held-out data."""
+        admitted = {name: ["fp32"] + [v for v, e in models[name]["variants"].items()
+                                      if e.get("written") and v != "fp32" and var.VARIANTS[v].cpu
+                                      and (name, v) in self.variant_outputs]
+                    for name in self.reference}
+        names = sorted(admitted)
+        pairs = [dict(zip(names, choice)) for choice in itertools.product(*(admitted[n] for n in names))]
+        results = []
+        for pair in pairs:
+            chosen = {m: v for m, v in pair.items() if v != "fp32"}
+            if not chosen:
+                continue
+            gate = self.combination_gate(chosen)
+            results.append({"variants": pair, "passed": gate.passed, "mean_cosine": round(gate.mean_cosine, 6),
+                            "neighbour_agreement": round(gate.neighbour_agreement, 4), "reasons": gate.reasons})
+        return results
 
 
 def source_identity(path: Path, sha256: str) -> dict:

@@ -7,12 +7,14 @@ Targets:
 - portable:    ONNX members run by ONNX Runtime inside python-backend models (ort_runner); runs
                on the tritonserver bundled by nvidia-pytriton (python backend only).
 - onnxruntime: native `backend: "onnxruntime"` members for the NGC Triton container.
+- openvino:    native `backend: "openvino"` members (ONNX files read by OpenVINO) for the NGC
+               container's OpenVINO backend, CPU only.
 - tensorrt:    `platform: "tensorrt_plan"` members (engines from export.tensorrt).
 """
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from mmrec import schema
-from mmrec.layout import CONFIG_FILE, SOURCES, VERSION, RepositoryLayout, source_file  # noqa: F401
+from mmrec.layout import CONFIG_FILE, MODEL_FILES, SOURCES, VERSION, RepositoryLayout, source_file  # noqa: F401
 from mmrec.preprocess import ServedContract
 from mmrec.schema import EnsembleSpec, ModelSpec, TensorSpec
 
@@ -28,10 +30,12 @@ from mmrec.schema import EnsembleSpec, ModelSpec, TensorSpec
 class Target(str, Enum):
     portable = "portable"
     onnxruntime = "onnxruntime"
+    openvino = "openvino"
     tensorrt = "tensorrt"
 
 
-MODEL_KIND = {Target.portable: "onnx", Target.onnxruntime: "onnx", Target.tensorrt: "plan"}  # RepositoryLayout.model_file
+MODEL_KIND = {Target.portable: "onnx", Target.onnxruntime: "onnx", Target.openvino: "onnx",
+              Target.tensorrt: "plan"}  # RepositoryLayout.model_file(member, kind)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class RepositoryPlan:
     gpu: bool = False
     policies: dict[str, BatchingPolicy] | None = None  # None: default_policies(target, gpu)
     intra_op_threads: int = 0  # 0: each member's share of the serving machine's cores
+    # member -> (runtime, precision) chosen for it (portable/openvino targets); absent: ORT FP32
+    member_runtimes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.policies is None:
@@ -118,13 +124,13 @@ def member_config(spec: ModelSpec, plan: RepositoryPlan) -> mc.ModelConfig:
     is_python = spec.kind == "python" or plan.target is Target.portable
     # The portable runner pads sequence inputs across requests itself, so the batcher may join
     # requests of different lengths; native backends need equal shapes (bucketed by tokenizer).
-    ragged = plan.target is Target.portable and spec.kind == "onnx"
+    ragged = plan.target is Target.portable and spec.kind == "onnx"  # OpenVINO backend: equal shapes
     config.input.extend(_tensor_input(t, ragged=ragged and bool(t.dynamic_axes)) for t in spec.inputs)
     config.output.extend(_tensor_output(t) for t in spec.outputs)
     config.dynamic_batching.max_queue_delay_microseconds = policy.max_queue_delay_us
     config.dynamic_batching.preferred_batch_size.extend(
         b for b in policy.preferred_batch_sizes if b <= plan.max_batch_size)
-    on_gpu = plan.gpu and spec.kind == "onnx" and plan.target is not Target.portable
+    on_gpu = plan.gpu and spec.kind == "onnx" and plan.target is Target.onnxruntime
     config.instance_group.append(mc.ModelInstanceGroup(
         count=policy.instances,
         kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu or plan.target is Target.tensorrt and spec.kind == "onnx"
@@ -133,6 +139,9 @@ def member_config(spec: ModelSpec, plan: RepositoryPlan) -> mc.ModelConfig:
         config.backend = "python"
     elif plan.target is Target.onnxruntime:
         config.backend = "onnxruntime"
+    elif plan.target is Target.openvino:
+        config.backend = "openvino"
+        config.default_model_filename = MODEL_FILES[MODEL_KIND[Target.openvino]]
     else:
         config.platform = "tensorrt_plan"
     contract = plan.contract.to_parameters()
@@ -140,11 +149,32 @@ def member_config(spec: ModelSpec, plan: RepositoryPlan) -> mc.ModelConfig:
         _set_parameters(config, contract)
     elif plan.target is Target.portable:
         threads = 1 if spec.name in SINGLE_THREAD_MEMBERS and not plan.intra_op_threads else plan.intra_op_threads
-        _set_parameters(config, {"intra_op_threads": str(threads),
+        runtime, precision = plan.member_runtimes.get(spec.name, ("onnxruntime", "fp32"))
+        _set_parameters(config, {"intra_op_threads": str(threads), "runtime": runtime, "precision": precision,
                                  "cpu_share": str(CPU_SHARES.get(spec.name, 1))})
+        if spec.name == schema.TEXT_ENCODER:  # the runner computes each row at its length bucket
+            _set_parameters(config, {"seq_buckets": contract["seq_buckets"], "length_input": schema.ATTENTION_MASK})
+    elif plan.target is Target.openvino and spec.kind == "onnx":
+        _set_parameters(config, openvino_parameters(spec.name, plan))
     if spec.name == schema.FUSION:  # kept for clients older than the contract parameters
         _set_parameters(config, {"categories": contract["categories"]})
     return config
+
+
+def openvino_precision(precision: str) -> str:
+    """OpenVINO's name of an inference precision (fp32 -> f32, bf16 -> bf16)."""
+    return {"fp32": "f32", "bf16": "bf16"}[precision]
+
+
+def openvino_parameters(name: str, plan: RepositoryPlan) -> dict[str, str]:
+    """The OpenVINO backend's properties: one latency stream, the chosen inference precision,
+    threads only where pinned (else the backend sizes them to the container)."""
+    _, precision = plan.member_runtimes.get(name, ("openvino", "fp32"))
+    parameters = {"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": openvino_precision(precision)}
+    if plan.intra_op_threads:
+        parameters["INFERENCE_NUM_THREADS"] = str(plan.intra_op_threads)
+    return parameters
 
 
 def ensemble_config(ensemble: EnsembleSpec, max_batch_size: int) -> mc.ModelConfig:
@@ -187,7 +217,7 @@ PYTHON_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
                                     ("served_contract", "text_preprocessing", "image_preprocessing")),
 }
 TOKENIZER_USERS = (schema.TOKENIZER, schema.ITEM_PREPROCESS, schema.ITEM_PREPROCESS_PIXELS)
-ORT_RUNNER = ("ort_runner", ())  # the portable target's model.py for every ONNX member
+ORT_RUNNER = ("ort_runner", ("runtime",))  # the portable target's model.py for every ONNX member
 CATALOG_SCORER_SOURCES = ("catalog_scorer", ("catalog_scan",))  # copied by `mmrec index`
 
 

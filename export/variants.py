@@ -1,8 +1,11 @@
-"""INT8 and FP16 variants of the FP32 graphs, and the quality gates that admit them.
+"""Variants of the FP32 graphs (graph x runtime x precision), and the quality gates that admit them.
 
+Graphs:
 - text encoder INT8: ONNX Runtime dynamic quantization (weights INT8, activations at run time);
 - image encoder INT8: static QDQ with per-channel weights, calibrated on real images;
 - FP16 (GPU targets): LayerNormalization and the softmax/reduction ops kept in FP32.
+Runtimes: every CPU graph also runs on OpenVINO (FP32, BF16 where the CPU has it, and the INT8
+graph with OpenVINO's own INT8 kernels); see model_repository/lib/runtime.py.
 A variant that misses its gate is reported and left out of the repository.
 """
 from __future__ import annotations
@@ -20,6 +23,35 @@ GATE_MIN_MEAN_COSINE = 0.99
 GATE_MIN_NEIGHBOUR_AGREEMENT = 0.9
 GATE_MAX_MACRO_F1_DROP = 0.01
 NEIGHBOURS = 10
+
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One servable way to run a member: which graph, on which runtime, at which precision."""
+
+    name: str  # the manifest's variant name
+    graph: str  # fp32 | int8 | fp16: the ONNX file it runs
+    runtime: str = "onnxruntime"
+    precision: str = "fp32"  # runtime precision hint (OpenVINO bf16), not the graph's
+    cpu: bool = True  # a CPU candidate for tuning (FP16 graphs are for GPU targets)
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("fp32", "fp32"),
+    Variant("int8", "int8"),
+    Variant("fp16", "fp16", cpu=False),
+    Variant("openvino-fp32", "fp32", "openvino"),
+    Variant("openvino-bf16", "fp32", "openvino", "bf16"),
+    Variant("openvino-int8", "int8", "openvino"),
+)}
+GRAPHS = ("fp32", "int8", "fp16")
+
+
+def runtime_variants(graph: str, runtimes: tuple[str, ...]) -> list[Variant]:
+    """The variants other than the graph's own ORT one that run `graph` on a requested runtime."""
+    return [v for v in VARIANTS.values() if v.graph == graph and v.name != graph and v.runtime in runtimes]
+
 
 FP16_KEEP_FP32_OPS = ["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax", "Erf"]
 

@@ -1,9 +1,9 @@
-"""The `mmrec` command: export, serve, score, encode, recommend, index, bench, demo."""
+"""The `mmrec` command: export, tune, serve, score, encode, recommend, index, bench, demo."""
 from __future__ import annotations
 
 import typer
 
-from mmrec.export.cli import export_command
+from mmrec.export.cli import export_command, tune_command
 from mmrec.serve_cli import serve_command
 from mmrec.demo import demo_command
 from mmrec.client.cli import encode_command, recommend_command, score_command
@@ -21,6 +21,7 @@ def main() -> None:
 
 
 app.command("export")(export_command)
+app.command("tune")(tune_command)
 app.command("serve")(serve_command)
 app.command("demo")(demo_command)
 app.command("score")(score_command)

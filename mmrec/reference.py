@@ -5,7 +5,8 @@ over members that are plain callables (feed dict -> output list), so the same pi
 repository's ONNX files (`ReferencePipeline`: ground truth for the server in tests, the
 in-process baseline in benchmarks) or PyTorch modules (`torch_member`: benchmarks' reference
 engine). Preprocessing is the served library code (`lib/text_preprocessing.py`,
-`lib/image_preprocessing.py`); ONNX members run with the portable runner's session settings.
+`lib/image_preprocessing.py`); ONNX members run through `lib/runtime.py` with the portable
+runner's runtime (ONNX Runtime or OpenVINO, as each member's config says) and settings.
 """
 from __future__ import annotations
 
@@ -18,22 +19,28 @@ from . import schema
 from .layout import RepositoryLayout
 from .model_repository.lib.image_preprocessing import ImageDecoder
 from .model_repository.lib.text_preprocessing import TextTokenizer
+from .model_repository.lib import runtime
 from .preprocess import ServedContract
 from .schema import user_vector  # noqa: F401 - the reference's name for it
 
 Member = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feed -> outputs, in graph order
 
 
-def ort_session(path: Path, intra_op_threads: int = 0):
-    """An ONNX Runtime session with exactly the served runner's options."""
-    from .python_models import load_python_model
-
-    return load_python_model("ort_runner").make_session(path, intra_op_threads)
-
-
 def ort_member(path: Path, intra_op_threads: int = 0) -> Member:
-    """One ONNX graph as a pipeline member."""
-    return session_member(ort_session(path, intra_op_threads))
+    """One ONNX graph as a pipeline member (ONNX Runtime, the served runner's options)."""
+    return session_member(runtime.make_session(path, intra_op_threads))
+
+
+def served_runtime(repository: Path, member: str) -> tuple[str, str]:
+    """(runtime, precision) a portable member is served with: its config's parameters."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    config = RepositoryLayout(repository).config_file(member)
+    parameters = text_format.Parse(config.read_text(), mc.ModelConfig()).parameters if config.is_file() else {}
+    runtime_name = parameters["runtime"].string_value if "runtime" in parameters else "onnxruntime"
+    precision = parameters["precision"].string_value if "precision" in parameters else "fp32"
+    return runtime_name, precision
 
 
 def session_member(session) -> Member:
@@ -72,6 +79,9 @@ class ItemPipeline:
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         ids, mask = self.tokenizer(texts)
+        return self.embed_tokens(ids, mask)
+
+    def embed_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self._run(schema.TEXT_ENCODER, {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask})[0]
 
     def preprocess_images(self, images: list[bytes]) -> np.ndarray:
@@ -120,11 +130,18 @@ class ReferencePipeline(ItemPipeline):
             path = layout.model_file(name)
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: the reference pipeline needs an ONNX "
-                                        "repository (target portable or onnxruntime)")
-            self.sessions[name] = ort_session(path, intra_op_threads)
+                                        "repository (target portable, onnxruntime or openvino)")
+            runtime_name, precision = served_runtime(self.repository, name)
+            self.sessions[name] = runtime.open_session(path, runtime_name, intra_op_threads, precision)
         super().__init__(contract, TextTokenizer.for_contract(contract, layout.tokenizer_file()),
                          ImageDecoder.for_contract(contract), {})
 
     def _run(self, model: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         # through `sessions`, which a benchmark may swap for differently configured ones
         return self.sessions[model].run(None, feed)
+
+    def embed_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The text encoder as the portable runner runs it: rows at their own length bucket."""
+        return runtime.run_by_length(self.sessions[schema.TEXT_ENCODER], None,
+                                     {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask},
+                                     schema.ATTENTION_MASK, self.preprocess.seq_buckets)[0]

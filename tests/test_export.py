@@ -92,7 +92,8 @@ def test_export_is_deterministic_and_reuses_a_fusion_checkpoint(exported_reposit
     (fp32 only, to keep the test short), so this also proves checkpoint loading."""
     again = tmp_path / "again"
     checkpoint = exported_repository / "fusion" / "variants" / "fusion_head.safetensors"
-    Exporter(ExportOptions(output=again, precisions=("fp32",), fusion_checkpoint=checkpoint)).run()
+    Exporter(ExportOptions(output=again, precisions=("fp32",), fusion_checkpoint=checkpoint,
+                           runtimes=("onnxruntime",), tune=False)).run()
     first, second = manifest_of(exported_repository), manifest_of(again)
     assert second["training"]["source"] == "checkpoint"
     assert second["training"]["held_out"] == first["training"]["held_out"]

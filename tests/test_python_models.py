@@ -11,7 +11,6 @@ from mmrec.preprocess import PreprocessConfig
 from mmrec.model_repository.lib import image_preprocessing, text_preprocessing
 from mmrec.model_repository.lib.image_preprocessing import ImageDecoder
 from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
-from mmrec.python_models import load_python_model
 from mmrec.export.models.text import default_text_model_dir
 
 CONFIG = PreprocessConfig(max_image_bytes=200_000, max_image_pixels=1_000_000, max_text_bytes=64)
@@ -83,7 +82,7 @@ def test_decoder_crops_the_centre_square_by_default():
 
 
 def test_ort_runner_thread_budget(monkeypatch):
-    runner = load_python_model("ort_runner")
+    from mmrec.model_repository.lib import runtime as runner  # the runner's copy of this module
     monkeypatch.delenv(runner.THREADS_ENV, raising=False)
     assert runner.thread_budget(3, 2) == 3  # an explicit count wins
     assert runner.thread_budget(0, 2) == max(1, runner.usable_cores() // 2)
@@ -117,6 +116,6 @@ def test_item_preprocess_checks_client_pixels():
 
 
 def test_ort_runner_pads_ragged_requests_with_zeros():
-    runner = load_python_model("ort_runner")
+    from mmrec.model_repository.lib import runtime as runner
     out = runner.pad_and_concatenate([np.ones((1, 3), np.int64), np.ones((2, 5), np.int64)])
     assert out.shape == (3, 5) and out[0, 3:].sum() == 0 and out[1:].sum() == 10

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from mmrec import schema
@@ -46,14 +47,21 @@ def test_every_generated_config_parses_into_model_config(target, tmp_path):
         assert member.HasField("dynamic_batching")
         # CPU: no queue delay on the critical path at low load; GPU: a delay that pays for itself
         delayed = member.dynamic_batching.max_queue_delay_microseconds > 0
-        assert delayed == (target is not Target.portable), (target, name)  # plan.gpu set above
+        on_gpu = target in (Target.onnxruntime, Target.tensorrt)  # plan.gpu set above; OpenVINO: CPU
+        assert delayed == on_gpu, (target, name)
+        assert (member.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU) == on_gpu, (target, name)
         if target is Target.portable:
             threads = {k: v.string_value for k, v in member.parameters.items()}
             encoder = name in (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
             assert threads["cpu_share"] == ("2" if encoder else "1")
             assert threads["intra_op_threads"] == ("0" if encoder else "1")
+            assert (threads["runtime"], threads["precision"]) == ("onnxruntime", "fp32")  # until tuned
+        if target is Target.openvino:  # the OpenVINO backend reads the ONNX file itself
+            properties = {k: v.string_value for k, v in member.parameters.items()}
+            assert member.default_model_filename == "model.onnx"
+            assert properties["NUM_STREAMS"] == "1" and properties["INFERENCE_PRECISION_HINT"] == "f32"
         expected = {Target.portable: ("python", ""), Target.onnxruntime: ("onnxruntime", ""),
-                    Target.tensorrt: ("", "tensorrt_plan")}[target]
+                    Target.openvino: ("openvino", ""), Target.tensorrt: ("", "tensorrt_plan")}[target]
         assert (member.backend, member.platform) == expected
 
 

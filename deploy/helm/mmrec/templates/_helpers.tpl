@@ -135,6 +135,7 @@ mmrec.io/target: {{ .Values.model.target }}
 {{- .Files.Get "files/requirements/base.txt" }}
 {{- if eq .Values.model.target "portable" }}
 {{ .Files.Get "files/requirements/onnxruntime.txt" }}
+{{ .Files.Get "files/requirements/openvino.txt" }}
 {{- end }}
 {{- with .Values.pythonDeps.extraRequirements }}
 # pythonDeps.extraRequirements

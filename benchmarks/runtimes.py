@@ -1,0 +1,295 @@
+"""Every CPU runtime x precision side by side, in one run, with the quality of each (issue 15).
+
+Three views, all on real inputs (held-out Tux Paint captions joined up to the maximum length,
+real photos and the Tux Paint drawings decoded by the served decoder):
+  offline   each encoder alone at batch 1 and 32: ORT FP32 / INT8, OpenVINO FP32 / BF16 / INT8,
+            PyTorch FP32 and PyTorch BF16 autocast (where the CPU has native BF16), interleaved
+            rounds, medians, bootstrap 95 % interval of each ratio to ORT FP32, and the mean/min
+            cosine of each output to ORT FP32's;
+  pipeline  text + image encoders + fusion on 32 items: ORT FP32 padded to the longest text,
+            ORT FP32 with rows at their length bucket (the runner's way), and the tuned variants;
+  served    `item_encoder` over gRPC, one request of 32 items, the same three arms, each its own
+            Triton, requests alternating.
+Variants that fail their gate or cannot run on this CPU are listed with the reason.
+
+`python -m mmrec.benchmarks.runtimes --fp32 FP32_REPO --tuned TUNED_REPO --output benchmarks/results/runtimes`
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from mmrec import metrics, schema
+from mmrec.export.tuning import score_interval, time_interleaved
+from mmrec.export.variants import VARIANTS
+from mmrec.model_repository.lib import runtime
+from mmrec.photos import known_photos
+from mmrec.reference import ReferencePipeline
+from .machine import cpu_share, loadavg, machine_info
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _inputs(reference: ReferencePipeline, batch: int) -> tuple[list[str], list[bytes]]:
+    """`batch` real items: held-out captions (every 4th joined to ~max length) and real images."""
+    from mmrec.export.data import load_items
+
+    items = load_items()[:batch]
+    texts = [" ".join(i.caption for i in items[j:j + 30]) if j % 4 == 0 else items[j].caption
+             for j in range(batch)]
+    photos = [p.read_bytes() for p in known_photos()]
+    images = [photos[j % len(photos)] if j % 2 else items[j].image_bytes() for j in range(batch)]
+    return texts, images
+
+
+class TorchRunner:
+    """The PyTorch module export started from, FP32 or BF16 autocast: the peer a user would try."""
+
+    def __init__(self, module, bf16: bool) -> None:
+        import torch
+
+        self.module, self.bf16, self.torch = module.eval(), bf16, torch
+
+    def run(self, output_names, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.module(*[torch.from_numpy(v) for v in feed.values()])
+        out = out[0] if isinstance(out, tuple) else out
+        return [out.float().numpy()]
+
+
+def _torch_encoders() -> dict:
+    from mmrec.export.models.image import DEFAULT_IMAGE_ENCODER, load_image_encoder
+    from mmrec.export.models.text import load_text_encoder
+
+    return {schema.TEXT_ENCODER: load_text_encoder(None)[0],
+            schema.IMAGE_ENCODER: load_image_encoder(DEFAULT_IMAGE_ENCODER, None)[0]}
+
+
+def offline(repository: Path, feeds: dict[str, dict[int, dict]], rounds: int, bf16_cpu: bool) -> dict:
+    """Each encoder alone: every runtime x precision the machine can run, vs ORT FP32."""
+    import torch
+
+    manifest = json.loads((repository / "manifest.json").read_text())
+    torch_models = _torch_encoders()
+    threads = runtime.usable_cores()
+    torch.set_num_threads(threads)
+    report = {}
+    for member, by_batch in feeds.items():
+        runners, quality_skips = {}, {}
+        for name, entry in manifest["models"][member]["variants"].items():
+            spec = VARIANTS[name]
+            reason = runtime.unavailable_reason(spec.runtime, spec.precision)
+            if not spec.cpu:
+                continue
+            if reason or not entry.get("path"):
+                quality_skips[name] = reason or "failed its gate at export: " + "; ".join(
+                    entry.get("gate", {}).get("reasons", ["not written"]))
+                continue
+            runners[name] = runtime.open_session(repository / entry["path"], spec.runtime, threads, spec.precision)
+        runners["pytorch-fp32"] = TorchRunner(torch_models[member], bf16=False)
+        if bf16_cpu:
+            runners["pytorch-bf16-autocast"] = TorchRunner(torch_models[member], bf16=True)
+        else:
+            quality_skips["pytorch-bf16-autocast"] = "no native BF16 on this CPU (" + "/".join(BF16_FLAGS) + " absent)"
+        times, quality = {}, {}
+        for batch, feed in by_batch.items():
+            print(f"offline {member} batch={batch}: {len(runners)} runners x {rounds} rounds", file=sys.stderr,
+                  flush=True)
+            times[batch] = time_interleaved(runners, feed, rounds)
+            reference = runners["fp32"].run(None, feed)[0]
+            for name, runner in runners.items():
+                cos = metrics.row_cosine(reference, runner.run(None, feed)[0])
+                quality.setdefault(name, []).extend(cos.tolist())
+        rows = {}
+        for name in runners:
+            point, low, high = score_interval([times[b][name] for b in times], [times[b]["fp32"] for b in times])
+            per_batch = {}
+            for b in times:
+                p, lo, hi = score_interval([times[b][name]], [times[b]["fp32"]])
+                per_batch[f"batch={b}"] = {"median_ms": round(1e3 * float(np.median(times[b][name])), 2),
+                                           "ratio_vs_ort_fp32": round(p, 3), "ci95": [round(lo, 3), round(hi, 3)]}
+            cos = np.array(quality[name])
+            rows[name] = {"cases": per_batch, "geomean_ratio_vs_ort_fp32": round(point, 3),
+                          "ci95": [round(low, 3), round(high, 3)],
+                          "cosine_vs_ort_fp32": {"mean": round(float(cos.mean()), 6), "min": round(float(cos.min()), 6)},
+                          "gate": manifest["models"][member]["variants"].get(name, {}).get("gate", {}).get("passed")}
+        report[member] = {"threads": threads, "rounds": rounds, "runners": rows, "not_run": quality_skips}
+    return report
+
+
+def pipeline(fp32: ReferencePipeline, tuned: ReferencePipeline, texts: list[str], images: list[bytes],
+             rounds: int) -> dict:
+    """Encoders + fusion on one batch, pre-decoded pixels (the decoder is the same in every arm).
+    Arms: ORT FP32 with the batch padded to its longest text (what a plain pipeline does), ORT
+    FP32 with rows run at their length bucket (what the runner does), and the tuned variants."""
+    ids, mask = fp32.tokenizer(texts)
+    pixels = fp32.preprocess_images(images)
+
+    class Arm:
+        def __init__(self, pipe: ReferencePipeline, bucketed: bool) -> None:
+            self.pipe, self.bucketed = pipe, bucketed
+
+        def run(self, _names, _feed) -> list[np.ndarray]:
+            feed = {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask}
+            text = (self.pipe.embed_tokens(ids, mask) if self.bucketed
+                    else self.pipe.sessions[schema.TEXT_ENCODER].run(None, feed)[0])
+            image = self.pipe.embed_pixels(pixels)
+            return [self.pipe.fuse(text, image)[schema.ITEM_EMBEDDING]]
+
+    arms = {"ort-fp32-padded": Arm(fp32, False), "ort-fp32": Arm(fp32, True), "tuned": Arm(tuned, True)}
+    print(f"pipeline: batch {len(texts)}, {len(arms)} arms x {rounds} rounds", file=sys.stderr, flush=True)
+    times = time_interleaved(arms, {}, rounds)
+    reference = arms["ort-fp32-padded"].run(None, {})[0]
+    groups = runtime.length_groups(mask, fp32.preprocess.seq_buckets)
+    report = {"batch": len(texts), "text_width": int(mask.shape[1]),
+              "padding": {"real_tokens": int(mask.sum()), "computed_padded": int(mask.size),
+                          "computed_bucketed": int(sum(len(rows) * width for rows, width in groups))},
+              "median_ms": {k: round(1e3 * float(np.median(v)), 1) for k, v in times.items()}, "speedups": {}}
+    for arm in ("ort-fp32", "tuned"):
+        point, low, high = score_interval([times[arm]], [times["ort-fp32-padded"]])
+        cos = metrics.row_cosine(reference, arms[arm].run(None, {})[0])
+        report["speedups"][f"{arm}_over_ort-fp32-padded"] = {
+            "speedup": round(1 / point, 3), "ci95": [round(1 / high, 3), round(1 / low, 3)],
+            "item_embedding_cosine": {"mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5)}}
+    point, low, high = score_interval([times["tuned"]], [times["ort-fp32"]])
+    report["speedups"]["tuned_over_ort-fp32"] = {"speedup": round(1 / point, 3),
+                                                 "ci95": [round(1 / high, 3), round(1 / low, 3)]}
+    return report
+
+
+def padded_copy(repository: Path, into: Path) -> Path:
+    """The repository with the text runner's length grouping off (the behaviour before it): files
+    symlinked, only text_encoder/config.pbtxt rewritten."""
+    import os
+    import shutil
+
+    from mmrec.export.repository import CONFIG_FILE, parse, render
+
+    copy = into / "padded"
+    shutil.copytree(repository, copy, copy_function=os.symlink)
+    config_file = copy / schema.TEXT_ENCODER / CONFIG_FILE
+    config = parse(config_file.read_text())
+    del config.parameters["seq_buckets"]
+    config_file.unlink()
+    config_file.write_text(render(config))
+    return copy
+
+
+def served(fp32_repo: Path, tuned_repo: Path, texts: list[str], images: list[bytes], rounds: int) -> dict:
+    """`item_encoder` over gRPC, one request of the whole batch: ORT FP32 with the batch padded to
+    its longest text, ORT FP32 as exported (rows at their length bucket), and the tuned repository,
+    each its own Triton, all up at once (an idle server costs no CPU), requests alternating."""
+    from contextlib import ExitStack
+
+    import tritonclient.grpc as grpcclient
+
+    from .serving import running_server
+
+    def request() -> list:
+        text = grpcclient.InferInput(schema.TEXT, [len(texts), 1], "BYTES")
+        text.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
+        picture = grpcclient.InferInput(schema.IMAGE, [len(images), 1], "BYTES")
+        picture.set_data_from_numpy(np.array([[i] for i in images], dtype=object))
+        return [text, picture]
+
+    samples: dict[str, list[float]] = {}
+    outputs = {}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        repos = {"ort-fp32-padded": padded_copy(fp32_repo, Path(tmp)), "ort-fp32": fp32_repo, "tuned": tuned_repo}
+        clients = {}
+        for name, repo in repos.items():
+            server = stack.enter_context(running_server(repo, Path(tmp) / f"{name}.log"))
+            clients[name] = grpcclient.InferenceServerClient(server.urls["grpc"])
+            samples[name] = []
+        for name, client in clients.items():
+            for _ in range(2):  # warm-up
+                outputs[name] = client.infer(schema.ITEM_ENCODER, request()).as_numpy(schema.ITEM_EMBEDDING)
+        for r in range(rounds):
+            for name, client in clients.items():
+                for _ in range(3):
+                    t = time.perf_counter()
+                    client.infer(schema.ITEM_ENCODER, request())
+                    samples[name].append(time.perf_counter() - t)
+            print(f"served round {r + 1}/{rounds}: " + ", ".join(
+                f"{k} p50 {1e3 * np.median(v):.0f} ms" for k, v in samples.items()), file=sys.stderr, flush=True)
+    report = {"batch": len(texts), "samples_per_arm": len(samples["tuned"]),
+              "median_ms": {k: round(1e3 * float(np.median(v)), 1) for k, v in samples.items()}, "speedups": {}}
+    for arm, base in (("ort-fp32", "ort-fp32-padded"), ("tuned", "ort-fp32-padded"), ("tuned", "ort-fp32")):
+        point, low, high = score_interval([samples[arm]], [samples[base]])
+        cos = metrics.row_cosine(outputs[base], outputs[arm])
+        report["speedups"][f"{arm}_over_{base}"] = {
+            "speedup": round(1 / point, 3), "ci95": [round(1 / high, 3), round(1 / low, 3)],
+            "item_embedding_cosine": {"mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5)}}
+    return report
+
+
+def plot(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    members = list(report["offline"])
+    fig, axes = plt.subplots(1, len(members), figsize=(6 * len(members), 4), squeeze=False)
+    for ax, member in zip(axes[0], members):
+        rows = report["offline"][member]["runners"]
+        names = list(rows)
+        for k, case in enumerate(next(iter(rows.values()))["cases"]):
+            values = [rows[n]["cases"][case]["ratio_vs_ort_fp32"] for n in names]
+            errors = np.array([[rows[n]["cases"][case]["ratio_vs_ort_fp32"] - rows[n]["cases"][case]["ci95"][0],
+                                rows[n]["cases"][case]["ci95"][1] - rows[n]["cases"][case]["ratio_vs_ort_fp32"]]
+                               for n in names]).T
+            ax.barh(np.arange(len(names)) + 0.4 * k, values, 0.4, xerr=errors, label=case)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_yticks(np.arange(len(names)) + 0.2, names)
+        ax.set_xlabel("latency / ORT FP32 (lower is faster), 95% CI")
+        ax.set_title(member)
+        ax.legend()
+    fig.suptitle(report["machine"]["cpu"]["model"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(fp32: Path = typer.Option(..., help="Repository serving ORT FP32 (export --no-tune)."),
+         tuned: Path = typer.Option(..., help="The same export after `mmrec tune` on this machine."),
+         output: Path = typer.Option(Path("benchmarks/results/runtimes")),
+         rounds: int = typer.Option(9), batch: int = typer.Option(32),
+         skip_served: bool = typer.Option(False, help="Leave out the Triton arm (no server start).")) -> None:
+    cpu = machine_info()["cpu"]
+    bf16_cpu = any(cpu["flags"].get(f) for f in BF16_FLAGS)
+    fp32_pipe, tuned_pipe = ReferencePipeline(fp32), ReferencePipeline(tuned)
+    texts, images = _inputs(fp32_pipe, batch)
+    ids, mask = fp32_pipe.tokenizer(texts)
+    pixels = fp32_pipe.preprocess_images(images)
+    feeds = {schema.TEXT_ENCODER: {1: {schema.INPUT_IDS: ids[1:2, :int(mask[1].sum())],
+                                       schema.ATTENTION_MASK: mask[1:2, :int(mask[1].sum())]},
+                                   batch: {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask}},
+             schema.IMAGE_ENCODER: {1: {schema.PIXEL_VALUES: pixels[:1]}, batch: {schema.PIXEL_VALUES: pixels}}}
+    start = {"loadavg": loadavg(), "cpu_share": cpu_share()}
+    report = {"machine": machine_info(), "start": start,
+              "tuned_choice": json.loads((tuned / "manifest.json").read_text()).get("tuning", {}).get("chosen"),
+              "text_tokens_batch": int(ids.shape[1]), "offline": offline(fp32, feeds, rounds, bf16_cpu),
+              "pipeline": pipeline(fp32_pipe, tuned_pipe, texts, images, rounds)}
+    if not skip_served:
+        report["served"] = served(fp32, tuned, texts, images, rounds)
+    report["end"] = {"loadavg": loadavg(), "cpu_share": cpu_share()}
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "runtimes.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    plot(report, output / "runtimes.png")
+    summary = {m: {n: r["geomean_ratio_vs_ort_fp32"] for n, r in v["runners"].items()}
+               for m, v in report["offline"].items()}
+    print(json.dumps({"offline_geomean_ratio": summary, "pipeline": report["pipeline"],
+                      "served": report.get("served")}, indent=2))
+
+
+if __name__ == "__main__":
+    typer.run(main)

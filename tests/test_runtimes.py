@@ -1,0 +1,236 @@
+"""CPU runtimes and precisions (issue 15): OpenVINO beside ONNX Runtime, gated variants, and the
+per-machine choice of `mmrec tune`, served by the real Triton."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmrec import metrics, schema
+from mmrec.export.manifest import sha256_file
+from mmrec.export.repository import Target, parse
+from mmrec.export.tuning import REFERENCE, choose_pair, score_interval, serve_variant, tune_repository
+from mmrec.export.variants import VARIANTS
+from mmrec.model_repository.lib import runtime
+from mmrec.photos import known_photos
+from mmrec.reference import ReferencePipeline, served_runtime
+
+ENCODERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
+needs_openvino = pytest.mark.skipif(runtime.unavailable_reason("openvino") is not None,
+                                    reason=str(runtime.unavailable_reason("openvino")))
+
+
+def manifest_of(repository: Path) -> dict:
+    return json.loads((Path(repository) / "manifest.json").read_text())
+
+
+def _feeds(reference: ReferencePipeline) -> dict[str, dict[str, np.ndarray]]:
+    texts = ["a red apple on a white plate", "rocket ship " * 60, "ein Hund läuft im Park 🐕"]
+    ids, mask = reference.tokenizer(texts)
+    pixels = reference.preprocess_images([p.read_bytes() for p in known_photos()[:3]])
+    return {schema.TEXT_ENCODER: {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask},
+            schema.IMAGE_ENCODER: {schema.PIXEL_VALUES: pixels}}
+
+
+@needs_openvino
+@pytest.mark.parametrize("member", ENCODERS)
+def test_openvino_fp32_matches_onnxruntime_on_real_inputs(member, exported_repository, reference):
+    path = exported_repository / member / "1" / "model.onnx"
+    feed = _feeds(reference)[member]
+    ort_out = runtime.open_session(path, "onnxruntime").run(None, feed)[0]
+    ov_session = runtime.open_session(path, "openvino", threads=1)
+    ov_out = ov_session.run(None, feed)[0]
+    assert ov_out.shape == ort_out.shape and ov_session.input_dtypes == runtime.OrtSession(path).input_dtypes
+    assert metrics.row_cosine(ort_out, ov_out).min() >= 0.9999
+    again = ov_session.run(None, {k: v[:1] for k, v in feed.items()})[0]  # a new batch size
+    np.testing.assert_allclose(again, ov_out[:1], atol=1e-4)
+
+
+def test_bf16_is_refused_where_the_cpu_would_silently_run_fp32(exported_repository):
+    reason = runtime.unavailable_reason("openvino", "bf16")
+    capabilities = runtime.openvino_capabilities()
+    if not capabilities:
+        assert reason == "the openvino package is not installed"
+    elif "BF16" in capabilities:
+        assert reason is None
+        return
+    else:
+        assert "no native BF16" in reason and "FP32" in reason
+    with pytest.raises(RuntimeError, match="bf16"):
+        runtime.open_session(exported_repository / schema.TEXT_ENCODER / "1" / "model.onnx", "openvino",
+                             precision="bf16")
+    assert "bf16 is an OpenVINO hint" in runtime.unavailable_reason("onnxruntime", "bf16")
+    assert "unknown runtime" in runtime.unavailable_reason("tvm")
+
+
+@needs_openvino
+def test_export_gates_every_runtime_variant_and_records_why_one_is_missing(exported_repository):
+    manifest = manifest_of(exported_repository)
+    for member in ENCODERS:
+        variants = manifest["models"][member]["variants"]
+        assert {"openvino-fp32", "openvino-bf16", "openvino-int8"} <= set(variants), member
+        for name, entry in variants.items():
+            spec = VARIANTS[name]
+            assert (entry["graph"], entry["runtime"], entry["precision"]) == (spec.graph, spec.runtime,
+                                                                                spec.precision)
+            if entry.get("skipped"):
+                assert entry["written"] is False and "gate" not in entry, name
+            elif name != "fp32":
+                assert entry["gate"]["evaluated_on"] == f"{spec.runtime} {spec.precision}"
+                assert entry["written"] == entry["gate"]["passed"], (member, name)
+            if entry["written"]:  # an admitted variant points at the graph file it runs
+                path = exported_repository / entry["path"]
+                assert sha256_file(path) == entry["sha256"]
+                assert path.name == ("model.onnx" if spec.graph == "fp32" else f"{spec.graph}.onnx")
+        assert variants["openvino-fp32"]["written"], "OpenVINO FP32 must match ORT FP32"
+        assert variants["openvino-fp32"]["gate"]["mean_cosine"] >= 0.9999
+        if "BF16" not in runtime.openvino_capabilities():
+            assert "no native BF16" in variants["openvino-bf16"]["skipped"]
+    combinations = manifest["combinations"]
+    assert combinations and all(set(c["variants"]) == set(ENCODERS) for c in combinations)
+    # every pair of admitted CPU variants was gated on the fused item embedding
+    admitted = {m: {v for v, e in manifest["models"][m]["variants"].items()
+                    if e["written"] and VARIANTS[v].cpu} for m in ENCODERS}
+    assert len(combinations) == np.prod([len(a) for a in admitted.values()]) - 1
+
+
+def test_score_interval_separates_a_real_speedup_from_noise():
+    rng = np.random.default_rng(0)
+    reference = [list(10 + rng.normal(0, 0.2, 9)), list(300 + rng.normal(0, 5, 9))]
+    faster = [list(6 + rng.normal(0, 0.2, 9)), list(180 + rng.normal(0, 5, 9))]
+    same = [list(rng.permutation(r)) for r in reference]  # the same times in another order
+    point, low, high = score_interval(faster, reference)
+    assert 0.55 < low <= point <= high < 0.65
+    point, low, high = score_interval(same, reference)
+    assert point == 1.0 and low < 1 < high
+
+
+def test_choice_respects_the_combination_gate():
+    def member(**scores):
+        return {"variants": {v: {"score_vs_fp32": s, "interval_95": [s - 0.02, s + 0.02]}
+                             for v, s in {"fp32": 1.0, **scores}.items()}}
+
+    measured = {schema.TEXT_ENCODER: member(**{"openvino-fp32": 0.9}),
+                schema.IMAGE_ENCODER: member(int8=0.6, **{"openvino-int8": 0.5, "openvino-fp32": 1.01})}
+
+    def combo(text, image, passed):
+        return {"variants": {schema.TEXT_ENCODER: text, schema.IMAGE_ENCODER: image}, "passed": passed}
+
+    everything = [combo(t, i, True) for t in ("fp32", "openvino-fp32")
+                  for i in ("fp32", "int8", "openvino-int8") if (t, i) != ("fp32", "fp32")]
+    choice, _ = choose_pair(measured, everything)
+    assert choice == {schema.TEXT_ENCODER: "openvino-fp32", schema.IMAGE_ENCODER: "openvino-int8"}
+    # the fastest pair failed its fused-embedding gate: the next fastest passing pair is served
+    blocked = [c if c["variants"] != choice else {**c, "passed": False} for c in everything]
+    choice, record = choose_pair(measured, blocked)
+    assert choice == {schema.TEXT_ENCODER: "fp32", schema.IMAGE_ENCODER: "openvino-int8"} and record["passed"]
+    # a slower-than-FP32 variant (openvino-fp32 image, interval above 1) is never chosen
+    assert choose_pair({schema.IMAGE_ENCODER: measured[schema.IMAGE_ENCODER]}, [], {})[0] == {
+        schema.IMAGE_ENCODER: REFERENCE}
+    # the openvino target serves OpenVINO variants only: its fallback is OpenVINO FP32
+    ov_only = {m: {"variants": {v: r for v, r in measured[m]["variants"].items() if v != "int8"}} for m in measured}
+    pairs = everything + [combo("openvino-fp32", "openvino-fp32", True)]
+    slow = {m: {"variants": {v: {**r, "interval_95": [1.0, 1.1]} for v, r in ov_only[m]["variants"].items()}}
+            for m in ov_only}
+    assert choose_pair(slow, pairs, {}, "openvino-fp32")[0] == {
+        schema.TEXT_ENCODER: "openvino-fp32", schema.IMAGE_ENCODER: "openvino-fp32"}
+    # a user's --serve-variant is kept and the rest is chosen around it
+    choice, _ = choose_pair({schema.IMAGE_ENCODER: measured[schema.IMAGE_ENCODER]}, everything,
+                            {schema.TEXT_ENCODER: "openvino-fp32"})
+    assert choice == {schema.IMAGE_ENCODER: "openvino-int8"}
+
+
+@pytest.fixture(scope="module")
+def tuned_repository(exported_repository, tmp_path_factory) -> Path:
+    """A copy of the session export, tuned on this machine (3 rounds: a smoke run of the method)."""
+    root = tmp_path_factory.mktemp("tuned") / "repository"
+    shutil.copytree(exported_repository, root)
+    tune_repository(root, rounds=3)
+    return root
+
+
+def test_tune_records_the_machine_the_numbers_and_a_consistent_choice(tuned_repository):
+    manifest = manifest_of(tuned_repository)
+    tuning = manifest["tuning"]
+    assert tuning["machine"]["cpu"] and tuning["machine"]["usable_cores"] >= 1
+    assert isinstance(tuning["machine"]["flags"], list)
+    for member in ENCODERS:
+        measured = tuning["members"][member]["variants"]
+        assert REFERENCE in measured and measured[REFERENCE]["score_vs_fp32"] == 1.0
+        for name, numbers in measured.items():
+            assert len(numbers["median_ms"]) == 2 and all(v > 0 for v in numbers["median_ms"].values())
+            low, high = numbers["interval_95"]
+            assert low <= numbers["score_vs_fp32"] <= high, name
+        chosen = tuning["chosen"][member]
+        assert manifest["models"][member]["served_variant"] == chosen
+        if chosen != REFERENCE:  # chosen only when clearly faster than ORT FP32
+            assert measured[chosen]["interval_95"][1] < 1.0
+        spec = VARIANTS[chosen]
+        assert served_runtime(tuned_repository, member) == (spec.runtime, spec.precision)
+        served = manifest["models"][member]["variants"][chosen]
+        assert served["path"] == f"{member}/1/model.onnx"
+        assert sha256_file(tuned_repository / served["path"]) == served["sha256"]
+        for entry in manifest["models"][member]["variants"].values():  # every admitted graph still on disk
+            if entry.get("path"):
+                assert sha256_file(tuned_repository / entry["path"]) == entry["sha256"]
+
+
+@needs_openvino
+def test_openvino_variants_serve_through_triton(exported_repository, reference, tmp_path):
+    """Serve the text encoder on OpenVINO FP32 and the image encoder on OpenVINO running the INT8
+    graph (or FP32 where INT8 failed its gate) in the real Triton; results match the
+    in-process pipeline on the same runtimes and stay within the gates of ORT FP32."""
+    from mmrec.client import MMRecClient
+    from mmrec.server import ServerConfig, TritonServer, free_ports
+
+    root = tmp_path / "repository"
+    shutil.copytree(exported_repository, root)
+    manifest = manifest_of(root)
+    image = "openvino-int8" if manifest["models"][schema.IMAGE_ENCODER]["variants"]["openvino-int8"]["written"] \
+        else "openvino-fp32"
+    serve_variant(root, manifest, schema.TEXT_ENCODER, "openvino-fp32", Target.portable)
+    serve_variant(root, manifest, schema.IMAGE_ENCODER, image, Target.portable)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert parse((root / schema.IMAGE_ENCODER / "config.pbtxt").read_text()).parameters["runtime"].string_value \
+        == "openvino"
+
+    texts = ["a red apple on a white plate", "rocket ship " * 60, "a yellow daisy"]
+    images = [p.read_bytes() for p in known_photos()[:3]]
+    local = ReferencePipeline(root).encode_items(texts, images)
+    fp32 = reference.encode_items(texts, images)
+    http, grpc, metrics_port = free_ports(3)
+    config = ServerConfig(repository=root, http_port=http, grpc_port=grpc, metrics_port=metrics_port)
+    with TritonServer(config, log_path=tmp_path / "tritonserver.log", ready_timeout_s=180) as server:
+        with MMRecClient(server.urls["grpc"]) as client:
+            served = client.encode_items(list(zip(texts, images)))
+    np.testing.assert_allclose(served.item_embedding, local[schema.ITEM_EMBEDDING], atol=1e-4)
+    assert metrics.row_cosine(served.item_embedding, fp32[schema.ITEM_EMBEDDING]).min() >= 0.98
+
+
+def test_length_groups_cut_padding_only_where_it_pays():
+    mask = np.zeros((32, 128), np.int64)
+    mask[:8] = 1  # 8 texts of 128 tokens
+    mask[8:, :12] = 1  # 24 captions of 12 tokens
+    groups = runtime.length_groups(mask, (16, 32, 64, 128))
+    assert [(len(rows), width) for rows, width in groups] == [(24, 16), (8, 128)]
+    assert sorted(np.concatenate([rows for rows, _ in groups])) == list(range(32))
+    similar = np.ones((32, 40), np.int64)
+    similar[:, 36:] = 0  # every row 36 tokens: one group, nothing to gain
+    assert [(len(rows), width) for rows, width in runtime.length_groups(similar, (16, 32, 64))] == [(32, 40)]
+
+
+def test_text_encoder_by_length_equals_the_padded_batch(exported_repository, reference):
+    """Rows run at their own bucket give what the padded batch gives (mean pooling under the mask)."""
+    texts = ["a cat", "rocket ship " * 60, "a red apple on a white plate", "ein Hund 🐕"] * 4
+    ids, mask = reference.tokenizer(texts)
+    assert ids.shape[1] == 128
+    session = reference.sessions[schema.TEXT_ENCODER]
+    padded = session.run(None, {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask})[0]
+    grouped = runtime.run_by_length(session, None, {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask},
+                                    schema.ATTENTION_MASK, reference.preprocess.seq_buckets)[0]
+    assert len(runtime.length_groups(mask, reference.preprocess.seq_buckets)) == 2
+    np.testing.assert_allclose(grouped, padded, atol=2e-5)
+    np.testing.assert_allclose(reference.embed_texts(texts), padded, atol=2e-5)
