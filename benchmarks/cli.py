@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mmrec.export_defaults import DEFAULT_REPOSITORY
+from mmrec.layout import RepositoryLayout
 
 from . import targets
 from .settings import MODELS, MODES, PROTOCOLS, SECTIONS
@@ -114,9 +115,10 @@ def bench_command(
     if concurrency:
         settings = settings.with_overrides(pa_concurrency=tuple(c for c in settings.pa_concurrency if c in concurrency)
                                            or settings.concurrency)
-    if not (repository / "preprocess.json").is_file():
+    contract_file = RepositoryLayout(repository).contract_file
+    if not contract_file.is_file():
         console.print(f"[red]error:[/red] {escape(str(repository))} is not a repository written by "
-                      "`mmrec export` (no preprocess.json); run `mmrec export` first")
+                      f"`mmrec export` (no {contract_file.name}); run `mmrec export` first")
         raise typer.Exit(2)
     options = BenchOptions(repository=repository, output=output, settings=settings,
                            threads=threads or _usable_cores(), sections=sections, perf_analyzer=perf_analyzer)

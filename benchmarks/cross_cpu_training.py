@@ -26,7 +26,7 @@ def dump(path: str) -> None:
     from mmrec.export.features import encode_dataset
     from mmrec.export.models.image import load_image_encoder
     from mmrec.export.models.text import load_text_encoder, text_hidden_size
-    from mmrec.preprocess import PreprocessConfig
+    from mmrec.preprocess import TOKENIZER_FILE, PreprocessConfig
 
     text_model, folder = load_text_encoder()
     image_model, entry, _ = load_image_encoder()
@@ -35,7 +35,7 @@ def dump(path: str) -> None:
     config = PreprocessConfig(image_size=entry.image_size, image_mean=entry.mean, image_std=entry.std,
                               categories=categories_of(items), text_dim=text_hidden_size(text_model),
                               image_dim=entry.feature_dim)
-    dataset = encode_dataset(text_model, image_model, config, folder / "tokenizer.json", items)
+    dataset = encode_dataset(text_model, image_model, config, folder / TOKENIZER_FILE, items)
     np.savez(path, text=dataset.features.text, image=dataset.features.image, labels=dataset.features.labels,
              **{f"rows_{name}": dataset.rows(part) for name, part in parts._asdict().items()})
 

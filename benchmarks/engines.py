@@ -4,11 +4,11 @@ PyTorch models are rebuilt from the same sources the export used (the manifest r
 text model folder and image weights; the fusion head is the repository's safetensors), ONNX
 graphs are the repository's files (`<model>/1/model.onnx` and `<model>/variants/*.onnx`, as
 listed in manifest.json). ORT sessions use the portable runner's own `make_session`, so the
-offline numbers run with exactly the session options the server uses.
+offline numbers run with exactly the session options the server uses; the pipeline engines
+run `mmrec.reference.ItemPipeline`, the same pipeline the tests use as ground truth.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 
 from mmrec import schema
-from mmrec.preprocess import PreprocessConfig
-from mmrec.python_models import load_python_model
+from mmrec.layout import RepositoryLayout
+from mmrec.reference import ItemPipeline, ort_member, torch_member
 
 from .workload import PipelineInput
 
@@ -64,8 +64,8 @@ class Engine:
 
 
 def load_manifest(repository: Path) -> dict:
-    path = Path(repository) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The repository's manifest, or {} for a hand-made repository without one."""
+    return RepositoryLayout(repository).read_manifest(required=False)
 
 
 def onnx_files(repository: Path, model: str, manifest: dict | None = None) -> dict[str, Path]:
@@ -76,10 +76,11 @@ def onnx_files(repository: Path, model: str, manifest: dict | None = None) -> di
     found = {v: repository / e["path"] for v, e in variants.items()
              if e.get("path") and str(e["path"]).endswith(".onnx") and (repository / e["path"]).is_file()}
     if not variants:  # no manifest: the served file is FP32, variants by file name
-        served = repository / model / "1" / "model.onnx"
+        layout = RepositoryLayout(repository)
+        served = layout.model_file(model)
         if served.is_file():
             found["fp32"] = served
-        for path in sorted((repository / model / "variants").glob("*.onnx")):
+        for path in sorted(layout.variants_dir(model).glob("*.onnx")):
             found.setdefault(path.stem, path)
     return found
 
@@ -122,7 +123,7 @@ class TorchSources:
     def __init__(self, repository: Path, manifest: dict | None = None) -> None:
         self.repository = Path(repository)
         self.manifest = load_manifest(repository) if manifest is None else manifest
-        self.preprocess = PreprocessConfig.load(self.repository)
+        self.preprocess = RepositoryLayout(self.repository).read_contract()
 
     @cached_property
     def text(self):
@@ -144,49 +145,25 @@ class TorchSources:
 
     @cached_property
     def fusion(self):
-        from mmrec.export.pipeline import FUSION_CHECKPOINT, load_fusion_checkpoint
+        from mmrec.export.pipeline import load_fusion_checkpoint
 
-        return load_fusion_checkpoint(self.repository / schema.FUSION / "variants" / FUSION_CHECKPOINT,
-                                      self.preprocess)
+        return load_fusion_checkpoint(RepositoryLayout(self.repository).fusion_checkpoint, self.preprocess)
 
     def module(self, model: str):
         return {schema.TEXT_ENCODER: lambda: self.text, schema.IMAGE_ENCODER: lambda: self.image,
                 schema.FUSION: lambda: self.fusion}[model]()
 
 
-def torch_call(module) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    import torch
-
-    @torch.inference_mode()
-    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        out = module(*[torch.from_numpy(v) for v in feed.values()])
-        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
-
-    return run
 
 
-def ort_call(path: Path, threads: int) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    session = load_python_model("ort_runner").make_session(path, threads)
-    names = [o.name for o in session.get_outputs()]
+class _PipelineRunner:
+    """The one in-process pipeline, called the way the offline cases call an engine."""
 
-    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return session.run(names, feed)
-
-    return run
-
-
-class _Pipeline:
-    """tokenize -> text encoder, decode -> image encoder, -> fusion; members from any engine."""
-
-    def __init__(self, tokenizer, decoder, text, image, fusion) -> None:
-        self.tokenizer, self.decoder = tokenizer, decoder
-        self.text, self.image, self.fusion = text, image, fusion
+    def __init__(self, pipeline: ItemPipeline) -> None:
+        self.pipeline = pipeline
 
     def __call__(self, inputs: PipelineInput) -> list[np.ndarray]:
-        ids, mask = self.tokenizer(inputs.texts)
-        text = self.text({schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask})[0]
-        image = self.image({schema.PIXEL_VALUES: self.decoder(inputs.images)})[0]
-        return self.fusion({schema.TEXT_EMBEDDING: text, schema.IMAGE_EMBEDDING: image})
+        return list(self.pipeline.encode_items(inputs.texts, inputs.images).values())
 
 
 def build_runner(engine: Engine, torch_sources: TorchSources, threads: int,
@@ -194,10 +171,11 @@ def build_runner(engine: Engine, torch_sources: TorchSources, threads: int,
     """A callable running the engine on one case's inputs, returning its outputs in order."""
     if engine.model == PIPELINE:
         if engine.kind.backend == "pytorch":
-            parts = [torch_call(torch_sources.module(m)) for m in PIPELINE_MEMBERS]
+            parts = [torch_member(torch_sources.module(m)) for m in PIPELINE_MEMBERS]
         else:
-            parts = [ort_call(engine.files[m], threads) for m in PIPELINE_MEMBERS]
-        return _Pipeline(tokenizer, decoder, *parts)
+            parts = [ort_member(engine.files[m], threads) for m in PIPELINE_MEMBERS]
+        return _PipelineRunner(ItemPipeline(torch_sources.preprocess, tokenizer, decoder,
+                                            dict(zip(PIPELINE_MEMBERS, parts))))
     if engine.kind.backend == "pytorch":
-        return torch_call(torch_sources.module(engine.model))
-    return ort_call(engine.files[engine.model], threads)
+        return torch_member(torch_sources.module(engine.model))
+    return ort_member(engine.files[engine.model], threads)

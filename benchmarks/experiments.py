@@ -8,7 +8,7 @@ ort-options: the portable runner's ORT session as shipped vs the same session wi
 thread spinning disabled, per encoder and for the three-session item pipeline, in this process.
 server-config: copies of the repository (never the original) with one change each, served by the
 real tritonserver and loaded by plain tritonclient at each concurrency:
-  nospin   the copied ort_runner model.py sets session.intra_op.allow_spinning=0
+  nospin   the copied runtime.py of the ort_runner sets session.intra_op.allow_spinning=0
   nodelay  max_queue_delay_microseconds: 0 on every member
   intra1   intra_op_threads "1" on the ORT members
 Variants combine with '+', e.g. nodelay+nospin. Rounds alternate the variants, so a change in
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mmrec import schema
+from mmrec.layout import SOURCES, RepositoryLayout
 
 from .settings import FULL, Budget
 from .timing import time_calls
@@ -45,10 +46,10 @@ def _session(path: Path, threads: int, spinning: bool):
     """The runner's own session; with spinning=False the one config entry added."""
     import onnxruntime as ort
 
-    from mmrec.python_models import load_python_model
+    from mmrec.model_repository.lib import runtime
 
     if spinning:
-        return load_python_model("ort_runner").make_session(path, threads)
+        return runtime.make_session(path, threads)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -69,13 +70,13 @@ def ort_options(repository: Path, seconds: float, rounds: int, threads: int) -> 
     for rnd in range(rounds):
         for label, (model, feed) in cases.items():
             for spinning in (True, False):
-                session = _session(repository / model / "1" / "model.onnx", threads, spinning)
+                session = _session(RepositoryLayout(repository).model_file(model), threads, spinning)
                 t = time_calls(lambda: session.run(None, feed), 1, budget)
                 rows.append({"round": rnd, "case": label, "spinning": spinning,
                              "p50_ms": float(np.median(t.latencies_ms)), "loadavg": os.getloadavg()[0]})
         inputs = workload.pipeline_input(1)
         for spinning in (True, False):
-            s = {m: _session(repository / m / "1" / "model.onnx", threads, spinning) for m in ORT_MEMBERS[:3]}
+            s = {m: _session(RepositoryLayout(repository).model_file(m), threads, spinning) for m in ORT_MEMBERS[:3]}
 
             def pipeline():
                 ids, mask = workload.tokenizer(inputs.texts)
@@ -97,7 +98,7 @@ def repository_variant(base: Path, name: str, root: Path) -> Path:
     unknown = changes - {"nospin", "nodelay", "intra1"}
     if unknown:
         raise SystemExit(f"unknown variant part(s) {sorted(unknown)}; use nospin, nodelay, intra1")
-    for config in target.glob("*/config.pbtxt"):
+    for config in RepositoryLayout(target).config_files():
         text = config.read_text()
         if "nodelay" in changes:
             text = re.sub(r"max_queue_delay_microseconds: \d+", "max_queue_delay_microseconds: 0", text)
@@ -106,7 +107,8 @@ def repository_variant(base: Path, name: str, root: Path) -> Path:
         config.write_text(text)
     if "nospin" in changes:
         for member in ORT_MEMBERS:
-            runner = target / member / "1" / "model.py"
+            # the runner's session options live in the runtime library copied beside its model.py
+            runner = RepositoryLayout(target).version_dir(member) / SOURCES.lib_file("runtime").name
             code = runner.read_text()
             if RUNNER_ANCHOR not in code:
                 raise SystemExit(f"{runner}: cannot find `{RUNNER_ANCHOR}` to add {SPIN_KEY}=0 after")
@@ -117,7 +119,7 @@ def repository_variant(base: Path, name: str, root: Path) -> Path:
 
 def server_config(repository: Path, variants: list[str], concurrency: list[int], seconds: float,
                   rounds: int) -> list[dict]:
-    from .serving import _Cursor, _raw_level, running_server
+    from .serving import Cursor, raw_level, running_server
 
     workload = Workload(repository)
     settings = FULL.with_overrides(level_s=seconds, level_warmup_s=1.0)
@@ -128,7 +130,7 @@ def server_config(repository: Path, variants: list[str], concurrency: list[int],
             for name, copy in copies.items():
                 with running_server(copy, Path(tmp) / f"{name}.log") as server:
                     for c in concurrency:
-                        r = asyncio.run(_raw_level(server.urls["grpc"], _Cursor(workload, 1), c, settings))
+                        r = asyncio.run(raw_level(server.urls["grpc"], Cursor(workload, 1), c, settings))
                         rows.append({"round": rnd, "variant": name, "concurrency": c,
                                      "throughput_items_s": r["throughput_items_s"], "p50_ms": r["latency_ms"]["p50"],
                                      "p99_ms": r["latency_ms"]["p99"], "errors": r["errors"],
@@ -143,7 +145,7 @@ def serving_targets(repository: Path, variants: list[str], concurrency: list[int
     with the in-process pipeline given the same ORT change (nospin) as the served copy."""
     from mmrec.reference import ReferencePipeline
 
-    from .serving import _client_level, _Cursor, reference_level, running_server
+    from .serving import client_level, Cursor, reference_level, running_server
 
     workload = Workload(repository)
     settings = FULL.with_overrides(level_s=seconds, level_warmup_s=1.0)
@@ -154,13 +156,13 @@ def serving_targets(repository: Path, variants: list[str], concurrency: list[int
                 copy = repository_variant(repository, name, Path(tmp) / f"r{rnd}")
                 pipeline = ReferencePipeline(repository, intra_op_threads=threads)
                 if "nospin" in name:
-                    pipeline.sessions = {m: _session(repository / m / "1" / "model.onnx", threads, False)
+                    pipeline.sessions = {m: _session(RepositoryLayout(repository).model_file(m), threads, False)
                                          for m in pipeline.sessions}
                 with running_server(copy, Path(tmp) / f"{name}-{rnd}.log") as server:
                     for c in concurrency:
                         ref = reference_level(pipeline, workload, settings, c)
-                        tri = asyncio.run(_client_level(server.urls["grpc"], server.urls["grpc"], "grpc",
-                                                        _Cursor(workload, 1), c, settings))
+                        tri = asyncio.run(client_level(server.urls["grpc"], server.urls["grpc"], "grpc",
+                                                        Cursor(workload, 1), c, settings))
                         rows.append({"round": rnd, "variant": name, "concurrency": c,
                                      "triton_items_s": tri["throughput_items_s"], "triton_p50_ms": tri["latency_ms"]["p50"],
                                      "inprocess_items_s": ref["throughput_items_s"], "inprocess_p50_ms": ref["latency_ms"]["p50"],

@@ -24,8 +24,7 @@ from mmrec.export.models.fusion import FusionConfig
 from mmrec.export.models.image import load_image_encoder
 from mmrec.export.models.text import load_text_encoder, text_hidden_size
 from mmrec.export.train import seed_spread
-from mmrec.preprocess import PreprocessConfig
-from mmrec.schema import ITEM_EMBEDDING_DIM
+from mmrec.preprocess import TOKENIZER_FILE, PreprocessConfig
 
 ARMS = {"swish-pad": ("swish", "pad"), "relu6-pad": ("relu6", "pad"), "relu6-crop": ("relu6", "crop")}
 
@@ -43,9 +42,8 @@ def run(seeds: int = 5) -> dict:
                                   image_fit=fit, categories=categories_of(items),
                                   text_dim=text_hidden_size(text_model), image_dim=entry.feature_dim)
         print(f"[{arm}] encoding {len(items)} items", file=sys.stderr, flush=True)
-        dataset = encode_dataset(text_model, image_model, config, text_folder / "tokenizer.json", items)
-        fusion = FusionConfig(config.text_dim, config.image_dim, ITEM_EMBEDDING_DIM,
-                              num_categories=len(config.categories))
+        dataset = encode_dataset(text_model, image_model, config, text_folder / TOKENIZER_FILE, items)
+        fusion = FusionConfig.from_contract(config)
         train = dataset.subset(parts.train)
         print(f"[{arm}] training {seeds} seeds", file=sys.stderr, flush=True)
         results[arm] = seed_spread(train, {"validation": dataset.subset(parts.validation),

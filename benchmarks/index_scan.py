@@ -227,17 +227,17 @@ def bench_served_scan(vectors: np.ndarray, users: np.ndarray, k: int, folder: Pa
                       batch_runs: int, prepacking: str, limits: Limits) -> dict:
     """Time the catalog_scorer model's own CatalogScan over freshly published files."""
     from mmrec.index_publish import fingerprint, write_version_files
-    from mmrec.python_models import load_python_model
+    from mmrec.model_repository.lib.catalog_scan import INDEX_FILE, CatalogScan
 
     n, d = vectors.shape
     ids = [f"item-{i}" for i in range(n)]
-    if not (folder / "index.json").is_file():
+    if not (folder / INDEX_FILE).is_file():
         write_version_files(folder, ids, vectors, fingerprint(ids, vectors))
     probes = Probes(_threads())  # allocated before the memory baseline: only the index counts
     gc.collect()
     before = memory_kib()
     start = time.perf_counter()
-    scan = load_python_model(schema.CATALOG_SCORER).CatalogScan(folder, prepacking=prepacking)
+    scan = CatalogScan(folder, prepacking=prepacking)
     load_s = time.perf_counter() - start
     loaded = memory_kib()
     want = exact_top_k(vectors, users[:CHECK_USERS], k)
@@ -342,18 +342,21 @@ def bench_through_triton(folder: Path, users: np.ndarray, k: int, runs: int) -> 
     """One user per gRPC request to catalog_scorer on a real tritonserver (python backend)."""
     import tritonclient.grpc as grpcclient
 
-    from mmrec.index_publish import ServeOptions, scorer_config_text
+    from mmrec.index_publish import INDEX_FILE, ServeOptions, scorer_config_text
+    from mmrec.layout import RepositoryLayout
     from mmrec.server import ServerConfig, TritonServer, free_ports
 
-    meta = json.loads((folder / "index.json").read_text())
+    meta = json.loads((folder / INDEX_FILE).read_text())
     with tempfile.TemporaryDirectory(prefix="mmrec-bench-index-") as tmp:
-        model = Path(tmp) / "repository" / schema.CATALOG_SCORER
-        (model / "1").mkdir(parents=True)
+        layout = RepositoryLayout(Path(tmp) / "repository")
+        version = layout.version_dir(schema.CATALOG_SCORER)
+        version.mkdir(parents=True)
         for path in folder.iterdir():
-            os.symlink(path.resolve(), model / "1" / path.name)
-        (model / "config.pbtxt").write_text(scorer_config_text(meta["dim"], BATCH_USERS, ServeOptions()))
+            os.symlink(path.resolve(), version / path.name)
+        layout.config_file(schema.CATALOG_SCORER).write_text(
+            scorer_config_text(meta["dim"], BATCH_USERS, ServeOptions()))
         http, grpc, metrics = free_ports(3)
-        config = ServerConfig(repository=model.parent, http_port=http, grpc_port=grpc, metrics_port=metrics)
+        config = ServerConfig(repository=layout.root, http_port=http, grpc_port=grpc, metrics_port=metrics)
         with TritonServer(config, log_path=Path(tmp) / "triton.log", ready_timeout_s=600) as server:
             client = grpcclient.InferenceServerClient(server.urls["grpc"])
             try:

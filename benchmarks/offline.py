@@ -23,9 +23,10 @@ from typing import Callable
 import numpy as np
 
 from mmrec import schema
+from mmrec.layout import RepositoryLayout
 
 from . import checks
-from .engines import (PIPELINE, PYTORCH, Engine, TorchSources, build_runner, engines_for, onnx_files, ort_call,
+from .engines import (PIPELINE, PYTORCH, Engine, TorchSources, build_runner, engines_for, onnx_files, ort_member,
                       skipped_variants)
 from .settings import Budget, Settings
 from .timing import PeakRSS, Timing, time_calls
@@ -55,9 +56,9 @@ SPIN_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning
 
 def ort_session_settings(probe_model: Path, threads: int) -> dict:
     """The options the portable runner's make_session really sets (read back from a session)."""
-    from mmrec.python_models import load_python_model
+    from mmrec.model_repository.lib import runtime
 
-    options = load_python_model("ort_runner").make_session(probe_model, threads).get_session_options()
+    options = runtime.make_session(probe_model, threads).get_session_options()
     out = {"ort_intra_op_threads": options.intra_op_num_threads, "ort_inter_op_threads": options.inter_op_num_threads,
            "ort_execution_mode": str(options.execution_mode), "ort_graph_optimization": str(options.graph_optimization_level)}
     for key in SPIN_KEYS:
@@ -83,8 +84,8 @@ def thread_settings(threads: int, probe_model: Path) -> dict:
 
 def fusion_inputs(workload: Workload, repository: Path, batch: int, threads: int) -> dict[str, np.ndarray]:
     """Real text/image embeddings (from the repository's FP32 encoders) for the fusion head."""
-    text = ort_call(onnx_files(repository, schema.TEXT_ENCODER)["fp32"], threads)(workload.caption_feed(batch))[0]
-    image = ort_call(onnx_files(repository, schema.IMAGE_ENCODER)["fp32"], threads)(workload.pixel_feed(batch))[0]
+    text = ort_member(onnx_files(repository, schema.TEXT_ENCODER)["fp32"], threads)(workload.caption_feed(batch))[0]
+    image = ort_member(onnx_files(repository, schema.IMAGE_ENCODER)["fp32"], threads)(workload.pixel_feed(batch))[0]
     return {schema.TEXT_EMBEDDING: text, schema.IMAGE_EMBEDDING: image}
 
 
@@ -217,7 +218,7 @@ def run_offline(workload: Workload, settings: Settings, threads: int,
     """The whole section: {threads, records, skipped_variants}."""
     repository = workload.repository
     sources = TorchSources(repository)
-    threads_info = thread_settings(threads, repository / schema.FUSION / "1" / "model.onnx")
+    threads_info = thread_settings(threads, RepositoryLayout(repository).model_file(schema.FUSION))
     records: list[dict] = []
     skipped: dict[str, dict[str, str]] = {}
     for model in settings.models:

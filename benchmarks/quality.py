@@ -17,7 +17,7 @@ import numpy as np
 from mmrec import metrics, schema
 from mmrec.export.variants import quality_gate
 
-from .engines import ort_call, load_manifest, onnx_files
+from .engines import ort_member, load_manifest, onnx_files
 from .settings import Settings
 from .workload import Workload
 
@@ -30,7 +30,7 @@ Tick = Callable[[int], None]
 
 
 def _encode(workload: Workload, model: str, path, threads: int) -> np.ndarray:
-    run = ort_call(path, threads)
+    run = ort_member(path, threads)
     n = len(workload.items)
     if model == schema.TEXT_ENCODER:
         return np.concatenate([run(workload.caption_feed(min(TEXT_BATCH, n - i), offset=i))[0]
@@ -70,7 +70,7 @@ def run_quality(workload: Workload, settings: Settings, threads: int, tick: Tick
     files = {m: onnx_files(repository, m, manifest) for m in (*ENCODERS, schema.FUSION)}
     labels = workload.labels
     num_classes = len(workload.preprocess.categories)
-    fusion = ort_call(files[schema.FUSION]["fp32"], threads)
+    fusion = ort_member(files[schema.FUSION]["fp32"], threads)
 
     encoded = {}
     for model in ENCODERS:

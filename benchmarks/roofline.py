@@ -235,7 +235,7 @@ def paired(workload, repository: Path, cases: list[tuple[str, int, int | None]],
     rates (the probe's best window, the encoder's fastest call): like for like, and taken
     seconds apart, so background load that comes and goes cannot make the peak and the encoder
     disagree the way the offline-based table (p50 vs best peak, minutes apart) can."""
-    from .engines import onnx_files, ort_call
+    from .engines import onnx_files, ort_member
     from .settings import Budget
     from .timing import time_calls
 
@@ -245,7 +245,7 @@ def paired(workload, repository: Path, cases: list[tuple[str, int, int | None]],
         path = onnx_files(Path(repository), model).get("fp32")
         if path is None:
             continue
-        run = ort_call(path, threads)
+        run = ort_member(path, threads)
         feed = workload.text_feed(batch, seq) if model == schema.TEXT_ENCODER else workload.pixel_feed(batch)
         flops = count_flops(str(path), batch, seq).flops
         per_round = []

@@ -70,7 +70,7 @@ def merge_rounds(parts: list[dict]) -> dict:
     return merged
 
 
-class _Cursor:
+class Cursor:
     """Round-robin over the workload's items, shared by all workers (thread-safe)."""
 
     def __init__(self, workload: Workload, batch: int) -> None:
@@ -88,7 +88,7 @@ class _Cursor:
 # --------------------------------------------------------------------------- Triton, own client
 
 
-async def _closed_loop(call, cursor: _Cursor, concurrency: int, seconds: float) -> dict:
+async def _closed_loop(call, cursor: Cursor, concurrency: int, seconds: float) -> dict:
     """`concurrency` coroutines, each sending its next request when its last one is answered.
     Also records this process's CPU time per request: the client's own cost."""
     latencies: list[float] = []
@@ -120,8 +120,8 @@ async def _closed_loop(call, cursor: _Cursor, concurrency: int, seconds: float) 
     return result
 
 
-async def _client_level(url: str, grpc_url: str, protocol: str, cursor: _Cursor, concurrency: int,
-                        settings: Settings) -> dict:
+async def client_level(url: str, grpc_url: str, protocol: str, cursor: Cursor, concurrency: int,
+                       settings: Settings) -> dict:
     from mmrec.client import AsyncMMRecClient
 
     async with AsyncMMRecClient(url, protocol, concurrency=concurrency, retries=0,
@@ -137,7 +137,7 @@ async def _client_level(url: str, grpc_url: str, protocol: str, cursor: _Cursor,
     return result
 
 
-async def _raw_level(url: str, cursor: _Cursor, concurrency: int, settings: Settings) -> dict:
+async def raw_level(url: str, cursor: Cursor, concurrency: int, settings: Settings) -> dict:
     """Baseline without mmrec's client: tritonclient.grpc.aio with prebuilt request tensors,
     so the difference to the mmrec client is the wrapper's own cost."""
     import tritonclient.grpc.aio as grpcaio
@@ -174,7 +174,7 @@ async def _raw_level(url: str, cursor: _Cursor, concurrency: int, settings: Sett
 # --------------------------------------------------------------------------- in-process reference
 
 
-def _threaded_loop(call, cursor: _Cursor, concurrency: int, seconds: float) -> dict:
+def _threaded_loop(call, cursor: Cursor, concurrency: int, seconds: float) -> dict:
     lock = threading.Lock()
     latencies: list[float] = []
     state = {"items": 0, "errors": 0, "first_error": None}
@@ -216,12 +216,12 @@ def reference_level(pipeline, workload: Workload, settings: Settings, concurrenc
         pipeline.encode_items(batch.texts, batch.images)
 
     if batched:
-        cursor = _Cursor(workload, settings.request_batch * concurrency)
+        cursor = Cursor(workload, settings.request_batch * concurrency)
         _threaded_loop(call, cursor, 1, settings.level_warmup_s)
         result = _threaded_loop(call, cursor, 1, settings.level_s)
         result["concurrency"] = concurrency
         return result
-    cursor = _Cursor(workload, settings.request_batch)
+    cursor = Cursor(workload, settings.request_batch)
     _threaded_loop(call, cursor, concurrency, settings.level_warmup_s)
     return _threaded_loop(call, cursor, concurrency, settings.level_s)
 
@@ -251,7 +251,7 @@ def run_serving(workload: Workload, settings: Settings, threads: int, step: Call
                 len(settings.concurrency))
     rounds = max(1, settings.serving_rounds)
     part = replace(settings, level_s=settings.level_s / rounds)
-    cursor = _Cursor(workload, settings.request_batch)
+    cursor = Cursor(workload, settings.request_batch)
     out: dict = {"reference": [], "reference_batched": [], "triton": {p: [] for p in settings.protocols},
                  "triton_raw_tritonclient": []}
     for c in settings.concurrency:
@@ -260,10 +260,10 @@ def run_serving(workload: Workload, settings: Settings, threads: int, step: Call
             (out["reference_batched"], lambda: reference_level(pipeline, workload, part, c, batched=True))]
         for protocol in settings.protocols:
             measures.append((out["triton"][protocol], lambda p=protocol: asyncio.run(
-                _client_level(srv.urls[p], srv.urls["grpc"], p, cursor, c, part))))
+                client_level(srv.urls[p], srv.urls["grpc"], p, cursor, c, part))))
         if settings.raw_client_baseline:
             measures.append((out["triton_raw_tritonclient"],
-                             lambda: asyncio.run(_raw_level(srv.urls["grpc"], cursor, c, part))))
+                             lambda: asyncio.run(raw_level(srv.urls["grpc"], cursor, c, part))))
         if per_level is not None:
             measures.append(([], lambda: per_level(srv, c) or {}))
         windows: dict[int, list[dict]] = {i: [] for i in range(len(measures))}

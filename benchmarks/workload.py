@@ -14,8 +14,9 @@ import numpy as np
 
 from mmrec import schema
 from mmrec.export.data import Item, load_items, split
-from mmrec.preprocess import PreprocessConfig
-from mmrec.python_models import image_decoder, load_python_model, text_tokenizer, tokenizer_file_in
+from mmrec.layout import RepositoryLayout
+from mmrec.model_repository.lib.image_preprocessing import ImageDecoder
+from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
 
 CAPTIONS_PER_LONG_TEXT = 48  # ~5 tokens per caption: comfortably over any benchmarked length
 
@@ -40,15 +41,16 @@ class Workload:
 
     def __init__(self, repository: Path, items: list[Item] | None = None) -> None:
         self.repository = Path(repository)
-        self.preprocess = PreprocessConfig.load(self.repository)
-        self.tokenizer_file = tokenizer_file_in(self.repository)
+        layout = RepositoryLayout(self.repository)
+        self.preprocess = layout.read_contract()
+        self.tokenizer_file = layout.tokenizer_file()
         if items is None:
             items = split(load_items()).held_out
         if not items:
             raise WorkloadError("no held-out items to benchmark with")
         self.items = items
-        self.tokenizer = text_tokenizer(self.preprocess, self.tokenizer_file)
-        self.decoder = image_decoder(self.preprocess)
+        self.tokenizer = TextTokenizer.for_contract(self.preprocess, self.tokenizer_file)
+        self.decoder = ImageDecoder.for_contract(self.preprocess)
         self._categories = {c: i for i, c in enumerate(self.preprocess.categories)}
 
     # ---- raw items
@@ -93,5 +95,4 @@ class Workload:
 
 @lru_cache(maxsize=8)
 def _exact_length_tokenizer(tokenizer_file: str, seq_len: int, max_text_bytes: int):
-    module = load_python_model("tokenizer")
-    return module.TextTokenizer(tokenizer_file, seq_len, (seq_len,), max(max_text_bytes, 1 << 20))
+    return TextTokenizer(tokenizer_file, seq_len, (seq_len,), max(max_text_bytes, 1 << 20))

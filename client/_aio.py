@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from mmrec import schema
-from mmrec.reference import user_vector as mean_embedding
+from mmrec.schema import user_vector as mean_embedding
 
 from ._base import PROBE_TIMEOUT_S, ClientBase
 from ._catalog import INDEX_HINT, CatalogInfo, catalog_info, ranked_from_chunks, recommend_requests

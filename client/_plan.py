@@ -34,9 +34,9 @@ class Planner:
         self.shared_memory = shared_memory
         self.decoder = None
         if local_preprocessing:
-            from mmrec.python_models import image_decoder
+            from mmrec.model_repository.lib.image_preprocessing import ImageDecoder
 
-            self.decoder = image_decoder(info.preprocess)
+            self.decoder = ImageDecoder.for_contract(info.preprocess)
 
     # ---- validation
     def items(self, items: Sequence[Item | tuple]) -> PreparedItems:

@@ -2,14 +2,13 @@
 
 INVALID_ARGUMENT and every other server answer is returned at once: resending a bad request
 only repeats the error and delays the message the caller needs. The clients spend this budget
-across their endpoints through `_endpoints.Attempts`; `call`/`acall` retry one callable.
+across their endpoints through `_endpoints.Attempts`; `call` retries one callable.
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import Callable, TypeVar
 
 from ._errors import is_retryable
 
@@ -39,15 +38,4 @@ class RetryPolicy:
                 if attempt >= self.retries or not is_retryable(exc):
                     raise
             sleep(self.delay(attempt))
-            attempt += 1
-
-    async def acall(self, fn: Callable[[], Awaitable[T]]) -> T:
-        attempt = 0
-        while True:
-            try:
-                return await fn()
-            except Exception as exc:
-                if attempt >= self.retries or not is_retryable(exc):
-                    raise
-            await asyncio.sleep(self.delay(attempt))
             attempt += 1

@@ -1,21 +1,20 @@
-"""What the client learns from the server's model configs: batch limit, categories, limits.
+"""What the client learns from the server: the served contract, read from one model's config.
 
 Read over the wire (never from the repository folder), so a client on another machine sees
-exactly what the server runs: the tokenizer and image_preprocess configs carry the
-preprocessing parameters, the fusion config the widths and category names.
+exactly what the server runs. Export writes the whole contract (widths, batch limit, sequence
+buckets, limits, categories, image recipe) into every python model's config; the client reads it
+from the first step of the ensemble it calls (`item_preprocess`, or `item_preprocess_pixels`
+with local preprocessing), so `tokenizer`, `image_preprocess` and `fusion` need not be served.
 """
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from mmrec import schema
-from mmrec.preprocess import PreprocessConfig
+from mmrec.preprocess import ContractError, PreprocessConfig
 
 from ._errors import MMRecError
 from ._items import Limits
-
-CATEGORIES_PARAMETER = "categories"
 
 
 @dataclass(frozen=True)
@@ -26,16 +25,22 @@ class ModelNames:
     item_encoder_pixels: str = schema.ITEM_ENCODER_PIXELS
     interest_scorer: str = schema.INTEREST_SCORER
     scorer: str = schema.SCORER
-    tokenizer: str = schema.TOKENIZER
-    image_preprocess: str = schema.IMAGE_PREPROCESS
-    fusion: str = schema.FUSION
+    tokenizer: str = schema.TOKENIZER  # not needed by the client any more (kept for callers)
+    image_preprocess: str = schema.IMAGE_PREPROCESS  # idem
+    fusion: str = schema.FUSION  # idem
     catalog_scorer: str = schema.CATALOG_SCORER  # optional: checked on the first recommend(), not at connect
+    item_preprocess: str = schema.ITEM_PREPROCESS
+    item_preprocess_pixels: str = schema.ITEM_PREPROCESS_PIXELS
+
+    def contract_model(self, local_preprocessing: bool) -> str:
+        """The model whose config the client reads: the first step of the ensemble it calls."""
+        return self.item_preprocess_pixels if local_preprocessing else self.item_preprocess
 
     def needed(self, local_preprocessing: bool) -> tuple[str, ...]:
-        """Models that must be ready: the ones called, plus the ones whose configs are read."""
+        """Models that must be ready: the ones called, plus the one whose config is read."""
         called = ((self.item_encoder_pixels, self.scorer) if local_preprocessing
                   else (self.item_encoder, self.interest_scorer, self.scorer))
-        return called + (self.tokenizer, self.image_preprocess, self.fusion)
+        return called + (self.contract_model(local_preprocessing),)
 
     def all(self) -> tuple[str, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
@@ -57,15 +62,6 @@ class ServerInfo:
         return Limits(self.preprocess.max_text_bytes, self.preprocess.max_image_bytes)
 
 
-def _parameters(config: dict, model: str, keys: tuple[str, ...]) -> dict[str, str]:
-    found = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-    missing = [k for k in keys if k not in found]
-    if missing:
-        raise MMRecError(f"model {model!r} config lacks parameter(s) {missing}; the repository "
-                         "was not written by this version of `mmrec export`: re-export it")
-    return found
-
-
 def _output_dims(config: dict, model: str, name: str) -> tuple[int, ...]:
     for output in config.get("output", []):
         if output["name"] == name:
@@ -73,63 +69,42 @@ def _output_dims(config: dict, model: str, name: str) -> tuple[int, ...]:
     raise MMRecError(f"model {model!r} has no output {name!r}; is this an mmrec repository?")
 
 
-def _input_dims(config: dict, model: str, name: str) -> tuple[int, ...]:
-    for tensor in config.get("input", []):
-        if tensor["name"] == name:
-            return tuple(int(d) for d in tensor["dims"])
-    raise MMRecError(f"model {model!r} has no input {name!r}; is this an mmrec repository?")
+def _contract(configs: dict[str, dict], names: ModelNames) -> tuple[str, PreprocessConfig]:
+    model = next((m for m in (names.item_preprocess, names.item_preprocess_pixels) if m in configs), None)
+    if model is None:
+        raise MMRecError(f"none of {names.item_preprocess!r}, {names.item_preprocess_pixels!r} was read; "
+                         "the client reads the served contract from one of them")
+    try:
+        return model, PreprocessConfig.from_parameters(configs[model].get("parameters", {}))
+    except ContractError as err:
+        raise MMRecError(f"model {model!r}: {err}") from None
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
-
-
-def _categories(fusion: dict, model: str, count: int) -> tuple[str, ...]:
-    text = fusion.get("parameters", {}).get(CATEGORIES_PARAMETER, {}).get("string_value", "")
-    names = tuple(n for n in text.split(",") if n)
-    if not names:
-        warnings.warn(f"model {model!r} config has no `{CATEGORIES_PARAMETER}` parameter (exported "
-                      "by an older mmrec); interests are named category_0.. until you re-export",
-                      stacklevel=3)
-        return tuple(f"category_{i}" for i in range(count))
-    if len(names) != count:
-        raise MMRecError(f"model {model!r} names {len(names)} categories but outputs {count} "
-                         "interest probabilities; re-export the repository")
-    return names
+def _check_outputs(contract: PreprocessConfig, configs: dict[str, dict], names: ModelNames) -> None:
+    """The called ensemble's outputs must have the contract's widths (a mixed-up deployment)."""
+    ensemble = next((m for m in (names.item_encoder, names.item_encoder_pixels) if m in configs), None)
+    if ensemble is None:
+        return
+    probs = _output_dims(configs[ensemble], ensemble, schema.INTEREST_PROBS)[0]
+    item = _output_dims(configs[ensemble], ensemble, schema.ITEM_EMBEDDING)[0]
+    if (probs, item) != (len(contract.categories), contract.item_dim):
+        raise MMRecError(f"model {ensemble!r} outputs {probs} interests and {item}-d embeddings but the "
+                         f"served contract names {len(contract.categories)} categories of {contract.item_dim}-d "
+                         "items; re-export the repository")
 
 
 def server_info(url: str, protocol: str, configs: dict[str, dict], names: ModelNames,
                 max_batch_size: int | None = None) -> ServerInfo:
     """Build ServerInfo from model configs in JSON form (model name -> config dict)."""
-    tokenizer = _parameters(configs[names.tokenizer], names.tokenizer,
-                            ("max_seq_len", "seq_buckets", "max_text_bytes"))
-    image = _parameters(configs[names.image_preprocess], names.image_preprocess,
-                        ("image_size", "image_mean", "image_std", "background",
-                         "max_image_bytes", "max_image_pixels"))
-    fusion = configs[names.fusion]
-    item_dim = _output_dims(fusion, names.fusion, schema.ITEM_EMBEDDING_MEMBER)[0]
-    num_categories = _output_dims(fusion, names.fusion, schema.INTEREST_PROBS_MEMBER)[0]
-    categories = _categories(fusion, names.fusion, num_categories)
-    server_batch = min(int(c.get("max_batch_size", 0)) or 1 for c in configs.values())
+    _, contract = _contract(configs, names)
+    if not contract.categories:
+        raise MMRecError("the served contract names no categories; re-export the repository")
+    _check_outputs(contract, configs, names)
+    server_batch = min([int(c.get("max_batch_size", 0)) or 1 for c in configs.values()]
+                       + [contract.max_batch_size])
     batch = min(server_batch, max_batch_size) if max_batch_size else server_batch
     if batch < 1:
         raise MMRecError(f"max_batch_size must be at least 1, got {max_batch_size}")
-    preprocess = PreprocessConfig(
-        max_seq_len=int(tokenizer["max_seq_len"]),
-        seq_buckets=tuple(int(b) for b in tokenizer["seq_buckets"].split(",")),
-        max_text_bytes=int(tokenizer["max_text_bytes"]),
-        image_size=int(image["image_size"]),
-        image_mean=_floats(image["image_mean"]),
-        image_std=_floats(image["image_std"]),
-        background=tuple(int(v) for v in image["background"].split(",")),
-        image_fit=image.get("image_fit", "pad"),
-        max_image_bytes=int(image["max_image_bytes"]),
-        max_image_pixels=int(image["max_image_pixels"]),
-        categories=categories,
-        max_batch_size=server_batch,
-        text_dim=_input_dims(fusion, names.fusion, schema.TEXT_EMBEDDING)[0],
-        image_dim=_input_dims(fusion, names.fusion, schema.IMAGE_EMBEDDING)[0],
-        item_dim=item_dim,
-    )
-    return ServerInfo(url=url, protocol=protocol, max_batch_size=batch, categories=categories,
-                      item_dim=item_dim, preprocess=preprocess)
+    preprocess = replace(contract, max_batch_size=server_batch)
+    return ServerInfo(url=url, protocol=protocol, max_batch_size=batch, categories=contract.categories,
+                      item_dim=contract.item_dim, preprocess=preprocess)

@@ -11,8 +11,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmrec import schema
-from mmrec.preprocess import (DEFAULT_IMAGE_FIT, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
-                              DEFAULT_MAX_TEXT_BYTES)
+from mmrec.preprocess import (DEFAULT_IMAGE_FIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGE_BYTES,
+                              DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_TEXT_BYTES,
+                              DEFAULT_SEQ_BUCKETS, ContractError, parse_buckets)
 from .errors import ExportError
 from .models.image import DEFAULT_IMAGE_ENCODER
 from .pipeline import DEFAULT_OUTPUT, DEFAULT_SEEDS, PRECISIONS, ExportOptions, Exporter, Reporter, default_runtimes
@@ -66,8 +67,9 @@ def export_command(
     serve_variant: list[str] = typer.Option([], help="Serve this variant, e.g. text_encoder=int8 or image_encoder=openvino-int8 (repeatable; overrides tuning for that member)."),
     runtime: list[str] = typer.Option(list(default_runtimes()), "--runtime", help="CPU runtimes whose variants are built, gated and tuned: onnxruntime (always), openvino (repeatable)."),
     tune: bool = typer.Option(True, help="Time the admitted CPU variants on this machine and serve the fastest (see `mmrec tune`)."),
-    max_batch_size: int = typer.Option(32, help="Triton max_batch_size of every model (and TensorRT profile max)."),
-    max_seq_len: int = typer.Option(128, help="Texts are truncated to this many tokens."),
+    max_batch_size: int = typer.Option(DEFAULT_MAX_BATCH_SIZE, help="Triton max_batch_size of every model (and TensorRT profile max)."),
+    max_seq_len: int = typer.Option(DEFAULT_MAX_SEQ_LEN, help="Texts are truncated to this many tokens."),
+    seq_buckets: str = typer.Option(",".join(map(str, DEFAULT_SEQ_BUCKETS)), "--seq-buckets", metavar="<n,n,...>", help="Sequence lengths texts are padded to (the smallest that holds the longest text of a request; --max-seq-len is always one, larger ones are dropped). Fewer buckets: more padding, fewer shapes to batch and to build TensorRT profiles for."),
     max_image_bytes: int = typer.Option(DEFAULT_MAX_IMAGE_BYTES, help="Request limit: largest encoded image accepted, in bytes."),
     max_image_pixels: int = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, help="Request limit: largest width x height accepted (checked from the header, before decoding)."),
     max_text_bytes: int = typer.Option(DEFAULT_MAX_TEXT_BYTES, help="Request limit: longest text accepted, in UTF-8 bytes."),
@@ -84,9 +86,9 @@ def export_command(
         image_weights=image_weights, fusion_checkpoint=fusion_checkpoint,
         precisions=tuple(dict.fromkeys(["fp32", *precision])),
         serve_variants=_parse_serve_variants(serve_variant), max_batch_size=max_batch_size,
-        max_seq_len=max_seq_len, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-        max_text_bytes=max_text_bytes, atol=atol, image_fit=image_fit, seeds=seeds, gpu=gpu,
-        runtimes=tuple(dict.fromkeys(["onnxruntime", *runtime])), tune=tune)
+        max_seq_len=max_seq_len, seq_buckets=_parse_seq_buckets(seq_buckets), max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels, max_text_bytes=max_text_bytes, atol=atol, image_fit=image_fit, seeds=seeds,
+        gpu=gpu, runtimes=tuple(dict.fromkeys(["onnxruntime", *runtime])), tune=tune)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console) as progress:
@@ -95,6 +97,13 @@ def export_command(
         console.print(f"[red]export failed:[/red] {escape(str(err))}")
         raise typer.Exit(2)
     summarize(manifest)
+
+
+def _parse_seq_buckets(text: str) -> tuple[int, ...]:
+    try:
+        return parse_buckets(text)
+    except ContractError as err:
+        raise typer.BadParameter(str(err), param_hint="--seq-buckets") from None
 
 
 def summarize(manifest: dict) -> None:

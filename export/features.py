@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from mmrec.python_models import image_decoder, text_tokenizer
+from mmrec.model_repository.lib.image_preprocessing import ImageDecoder
+from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
 from mmrec.preprocess import PreprocessConfig
 from .data import Item
 
@@ -97,10 +98,12 @@ def encode_pixels(model: torch.nn.Module, pixels: np.ndarray, batch_size: int = 
 
 
 def encode_dataset(text_model, image_model, config: PreprocessConfig, tokenizer_file,
-                   items: list[Item], progress: Progress | None = None) -> EncodedDataset:
-    """Tokenize, decode and encode every item once (fixed thread count, batch order by id)."""
-    tokenizer = text_tokenizer(config, tokenizer_file)
-    decoder = image_decoder(config)
+                   items: list[Item], progress: Progress | None = None,
+                   tokenizer: TextTokenizer | None = None) -> EncodedDataset:
+    """Tokenize, decode and encode every item once (fixed thread count, batch order by id);
+    `tokenizer`: the export's own, so it is built once."""
+    tokenizer = tokenizer or TextTokenizer.for_contract(config, tokenizer_file)
+    decoder = ImageDecoder.for_contract(config)
     categories = {c: i for i, c in enumerate(config.categories)}
     pixels = np.stack([decoder.decode(item.image_bytes(), i) for i, item in enumerate(items)])
     with fixed_threads(FEATURE_THREADS):

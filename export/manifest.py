@@ -11,7 +11,8 @@ import json
 import platform
 from pathlib import Path
 
-MANIFEST_FILE = "manifest.json"
+from mmrec.layout import MANIFEST_FILE, RepositoryLayout
+
 HASH_CHUNK = 1 << 20
 TRACKED_PACKAGES = ("mmrec", "torch", "onnx", "onnxruntime", "onnxslim", "transformers",
                     "tokenizers", "numpy", "pillow", "nvidia-pytriton", "tritonclient", "tensorrt", "openvino")
@@ -56,13 +57,7 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     manifest["files"] = [file_entry(p, root) for p in sorted(Path(root).rglob("*"))
                          if p.is_file() and p.name != MANIFEST_FILE
                          and p.relative_to(root).as_posix() not in listed]
-    path = Path(root) / MANIFEST_FILE
+    path = RepositoryLayout(root).manifest_file
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
 
-
-def load_manifest(root: Path) -> dict:
-    path = Path(root) / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `mmrec export` first")
-    return json.loads(path.read_text())

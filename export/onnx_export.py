@@ -40,8 +40,3 @@ def slim(source: Path, target: Path) -> Path:
     onnx.save(model, str(target))
     return target
 
-
-def io_names(path: Path) -> tuple[list[str], list[str]]:
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {i.name for i in graph.initializer}
-    return ([i.name for i in graph.input if i.name not in initializers], [o.name for o in graph.output])

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mmrec import metrics
+from mmrec.model_repository.lib import runtime
 from .errors import ParityError
 
 ATOL_FP32 = 1e-4
@@ -53,9 +54,8 @@ class ParityReport:
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """The served runner's ONNX Runtime session (one factory for runner, reference and gates)."""
+    return runtime.make_session(path)
 
 
 def check_parity(model: str, variant: str, onnx_path: Path,

@@ -20,34 +20,35 @@ import torch
 
 from mmrec import schema
 from mmrec.export_defaults import DEFAULT_REPOSITORY
+from mmrec.layout import FUSION_CHECKPOINT, RepositoryLayout  # noqa: F401 - FUSION_CHECKPOINT re-exported
 from mmrec.preprocess import (DEFAULT_IMAGE_FIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGE_BYTES,
                               DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_TEXT_BYTES,
-                              DEFAULT_SEQ_BUCKETS, IMAGE_FITS, PreprocessConfig)
-from mmrec.python_models import text_tokenizer
+                              DEFAULT_SEQ_BUCKETS, IMAGE_FITS, TOKENIZER_FILE, PreprocessConfig)
 from mmrec.model_repository.lib import runtime
+from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
+from mmrec.reference import torch_member
 from . import variants as var
 from .data import Item, categories_of, dataset_fingerprint, image_hash, load_items, split
 from .errors import ExportError, ModelSourceError, QualityGateError
 from .features import EncodedDataset, ItemFeatures, encode_dataset
-from .manifest import MANIFEST_FILE, file_entry, package_versions, sha256_file, sha256_tree, write_manifest
-from .models.fusion import FusionConfig, FusionHead, UserItemScorer
+from .manifest import file_entry, package_versions, sha256_file, sha256_tree, write_manifest
+from .models.fusion import FusionConfig, FusionHead
 from .models.image import DEFAULT_IMAGE_ENCODER, IMAGE_ENCODERS, load_image_encoder
 from .models.text import load_text_encoder, text_hidden_size
 from .onnx_export import export_onnx, slim
 from .parity import ATOL_FP32, check_parity, cpu_session
-from .repository import RepositoryLayout, Target, write_repository
+from .recipes import CALIBRATION_ITEMS, RECIPES, ExportInputs
+from .repository import RepositoryPlan, Target, write_repository
 from .text_int8 import calibration_texts, quantize_text_int8
 from .train import evaluate_fusion, seed_spread, train_fusion
 from .tuning import tune_repository
 
 PRECISIONS = ("fp32", "int8", "fp16")
-QUANTIZABLE = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
-CALIBRATION_IMAGES = 64
-FUSION_CHECKPOINT = "fusion_head.safetensors"
+QUANTIZABLE = tuple(name for name, recipe in RECIPES.items() if recipe.quantizable)
+CALIBRATION_IMAGES = CALIBRATION_ITEMS
 CHECKPOINT_METADATA_KEY = "mmrec_fusion"
 DEFAULT_OUTPUT = DEFAULT_REPOSITORY
 DEFAULT_SEEDS = 5  # training seeds behind the reported mean +- std
-LONG_TEXT_CASES = 32  # texts of max_seq_len tokens in the variant gates
 
 
 @dataclass
@@ -100,6 +101,8 @@ class ExportOptions:
             raise ExportError(f"max batch size {self.max_batch_size} is outside 1..1024")
         if not 8 <= self.max_seq_len <= 512:
             raise ExportError(f"max sequence length {self.max_seq_len} is outside 8..512")
+        if not self.seq_buckets or min(self.seq_buckets) < 1:  # above max_seq_len: dropped by the contract
+            raise ExportError(f"--seq-buckets must be positive token counts, got {list(self.seq_buckets)}")
         for flag, value in (("--max-image-bytes", self.max_image_bytes),
                             ("--max-image-pixels", self.max_image_pixels),
                             ("--max-text-bytes", self.max_text_bytes)):
@@ -235,32 +238,6 @@ def save_fusion_checkpoint(model: FusionHead, categories: tuple[str, ...], path:
 
 # ---- parity cases on real inputs --------------------------------------------------------------
 
-def joined_captions(captions: list[str], count: int, per_text: int) -> list[str]:
-    """`count` texts of `per_text` real captions each: long inputs made of real language."""
-    return [" ".join(captions[(b * per_text + j) % len(captions)] for j in range(per_text))
-            for b in range(count)]
-
-
-def text_cases(sources: Sources, tokenizer) -> list[tuple[str, dict[str, np.ndarray]]]:
-    """Real captions at batch 1/8/32; long texts are captions joined to reach each length."""
-    captions = [i.caption for i in sources.held_out]
-    cases = []
-    for words_per_text in (1, 6, 30):  # ~16, ~64 and max_seq_len tokens
-        for batch in (1, 8, 32):
-            ids, mask = tokenizer(joined_captions(captions, batch, words_per_text))
-            cases.append((f"batch={batch} seq={ids.shape[1]}",
-                          {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask}))
-    return cases
-
-
-def _torch_reference(model: torch.nn.Module) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    @torch.inference_mode()
-    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        out = model(*[torch.from_numpy(v) for v in feed.values()])
-        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
-    return run
-
-
 def ort_outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """Run several feeds through one session, concatenating the first output."""
     session = cpu_session(path)
@@ -288,7 +265,7 @@ def _place_variant_files(models: dict, written: dict[str, Path], root: Path) -> 
             if name in written and graph == served_graph and (entry.get("written") or variant == info["served_variant"]):
                 entry.update(file_entry(written[name], root))
             elif entry.get("written") and file is not None:
-                dest = root / name / "variants" / f"{graph}.onnx"
+                dest = RepositoryLayout(root).variant_file(name, graph)
                 if not dest.exists():
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(file, dest)
@@ -316,28 +293,28 @@ class Exporter:
                 tuning = tune_repository(root, options.runtimes, progress=self.reporter.done,
                                          fixed=options.serve_variants)
                 tick()
-                manifest = json.loads((root / MANIFEST_FILE).read_text())
+                manifest = RepositoryLayout(root).read_manifest()
                 self.reporter.done("serving " + ", ".join(f"{m}={v}" for m, v in tuning["chosen"].items()))
         self.reporter.done(f"repository written to {Path(options.output).resolve()}")
         return manifest
 
     def _export_into(self, root: Path, sources: Sources) -> dict:
         o, p = self.options, sources.preprocess
-        members = schema.member_specs(len(p.categories), p.text_dim, p.image_dim, p.item_dim, p.image_size)
-        tokenizer_file = sources.text_folder / "tokenizer.json"
-        tokenizer = text_tokenizer(p, tokenizer_file)
+        members = schema.member_specs_for(p)
+        tokenizer_file = sources.text_folder / TOKENIZER_FILE
+        layout = RepositoryLayout(root)
+        tokenizer = TextTokenizer.for_contract(p, tokenizer_file)
 
         # a user's checkpoint is checked before the long feature pass
         fusion = load_fusion_checkpoint(o.fusion_checkpoint, p) if o.fusion_checkpoint else None
         n = len(sources.items)
         tick = self.reporter.step(f"decoding and encoding {n} items with the PyTorch encoders", 2 * n)
         dataset = encode_dataset(sources.text_model, sources.image_model, p, tokenizer_file,
-                                 sources.items, tick)
+                                 sources.items, tick, tokenizer=tokenizer)
         train_f, val_f, held_f = (dataset.subset(part) for part in
                                   (sources.train, sources.validation, sources.held_out))
 
-        fusion_dir = root / schema.FUSION / "variants"
-        config = FusionConfig(p.text_dim, p.image_dim, p.item_dim, num_categories=len(p.categories))
+        config = FusionConfig.from_contract(p)
         if fusion is not None:
             training = {"source": "checkpoint", "sha256": sha256_file(o.fusion_checkpoint)}
         else:
@@ -350,10 +327,12 @@ class Exporter:
                     first=fusion)["held_out"]
         training["validation"] = evaluate_fusion(fusion, val_f, len(p.categories), p.categories)
         training["held_out"] = evaluate_fusion(fusion, held_f, len(p.categories), p.categories)
-        save_fusion_checkpoint(fusion, p.categories, fusion_dir / FUSION_CHECKPOINT)
+        save_fusion_checkpoint(fusion, p.categories, layout.fusion_checkpoint)
 
         staging = root / ".onnx"
-        fp32 = self._export_fp32(staging, members, sources, dataset, tokenizer, fusion, held_f)
+        self._inputs = ExportInputs(p, tokenizer, dataset, sources.train, sources.held_out, sources.text_model,
+                                    sources.image_model, fusion, held_f)
+        fp32 = self._export_fp32(staging, members)
         served: dict[str, Path] = {name: info["file"] for name, info in fp32.items()}
         models = {name: {"served_variant": "fp32",
                          "variants": {"fp32": {"parity": info["parity"], "file": info["file"], "written": True,
@@ -386,8 +365,8 @@ class Exporter:
         if o.target is Target.tensorrt:
             served = self._tensorrt(staging, fp32, members, sources, dataset, tokenizer, models)
 
-        layout = RepositoryLayout(o.target, p, served, tokenizer_file, gpu=o.gpu, member_runtimes=runtimes)
-        written = write_repository(layout, root)
+        plan = RepositoryPlan(o.target, p, served, tokenizer_file, gpu=o.gpu, member_runtimes=runtimes)
+        written = write_repository(plan, root)
         _place_variant_files(models, written, root)
         shutil.rmtree(staging)
         manifest = {
@@ -413,53 +392,31 @@ class Exporter:
             manifest["combinations"] = manifest_combinations
         return manifest
 
-    def _export_fp32(self, staging: Path, members: dict, sources: Sources, dataset: EncodedDataset,
-                     tokenizer, fusion: FusionHead, held_f: ItemFeatures) -> dict[str, dict]:
-        """Export, slim and parity-check each member; returns name -> {file, parity}."""
-        o = self.options
-        scorer = UserItemScorer().eval()
-        with torch.inference_mode():
-            item_emb = fusion(torch.from_numpy(held_f.text), torch.from_numpy(held_f.image))[0].numpy()
-        users = item_emb[::-1].copy()
-        images = dataset.pixel_values(sources.held_out[:16])
-        plans = {
-            schema.TEXT_ENCODER: (sources.text_model, text_cases(sources, tokenizer)),
-            schema.IMAGE_ENCODER: (sources.image_model, [
-                (f"batch={b}", {schema.PIXEL_VALUES: images[:b]}) for b in (1, 4, 16)]),
-            schema.FUSION: (fusion, [
-                (f"batch={b}", {schema.TEXT_EMBEDDING: held_f.text[:b], schema.IMAGE_EMBEDDING: held_f.image[:b]})
-                for b in (1, 8, 32)]),
-            schema.SCORER: (scorer, [
-                (f"batch={b}", {schema.ITEM_EMBEDDING_MEMBER: item_emb[:b], schema.USER_EMBEDDING_MEMBER: users[:b]})
-                for b in (1, 8, 32)]),
-        }
+    def _export_fp32(self, staging: Path, members: dict) -> dict[str, dict]:
+        """Export, slim and parity-check each member by its recipe; returns name -> {file, parity}."""
+        o, inputs = self.options, self._inputs
         results = {}
         for name in o.models:
-            model, cases = plans[name]
+            recipe = RECIPES[name]
+            model, cases = recipe.module(inputs), recipe.parity_cases(inputs)
             tick = self.reporter.step(f"{name}: ONNX export, onnxslim, parity on {len(cases)} cases", 3)
-            sample = tuple(torch.from_numpy(v) for v in cases[min(1, len(cases) - 1)][1].values())
-            raw = export_onnx(model, members[name], sample, staging / f"{name}.raw.onnx")
+            raw = export_onnx(model, members[name], recipe.sample(inputs), staging / f"{name}.raw.onnx")
             tick()
             cleaned = slim(raw, staging / f"{name}.fp32.onnx")
             tick()
-            report = check_parity(name, "fp32", cleaned, _torch_reference(model), cases, atol=o.atol)
+            atol = o.atol if recipe.atol is None else recipe.atol
+            report = check_parity(name, "fp32", cleaned, torch_member(model), cases, atol=atol)
             tick()
             results[name] = {"file": cleaned, "parity": report.to_dict()}
         return results
 
     def _gate_feeds(self, sources: Sources, dataset: EncodedDataset, tokenizer) -> tuple[dict, list]:
-        """Held-out inputs for each quantizable member, plus max_seq_len texts for the text gate."""
-        # batches within max_batch_size: TensorRT profiles end there
-        text_step, step = (min(n, sources.preprocess.max_batch_size) for n in (32, 16))
-        captions = [i.caption for i in sources.held_out]
-        text_feeds = [dict(zip((schema.INPUT_IDS, schema.ATTENTION_MASK), tokenizer(captions[i:i + text_step])))
-                      for i in range(0, len(captions), text_step)]
-        long_texts = joined_captions(captions, LONG_TEXT_CASES, 30)
-        long_feeds = [dict(zip((schema.INPUT_IDS, schema.ATTENTION_MASK), tokenizer(long_texts[i:i + step])))
-                      for i in range(0, len(long_texts), step)]
-        pixels = dataset.pixel_values(sources.held_out)
-        image_feeds = [{schema.PIXEL_VALUES: pixels[i:i + step]} for i in range(0, len(pixels), step)]
-        return {schema.TEXT_ENCODER: text_feeds, schema.IMAGE_ENCODER: image_feeds}, long_feeds
+        """Held-out inputs of each quantizable member (from its recipe, tokenized once per export),
+        plus the max_seq_len texts of the text gate."""
+        inputs = self._inputs
+        feeds = {name: recipe.gate_feeds(inputs) for name, recipe in RECIPES.items() if recipe.quantizable}
+        long_feeds = RECIPES[schema.TEXT_ENCODER].long_gate_feeds(inputs)
+        return feeds, long_feeds
 
     def _variants(self, staging: Path, sources: Sources, dataset: EncodedDataset, tokenizer,
                   fusion: FusionHead, held_f: ItemFeatures, fp32: dict, models: dict) -> "VariantGates | None":
@@ -562,14 +519,11 @@ class Exporter:
 
     def _calibration_feed(self, name: str, sources: Sources, dataset: EncodedDataset,
                           tokenizer) -> dict[str, np.ndarray]:
-        """Real calibration inputs for modelopt (training split, never the held-out items)."""
-        calib = sources.train[:CALIBRATION_IMAGES]
-        if name == schema.TEXT_ENCODER:
-            ids, mask = tokenizer([i.caption for i in calib])
-            return {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask}
-        if name == schema.IMAGE_ENCODER:
-            return {schema.PIXEL_VALUES: dataset.pixel_values(calib)}
-        raise QualityGateError(f"INT8 is offered for the encoders only, not {name}")
+        """Real calibration inputs from the member's recipe (training split, never held-out items)."""
+        recipe = RECIPES[name]
+        if recipe.calibration_feed is None:
+            raise QualityGateError(f"{name} has no INT8 calibration feed in its recipe")
+        return recipe.calibration_feed(self._inputs)
 
 
 class VariantGates:

@@ -21,13 +21,10 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from mmrec.model_repository import library_source, model_source
-from mmrec.preprocess import TOKENIZER_FILE, PreprocessConfig
 from mmrec import schema
+from mmrec.layout import CONFIG_FILE, MODEL_FILES, SOURCES, VERSION, RepositoryLayout, source_file  # noqa: F401
+from mmrec.preprocess import ServedContract
 from mmrec.schema import EnsembleSpec, ModelSpec, TensorSpec
-
-VERSION = "1"
-CONFIG_FILE = "config.pbtxt"
 
 
 class Target(str, Enum):
@@ -37,9 +34,8 @@ class Target(str, Enum):
     tensorrt = "tensorrt"
 
 
-MODEL_FILE = {Target.portable: "model.onnx", Target.onnxruntime: "model.onnx", Target.openvino: "model.onnx",
-              Target.tensorrt: "model.plan"}
-RUNTIME_LIBRARY = "runtime.py"  # model_repository/lib/runtime.py, copied beside the portable runner
+MODEL_KIND = {Target.portable: "onnx", Target.onnxruntime: "onnx", Target.openvino: "onnx",
+              Target.tensorrt: "plan"}  # RepositoryLayout.model_file(member, kind)
 
 
 @dataclass(frozen=True)
@@ -79,11 +75,12 @@ def default_policies(target: "Target", gpu: bool) -> dict[str, BatchingPolicy]:
 
 
 @dataclass
-class RepositoryLayout:
-    """What to write: target, batch limit, devices, and the ONNX/plan file of each member."""
+class RepositoryPlan:
+    """What to write: target, served contract, devices, and the ONNX/plan file of each member
+    (where it goes is RepositoryLayout's business)."""
 
     target: Target
-    preprocess: PreprocessConfig
+    contract: ServedContract
     member_files: dict[str, Path]  # onnx member -> model file to copy (variant already chosen)
     tokenizer_file: Path
     gpu: bool = False
@@ -98,7 +95,7 @@ class RepositoryLayout:
 
     @property
     def max_batch_size(self) -> int:
-        return self.preprocess.max_batch_size
+        return self.contract.max_batch_size
 
 
 def _dtype(name: str) -> int:
@@ -120,52 +117,47 @@ def _set_parameters(config: mc.ModelConfig, parameters: dict[str, str]) -> None:
         config.parameters[key].string_value = value
 
 
-def member_config(spec: ModelSpec, layout: RepositoryLayout) -> mc.ModelConfig:
-    """config.pbtxt of one member model for the layout's target."""
-    config = mc.ModelConfig(name=spec.name, max_batch_size=layout.max_batch_size)
-    policy = layout.policies[spec.name]
-    is_python = spec.kind == "python" or layout.target is Target.portable
+def member_config(spec: ModelSpec, plan: RepositoryPlan) -> mc.ModelConfig:
+    """config.pbtxt of one member model for the plan's target."""
+    config = mc.ModelConfig(name=spec.name, max_batch_size=plan.max_batch_size)
+    policy = plan.policies[spec.name]
+    is_python = spec.kind == "python" or plan.target is Target.portable
     # The portable runner pads sequence inputs across requests itself, so the batcher may join
     # requests of different lengths; native backends need equal shapes (bucketed by tokenizer).
-    ragged = layout.target is Target.portable and spec.kind == "onnx"  # OpenVINO backend: equal shapes
+    ragged = plan.target is Target.portable and spec.kind == "onnx"  # OpenVINO backend: equal shapes
     config.input.extend(_tensor_input(t, ragged=ragged and bool(t.dynamic_axes)) for t in spec.inputs)
     config.output.extend(_tensor_output(t) for t in spec.outputs)
     config.dynamic_batching.max_queue_delay_microseconds = policy.max_queue_delay_us
     config.dynamic_batching.preferred_batch_size.extend(
-        b for b in policy.preferred_batch_sizes if b <= layout.max_batch_size)
-    on_gpu = layout.gpu and spec.kind == "onnx" and layout.target is Target.onnxruntime
+        b for b in policy.preferred_batch_sizes if b <= plan.max_batch_size)
+    on_gpu = plan.gpu and spec.kind == "onnx" and plan.target is Target.onnxruntime
     config.instance_group.append(mc.ModelInstanceGroup(
         count=policy.instances,
-        kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu or layout.target is Target.tensorrt and spec.kind == "onnx"
+        kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu or plan.target is Target.tensorrt and spec.kind == "onnx"
         else mc.ModelInstanceGroup.KIND_CPU))
     if is_python:
         config.backend = "python"
-    elif layout.target is Target.onnxruntime:
+    elif plan.target is Target.onnxruntime:
         config.backend = "onnxruntime"
-    elif layout.target is Target.openvino:
+    elif plan.target is Target.openvino:
         config.backend = "openvino"
-        config.default_model_filename = MODEL_FILE[Target.openvino]
+        config.default_model_filename = MODEL_FILES[MODEL_KIND[Target.openvino]]
     else:
         config.platform = "tensorrt_plan"
-    if spec.name == schema.TOKENIZER:
-        _set_parameters(config, layout.preprocess.tokenizer_parameters())
-    elif spec.name == schema.IMAGE_PREPROCESS:
-        _set_parameters(config, layout.preprocess.image_parameters())
-    elif spec.name in (schema.ITEM_PREPROCESS, schema.ITEM_PREPROCESS_PIXELS):
-        _set_parameters(config, {**layout.preprocess.tokenizer_parameters(),
-                                 **layout.preprocess.image_parameters()})
-    elif layout.target is Target.portable:
-        threads = 1 if spec.name in SINGLE_THREAD_MEMBERS and not layout.intra_op_threads else layout.intra_op_threads
-        runtime, precision = layout.member_runtimes.get(spec.name, ("onnxruntime", "fp32"))
+    contract = plan.contract.to_parameters()
+    if spec.kind == "python":  # every python model carries the whole contract (client reads one)
+        _set_parameters(config, contract)
+    elif plan.target is Target.portable:
+        threads = 1 if spec.name in SINGLE_THREAD_MEMBERS and not plan.intra_op_threads else plan.intra_op_threads
+        runtime, precision = plan.member_runtimes.get(spec.name, ("onnxruntime", "fp32"))
         _set_parameters(config, {"intra_op_threads": str(threads), "runtime": runtime, "precision": precision,
                                  "cpu_share": str(CPU_SHARES.get(spec.name, 1))})
         if spec.name == schema.TEXT_ENCODER:  # the runner computes each row at its length bucket
-            _set_parameters(config, {"seq_buckets": ",".join(map(str, layout.preprocess.seq_buckets)),
-                                     "length_input": schema.ATTENTION_MASK})
-    elif layout.target is Target.openvino and spec.kind == "onnx":
-        _set_parameters(config, openvino_parameters(spec.name, layout))
-    if spec.name == schema.FUSION:  # clients read category names from the server, not the disk
-        _set_parameters(config, {"categories": ",".join(layout.preprocess.categories)})
+            _set_parameters(config, {"seq_buckets": contract["seq_buckets"], "length_input": schema.ATTENTION_MASK})
+    elif plan.target is Target.openvino and spec.kind == "onnx":
+        _set_parameters(config, openvino_parameters(spec.name, plan))
+    if spec.name == schema.FUSION:  # kept for clients older than the contract parameters
+        _set_parameters(config, {"categories": contract["categories"]})
     return config
 
 
@@ -174,14 +166,14 @@ def openvino_precision(precision: str) -> str:
     return {"fp32": "f32", "bf16": "bf16"}[precision]
 
 
-def openvino_parameters(name: str, layout: RepositoryLayout) -> dict[str, str]:
+def openvino_parameters(name: str, plan: RepositoryPlan) -> dict[str, str]:
     """The OpenVINO backend's properties: one latency stream, the chosen inference precision,
     threads only where pinned (else the backend sizes them to the container)."""
-    _, precision = layout.member_runtimes.get(name, ("openvino", "fp32"))
+    _, precision = plan.member_runtimes.get(name, ("openvino", "fp32"))
     parameters = {"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": openvino_precision(precision)}
-    if layout.intra_op_threads:
-        parameters["INFERENCE_NUM_THREADS"] = str(layout.intra_op_threads)
+    if plan.intra_op_threads:
+        parameters["INFERENCE_NUM_THREADS"] = str(plan.intra_op_threads)
     return parameters
 
 
@@ -206,43 +198,57 @@ def parse(text: str) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())
 
 
-def all_configs(layout: RepositoryLayout) -> dict[str, mc.ModelConfig]:
-    p = layout.preprocess
-    members = schema.member_specs(len(p.categories), p.text_dim, p.image_dim, p.item_dim, p.image_size)
-    configs = {name: member_config(spec, layout) for name, spec in members.items()}
+def all_configs(plan: RepositoryPlan) -> dict[str, mc.ModelConfig]:
+    members = schema.member_specs_for(plan.contract)
+    configs = {name: member_config(spec, plan) for name, spec in members.items()}
     for name, ensemble in schema.ensemble_specs(members).items():
-        configs[name] = ensemble_config(ensemble, layout.max_batch_size)
+        configs[name] = ensemble_config(ensemble, plan.max_batch_size)
     return configs
 
 
-def write_repository(layout: RepositoryLayout, output: Path) -> dict[str, Path]:
+# python model -> (its thin model.py's source folder, the lib/ modules copied beside it). The
+# copies keep every model folder self-contained (object storage, one model pulled alone); the
+# manifest hashes them like every other file.
+PYTHON_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
+    schema.TOKENIZER: ("tokenizer", ("served_contract", "text_preprocessing")),
+    schema.IMAGE_PREPROCESS: ("image_preprocess", ("served_contract", "image_preprocessing")),
+    schema.ITEM_PREPROCESS: ("item_preprocess", ("served_contract", "text_preprocessing", "image_preprocessing")),
+    schema.ITEM_PREPROCESS_PIXELS: ("item_preprocess",
+                                    ("served_contract", "text_preprocessing", "image_preprocessing")),
+}
+TOKENIZER_USERS = (schema.TOKENIZER, schema.ITEM_PREPROCESS, schema.ITEM_PREPROCESS_PIXELS)
+ORT_RUNNER = ("ort_runner", ("runtime",))  # the portable target's model.py for every ONNX member
+CATALOG_SCORER_SOURCES = ("catalog_scorer", ("catalog_scan",))  # copied by `mmrec index`
+
+
+def copy_python_model(source: str, libraries: tuple[str, ...], version_dir: Path) -> None:
+    """A thin model.py and the library modules it imports, into one version folder."""
+    model = source_file(SOURCES.python_model(source))
+    shutil.copyfile(model, Path(version_dir) / model.name)
+    for module in libraries:
+        library = source_file(SOURCES.lib_file(module))
+        shutil.copyfile(library, Path(version_dir) / library.name)
+
+
+def write_repository(plan: RepositoryPlan, output: Path) -> dict[str, Path]:
     """Write every model folder under `output`; returns model name -> its model file path."""
-    output = Path(output)
+    layout = RepositoryLayout(output)
     written: dict[str, Path] = {}
-    for name, config in all_configs(layout).items():
-        model_dir = output / name
-        version_dir = model_dir / VERSION
+    for name, config in all_configs(plan).items():
+        version_dir = layout.version_dir(name)
         version_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / CONFIG_FILE).write_text(render(config))
-        if name == schema.TOKENIZER:
-            shutil.copyfile(model_source("tokenizer"), version_dir / "model.py")
-            shutil.copyfile(layout.tokenizer_file, version_dir / TOKENIZER_FILE)
-        elif name == schema.IMAGE_PREPROCESS:
-            shutil.copyfile(model_source("image_preprocess"), version_dir / "model.py")
-        elif name in (schema.ITEM_PREPROCESS, schema.ITEM_PREPROCESS_PIXELS):
-            # self-contained folder: its tokenizer/decoder modules travel with it
-            shutil.copyfile(model_source("item_preprocess"), version_dir / "model.py")
-            shutil.copyfile(model_source("tokenizer"), version_dir / "text_model.py")
-            shutil.copyfile(model_source("image_preprocess"), version_dir / "image_model.py")
-            shutil.copyfile(layout.tokenizer_file, version_dir / TOKENIZER_FILE)
-        elif name in layout.member_files:
-            target_file = version_dir / MODEL_FILE[layout.target]
-            shutil.copyfile(layout.member_files[name], target_file)
-            if layout.target is Target.portable:
-                shutil.copyfile(model_source("ort_runner"), version_dir / "model.py")
-                shutil.copyfile(library_source("runtime"), version_dir / RUNTIME_LIBRARY)
+        layout.config_file(name).write_text(render(config))
+        if name in PYTHON_SOURCES:
+            copy_python_model(*PYTHON_SOURCES[name], version_dir)
+        if name in TOKENIZER_USERS:
+            shutil.copyfile(plan.tokenizer_file, layout.tokenizer_file(name))
+        if name in plan.member_files:
+            target_file = layout.model_file(name, MODEL_KIND[plan.target])
+            shutil.copyfile(plan.member_files[name], target_file)
+            if plan.target is Target.portable:
+                copy_python_model(*ORT_RUNNER, version_dir)
             written[name] = target_file
-    layout.preprocess.save(output)
+    layout.write_contract(plan.contract)
     return written
 
 

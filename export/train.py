@@ -6,7 +6,6 @@ embedding (items of one category cluster, which is what neighbour search and use
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -24,13 +23,6 @@ LEARNING_RATE = 2e-3
 TEMPERATURE = 0.1
 SPREAD_METRICS = ("interest_accuracy", "interest_macro_f1", "alignment_pair_auc",
                   "text_to_image_recall_at_1")
-
-
-@dataclass
-class TrainingReport:
-    epochs: int
-    final_loss: float
-    held_out: dict
 
 
 def _info_nce(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

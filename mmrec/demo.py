@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .export_defaults import DEFAULT_REPOSITORY
+from .layout import RepositoryLayout
 
 console = Console()
 
@@ -23,7 +24,7 @@ DEMO_HISTORY = 6
 
 
 def _ensure_export(repository: Path) -> None:
-    if (repository / "manifest.json").is_file():
+    if RepositoryLayout(repository).manifest_file.is_file():
         console.print(f"using the existing export in {repository} (delete it to re-export)")
         return
     from rich.progress import Progress

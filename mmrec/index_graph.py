@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from . import schema
+from .layout import MODEL_FILES
 
 OPSET = 17
-MODEL_FILE = "model.onnx"
+MODEL_FILE = MODEL_FILES["onnx"]
 EMBEDDINGS_T_FILE = "embeddings_t.f32"  # external data of the scan matrix: raw float32 [D, N]
 EMBEDDINGS_FILE = "embeddings.f32"  # external data of the re-rank rows: raw float32 [N, D]
 # fp32 candidates kept beyond K for the exact re-rank; the certificate decides whether that was

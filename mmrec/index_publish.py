@@ -21,11 +21,9 @@ import numpy as np
 from . import schema
 from .index_graph import MODEL_FILE, RERANK_MARGIN, write_scan_graph
 from .index_store import CatalogIndexError, IndexStore
-from .preprocess import PreprocessConfig
+from .layout import RepositoryLayout
+from .model_repository.lib.catalog_scan import INDEX_FILE, PREPACKING_MODES
 
-CONFIG_FILE = "config.pbtxt"
-INDEX_FILE = "index.json"  # read by model_repository/catalog_scorer/1/model.py
-PYTHON_FILE = "model.py"
 STAGING_PREFIX = ".staging-"
 DEFAULT_MAX_K = 1000
 DEFAULT_K = 10
@@ -43,14 +41,13 @@ class ServeOptions:
     max_k: int = DEFAULT_MAX_K
     default_k: int = DEFAULT_K
     intra_op_threads: int = 0
-    prepacking: str = "auto"  # auto | on | off: see CatalogScan in the served model.py
+    prepacking: str = "auto"  # auto | on | off: see lib/catalog_scan.CatalogScan
 
     def __post_init__(self) -> None:
         if self.max_k < 1 or not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"need 1 <= default_k <= max_k, got default_k={self.default_k}, max_k={self.max_k}")
-        modes = served_model().PREPACKING_MODES
-        if self.prepacking not in modes:
-            raise ValueError(f"prepacking must be one of {modes}, got {self.prepacking!r}")
+        if self.prepacking not in PREPACKING_MODES:
+            raise ValueError(f"prepacking must be one of {PREPACKING_MODES}, got {self.prepacking!r}")
 
     def parameters(self) -> dict[str, str]:
         return {"max_k": str(self.max_k), "default_k": str(self.default_k),
@@ -66,15 +63,8 @@ class Published:
     unchanged: bool = False  # nothing changed since `version`: no new version was written
 
 
-def served_model():
-    """The catalog_scorer model.py as a module (its names are the ones the server checks)."""
-    from .python_models import load_python_model
-
-    return load_python_model(schema.CATALOG_SCORER)
-
-
 def model_dir(repository: Path) -> Path:
-    return Path(repository) / schema.CATALOG_SCORER
+    return RepositoryLayout(repository).model_dir(schema.CATALOG_SCORER)
 
 
 def versions(repository: Path) -> list[int]:
@@ -119,15 +109,15 @@ def graph_tensors() -> dict[str, str]:
 
 def write_version_files(folder: Path, ids: list[str], vectors: np.ndarray, fp: str) -> None:
     """One complete version folder: graph + external data, index.json, the python model."""
-    from mmrec.model_repository import model_source
-
     graph = write_scan_graph(vectors, ids, folder)
     meta = {"items": graph.items, "dim": graph.dim, "model_file": MODEL_FILE,
             # an upper bound for the certificate: nudged up so rounding cannot make it smaller
             "max_item_norm": float(np.nextafter(max_norm(vectors), np.inf)),
             "rerank_margin": RERANK_MARGIN, "tensors": graph_tensors(), "fingerprint": fp}
     (folder / INDEX_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    shutil.copyfile(model_source(schema.CATALOG_SCORER), folder / PYTHON_FILE)
+    from mmrec.export.repository import CATALOG_SCORER_SOURCES, copy_python_model
+
+    copy_python_model(*CATALOG_SCORER_SOURCES, folder)
 
 
 def publish(store: IndexStore, repository: Path, options: ServeOptions = ServeOptions(),
@@ -146,13 +136,14 @@ def publish(store: IndexStore, repository: Path, options: ServeOptions = ServeOp
     if (not force and last is not None and last.get("fingerprint") == fp
             and last.get("version") in existing and Path(last.get("repository", "")) == repository.resolve()):
         return Published(last["version"], model_dir(repository) / str(last["version"]), len(ids), fp, True)
-    preprocess = PreprocessConfig.load(repository)
+    layout = RepositoryLayout(repository)
+    preprocess = layout.read_contract()
     if preprocess.item_dim != store.dim:
         raise PublishError(f"{repository} serves {preprocess.item_dim}-d item embeddings but the index holds "
                            f"{store.dim}-d vectors: build the index with this repository's encoder")
     folder = model_dir(repository)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_if_changed(folder / CONFIG_FILE, scorer_config_text(store.dim, preprocess.max_batch_size, options))
+    _write_if_changed(layout.config_file(schema.CATALOG_SCORER), scorer_config_text(store.dim, preprocess.max_batch_size, options))
     version = (existing[-1] if existing else 0) + 1
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
     try:

@@ -293,9 +293,6 @@ class IndexStore:
         stored = self.vectors()
         return ids, np.ascontiguousarray(stored[[self.rows[self.items[i]] for i in ids]])
 
-    def vector_of(self, content: str) -> np.ndarray:
-        return np.array(self.vectors()[self.rows[content]])
-
     @property
     def probe(self) -> Probe | None:
         data = self.meta.get("probe")

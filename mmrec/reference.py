@@ -1,67 +1,88 @@
-"""In-process reference pipeline: what the Triton ensembles compute, without Triton.
+"""The one in-process pipeline: what the Triton ensembles compute, without Triton.
 
-Same files (the repository's model.onnx, tokenizer.json, preprocess.json), same preprocessing
-code (the python models' own modules), same runtime (ONNX Runtime or OpenVINO, as each member's
-config says) and session settings as the portable runner. Tests
-use it as ground truth for the server; benchmarks use it to measure serving overhead.
+`ItemPipeline` chains tokenize -> text encoder, decode -> image encoder, -> fusion (-> scorer)
+over members that are plain callables (feed dict -> output list), so the same pipeline runs the
+repository's ONNX files (`ReferencePipeline`: ground truth for the server in tests, the
+in-process baseline in benchmarks) or PyTorch modules (`torch_member`: benchmarks' reference
+engine). Preprocessing is the served library code (`lib/text_preprocessing.py`,
+`lib/image_preprocessing.py`); ONNX members run through `lib/runtime.py` with the portable
+runner's runtime (ONNX Runtime or OpenVINO, as each member's config says) and settings.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 
 from . import schema
-from .preprocess import PreprocessConfig
-from .python_models import image_decoder, text_tokenizer, tokenizer_file_in
-from mmrec.model_repository.lib import runtime
+from .layout import RepositoryLayout
+from .model_repository.lib.image_preprocessing import ImageDecoder
+from .model_repository.lib.text_preprocessing import TextTokenizer
+from .model_repository.lib import runtime
+from .preprocess import ServedContract
+from .schema import user_vector  # noqa: F401 - the reference's name for it
+
+Member = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feed -> outputs, in graph order
+
+
+def ort_member(path: Path, intra_op_threads: int = 0) -> Member:
+    """One ONNX graph as a pipeline member (ONNX Runtime, the served runner's options)."""
+    return session_member(runtime.make_session(path, intra_op_threads))
 
 
 def served_runtime(repository: Path, member: str) -> tuple[str, str]:
     """(runtime, precision) a portable member is served with: its config's parameters."""
-    from tritonclient.grpc import model_config_pb2 as mc
     from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
 
-    config = Path(repository) / member / "config.pbtxt"
+    config = RepositoryLayout(repository).config_file(member)
     parameters = text_format.Parse(config.read_text(), mc.ModelConfig()).parameters if config.is_file() else {}
     runtime_name = parameters["runtime"].string_value if "runtime" in parameters else "onnxruntime"
     precision = parameters["precision"].string_value if "precision" in parameters else "fp32"
     return runtime_name, precision
 
 
-class ReferencePipeline:
+def session_member(session) -> Member:
+    names = [o.name for o in session.get_outputs()]
+    return lambda feed: session.run(names, feed)
+
+
+def torch_member(module) -> Member:
+    """One PyTorch module as a pipeline member (inputs in feed order, outputs as numpy)."""
+    import torch
+
+    @torch.inference_mode()
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = module(*[torch.from_numpy(v) for v in feed.values()])
+        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+    return run
+
+
+class ItemPipeline:
     """tokenize -> text_encoder, decode -> image_encoder, -> fusion (-> scorer), in-process."""
 
-    def __init__(self, repository: Path, intra_op_threads: int = 0) -> None:
-        self.repository = Path(repository)
-        self.preprocess = PreprocessConfig.load(self.repository)
-        self.tokenizer = text_tokenizer(self.preprocess, tokenizer_file_in(self.repository))
-        self.decoder = image_decoder(self.preprocess)
-        self.sessions = {}
-        for name in schema.ONNX_MODELS:
-            path = self.repository / name / "1" / "model.onnx"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: the reference pipeline needs an ONNX "
-                                        "repository (target portable, onnxruntime or openvino)")
-            runtime_name, precision = served_runtime(self.repository, name)
-            self.sessions[name] = runtime.open_session(path, runtime_name, intra_op_threads, precision)
+    def __init__(self, contract: ServedContract, tokenizer: TextTokenizer, decoder: ImageDecoder,
+                 members: Mapping[str, Member]) -> None:
+        self.preprocess = contract
+        self.tokenizer = tokenizer
+        self.decoder = decoder
+        self.members = dict(members)
 
     @property
     def categories(self) -> tuple[str, ...]:
         return self.preprocess.categories
 
     def _run(self, model: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sessions[model].run(None, feed)
+        return self.members[model](feed)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         ids, mask = self.tokenizer(texts)
         return self.embed_tokens(ids, mask)
 
     def embed_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """The text encoder as the portable runner runs it: rows at their own length bucket."""
-        return runtime.run_by_length(self.sessions[schema.TEXT_ENCODER], None,
-                                     {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask},
-                                     schema.ATTENTION_MASK, self.preprocess.seq_buckets)[0]
+        return self._run(schema.TEXT_ENCODER, {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask})[0]
 
     def preprocess_images(self, images: list[bytes]) -> np.ndarray:
         return self.decoder(images)
@@ -97,9 +118,30 @@ class ReferencePipeline:
         return out
 
 
-def user_vector(item_embeddings: np.ndarray) -> np.ndarray:
-    """A user is the mean of the embeddings of the items they engaged with (seed 003)."""
-    history = np.asarray(item_embeddings, dtype=np.float32)
-    if history.ndim != 2 or len(history) == 0:
-        raise ValueError("user history must be a non-empty [N, D] array of item embeddings")
-    return history.mean(axis=0)
+class ReferencePipeline(ItemPipeline):
+    """The pipeline over a repository's own files: model.onnx, tokenizer.json, the contract."""
+
+    def __init__(self, repository: Path, intra_op_threads: int = 0) -> None:
+        self.repository = Path(repository)
+        layout = RepositoryLayout(self.repository)
+        contract = layout.read_contract()
+        self.sessions = {}
+        for name in schema.ONNX_MODELS:
+            path = layout.model_file(name)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: the reference pipeline needs an ONNX "
+                                        "repository (target portable, onnxruntime or openvino)")
+            runtime_name, precision = served_runtime(self.repository, name)
+            self.sessions[name] = runtime.open_session(path, runtime_name, intra_op_threads, precision)
+        super().__init__(contract, TextTokenizer.for_contract(contract, layout.tokenizer_file()),
+                         ImageDecoder.for_contract(contract), {})
+
+    def _run(self, model: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        # through `sessions`, which a benchmark may swap for differently configured ones
+        return self.sessions[model].run(None, feed)
+
+    def embed_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The text encoder as the portable runner runs it: rows at their own length bucket."""
+        return runtime.run_by_length(self.sessions[schema.TEXT_ENCODER], None,
+                                     {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask},
+                                     schema.ATTENTION_MASK, self.preprocess.seq_buckets)[0]

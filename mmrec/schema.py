@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 BATCH_AXIS = "batch_size"
 SEQUENCE_AXIS = "sequence_length"
 
-# Widths fixed by the default submodels; non-default encoders override them at export time and
-# the repository's preprocess.json records what was used.
-TEXT_EMBEDDING_DIM = 384
-IMAGE_EMBEDDING_DIM = 1280
-ITEM_EMBEDDING_DIM = 256
+# Widths of the default submodels, defined once in the served contract; non-default encoders
+# override them at export time and the contract records what was used.
+from mmrec.model_repository.lib.served_contract import (  # noqa: E402
+    DEFAULT_IMAGE_SIZE, IMAGE_EMBEDDING_DIM, ITEM_EMBEDDING_DIM, TEXT_EMBEDDING_DIM, ServedContract)
 IMAGE_CHANNELS = 3
 
 
@@ -36,11 +35,6 @@ class TensorSpec:
         axes = {0: BATCH_AXIS}
         axes.update({i + 1: name for i, name in self.dynamic_axes.items()})
         return axes
-
-    @property
-    def numpy_dtype(self) -> str:
-        return {"FP32": "float32", "FP16": "float16", "INT64": "int64", "INT32": "int32",
-                "BYTES": "object", "UINT8": "uint8"}[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -107,7 +101,7 @@ def member_specs(
     text_dim: int = TEXT_EMBEDDING_DIM,
     image_dim: int = IMAGE_EMBEDDING_DIM,
     item_dim: int = ITEM_EMBEDDING_DIM,
-    image_size: int = 224,
+    image_size: int = DEFAULT_IMAGE_SIZE,
 ) -> dict[str, ModelSpec]:
     """Interfaces of the six member models for a given set of widths."""
     pixels = TensorSpec(PIXEL_VALUES, "FP32", (IMAGE_CHANNELS, image_size, image_size))
@@ -135,6 +129,23 @@ def member_specs(
                   (TensorSpec(SCORE_MEMBER, "FP32", (1,)),)),
     ]
     return {s.name: s for s in specs}
+
+
+def user_vector(item_embeddings) -> "np.ndarray":
+    """What USER_EMBEDDING means: the mean of the embeddings of the items a user engaged with
+    (seed 003). The client and the reference pipeline both call this one definition."""
+    import numpy as np
+
+    history = np.asarray(item_embeddings, dtype=np.float32)
+    if history.ndim != 2 or len(history) == 0:
+        raise ValueError("user history must be a non-empty [N, D] array of item embeddings")
+    return history.mean(axis=0)
+
+
+def member_specs_for(contract: ServedContract) -> dict[str, ModelSpec]:
+    """The member interfaces a served contract implies (its widths, categories, image size)."""
+    return member_specs(len(contract.categories), contract.text_dim, contract.image_dim,
+                        contract.item_dim, contract.image_size)
 
 
 @dataclass(frozen=True)

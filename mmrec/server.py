@@ -38,6 +38,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Callable
 
+from .layout import RepositoryLayout
+
 PYTRITON_FIX = "pip install nvidia-pytriton==0.7.0"
 MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 LOG_TAIL_LINES = 40
@@ -242,7 +244,7 @@ def validate_repository(path: Path | str) -> Path:
         raise ServerError(f"model repository {repo} does not exist; run `mmrec export` first")
     if not repo.is_dir():
         raise ServerError(f"model repository {repo} is not a directory; run `mmrec export` first")
-    if not any((child / "config.pbtxt").is_file() for child in repo.iterdir() if child.is_dir()):
+    if not RepositoryLayout(repo).has_models():
         raise ServerError(f"model repository {repo} has no model with a config.pbtxt; run `mmrec export` first")
     return repo
 

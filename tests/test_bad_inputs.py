@@ -463,9 +463,9 @@ def test_bad_requests_under_load_never_corrupt_good_ones(triton_server, payloads
 
 def test_ort_runner_isolates_a_request_that_fails_in_the_joined_batch(monkeypatch, exported_repository):
     """Unit test (no server): one request ORT rejects does not take its batch neighbours down."""
-    from mmrec.python_models import load_python_model
+    from triton_models import load_served_model
 
-    runner = load_python_model("ort_runner")
+    runner = load_served_model(exported_repository, schema.SCORER)
     fake = FakePbUtils()
     monkeypatch.setattr(runner, "pb_utils", fake)
     model = runner.TritonPythonModel()

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from mmrec import schema
-from mmrec.export.repository import RepositoryLayout, Target, all_configs
+from mmrec.export.repository import RepositoryPlan, Target, all_configs
 from mmrec.preprocess import PreprocessConfig
 from mmrec.server import ServerConfig
 from k8s_sim import ServiceProxy, expand_kubelet_vars
@@ -123,7 +123,7 @@ class Scenario:
 
 def _item_encoder_closure() -> list[str]:
     """item_encoder and the members its steps call, as the export defines them today."""
-    layout = RepositoryLayout(Target.portable, PreprocessConfig(categories=("a", "b")), {}, Path("t.json"))
+    layout = RepositoryPlan(Target.portable, PreprocessConfig(categories=("a", "b")), {}, Path("t.json"))
     ensemble = all_configs(layout)[schema.ITEM_ENCODER]
     return [schema.ITEM_ENCODER] + sorted({step.model_name for step in ensemble.ensemble_scheduling.step})
 
@@ -247,7 +247,7 @@ def _quantity_bytes(q: str | int) -> int:
 
 
 def _configs(s: Scenario):
-    layout = RepositoryLayout(s.target, PreprocessConfig(categories=("animals", "food", "vehicles"),
+    layout = RepositoryPlan(s.target, PreprocessConfig(categories=("animals", "food", "vehicles"),
                                                          max_batch_size=s.max_batch_size),
                               {}, Path("tokenizer.json"), gpu=s.export_gpu)
     return all_configs(layout)
@@ -532,7 +532,7 @@ def _written_python_sources(target: Target, tmp_path: Path) -> list[Path]:
     for name in schema.ONNX_MODELS:
         members[name] = tmp_path / f"{name}.bin"
         members[name].write_bytes(b"")
-    layout = RepositoryLayout(target, PreprocessConfig(categories=("a", "b")), members, tokenizer)
+    layout = RepositoryPlan(target, PreprocessConfig(categories=("a", "b")), members, tokenizer)
     out = tmp_path / "repository"
     write_repository(layout, out)
     sources = sorted(out.glob("*/1/*.py"))

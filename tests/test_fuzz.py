@@ -31,7 +31,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mmrec.preprocess import PreprocessConfig
-from mmrec.python_models import image_decoder, load_python_model, text_tokenizer, tokenizer_file_in
+from mmrec.model_repository.lib import image_preprocessing, text_preprocessing
+from mmrec.model_repository.lib.image_preprocessing import ImageDecoder
+from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
+from mmrec.layout import RepositoryLayout
 from test_bad_inputs import jpeg_with_dims, png_header
 
 FUZZ_CI_EXAMPLES = int(os.environ.get("MMREC_FUZZ_CI_EXAMPLES", "60"))  # x 4 properties ~ 240 inputs
@@ -40,8 +43,8 @@ FUZZ_EXAMPLES = int(os.environ.get("MMREC_FUZZ_EXAMPLES", "10000"))
 # decoded into a ~40 M-pixel frame); a hang, or a bomb decoded past the limit, takes far longer.
 DEADLINE = timedelta(milliseconds=int(os.environ.get("MMREC_FUZZ_DEADLINE_MS", "10000")))
 
-tokenizer_module = load_python_model("tokenizer")
-image_module = load_python_model("image_preprocess")
+tokenizer_module = text_preprocessing
+image_module = image_preprocessing
 
 
 def fuzz_settings(examples: int, ci: bool):
@@ -74,12 +77,12 @@ class Tally:
 
 @pytest.fixture(scope="module")
 def tokenizer(exported_repository):
-    return text_tokenizer(PreprocessConfig.load(exported_repository), tokenizer_file_in(exported_repository))
+    return TextTokenizer.for_contract(PreprocessConfig.load(exported_repository), RepositoryLayout(exported_repository).tokenizer_file())
 
 
 @lru_cache(maxsize=None)
 def decoder():
-    return image_decoder(PreprocessConfig())  # the default limits: 16 MiB, 40 M pixels
+    return ImageDecoder.for_contract(PreprocessConfig())  # the default limits: 16 MiB, 40 M pixels
 
 
 # ---- text -------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from mmrec.index_graph import RERANK_MARGIN
 from mmrec.index_publish import ServeOptions, fingerprint, publish, versions
 from mmrec.index_store import (BadEntry, CatalogEntry, IndexCorrupt, IndexStore, JOURNAL_FILE, VECTORS_FILE,
                                content_hash, default_build_dir, read_catalog)
-from mmrec.python_models import load_python_model
+from mmrec.model_repository.lib import catalog_scan
 
 D = 16  # width of the synthetic unit tests
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def linked_copy(source: Path, target: Path) -> Path:
 
 
 def scan_module():
-    return load_python_model(schema.CATALOG_SCORER)
+    return catalog_scan
 
 
 # ---- unit: hashing, catalog reading -------------------------------------------------------------------

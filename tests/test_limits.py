@@ -22,7 +22,7 @@ from mmrec import schema
 from mmrec.client import InvalidItemError, InvalidRequestError, MMRecClient
 from mmrec.export.errors import ExportError
 from mmrec.export.pipeline import ExportOptions
-from mmrec.export.repository import CONFIG_FILE, RepositoryLayout, Target, parse, write_repository
+from mmrec.export.repository import CONFIG_FILE, RepositoryPlan, Target, parse, write_repository
 from mmrec.preprocess import TOKENIZER_FILE, PreprocessConfig
 from test_bad_inputs import OUTPUTS, PROTOCOLS, STATUS, TOLERANCE, column, infer
 
@@ -47,9 +47,9 @@ TEXT_AT_LIMIT = "a" * 64
 TEXT_OVER = "é" * 33  # 33 characters, 66 UTF-8 bytes: the limit counts bytes
 
 
-def small_layout(source: Path, **limits) -> RepositoryLayout:
+def small_plan(source: Path, **limits) -> RepositoryPlan:
     preprocess = dataclasses.replace(PreprocessConfig.load(source), **limits)
-    return RepositoryLayout(Target.portable, preprocess,
+    return RepositoryPlan(Target.portable, preprocess,
                             {name: source / name / "1" / "model.onnx" for name in schema.ONNX_MODELS},
                             source / schema.TOKENIZER / "1" / TOKENIZER_FILE)
 
@@ -57,7 +57,7 @@ def small_layout(source: Path, **limits) -> RepositoryLayout:
 @pytest.fixture(scope="module")
 def small_repository(exported_repository, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("limits") / "repository"
-    write_repository(small_layout(Path(exported_repository), **SMALL), output)
+    write_repository(small_plan(Path(exported_repository), **SMALL), output)
     return output
 
 

@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from mmrec.preprocess import PreprocessConfig
-from mmrec.python_models import image_decoder, load_python_model, text_tokenizer
+from mmrec.model_repository.lib import image_preprocessing, text_preprocessing
+from mmrec.model_repository.lib.image_preprocessing import ImageDecoder
+from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
 from mmrec.export.models.text import default_text_model_dir
 
 CONFIG = PreprocessConfig(max_image_bytes=200_000, max_image_pixels=1_000_000, max_text_bytes=64)
@@ -16,7 +18,7 @@ CONFIG = PreprocessConfig(max_image_bytes=200_000, max_image_pixels=1_000_000, m
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return text_tokenizer(CONFIG, default_text_model_dir() / "tokenizer.json")
+    return TextTokenizer.for_contract(CONFIG, default_text_model_dir() / "tokenizer.json")
 
 
 def png(width: int, height: int, mode: str = "RGBA") -> bytes:
@@ -40,7 +42,7 @@ def test_tokenizer_pads_to_the_smallest_bucket_and_masks_padding(tokenizer):
     ([b"x" * 65], r"TEXT\[0\] is 65 bytes, over the limit of 64"),
 ])
 def test_tokenizer_rejects_bad_text_naming_the_item(tokenizer, raw, message):
-    module = load_python_model("tokenizer")
+    module = text_preprocessing
     with pytest.raises(module.InvalidText, match=message):
         tokenizer.decode_texts(np.array([[r] for r in raw], dtype=object))
 
@@ -48,7 +50,7 @@ def test_tokenizer_rejects_bad_text_naming_the_item(tokenizer, raw, message):
 def test_decoder_flattens_alpha_pads_to_square_and_normalizes():
     from dataclasses import replace
 
-    decoder = image_decoder(replace(CONFIG, image_fit="pad"))
+    decoder = ImageDecoder.for_contract(replace(CONFIG, image_fit="pad"))
     pixels = decoder([png(40, 20), png(10, 10, "RGB")])
     assert pixels.shape == (2, 3, 224, 224) and pixels.dtype == np.float32
     assert pixels.min() >= -1.0 and pixels.max() <= 1.0
@@ -64,7 +66,7 @@ def test_decoder_honours_a_colour_key(mode, key):
     image.paste((255, 0, 0) if mode == "RGB" else 128, (15, 15, 25, 25))
     buffer = io.BytesIO()
     image.save(buffer, "PNG", transparency=key)
-    pixels = image_decoder(replace(CONFIG, image_fit="pad"))([buffer.getvalue()])[0]
+    pixels = ImageDecoder.for_contract(replace(CONFIG, image_fit="pad"))([buffer.getvalue()])[0]
     assert np.allclose(pixels[:, 2, 2], 1.0)  # a keyed corner pixel is the background, not black
 
 
@@ -74,7 +76,7 @@ def test_decoder_crops_the_centre_square_by_default():
     image.paste((0, 0, 255), (100, 0, 200, 100))  # blue centre third
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
-    pixels = image_decoder(CONFIG)([buffer.getvalue()])[0]
+    pixels = ImageDecoder.for_contract(CONFIG)([buffer.getvalue()])[0]
     assert CONFIG.image_fit == "crop"
     assert np.allclose(pixels[:, 5:-5, 5:-5], np.array([-1, -1, 1]).reshape(3, 1, 1), atol=0.02)
 
@@ -96,13 +98,13 @@ def test_ort_runner_thread_budget(monkeypatch):
     (png(64, 64)[:60], "not a decodable"),
 ])
 def test_decoder_rejects_bad_images_before_decoding_them(data, message):
-    module = load_python_model("image_preprocess")
+    module = image_preprocessing
     with pytest.raises(module.InvalidImage, match=message):
-        image_decoder(CONFIG).decode(data, 0)
+        ImageDecoder.for_contract(CONFIG).decode(data, 0)
 
 
 def test_item_preprocess_checks_client_pixels():
-    module = load_python_model("item_preprocess")
+    module = image_preprocessing
     good = np.zeros((2, 3, 224, 224), np.float32)
     assert module.check_pixels(good, 224) is good
     bad = good.copy()

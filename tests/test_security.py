@@ -170,7 +170,7 @@ class OpenRecorder:
 def test_preprocessing_opens_no_file_whatever_the_request_says(exported_repository, sample_items, monkeypatch,
                                                                tmp_path):
     from mmrec.export.repository import CONFIG_FILE, parse
-    from mmrec.python_models import load_python_model
+    from triton_models import load_served_model
     from google.protobuf import json_format
     import json
 
@@ -179,7 +179,7 @@ def test_preprocessing_opens_no_file_whatever_the_request_says(exported_reposito
     fake = FakePbUtils()
     models = {}
     for name in (schema.TOKENIZER, schema.IMAGE_PREPROCESS):  # initialize reads its files: not armed yet
-        module = load_python_model(name)
+        module = load_served_model(exported_repository, name)
         monkeypatch.setattr(module, "pb_utils", fake)
         config = json_format.MessageToDict(parse((Path(exported_repository) / name / CONFIG_FILE).read_text()),
                                            preserving_proto_field_name=True)

@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from mmrec import schema
-from mmrec.export.repository import (CONFIG_FILE, RepositoryLayout, Target, all_configs, parse,
+from mmrec.export.repository import (CONFIG_FILE, RepositoryPlan, Target, all_configs, parse,
                                      render)
 from mmrec.preprocess import PreprocessConfig
 
@@ -27,7 +27,7 @@ PROTOCOLS = {"grpc": grpcclient, "http": httpclient}
 
 @pytest.mark.parametrize("target", list(Target))
 def test_every_generated_config_parses_into_model_config(target, tmp_path):
-    layout = RepositoryLayout(target, PreprocessConfig(categories=("a", "b", "c")), {}, tmp_path / "t.json",
+    layout = RepositoryPlan(target, PreprocessConfig(categories=("a", "b", "c")), {}, tmp_path / "t.json",
                               gpu=target is not Target.portable)
     configs = all_configs(layout)
     assert set(configs) == set(schema.PYTHON_MODELS + schema.ONNX_MODELS + schema.ENSEMBLES)
@@ -47,7 +47,7 @@ def test_every_generated_config_parses_into_model_config(target, tmp_path):
         assert member.HasField("dynamic_batching")
         # CPU: no queue delay on the critical path at low load; GPU: a delay that pays for itself
         delayed = member.dynamic_batching.max_queue_delay_microseconds > 0
-        on_gpu = target in (Target.onnxruntime, Target.tensorrt)  # layout.gpu set above; OpenVINO: CPU
+        on_gpu = target in (Target.onnxruntime, Target.tensorrt)  # plan.gpu set above; OpenVINO: CPU
         assert delayed == on_gpu, (target, name)
         assert (member.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU) == on_gpu, (target, name)
         if target is Target.portable:

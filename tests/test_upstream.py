@@ -18,7 +18,9 @@ from PIL import Image, ImageOps
 from mmrec import metrics, schema
 from mmrec.photos import known_photos, phone_photo
 from mmrec.preprocess import PreprocessConfig
-from mmrec.python_models import image_decoder, text_tokenizer, tokenizer_file_in
+from mmrec.layout import RepositoryLayout
+from mmrec.model_repository.lib.image_preprocessing import ImageDecoder
+from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
 
 FEATURE_MIN_COSINE = 0.9999  # exported graph vs the package's network, same pixels
 TEXT_ATOL = 1e-5  # exported text encoder vs HF AutoModel + masked mean + L2
@@ -53,7 +55,7 @@ def preprocess(exported_repository) -> PreprocessConfig:
 
 @pytest.fixture(scope="module")
 def photo_pixels(preprocess) -> np.ndarray:
-    decoder = image_decoder(preprocess)
+    decoder = ImageDecoder.for_contract(preprocess)
     return decoder([photo.read_bytes() for photo in known_photos()])
 
 
@@ -149,7 +151,7 @@ def test_token_ids_equal_autotokenizer(exported_repository, preprocess, hf_folde
     from transformers import AutoTokenizer
 
     reference = AutoTokenizer.from_pretrained(str(hf_folder), local_files_only=True)
-    ours = text_tokenizer(preprocess, tokenizer_file_in(exported_repository))
+    ours = TextTokenizer.for_contract(preprocess, RepositoryLayout(exported_repository).tokenizer_file())
     ids, mask = ours(TEXTS)
     for row, text in enumerate(TEXTS):
         want = reference(text, truncation=True, max_length=preprocess.max_seq_len)["input_ids"]
@@ -174,7 +176,7 @@ def test_text_embedding_equals_automodel_mean_pooling(exported_repository, prepr
 
     session = ort.InferenceSession(str(exported_repository / schema.TEXT_ENCODER / "1" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
-    ids, attention = text_tokenizer(preprocess, tokenizer_file_in(exported_repository))(TEXTS)
+    ids, attention = TextTokenizer.for_contract(preprocess, RepositoryLayout(exported_repository).tokenizer_file())(TEXTS)
     got = session.run(None, {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: attention})[0]
     assert np.abs(got - want).max() <= TEXT_ATOL
 
@@ -207,7 +209,7 @@ def test_decoder_matches_independent_recipe(fit, preprocess, image_session):
     from dataclasses import replace
 
     config = replace(preprocess, image_fit=fit)
-    decoder = image_decoder(config)
+    decoder = ImageDecoder.for_contract(config)
     photos = [p.read_bytes() for p in known_photos()]
     ours = decoder(photos)
     theirs = np.concatenate([independent_recipe(data, config) for data in photos])
@@ -219,7 +221,7 @@ def test_decoder_matches_independent_recipe(fit, preprocess, image_session):
 
 def test_tux_paint_drawings_with_alpha_match_independent_recipe(preprocess, sample_items, image_session):
     images = [image for _, image, _ in sample_items[:8]]
-    ours = image_decoder(preprocess)(images)
+    ours = ImageDecoder.for_contract(preprocess)(images)
     theirs = np.concatenate([independent_recipe(data, preprocess) for data in images])
     cosine = metrics.row_cosine(onnx_image_features(image_session, ours),
                                 onnx_image_features(image_session, theirs))
@@ -228,7 +230,7 @@ def test_tux_paint_drawings_with_alpha_match_independent_recipe(preprocess, samp
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_exif_orientation_gives_the_upright_embedding(orientation, preprocess, image_session):
-    decoder = image_decoder(preprocess)
+    decoder = ImageDecoder.for_contract(preprocess)
     photo = known_photos()[0]
     upright, stored = phone_photo(photo, 1), phone_photo(photo, orientation)
     assert Image.open(io.BytesIO(stored)).size != Image.open(io.BytesIO(upright)).size or orientation == 3
@@ -240,7 +242,7 @@ def test_exif_orientation_gives_the_upright_embedding(orientation, preprocess, i
 def test_phone_photo_draft_decode_keeps_the_embedding(preprocess, image_session):
     """12 MP JPEGs are decoded at reduced DCT scale; the embedding must stay that of a full
     decode of the same file."""
-    decoder = image_decoder(preprocess)
+    decoder = ImageDecoder.for_contract(preprocess)
     phones = [phone_photo(p, 6) for p in known_photos()]
     fast = decoder(phones)
     full = np.concatenate([independent_recipe(data, preprocess) for data in phones])

@@ -14,18 +14,27 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mmrec.model_repository.lib.served_contract import (IMAGE_EMBEDDING_DIM, ITEM_EMBEDDING_DIM,
+                                                        TEXT_EMBEDDING_DIM, ServedContract)
+
 
 @dataclass(frozen=True)
 class FusionConfig:
-    text_dim: int = 384
-    image_dim: int = 1280
-    hidden_dim: int = 256
+    text_dim: int = TEXT_EMBEDDING_DIM
+    image_dim: int = IMAGE_EMBEDDING_DIM
+    hidden_dim: int = ITEM_EMBEDDING_DIM  # the fused item embedding's width
     num_heads: int = 4
     num_categories: int = 16
     dropout: float = 0.1
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_contract(cls, contract: ServedContract) -> "FusionConfig":
+        """The head the contract serves: its input widths, item width and categories."""
+        return cls(text_dim=contract.text_dim, image_dim=contract.image_dim, hidden_dim=contract.item_dim,
+                   num_categories=len(contract.categories))
 
 
 class FusionHead(nn.Module):
@@ -74,12 +83,8 @@ class FusionHead(nn.Module):
 
 class UserItemScorer(nn.Module):
     """score = σ(item_embedding · user_embedding); a user vector is the mean of the embeddings
-    of items the user engaged with (seed 003), see `user_vector`."""
+    of items the user engaged with (seed 003), see `mmrec.client` `user_vector`."""
 
     def forward(self, item_embedding: torch.Tensor, user_embedding: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid((item_embedding * user_embedding).sum(dim=-1, keepdim=True))
 
-
-def user_vector(history: torch.Tensor) -> torch.Tensor:
-    """Mean of engaged items' embeddings, [N, D] -> [D]."""
-    return history.mean(dim=0)

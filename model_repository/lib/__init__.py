@@ -1,5 +1,3 @@
-"""Plain-Python libraries that run inside Triton's python stub and in-process alike.
-
-Export copies each module beside the thin `model.py` adapters that use it (model folders stay
-self-contained for object storage); everything else imports them normally from here.
-"""
+"""Plain-Python libraries behind the thin Triton models (numpy, tokenizers, Pillow, onnxruntime;
+never mmrec). Export copies each module a model needs beside its `model.py`, so a model folder
+stays self-contained; everything else imports them as `mmrec.model_repository.lib.<module>`."""

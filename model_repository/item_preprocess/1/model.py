@@ -8,57 +8,25 @@ parallel branch is still running (the request stays "in flight" forever: shutdow
 exit timeout and the ensemble can no longer be unloaded). Every way an item can be invalid is
 therefore detected here, before text and image branches split.
 
-The tokenizer and image decoder are the `tokenizer` and `image_preprocess` models' own classes:
-export copies those files beside this one as text_model.py / image_model.py (a model folder
-pulled alone from object storage stays complete); in the source tree they are read from their
-own folders.
+A thin adapter: tokenizing is `text_preprocessing.py`, decoding and pixel checks
+`image_preprocessing.py`, the parameters (the whole served contract, which the client reads from
+this model's config) `served_contract.py`; export copies them beside this file, and Triton's
+python stub puts this folder on sys.path, so the folder is self-contained.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
+from image_preprocessing import ImageDecoder, check_pixels
+from served_contract import TOKENIZER_FILE, ServedContract
+from text_preprocessing import TextTokenizer
 
 try:  # only present inside Triton
     import triton_python_backend_utils as pb_utils
 except ImportError:  # pragma: no cover - exercised outside the server
     pb_utils = None
-
-HERE = Path(__file__).resolve().parent
-
-
-def _load_sibling(module_name: str, *candidates: Path) -> ModuleType:
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"none of {[str(p) for p in candidates]} exists; re-run `mmrec export`")
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-text_model = _load_sibling("mmrec_item_preprocess_text", HERE / "text_model.py",
-                           HERE.parents[1] / "tokenizer" / "1" / "model.py")
-image_model = _load_sibling("mmrec_item_preprocess_image", HERE / "image_model.py",
-                            HERE.parents[1] / "image_preprocess" / "1" / "model.py")
-
-
-class InvalidPixels(ValueError):
-    """Client-side pixels of the wrong shape or with non-finite values."""
-
-
-def check_pixels(pixels: np.ndarray, image_size: int) -> np.ndarray:
-    """Validate a client-preprocessed FP32 [N, 3, S, S] batch (Triton checks dims; we check values)."""
-    expected = (3, image_size, image_size)
-    if pixels.ndim != 4 or pixels.shape[1:] != expected:
-        raise InvalidPixels(f"PIXEL_VALUES must be [N, {', '.join(map(str, expected))}], got {list(pixels.shape)}")
-    bad = ~np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1)
-    if bad.any():
-        raise InvalidPixels(f"PIXEL_VALUES[{int(np.argmax(bad))}] contains NaN or infinity")
-    return pixels
 
 
 class TritonPythonModel:
@@ -66,14 +34,10 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        contract = ServedContract.from_parameters(config.get("parameters", {}))
         model_dir = Path(args["model_repository"]) / args["model_version"]
-        self.tokenizer = text_model.TextTokenizer(
-            model_dir / text_model.TOKENIZER_FILE,
-            max_seq_len=int(parameters["max_seq_len"]),
-            seq_buckets=tuple(int(b) for b in parameters["seq_buckets"].split(",")),
-            max_text_bytes=int(parameters["max_text_bytes"]))
-        self.decoder = image_model.decoder_from_parameters(parameters)
+        self.tokenizer = TextTokenizer.for_contract(contract, model_dir / TOKENIZER_FILE)
+        self.decoder = ImageDecoder.for_contract(contract)
         self.takes_pixels = any(i["name"] == "PIXEL_VALUES" for i in config["input"])
         self.output_dtypes = {
             name: pb_utils.triton_string_to_numpy(pb_utils.get_output_config_by_name(config, name)["data_type"])

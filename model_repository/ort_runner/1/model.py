@@ -27,10 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-try:  # inside Triton: the copy of model_repository/lib/runtime.py that export puts beside this file
-    import runtime
-except ImportError:  # imported in-process from the source tree
-    from mmrec.model_repository.lib import runtime
+import runtime  # the copy of model_repository/lib/runtime.py that export puts beside this file
 
 try:  # only present inside Triton
     import triton_python_backend_utils as pb_utils

@@ -1,12 +1,9 @@
-"""Triton python model: TEXT (BYTES, UTF-8) -> input_ids, attention_mask (INT64).
+"""Triton python model `tokenizer`: TEXT (BYTES, UTF-8) -> input_ids, attention_mask (INT64).
 
-Self-contained on purpose (numpy + tokenizers only): it runs inside Triton's python stub, where
-the mmrec package may not be importable, and it is also imported by the reference pipeline and
-the tests, so the server and the ground truth share this exact code.
-
-Sequences are padded to the smallest configured bucket that holds the longest text of the
-request; the encoders mean-pool under the mask, so padding never changes an embedding, and
-fixed buckets let the dynamic batcher (and TensorRT profiles) join requests.
+A thin adapter: the logic is `text_preprocessing.py`, the parameters are read by
+`served_contract.py`; export copies both beside this file, and Triton's python stub puts this
+folder on sys.path, so the folder is self-contained. Served for users who tokenize on the
+server alone; the ensembles and the client use `item_preprocess`.
 """
 from __future__ import annotations
 
@@ -14,82 +11,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
+from served_contract import TOKENIZER_FILE, ServedContract
+from text_preprocessing import InvalidText, TextTokenizer
 
 try:  # only present inside Triton
     import triton_python_backend_utils as pb_utils
 except ImportError:  # pragma: no cover - exercised outside the server
     pb_utils = None
 
-TOKENIZER_FILE = "tokenizer.json"
-
-
-class InvalidText(ValueError):
-    """A request's text cannot be tokenized; the message says which item and why."""
-
-
-class TextTokenizer:
-    """Fast (Rust) tokenizer with truncation and bucketed padding, vectorized over the batch."""
-
-    def __init__(self, tokenizer_file: str | Path, max_seq_len: int, seq_buckets: tuple[int, ...],
-                 max_text_bytes: int) -> None:
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        self.tokenizer.enable_truncation(max_length=max_seq_len)
-        self.tokenizer.no_padding()
-        self.max_seq_len = max_seq_len
-        self.buckets = tuple(sorted(b for b in seq_buckets if b <= max_seq_len)) or (max_seq_len,)
-        self.max_text_bytes = max_text_bytes
-
-    def decode_texts(self, raw: np.ndarray) -> list[str]:
-        """Validate a BYTES tensor [B, 1] (or [B]) and return the texts, or raise InvalidText."""
-        flat = np.asarray(raw, dtype=object).reshape(-1)
-        if flat.size == 0:
-            raise InvalidText("TEXT is empty: send one string per batch item")
-        texts = []
-        for i, item in enumerate(flat):
-            if isinstance(item, (bytes, bytearray)):
-                data = bytes(item)
-            elif isinstance(item, str):
-                try:
-                    data = item.encode("utf-8")
-                except UnicodeEncodeError as err:  # lone surrogates cannot be UTF-8
-                    raise InvalidText(f"TEXT[{i}] is not valid UTF-8 ({err.reason} at character "
-                                      f"{err.start})") from None
-            else:
-                raise InvalidText(f"TEXT[{i}] must be UTF-8 bytes, got {type(item).__name__}")
-            if len(data) > self.max_text_bytes:
-                raise InvalidText(f"TEXT[{i}] is {len(data)} bytes, over the limit of "
-                                  f"{self.max_text_bytes} bytes")
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise InvalidText(f"TEXT[{i}] is not valid UTF-8 ({err.reason} at byte {err.start})")
-            if not text.strip():
-                raise InvalidText(f"TEXT[{i}] is empty or whitespace only")
-            texts.append(text)
-        return texts
-
-    def bucket_for(self, length: int) -> int:
-        return next((b for b in self.buckets if b >= length), self.max_seq_len)
-
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokenize texts into int64 [B, bucket] ids and mask."""
-        encodings = self.tokenizer.encode_batch(texts)
-        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-        width = self.bucket_for(int(lengths.max()))
-        ids = np.zeros((len(texts), width), dtype=np.int64)
-        positions = np.arange(width)[None, :]
-        mask = (positions < lengths[:, None]).astype(np.int64)
-        ids[mask.astype(bool)] = np.fromiter(
-            (t for e in encodings for t in e.ids), dtype=np.int64, count=int(lengths.sum()))
-        return ids, mask
-
-
-def _parameter(config: dict, key: str) -> str:
-    try:
-        return config["parameters"][key]["string_value"]
-    except KeyError as err:
-        raise KeyError(f"tokenizer config.pbtxt lacks parameter {key!r}; re-run `mmrec export`") from err
+OUTPUTS = ("input_ids", "attention_mask")
 
 
 class TritonPythonModel:
@@ -97,18 +27,12 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
+        contract = ServedContract.from_parameters(config.get("parameters", {}))
         model_dir = Path(args["model_repository"]) / args["model_version"]
-        self.tokenizer = TextTokenizer(
-            model_dir / TOKENIZER_FILE,
-            max_seq_len=int(_parameter(config, "max_seq_len")),
-            seq_buckets=tuple(int(b) for b in _parameter(config, "seq_buckets").split(",")),
-            max_text_bytes=int(_parameter(config, "max_text_bytes")),
-        )
+        self.tokenizer = TextTokenizer.for_contract(contract, model_dir / TOKENIZER_FILE)
         self.output_dtypes = {
-            name: pb_utils.triton_string_to_numpy(
-                pb_utils.get_output_config_by_name(config, name)["data_type"])
-            for name in ("input_ids", "attention_mask")
-        }
+            name: pb_utils.triton_string_to_numpy(pb_utils.get_output_config_by_name(config, name)["data_type"])
+            for name in OUTPUTS}
 
     @staticmethod
     def _failure(message: str, code):
@@ -116,9 +40,8 @@ class TritonPythonModel:
 
     def _response(self, ids: np.ndarray, mask: np.ndarray):
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("input_ids", ids.astype(self.output_dtypes["input_ids"])),
-            pb_utils.Tensor("attention_mask", mask.astype(self.output_dtypes["attention_mask"])),
-        ])
+            pb_utils.Tensor(name, array.astype(self.output_dtypes[name]))
+            for name, array in zip(OUTPUTS, (ids, mask))])
 
     def execute(self, requests: list) -> list:
         responses = []
