@@ -34,6 +34,7 @@ import typer  # noqa: E402
 
 from mmrec import metrics, schema  # noqa: E402
 from mmrec.export.tuning import score_interval, time_interleaved  # noqa: E402
+from mmrec.layout import RepositoryLayout  # noqa: E402
 from mmrec.export.variants import VARIANTS  # noqa: E402
 from mmrec.model_repository.lib import runtime  # noqa: E402
 from mmrec.photos import known_photos  # noqa: E402
@@ -83,7 +84,7 @@ def offline(repository: Path, feeds: dict[str, dict[int, dict]], rounds: int, bf
     """Each encoder alone: every runtime x precision the machine can run, vs ORT FP32."""
     import torch
 
-    manifest = json.loads((repository / "manifest.json").read_text())
+    manifest = RepositoryLayout(repository).read_manifest()
     torch_models = _torch_encoders()
     threads = runtime.usable_cores()
     torch.set_num_threads(threads)
@@ -284,7 +285,7 @@ def main(fp32: Path = typer.Option(..., help="Repository serving ORT FP32 (expor
              schema.IMAGE_ENCODER: {1: {schema.PIXEL_VALUES: pixels[:1]}, batch: {schema.PIXEL_VALUES: pixels}}}
     start = {"loadavg": loadavg(), "cpu_share": cpu_share()}
     report = {"machine": machine_info(), "commit": git_commit(), "start": start,
-              "tuned_choice": json.loads((tuned / "manifest.json").read_text()).get("tuning", {}).get("chosen"),
+              "tuned_choice": RepositoryLayout(tuned).read_manifest().get("tuning", {}).get("chosen"),
               "text_tokens_batch": int(ids.shape[1]), "offline": offline(fp32, feeds, rounds, bf16_cpu),
               "pipeline": pipeline(fp32_pipe, tuned_pipe, texts, images, rounds)}
     if not skip_served:

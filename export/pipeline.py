@@ -125,8 +125,21 @@ class ExportOptions:
                                   + ", ".join(var.VARIANTS))
             if spec.graph not in self.precisions or spec.runtime not in self.runtimes:
                 raise ExportError(f"--serve-variant {member}={variant}: {variant} is not being exported")
+            served_by = {Target.onnxruntime: "onnxruntime", Target.openvino: "openvino"}.get(self.target)
+            if served_by and spec.runtime != served_by:
+                raise ExportError(f"--serve-variant {member}={variant}: target {self.target.value} runs "
+                                  f"{served_by} only; choose a {served_by} variant")
         if self.target is Target.openvino and "openvino" not in self.runtimes:
             raise ExportError("target openvino needs the openvino runtime (pip install openvino)")
+        if self.target is Target.openvino and "BF16" in runtime.openvino_capabilities():
+            # the backend cannot force FP32 (it passes no precision hint) and OpenVINO runs BF16
+            # by default on such CPUs: only the gated BF16 variants would say what really runs
+            wanted = {v for v in self.serve_variants.values()}
+            if not wanted or any(v != "openvino-bf16" for v in wanted):
+                raise ExportError("target openvino on a CPU with native BF16: the OpenVINO backend runs "
+                                  "BF16 there whatever the variant says; serve openvino-bf16 explicitly "
+                                  "(--serve-variant text_encoder=openvino-bf16 --serve-variant "
+                                  "image_encoder=openvino-bf16) or use --target portable")
         if self.target is Target.tensorrt:
             from .tensorrt import tensorrt_unavailable_reason
             reason = tensorrt_unavailable_reason()
@@ -352,8 +365,11 @@ class Exporter:
             runtimes[member] = (entry["runtime"], entry["precision"])
         if o.target is Target.openvino:  # its backend runs every ONNX member on OpenVINO
             for member, info in models.items():
-                if info["served_variant"] == "fp32" and info["variants"].get("openvino-fp32", {}).get("written"):
-                    info["served_variant"] = "openvino-fp32"
+                if info["served_variant"] != "fp32" or member not in QUANTIZABLE:
+                    continue
+                if not info["variants"].get("openvino-fp32", {}).get("written"):
+                    raise QualityGateError(f"target openvino: {member} on OpenVINO FP32 failed its gate")
+                info["served_variant"] = "openvino-fp32"
         # TensorRT plans are gated one by one against FP32 in _tensorrt; the ONNX mix is not served
         combination = None
         if gates and o.target is not Target.tensorrt:

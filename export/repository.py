@@ -161,17 +161,21 @@ def member_config(spec: ModelSpec, plan: RepositoryPlan) -> mc.ModelConfig:
     return config
 
 
-def openvino_precision(precision: str) -> str:
-    """OpenVINO's name of an inference precision (fp32 -> f32, bf16 -> bf16)."""
-    return {"fp32": "f32", "bf16": "bf16"}[precision]
+# The OpenVINO backend passes on only INFERENCE_NUM_THREADS, COMPILATION_NUM_THREADS, HINT_BF16
+# (YES), NUM_STREAMS and PERFORMANCE_HINT; any other key (e.g. INFERENCE_PRECISION_HINT) is dropped.
+OPENVINO_BF16_KEY = "HINT_BF16"
 
 
 def openvino_parameters(name: str, plan: RepositoryPlan) -> dict[str, str]:
-    """The OpenVINO backend's properties: one latency stream, the chosen inference precision,
-    threads only where pinned (else the backend sizes them to the container)."""
+    """The OpenVINO backend's properties: one latency stream, BF16 when that variant was chosen,
+    threads only where pinned (else the backend sizes them to the container).
+
+    The backend cannot force FP32: on a CPU with native BF16 OpenVINO runs BF16 by default, so
+    export refuses the openvino target's FP32 variants on such a machine (see ExportOptions)."""
     _, precision = plan.member_runtimes.get(name, ("openvino", "fp32"))
-    parameters = {"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_PRECISION_HINT": openvino_precision(precision)}
+    parameters = {"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
+    if precision == "bf16":
+        parameters[OPENVINO_BF16_KEY] = "YES"
     if plan.intra_op_threads:
         parameters["INFERENCE_NUM_THREADS"] = str(plan.intra_op_threads)
     return parameters

@@ -29,7 +29,8 @@ from mmrec.machine import cpu_info
 from mmrec.model_repository.lib import runtime
 from .errors import ExportError
 from .manifest import MANIFEST_FILE, package_versions, write_manifest
-from .repository import CONFIG_FILE, CPU_SHARES, VERSION, Target, openvino_precision, parse, render
+from mmrec.layout import RepositoryLayout
+from .repository import CPU_SHARES, OPENVINO_BF16_KEY, Target, parse, render
 from .variants import VARIANTS
 
 TUNED_MEMBERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
@@ -135,8 +136,13 @@ def measure_member(root: Path, manifest: dict, member: str, runtimes: tuple[str,
 def rank(measured: dict, fallback: str = REFERENCE) -> list[str]:
     """Variants significantly faster than ORT FP32 (interval below 1), fastest first, then the
     fallback (ORT FP32; OpenVINO FP32 on the openvino target, whose backend runs OpenVINO only)."""
+    if fallback not in measured["variants"]:
+        raise TuneError(f"{fallback} was not measured (not admitted at export, or its runtime left out): "
+                        "nothing is left to serve on this target")
     faster = [v for v, m in measured["variants"].items()
               if v not in (REFERENCE, fallback) and m["interval_95"][1] < 1.0]
+    if fallback != REFERENCE:  # the fallback is a real candidate: it competes on speed too
+        return sorted(faster + [fallback], key=lambda v: measured["variants"][v]["score_vs_fp32"])
     return sorted(faster, key=lambda v: measured["variants"][v]["score_vs_fp32"]) + [fallback]
 
 
@@ -175,9 +181,10 @@ def serve_variant(root: Path, manifest: dict, member: str, variant: str, target:
     info = manifest["models"][member]
     old_graph = info["variants"][info["served_variant"]]["graph"]
     spec = VARIANTS[variant]
-    served_path = f"{member}/{VERSION}/model.onnx"
+    layout = RepositoryLayout(root)
+    served_path = layout.model_file(member).relative_to(root).as_posix()
     if spec.graph != old_graph:
-        parked = f"{member}/variants/{old_graph}.onnx"
+        parked = layout.variant_file(member, old_graph).relative_to(root).as_posix()
         incoming = info["variants"][variant]["path"]
         (root / parked).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(root / served_path, root / parked)
@@ -187,11 +194,14 @@ def serve_variant(root: Path, manifest: dict, member: str, variant: str, target:
                 entry["path"] = parked
             elif entry.get("path") == incoming:
                 entry["path"] = served_path
-    config_file = root / member / CONFIG_FILE
+    config_file = layout.config_file(member)
     config = parse(config_file.read_text())
     if target is Target.openvino:
-        config.parameters["INFERENCE_PRECISION_HINT"].string_value = openvino_precision(spec.precision)
-    else:
+        if spec.precision == "bf16":
+            config.parameters[OPENVINO_BF16_KEY].string_value = "YES"
+        else:
+            config.parameters.pop(OPENVINO_BF16_KEY, None)
+    elif target is Target.portable:
         config.parameters["runtime"].string_value = spec.runtime
         config.parameters["precision"].string_value = spec.precision
     config_file.write_text(render(config))
@@ -211,6 +221,8 @@ def tune_repository(root: Path, runtimes: tuple[str, ...] | None = None, rounds:
         raise TuneError(f"{manifest_file} not found: tune a repository written by `mmrec export`")
     manifest = json.loads(manifest_file.read_text())
     target = Target(manifest["target"])
+    if not fixed:  # a re-tune keeps what the user pinned at export (--serve-variant)
+        fixed = dict(manifest.get("tuning", {}).get("fixed_by_user", {}))
     if target not in TARGET_RUNTIMES:
         raise TuneError(f"target {target.value} is built for a GPU; tuning chooses CPU runtimes")
     allowed = tuple(r for r in (runtimes or runtime.RUNTIMES) if r in TARGET_RUNTIMES[target])

@@ -46,7 +46,6 @@ VARIANTS = {v.name: v for v in (
     Variant("openvino-bf16", "fp32", "openvino", "bf16"),
     Variant("openvino-int8", "int8", "openvino"),
 )}
-GRAPHS = ("fp32", "int8", "fp16")
 
 
 def runtime_variants(graph: str, runtimes: tuple[str, ...]) -> list[Variant]:

@@ -32,12 +32,16 @@ def ort_member(path: Path, intra_op_threads: int = 0) -> Member:
 
 
 def served_runtime(repository: Path, member: str) -> tuple[str, str]:
-    """(runtime, precision) a portable member is served with: its config's parameters."""
+    """(runtime, precision) a member is served with: the portable runner's config parameters,
+    or the OpenVINO backend's (openvino target)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
     config = RepositoryLayout(repository).config_file(member)
     parameters = text_format.Parse(config.read_text(), mc.ModelConfig()).parameters if config.is_file() else {}
+    if config.is_file() and text_format.Parse(config.read_text(), mc.ModelConfig()).backend == "openvino":
+        bf16 = "HINT_BF16" in parameters and parameters["HINT_BF16"].string_value.upper() == "YES"
+        return "openvino", "bf16" if bf16 else "fp32"
     runtime_name = parameters["runtime"].string_value if "runtime" in parameters else "onnxruntime"
     precision = parameters["precision"].string_value if "precision" in parameters else "fp32"
     return runtime_name, precision

@@ -14,6 +14,7 @@ from mmrec.export.manifest import sha256_file
 from mmrec.export.repository import Target, parse
 from mmrec.export.tuning import REFERENCE, choose_pair, score_interval, serve_variant, tune_repository
 from mmrec.export.variants import VARIANTS
+from mmrec.layout import RepositoryLayout
 from mmrec.model_repository.lib import runtime
 from mmrec.photos import known_photos
 from mmrec.reference import ReferencePipeline, served_runtime
@@ -24,7 +25,7 @@ needs_openvino = pytest.mark.skipif(runtime.unavailable_reason("openvino") is no
 
 
 def manifest_of(repository: Path) -> dict:
-    return json.loads((Path(repository) / "manifest.json").read_text())
+    return RepositoryLayout(repository).read_manifest()
 
 
 def _feeds(reference: ReferencePipeline) -> dict[str, dict[str, np.ndarray]]:
@@ -193,7 +194,7 @@ def test_openvino_variants_serve_through_triton(exported_repository, reference, 
         else "openvino-fp32"
     serve_variant(root, manifest, schema.TEXT_ENCODER, "openvino-fp32", Target.portable)
     serve_variant(root, manifest, schema.IMAGE_ENCODER, image, Target.portable)
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    RepositoryLayout(root).manifest_file.write_text(json.dumps(manifest))
     assert parse((root / schema.IMAGE_ENCODER / "config.pbtxt").read_text()).parameters["runtime"].string_value \
         == "openvino"
 
@@ -234,3 +235,35 @@ def test_text_encoder_by_length_equals_the_padded_batch(exported_repository, ref
     assert len(runtime.length_groups(mask, reference.preprocess.seq_buckets)) == 2
     np.testing.assert_allclose(grouped, padded, atol=2e-5)
     np.testing.assert_allclose(reference.embed_texts(texts), padded, atol=2e-5)
+
+
+def test_a_bf16_cpu_gets_bf16_plumbing_and_no_false_fp32_on_the_openvino_target(monkeypatch, tmp_path):
+    """What this AVX2 machine cannot run, checked as plumbing: on a CPU whose OpenVINO reports
+    BF16, bf16 is offered, the openvino target must serve it explicitly (its backend cannot force
+    FP32), and both the backend config and the reference pipeline say bf16."""
+    from mmrec.export.errors import ExportError
+    from mmrec.export.pipeline import ExportOptions
+    from mmrec.export.repository import RepositoryPlan, all_configs, render
+    from mmrec.preprocess import PreprocessConfig
+
+    runtime.openvino_capabilities.cache_clear()
+    monkeypatch.setattr(runtime, "openvino_capabilities", lambda: ("FP32", "INT8", "BF16"))
+    if runtime.unavailable_reason("openvino") is not None:
+        pytest.skip("needs the openvino package")
+    assert runtime.unavailable_reason("openvino", "bf16") is None
+    with pytest.raises(ExportError, match="native BF16"):
+        ExportOptions(output=tmp_path / "r", target=Target.openvino).validate()
+    both = {schema.TEXT_ENCODER: "openvino-bf16", schema.IMAGE_ENCODER: "openvino-bf16"}
+    ExportOptions(output=tmp_path / "r", target=Target.openvino, serve_variants=both).validate()
+    with pytest.raises(ExportError, match="runs openvino only"):
+        ExportOptions(output=tmp_path / "r", target=Target.openvino,
+                      serve_variants={schema.IMAGE_ENCODER: "int8"}).validate()
+    plan = RepositoryPlan(Target.openvino, PreprocessConfig(categories=("a", "b")), {}, tmp_path / "t.json",
+                          member_runtimes={m: ("openvino", "bf16") for m in ENCODERS})
+    configs = all_configs(plan)
+    for member in ENCODERS:
+        assert configs[member].parameters["HINT_BF16"].string_value == "YES"
+        (tmp_path / member).mkdir()
+        (tmp_path / member / "config.pbtxt").write_text(render(configs[member]))
+        assert served_runtime(tmp_path, member) == ("openvino", "bf16")
+    assert "HINT_BF16" not in configs[schema.FUSION].parameters

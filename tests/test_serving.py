@@ -59,7 +59,10 @@ def test_every_generated_config_parses_into_model_config(target, tmp_path):
         if target is Target.openvino:  # the OpenVINO backend reads the ONNX file itself
             properties = {k: v.string_value for k, v in member.parameters.items()}
             assert member.default_model_filename == "model.onnx"
-            assert properties["NUM_STREAMS"] == "1" and properties["INFERENCE_PRECISION_HINT"] == "f32"
+            # only keys the backend reads (it drops others silently); FP32 = no BF16 hint
+            assert properties["NUM_STREAMS"] == "1" and "HINT_BF16" not in properties
+            assert set(properties) - {"categories"} <= {"NUM_STREAMS", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS",
+                                                        "HINT_BF16"}
         expected = {Target.portable: ("python", ""), Target.onnxruntime: ("onnxruntime", ""),
                     Target.openvino: ("openvino", ""), Target.tensorrt: ("", "tensorrt_plan")}[target]
         assert (member.backend, member.platform) == expected

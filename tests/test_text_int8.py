@@ -15,9 +15,10 @@ import pytest
 pytest.importorskip("nncf")
 
 from mmrec import schema  # noqa: E402
+from mmrec.layout import RepositoryLayout  # noqa: E402
 from mmrec.export import variants as var  # noqa: E402
 from mmrec.export.parity import cpu_session  # noqa: E402
-from mmrec.export.pipeline import LONG_TEXT_CASES, joined_captions  # noqa: E402
+from mmrec.export.recipes import LONG_TEXT_CASES, joined_captions  # noqa: E402
 from mmrec.export.text_int8 import calibration_texts, quantize_text_int8  # noqa: E402
 from mmrec.model_repository.lib import runtime  # noqa: E402
 
@@ -36,18 +37,16 @@ def _run(session, feeds) -> np.ndarray:
 @pytest.fixture(scope="module")
 def gate_inputs(exported_repository):
     from mmrec.export.data import image_hash, load_items, split
-    from mmrec.preprocess import PreprocessConfig
-    from mmrec.python_models import text_tokenizer
     from mmrec.reference import ReferencePipeline
 
     root = Path(exported_repository)
     items = load_items()
     parts = split(items, [image_hash(i) for i in items])
-    config = PreprocessConfig.load(root)
-    tokenizer = text_tokenizer(config, root / "tokenizer" / "1" / "tokenizer.json")
+    reference = ReferencePipeline(root)  # the served tokenizer and decoder
+    config, tokenizer = reference.preprocess, reference.tokenizer
     held = [i.caption for i in parts.held_out]
-    pixels = ReferencePipeline(root).preprocess_images([i.image_bytes() for i in parts.held_out])
-    image = _run(cpu_session(root / schema.IMAGE_ENCODER / "1" / "model.onnx"),
+    pixels = reference.preprocess_images([i.image_bytes() for i in parts.held_out])
+    image = _run(cpu_session(RepositoryLayout(root).model_file(schema.IMAGE_ENCODER)),
                  [{schema.PIXEL_VALUES: pixels[i:i + BATCH]} for i in range(0, len(pixels), BATCH)])
     categories = {c: k for k, c in enumerate(config.categories)}
     return {
@@ -63,7 +62,7 @@ def gate_inputs(exported_repository):
 
 @pytest.fixture(scope="module")
 def int8_model(gate_inputs, tmp_path_factory) -> Path:
-    source = gate_inputs["root"] / schema.TEXT_ENCODER / "1" / "model.onnx"
+    source = RepositoryLayout(gate_inputs["root"]).model_file(schema.TEXT_ENCODER)
     return quantize_text_int8(source, tmp_path_factory.mktemp("text_int8") / "model.onnx",
                               gate_inputs["calibration"])
 
@@ -84,11 +83,11 @@ def test_int8_text_encoder_passes_gate(gate_inputs, int8_model, runtime_name):
     if reason:
         pytest.skip(reason)
     g = gate_inputs
-    fp32 = cpu_session(g["root"] / schema.TEXT_ENCODER / "1" / "model.onnx")
+    fp32 = cpu_session(RepositoryLayout(g["root"]).model_file(schema.TEXT_ENCODER))
     reference, long_reference = _run(fp32, g["feeds"]), _run(fp32, g["long_feeds"])
     session = runtime.open_session(int8_model, runtime_name, 0)
     embeddings, long_embeddings = _run(session, g["feeds"]), _run(session, g["long_feeds"])
-    fusion = cpu_session(g["root"] / schema.FUSION / "1" / "model.onnx")
+    fusion = cpu_session(RepositoryLayout(g["root"]).model_file(schema.FUSION))
 
     def predict(text: np.ndarray) -> np.ndarray:
         return fusion.run([schema.INTEREST_PROBS_MEMBER], {schema.TEXT_EMBEDDING: text,

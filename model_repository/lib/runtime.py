@@ -14,6 +14,7 @@ Plain numpy/onnxruntime/openvino only: this file runs inside Triton's python stu
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Protocol
@@ -96,6 +97,7 @@ def run_by_length(session: "Session", output_names: list[str] | None, feed: dict
                   mask_name: str, buckets: tuple[int, ...]) -> list[np.ndarray]:
     """session.run with the rows of each length group run at their group's width, outputs
     put back in row order (outputs must be per-row: [B, ...] without a sequence axis)."""
+    assert all(value.ndim == 2 for value in feed.values()), "length grouping cuts [B, S] inputs only"
     groups = length_groups(feed[mask_name], buckets)
     if len(groups) == 1:
         return session.run(output_names, feed)
@@ -142,6 +144,7 @@ class OrtSession:
         return self.session.run(output_names, feed)
 
 
+@functools.lru_cache(maxsize=None)
 def openvino_capabilities() -> tuple[str, ...]:
     """The CPU plugin's OPTIMIZATION_CAPABILITIES (e.g. FP32, INT8, BF16), () without OpenVINO."""
     try:
