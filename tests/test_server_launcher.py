@@ -243,23 +243,34 @@ def test_startup_failure_raises_with_log_tail(tmp_path: Path) -> None:
 @pytest.mark.server
 @pytest.mark.timeout(60)
 def test_serve_forever_stops_on_sigterm(config: ServerConfig, tmp_path: Path) -> None:
-    seen: dict[str, object] = {}
+    """`kill <mmrec serve pid>`: run in a fresh interpreter, as `mmrec serve` runs. (In the test
+    process the SIGTERM arrived after earlier tests had loaded OpenVINO's native thread pool, and
+    the whole suite segfaulted there twice; `mmrec serve` never loads OpenVINO itself.)"""
+    import json
+    import subprocess
 
-    def on_ready(server: TritonServer) -> None:
-        seen["urls"], seen["pid"] = server.urls, server.pid
-        # what `kill <mmrec serve pid>` does, delivered to this (the main) thread: a process-wide
-        # os.kill may land on a native worker thread left by earlier tests in this process
-        # (OpenVINO's TBB pool), and the full suite segfaulted there twice; `mmrec serve` itself
-        # never loads OpenVINO (its Triton children do).
-        signal.raise_signal(signal.SIGTERM)
-
-    before = signal.getsignal(signal.SIGTERM)
-    code = srv.serve_forever(config, on_ready, log_path=tmp_path / "serve.log", echo=False, ready_timeout_s=45)
-    assert code == 0
+    script = f"""
+import json, os, signal, sys
+from pathlib import Path
+from mmrec import server as srv
+config = srv.ServerConfig(Path({str(config.repository)!r}), http_port={config.http_port},
+                          grpc_port={config.grpc_port}, metrics_port={config.metrics_port})
+seen = {{}}
+def on_ready(server):
+    seen["urls"], seen["pid"] = server.urls, server.pid
+    os.kill(os.getpid(), signal.SIGTERM)
+before = signal.getsignal(signal.SIGTERM)
+code = srv.serve_forever(config, on_ready, log_path={str(tmp_path / "serve.log")!r}, echo=False, ready_timeout_s=45)
+print(json.dumps({{"code": code, "urls": seen["urls"], "pid": seen["pid"],
+                  "restored": signal.getsignal(signal.SIGTERM) is before}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=55)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["code"] == 0 and seen["restored"]  # handlers restored
     assert seen["urls"] == {"http": f"127.0.0.1:{config.http_port}", "grpc": f"127.0.0.1:{config.grpc_port}",
                             "metrics": f"127.0.0.1:{config.metrics_port}"}
     assert not group_alive(seen["pid"])
-    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
 
 
 @pytest.mark.server
