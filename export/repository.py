@@ -57,6 +57,7 @@ DEFAULT_POLICIES = {
     schema.IMAGE_ENCODER: BatchingPolicy(2000, (8, 16, 32)),
     schema.FUSION: BatchingPolicy(1000, (8, 16, 32)),
     schema.SCORER: BatchingPolicy(500),
+    schema.ITEM_ENCODER: BatchingPolicy(500),  # only where it is one merged model (portable)
 }
 # CPU targets: no queue delay. Measured on 2 cores (issue 11): at concurrency 1 every member
 # paid its delay on the critical path with nothing to batch (+6 ms of 26 ms p50); Triton still
@@ -67,6 +68,18 @@ CPU_POLICIES = {name: BatchingPolicy(0, policy.preferred_batch_sizes, policy.ins
 # each); fusion and scorer are tiny and run on one thread.
 CPU_SHARES = {schema.TEXT_ENCODER: 2, schema.IMAGE_ENCODER: 2}
 SINGLE_THREAD_MEMBERS = (schema.FUSION, schema.SCORER)
+
+
+# Public ensembles served as one python model on the portable target (item_pipeline/model.py):
+# there every step is a python model, and each hop between two stub processes costs a round
+# trip through shared memory (measured in issue 11: see benchmarks/results). The members it runs
+# stay served on their own; the other ensembles and every native target keep the ensemble.
+MERGED_ENSEMBLES = {Target.portable: (schema.ITEM_ENCODER,)}
+ITEM_PIPELINE_MEMBERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER, schema.FUSION)
+
+
+def merged_ensembles(target: "Target") -> tuple[str, ...]:
+    return MERGED_ENSEMBLES.get(target, ())
 
 
 def default_policies(target: "Target", gpu: bool) -> dict[str, BatchingPolicy]:
@@ -148,10 +161,7 @@ def member_config(spec: ModelSpec, plan: RepositoryPlan) -> mc.ModelConfig:
     if spec.kind == "python":  # every python model carries the whole contract (client reads one)
         _set_parameters(config, contract)
     elif plan.target is Target.portable:
-        threads = 1 if spec.name in SINGLE_THREAD_MEMBERS and not plan.intra_op_threads else plan.intra_op_threads
-        runtime, precision = plan.member_runtimes.get(spec.name, ("onnxruntime", "fp32"))
-        _set_parameters(config, {"intra_op_threads": str(threads), "runtime": runtime, "precision": precision,
-                                 "cpu_share": str(CPU_SHARES.get(spec.name, 1))})
+        _set_parameters(config, member_runtime_parameters(spec.name, plan))
         if spec.name == schema.TEXT_ENCODER:  # the runner computes each row at its length bucket
             _set_parameters(config, {"seq_buckets": contract["seq_buckets"], "length_input": schema.ATTENTION_MASK})
     elif plan.target is Target.openvino and spec.kind == "onnx":
@@ -181,6 +191,44 @@ def openvino_parameters(name: str, plan: RepositoryPlan) -> dict[str, str]:
     return parameters
 
 
+def member_runtime_parameters(member: str, plan: RepositoryPlan) -> dict[str, str]:
+    """How the portable runner runs one ONNX member: threads, runtime, precision, core share."""
+    threads = 1 if member in SINGLE_THREAD_MEMBERS and not plan.intra_op_threads else plan.intra_op_threads
+    runtime, precision = plan.member_runtimes.get(member, ("onnxruntime", "fp32"))
+    return {"intra_op_threads": str(threads), "runtime": runtime, "precision": precision,
+            "cpu_share": str(CPU_SHARES.get(member, 1))}
+
+
+def merged_item_encoder_config(ensemble: EnsembleSpec, plan: RepositoryPlan) -> mc.ModelConfig:
+    """`item_encoder` as one dynamically batched python model (item_pipeline/model.py) running
+    the members' own graphs; each member's runner settings under `<member>.` (tune rewrites
+    them together with the member's config)."""
+    spec = ensemble.spec
+    config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=plan.max_batch_size)
+    config.input.extend(_tensor_input(t) for t in spec.inputs)
+    config.output.extend(_tensor_output(t) for t in spec.outputs)
+    config.dynamic_batching.max_queue_delay_microseconds = plan.policies[spec.name].max_queue_delay_us
+    config.instance_group.append(mc.ModelInstanceGroup(count=plan.policies[spec.name].instances,
+                                                       kind=mc.ModelInstanceGroup.KIND_CPU))
+    _set_parameters(config, plan.contract.to_parameters())
+    layout = RepositoryLayout(Path("."))
+    for member in ITEM_PIPELINE_MEMBERS:
+        settings = member_runtime_parameters(member, plan)
+        # relative to this model's folder: the member's served graph, whatever tune swaps into it
+        settings["model_file"] = Path("..", layout.model_file(member)).as_posix()
+        _set_parameters(config, {f"{member}.{key}": value for key, value in settings.items()})
+    return config
+
+
+def set_member_runtime(config: mc.ModelConfig, member: str, runtime: str, precision: str) -> None:
+    """Record a member's runtime and precision in a runner config (the member's own, or a merged
+    model's `<member>.` keys where it has them)."""
+    for prefix in ("", member + "."):
+        if prefix + "runtime" in config.parameters:
+            config.parameters[prefix + "runtime"].string_value = runtime
+            config.parameters[prefix + "precision"].string_value = precision
+
+
 def ensemble_config(ensemble: EnsembleSpec, max_batch_size: int) -> mc.ModelConfig:
     """Ensembles are not batched themselves (Triton cannot); their members are."""
     spec = ensemble.spec
@@ -206,7 +254,8 @@ def all_configs(plan: RepositoryPlan) -> dict[str, mc.ModelConfig]:
     members = schema.member_specs_for(plan.contract)
     configs = {name: member_config(spec, plan) for name, spec in members.items()}
     for name, ensemble in schema.ensemble_specs(members).items():
-        configs[name] = ensemble_config(ensemble, plan.max_batch_size)
+        configs[name] = (merged_item_encoder_config(ensemble, plan) if name in merged_ensembles(plan.target)
+                         else ensemble_config(ensemble, plan.max_batch_size))
     return configs
 
 
@@ -220,7 +269,8 @@ PYTHON_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     schema.ITEM_PREPROCESS_PIXELS: ("item_preprocess",
                                     ("served_contract", "text_preprocessing", "image_preprocessing")),
 }
-TOKENIZER_USERS = (schema.TOKENIZER, schema.ITEM_PREPROCESS, schema.ITEM_PREPROCESS_PIXELS)
+ITEM_PIPELINE = ("item_pipeline", ("served_contract", "text_preprocessing", "image_preprocessing", "runtime"))
+TOKENIZER_USERS = (schema.TOKENIZER, schema.ITEM_PREPROCESS, schema.ITEM_PREPROCESS_PIXELS, schema.ITEM_ENCODER)
 ORT_RUNNER = ("ort_runner", ("runtime",))  # the portable target's model.py for every ONNX member
 CATALOG_SCORER_SOURCES = ("catalog_scorer", ("catalog_scan",))  # copied by `mmrec index`
 
@@ -244,7 +294,10 @@ def write_repository(plan: RepositoryPlan, output: Path) -> dict[str, Path]:
         layout.config_file(name).write_text(render(config))
         if name in PYTHON_SOURCES:
             copy_python_model(*PYTHON_SOURCES[name], version_dir)
-        if name in TOKENIZER_USERS:
+        merged = name in merged_ensembles(plan.target)
+        if merged:
+            copy_python_model(*ITEM_PIPELINE, version_dir)
+        if name in TOKENIZER_USERS and (name in PYTHON_SOURCES or merged):
             shutil.copyfile(plan.tokenizer_file, layout.tokenizer_file(name))
         if name in plan.member_files:
             target_file = layout.model_file(name, MODEL_KIND[plan.target])

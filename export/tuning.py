@@ -30,7 +30,7 @@ from mmrec.model_repository.lib import runtime
 from .errors import ExportError
 from .manifest import MANIFEST_FILE, package_versions, write_manifest
 from mmrec.layout import RepositoryLayout
-from .repository import CPU_SHARES, OPENVINO_BF16_KEY, Target, parse, render
+from .repository import CPU_SHARES, OPENVINO_BF16_KEY, Target, merged_ensembles, parse, render, set_member_runtime
 from .variants import VARIANTS
 
 TUNED_MEMBERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
@@ -202,8 +202,12 @@ def serve_variant(root: Path, manifest: dict, member: str, variant: str, target:
         else:
             config.parameters.pop(OPENVINO_BF16_KEY, None)
     elif target is Target.portable:
-        config.parameters["runtime"].string_value = spec.runtime
-        config.parameters["precision"].string_value = spec.precision
+        set_member_runtime(config, member, spec.runtime, spec.precision)
+        for merged in merged_ensembles(target):  # a merged item_encoder runs the member too
+            merged_file = layout.config_file(merged)
+            merged_config = parse(merged_file.read_text())
+            set_member_runtime(merged_config, member, spec.runtime, spec.precision)
+            merged_file.write_text(render(merged_config))
     config_file.write_text(render(config))
     info["served_variant"] = variant
 

@@ -490,6 +490,50 @@ def test_ort_runner_isolates_a_request_that_fails_in_the_joined_batch(monkeypatc
     assert responses[2].error is not None and responses[2].error.code == fake.TritonError.INVALID_ARG
 
 
+def test_merged_item_encoder_fails_only_the_bad_requests_of_a_batch(monkeypatch, exported_repository, reference):
+    """Unit test (no server) of the portable item_encoder (one python model): in one dynamic
+    batch, a bad text and a bad image each fail their own request with INVALID_ARG, and the
+    good requests' outputs are the reference pipeline's."""
+    from triton_models import load_served_model
+
+    from mmrec.export.repository import parse
+    from mmrec.layout import RepositoryLayout
+    from mmrec.photos import known_photos
+
+    served = load_served_model(exported_repository, schema.ITEM_ENCODER)
+    monkeypatch.setattr(served, "pb_utils", FakePbUtils())
+    layout = RepositoryLayout(exported_repository)
+    config = parse(layout.config_file(schema.ITEM_ENCODER).read_text())
+    model = served.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({
+        "name": schema.ITEM_ENCODER,
+        "parameters": {k: {"string_value": v.string_value} for k, v in config.parameters.items()},
+        "output": [{"name": o.name, "data_type": "TYPE_FP32"} for o in config.output]}),
+        "model_name": schema.ITEM_ENCODER, "model_repository": str(layout.model_dir(schema.ITEM_ENCODER)),
+        "model_version": "1"})
+    photos = [p.read_bytes() for p in known_photos()[:3]]
+
+    def request(texts: list[bytes], images: list[bytes]) -> dict:
+        return {schema.TEXT: np.array(texts, dtype=object).reshape(-1, 1),
+                schema.IMAGE: np.array(images, dtype=object).reshape(-1, 1)}
+
+    requests = [request([b"a red apple"], photos[:1]),
+                request([b"\xff\xfe bad"], photos[1:2]),  # bad text
+                request([b"two items", b"rocket ship " * 60], photos[1:3]),
+                request([b"a daisy"], [b"not an image"])]  # bad image
+    try:
+        responses = model.execute(requests)
+    finally:
+        model.finalize()
+    assert [r.error is None for r in responses] == [True, False, True, False]
+    assert all(r.error.code == "INVALID_ARG" for r in responses if r.error is not None)
+    assert "TEXT[0]" in responses[1].error.message and "IMAGE[0]" in responses[3].error.message
+    want = reference.encode_items(["a red apple", "two items", "rocket ship " * 60], photos[:3])
+    got = np.concatenate([responses[0].outputs[schema.ITEM_EMBEDDING], responses[2].outputs[schema.ITEM_EMBEDDING]])
+    np.testing.assert_allclose(got, want[schema.ITEM_EMBEDDING], atol=1e-4)
+    assert responses[2].outputs[schema.INTEREST_PROBS].shape == (2, len(reference.categories))
+
+
 class FakePbUtils:
     """Just enough of triton_python_backend_utils to run execute() in-process."""
 

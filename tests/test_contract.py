@@ -73,3 +73,21 @@ def test_export_cli_takes_sequence_buckets(tmp_path):
     result = CliRunner().invoke(app, ["export", "-o", str(tmp_path / "o"), "--seq-buckets", "16,x"])
     assert result.exit_code == 2 and "--seq-buckets" in result.output
     assert "--seq-buckets" in CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"}).output
+
+
+def test_merged_item_encoder_uses_the_schema_names(exported_repository):
+    """The portable item_encoder (one python model, item_pipeline/model.py) hard-codes the member
+    tensor names like the other thin models: they must be the schema's."""
+    from mmrec.export.repository import ITEM_PIPELINE_MEMBERS, parse
+    from triton_models import load_served_model
+
+    module = load_served_model(exported_repository, schema.ITEM_ENCODER)
+    assert module.MEMBERS == ITEM_PIPELINE_MEMBERS
+    assert (module.INPUT_IDS, module.ATTENTION_MASK, module.PIXEL_VALUES, module.TEXT_EMBEDDING,
+            module.IMAGE_EMBEDDING) == (schema.INPUT_IDS, schema.ATTENTION_MASK, schema.PIXEL_VALUES,
+                                        schema.TEXT_EMBEDDING, schema.IMAGE_EMBEDDING)
+    assert module.FUSION_OUTPUTS == (schema.ITEM_EMBEDDING_MEMBER, schema.INTEREST_PROBS_MEMBER,
+                                     schema.ALIGNMENT_MEMBER)
+    config = parse(RepositoryLayout(exported_repository).config_file(schema.ITEM_ENCODER).read_text())
+    assert module.PUBLIC_OUTPUTS == tuple(o.name for o in config.output)
+    assert [i.name for i in config.input] == [schema.TEXT, schema.IMAGE]

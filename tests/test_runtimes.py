@@ -171,6 +171,9 @@ def test_tune_records_the_machine_the_numbers_and_a_consistent_choice(tuned_repo
             assert measured[chosen]["interval_95"][1] < 1.0
         spec = VARIANTS[chosen]
         assert served_runtime(tuned_repository, member) == (spec.runtime, spec.precision)
+        merged = parse((tuned_repository / schema.ITEM_ENCODER / "config.pbtxt").read_text()).parameters
+        assert (merged[f"{member}.runtime"].string_value, merged[f"{member}.precision"].string_value) \
+            == (spec.runtime, spec.precision), "the merged item_encoder must run what the member serves"
         served = manifest["models"][member]["variants"][chosen]
         assert served["path"] == f"{member}/1/model.onnx"
         assert sha256_file(tuned_repository / served["path"]) == served["sha256"]
@@ -197,6 +200,8 @@ def test_openvino_variants_serve_through_triton(exported_repository, reference, 
     RepositoryLayout(root).manifest_file.write_text(json.dumps(manifest))
     assert parse((root / schema.IMAGE_ENCODER / "config.pbtxt").read_text()).parameters["runtime"].string_value \
         == "openvino"
+    merged = parse((root / schema.ITEM_ENCODER / "config.pbtxt").read_text()).parameters
+    assert merged["image_encoder.runtime"].string_value == merged["text_encoder.runtime"].string_value == "openvino"
 
     texts = ["a red apple on a white plate", "rocket ship " * 60, "a yellow daisy"]
     images = [p.read_bytes() for p in known_photos()[:3]]

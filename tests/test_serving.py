@@ -14,8 +14,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from mmrec import schema
-from mmrec.export.repository import (CONFIG_FILE, RepositoryPlan, Target, all_configs, parse,
-                                     render)
+from mmrec.export.repository import (CONFIG_FILE, ITEM_PIPELINE_MEMBERS, RepositoryPlan, Target, all_configs,
+                                     merged_ensembles, parse, render)
 from mmrec.preprocess import PreprocessConfig
 
 TOLERANCE = 1e-4
@@ -37,7 +37,19 @@ def test_every_generated_config_parses_into_model_config(target, tmp_path):
         for tensor in list(again.input) + list(again.output):
             assert PUBLIC_NAME.match(tensor.name), f"{name}: auto-generated tensor name {tensor.name!r}"
     members = {n: c for n, c in configs.items() if n not in schema.ENSEMBLES}
-    for name in schema.ENSEMBLES:
+    merged = merged_ensembles(target)
+    for name in merged:  # one python model (portable): dynamically batched, runs the members' graphs
+        model = configs[name]
+        assert model.backend == "python" and model.HasField("dynamic_batching")
+        assert model.dynamic_batching.max_queue_delay_microseconds == 0  # CPU
+        assert model.max_batch_size == members[schema.TEXT_ENCODER].max_batch_size
+        parameters = {k: v.string_value for k, v in model.parameters.items()}
+        for member in ITEM_PIPELINE_MEMBERS:  # the same runner settings as the member's own config
+            own = {k: v.string_value for k, v in members[member].parameters.items()}
+            assert parameters[f"{member}.model_file"] == f"../{member}/1/model.onnx"
+            for key in ("runtime", "precision", "intra_op_threads", "cpu_share"):
+                assert parameters[f"{member}.{key}"] == own[key], (member, key)
+    for name in set(schema.ENSEMBLES) - set(merged):
         ensemble = configs[name]
         assert ensemble.platform == "ensemble" and not ensemble.HasField("dynamic_batching")
         for step in ensemble.ensemble_scheduling.step:
