@@ -5,6 +5,7 @@ numbers and `--quick` is a different object, not scattered if-statements.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 SECTIONS = ("offline", "roofline", "serving", "perf_analyzer", "quality")
@@ -14,14 +15,16 @@ PROTOCOLS = ("grpc", "http")
 
 @dataclass(frozen=True)
 class Budget:
-    """Time-bounded repetition: warm up, then repeat until `measure_s` and `min_reps` are both
-    reached (or `max_reps`); a single slow call never runs more than `min_reps` times."""
+    """Time-bounded repetition: warm up, then repeat until `min_reps` samples over at least
+    `measure_s` are reached, or `max_s` of measurement whatever the count (a slow case), or
+    `max_reps` (a very fast one). FULL: every case gets >= 100 samples or >= 5 s."""
 
     warmup_s: float
     measure_s: float
     min_reps: int
     max_reps: int = 10_000
     min_warmup_reps: int = 1
+    max_s: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,8 @@ FULL = Settings(
     mode="full",
     batches=(1, 8, 32),
     seq_lens=(16, 64, 128),
-    offline=Budget(warmup_s=0.3, measure_s=2.0, min_reps=3, min_warmup_reps=0),
+    # >= 100 samples (and >= 1 s) or >= 5 s per case, over all rounds (issue 11's method)
+    offline=Budget(warmup_s=0.3, measure_s=1.0, min_reps=100, max_s=5.0, min_warmup_reps=0),
     concurrency=(1, 2, 4, 8, 16, 32),
     level_warmup_s=1.0,
     level_s=5.0,
@@ -84,7 +88,7 @@ QUICK = Settings(
     mode="quick",
     batches=(1, 4),
     seq_lens=(16,),
-    offline=Budget(warmup_s=0.0, measure_s=0.1, min_reps=2, min_warmup_reps=0),
+    offline=Budget(warmup_s=0.0, measure_s=0.1, min_reps=2, max_s=1.0, min_warmup_reps=0),
     offline_rounds=1,
     serving_rounds=1,
     concurrency=(1, 4),
