@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-SECTIONS = ("offline", "roofline", "serving", "perf_analyzer", "quality")
+SECTIONS = ("offline", "roofline", "serving", "perf_analyzer", "photos", "quality")
 MODELS = ("text_encoder", "image_encoder", "fusion", "pipeline")
 PROTOCOLS = ("grpc", "http")
 
@@ -53,6 +53,12 @@ class Settings:
     gemm_sizes: tuple[int, ...] = (1024, 2048)
     gemm_s: float = 1.0
     roofline_rounds: int = 3  # paired sgemm-peak / encoder rounds for the largest batch
+    # photos: 640x427 vs 12 MP JPEG at concurrency 1, Triton and in-process (rounds x per round
+    # samples per arm: >= 100 in full), cosine to full decode on every known photo or one
+    photo_rounds: int = 10
+    photo_per_round: int = 12
+    photo_warmup: int = 5
+    photo_cosine_all: bool = True
     # quality drift: simulated users per category and items per user
     users_per_category: int = 4
     items_per_user: int = 5
@@ -103,6 +109,10 @@ QUICK = Settings(
     gemm_s=0.2,
     roofline_rounds=1,
     raw_client_baseline=False,
+    photo_rounds=2,
+    photo_per_round=3,
+    photo_warmup=1,
+    photo_cosine_all=False,
     users_per_category=2,
     items_per_user=3,
     quality_items=48,

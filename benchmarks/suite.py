@@ -3,7 +3,8 @@ recorded and the others still run), then targets, JSON, Markdown and plots.
 
 Order: offline → roofline (uses offline's timings) → quality → serving, whose sweep also runs
 perf_analyzer level by level right after our own client (same server, same minute, same
-background load); the perf_analyzer section then reports those runs and the comparison. The
+background load); the perf_analyzer section then reports those runs and the comparison; then
+photos (real 640x427 vs 12 MP phone JPEGs through the same server and in-process). The
 server is started once, lazily, and stopped at the end.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import machine, perf_analyzer, plots, quality, report, roofline, serving, targets
+from . import machine, perf_analyzer, photo_latency, plots, quality, report, roofline, serving, targets
 from .offline import add_ratios, run_offline
 from .settings import SECTIONS, Settings
 from .workload import Workload
@@ -102,12 +103,16 @@ def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
     offline_records = (results["sections"]["offline"] or {}).get("records", [])
 
     def roofline_section() -> dict:
-        tick = step("roofline: sgemm peak, encoder GFLOP/s, paired peak/encoder rounds", 1)
+        tick = step("roofline: sgemm peak, encoder GFLOP/s, paired peak/encoder rounds, padding waste", 1)
         b, seq = max(settings.batches), max(settings.seq_lens)
         data = roofline.run_roofline(offline_records, options.repository, settings.gemm_sizes,
                                      settings.gemm_s, options.threads, workload,
                                      [("image_encoder", b, None), ("text_encoder", b, seq)],
                                      settings.roofline_rounds)
+        try:
+            data["padding"] = roofline.padding_waste(workload)
+        except Exception as err:  # noqa: BLE001 - the roofline numbers stand without it
+            data["padding"] = {"error": f"{type(err).__name__}: {err}"}
         tick(1)
         return data
 
@@ -153,6 +158,8 @@ def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
             return pa_session.result(own)
 
         _run_section(results, "perf_analyzer", selected, pa_section)
+        _run_section(results, "photos", selected, lambda: photo_latency.run_photos(
+            workload, settings, options.threads, step, server))
 
     results["machine"]["loadavg_end"] = machine.loadavg()
     results["machine"]["cpu_share_end"] = machine.cpu_share()
