@@ -459,24 +459,25 @@ def readme_headline(results: dict) -> list[str]:
     t1, r1 = _level_of(grpc, 1), _level_of(serving.get("reference"), 1)
     if t1 and r1:
         diff = _serving_row(results, 1).get("p50_diff_ms")
+        point = t1["latency_ms"]["p50"] - r1["latency_ms"]["p50"]
         bullets.append(f"- concurrency 1, p50: Triton gRPC {_f(t1['latency_ms']['p50'])} ms vs in-process "
-                       f"{_f(r1['latency_ms']['p50'])} ms: "
-                       f"{'+' if (diff or {}).get('point', 0) >= 0 else ''}{_f((diff or {}).get('point'), 1, ' ms')}"
-                       f"{_ci(diff, 1, ' ms')}")
+                       f"{_f(r1['latency_ms']['p50'])} ms: **{point:+.1f} ms**{_ci(diff, 1, ' ms')}")
     t8, r8 = _level_of(grpc, 8), _level_of(serving.get("reference"), 8)
     if t8 and r8:
         row = _serving_row(results, 8)
+        mean_ratio = row.get("mean_latency_ratio")
         bullets.append(f"- concurrency 8, throughput: Triton {_f(t8['throughput_items_s'])} vs in-process thread pool "
-                       f"{_f(r8['throughput_items_s'])} items/s: **{_f(row.get('throughput_ratio'), 2, '×')}** "
-                       f"(mean-latency ratio {_f((row.get('mean_latency_ratio') or {}).get('point'), 2, '×')}"
-                       f"{_ci(row.get('mean_latency_ratio'))})")
+                       f"{_f(r8['throughput_items_s'])} items/s: "
+                       f"**{_f(t8['throughput_items_s'] / r8['throughput_items_s'], 2, '×')}**"
+                       + (f" (mean-latency ratio {_f(mean_ratio['point'], 2, '×')}{_ci(mean_ratio)})" if mean_ratio else ""))
     if grpc:
         top = max(lv["concurrency"] for lv in grpc)
         tb, bb = _level_of(grpc, top), _level_of(serving.get("reference_batched"), top)
         if tb and bb:
             vs = _serving_row(results, top).get("vs_batched") or {}
             bullets.append(f"- saturation (concurrency {top}): Triton {_f(tb['throughput_items_s'])} vs in-process batched "
-                           f"{_f(bb['throughput_items_s'])} items/s: {_f(vs.get('throughput_ratio'), 2, '×')}"
+                           f"{_f(bb['throughput_items_s'])} items/s: "
+                           f"**{_f(tb['throughput_items_s'] / bb['throughput_items_s'], 2, '×')}**"
                            f"{_ci(vs.get('mean_latency_ratio'))}")
     photos = results["sections"].get("photos") or {}
     ratio = (photos.get("ratios") or {}).get("triton_12mp_over_640")
@@ -496,14 +497,14 @@ def readme_headline(results: dict) -> list[str]:
     return bullets
 
 
-def readme_block(results: dict) -> str:
+def readme_block(results: dict, source: str | None = None) -> str:
     """The README's benchmark block, generated from bench.json (`mmrec bench --readme README.md`)."""
     m = results["machine"]
     cpu = m["cpu"]
     flags = ", ".join(f for f, on in cpu["flags"].items() if on and f.startswith(("avx512", "amx", "avx_vnni")))
     git = results.get("git") or {}
     clean = {True: "uncommitted changes", False: "clean tree", None: "tree state unknown"}[git.get("dirty")]
-    lines = [f"Generated from `{results.get('files', {}).get('json', JSON_FILE)}` ({results['settings']['mode']} run, "
+    lines = [f"Generated from `{source or JSON_FILE}` ({results['settings']['mode']} run, "
              f"{results.get('started_at', '?')}); do not edit by hand.", ""]
     if results.get("contended"):
         lines += [contended_banner(results), ""]
@@ -521,7 +522,7 @@ def readme_block(results: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def update_readme(readme: Path, results: dict) -> bool:
+def update_readme(readme: Path, results: dict, source: str | None = None) -> bool:
     """Replace what lies between README_START and README_END with `readme_block`; True if the
     file changed. Raises ValueError when the markers are missing or out of order."""
     readme = Path(readme)
@@ -529,7 +530,7 @@ def update_readme(readme: Path, results: dict) -> bool:
     pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
     if text.count(README_START) != 1 or text.count(README_END) != 1 or not pattern.search(text):
         raise ValueError(f"{readme}: needs exactly one {README_START} ... {README_END} block")
-    new = pattern.sub(lambda _: f"{README_START}\n{readme_block(results)}{README_END}", text)
+    new = pattern.sub(lambda _: f"{README_START}\n{readme_block(results, source)}{README_END}", text)
     if new != text:
         readme.write_text(new)
     return new != text

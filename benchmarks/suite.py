@@ -33,6 +33,32 @@ def silent_step(title: str, total: int) -> Tick:
     return lambda n=1: None
 
 
+class PlainSteps:
+    """Progress as plain timestamped lines, one when a step starts and one when it ends: what a
+    log, `tee` or CI shows (progress bars render nothing there)."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self.write = write
+        self.started = time.monotonic()
+        self.current: tuple[str, float] | None = None
+
+    def _line(self, text: str) -> None:
+        now = dt.datetime.now().strftime("%H:%M:%S")
+        self.write(f"[{now} +{time.monotonic() - self.started:6.0f} s] {text}")
+
+    def finish(self) -> None:
+        if self.current is not None:
+            title, t0 = self.current
+            self._line(f"done: {title} ({time.monotonic() - t0:.0f} s)")
+            self.current = None
+
+    def __call__(self, title: str, total: int) -> Tick:
+        self.finish()
+        self._line(f"start: {title}")
+        self.current = (title, time.monotonic())
+        return lambda n=1: None
+
+
 @dataclass
 class BenchOptions:
     repository: Path
@@ -41,6 +67,7 @@ class BenchOptions:
     threads: int
     sections: tuple[str, ...] = SECTIONS
     perf_analyzer: Path | None = None
+    busy_check: dict | None = None  # machine.busy_check() before measuring (+ "allowed")
 
 
 class SectionSkipped(Exception):
@@ -65,8 +92,10 @@ def _run_section(results: dict, name: str, selected: tuple[str, ...], fn: Callab
 
 
 def _contended(results: dict) -> bool:
-    """Was other work competing for the CPUs (1-min load above the usable cores, or this
-    process getting less than 80% of them in the start/end probe)?"""
+    """Was other work competing for the CPUs (busy before measuring, 1-min load above the usable
+    cores + 0.5, or this process getting less than 80% of them in the start/end probe)?"""
+    if (results.get("busy_check") or {}).get("busy"):
+        return True
     cores = results["machine"]["cpu"]["usable_cores"] or 1
     shares = [results["machine"].get(k) for k in ("cpu_share_start", "cpu_share_end")]
     if any(s is not None and s < 0.8 for s in shares):
@@ -95,6 +124,7 @@ def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
         "machine": machine.machine_info(),
         "versions": machine.package_versions(),
         "git": machine.git_commit(),
+        "busy_check": options.busy_check,
         "sections": {},
     }
     workload = Workload(options.repository)
