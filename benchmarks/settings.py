@@ -94,7 +94,7 @@ QUICK = Settings(
     mode="quick",
     batches=(1, 4),
     seq_lens=(16,),
-    offline=Budget(warmup_s=0.0, measure_s=0.1, min_reps=2, max_s=1.0, min_warmup_reps=0),
+    offline=Budget(warmup_s=0.0, measure_s=0.1, min_reps=2, min_warmup_reps=0),
     offline_rounds=1,
     serving_rounds=1,
     concurrency=(1, 4),
