@@ -310,8 +310,11 @@ class Session:
                      "stability_pct": max(r["stability_pct"] for r in ok),
                      "throughput_items_s": mean([r["throughput_items_s"] for r in ok]),
                      "throughput_requests_s": mean([r["throughput_requests_s"] for r in ok]),
-                     "latency_ms": {k: mean([r["latency_ms"][k] for r in ok]) for k in ok[0]["latency_ms"]
-                                    if all(k in r["latency_ms"] for r in ok)},
+                     # a percentile any run left unreported (p99 from < 1,000 requests) stays unreported;
+                     # sample counts add up
+                     "latency_ms": {k: (sum if k == "samples" else mean)([r["latency_ms"][k] for r in ok])
+                                    if all(r["latency_ms"][k] is not None for r in ok) else None
+                                    for k in ok[0]["latency_ms"] if all(k in r["latency_ms"] for r in ok)},
                      "breakdown_ms": {k: mean([r["breakdown_ms"][k] for r in ok]) for k in ok[0]["breakdown_ms"]
                                       if all(k in r["breakdown_ms"] for r in ok)}}
             out.append(level)

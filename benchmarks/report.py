@@ -342,9 +342,11 @@ def header(results: dict) -> list[str]:
 
 def contended_banner(results: dict) -> str:
     busy = results.get("busy_check") or {}
-    why = "; ".join(busy.get("reasons") or []) or "load or the busy probe during the run"
-    return (f"**Contended run: the machine was busy ({why}). These numbers were taken under other load "
-            f"({'--allow-busy' if busy.get('allowed') else 'marked after the run'}); do not commit them as results — "
+    if busy.get("busy"):
+        why = f"busy before measuring: {'; '.join(busy.get('reasons') or [])}; measured anyway (--allow-busy or --quick)"
+    else:
+        why = "the load average or the busy probe during the run showed other work"
+    return (f"**Contended run: {why}. These numbers were taken under other load; do not commit them as results — "
             "re-run `make bench` on a quiet machine.**")
 
 

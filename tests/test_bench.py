@@ -669,3 +669,14 @@ def test_padding_waste_counts_real_and_computed_tokens():
     assert four["batches"] == 1 and four["real_tokens_per_batch"] == 14 and four["padded_tokens_per_batch"] == 32
     assert four["grouped_tokens_per_batch"] == 3 * 4 + 8  # three rows at width 4, one at 8
     assert four["grouped_efficiency"] == pytest.approx(14 / 20)
+
+
+def test_perf_analyzer_levels_average_runs_without_inventing_a_p99(tmp_path):
+    session = perf_analyzer.Session.__new__(perf_analyzer.Session)
+    raw = {"throughput_infer_s": 100.0, "p50_us": 10_000, "p99_us": 30_000}
+    run = perf_analyzer._as_result(raw, 1, 4, window_ms=2000)
+    run.update(stable=True, stability_pct=15)
+    session.runs = [run, dict(run, latency_ms=dict(run["latency_ms"], p50=12.0))]
+    (level,) = session.levels
+    assert level["latency_ms"]["p50"] == pytest.approx(11.0) and level["latency_ms"]["p99"] is None
+    assert level["latency_ms"]["samples"] == 400
