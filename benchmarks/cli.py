@@ -1,7 +1,6 @@
 """`mmrec bench`: the benchmark suite (issue 5), with rich progress and a targets table at the end."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,6 +20,7 @@ console = Console(stderr=True)
 DEFAULT_OUTPUT = Path("benchmarks") / "results"
 EXIT_SECTION_ERROR = 1  # a section raised, or judging a target did
 EXIT_TARGET_MISSED = 3
+EXIT_BUSY = 4  # the machine was busy before measuring and --allow-busy was not given
 
 
 class RichSteps:
@@ -42,10 +42,9 @@ class RichSteps:
 
 
 def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
+    from .machine import usable_cores
+
+    return usable_cores()
 
 
 def _check_choices(values: list[str], allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
@@ -77,7 +76,7 @@ def _exit_on_target_errors(results: dict) -> None:
 def bench_command(
     repository: Path = typer.Option(DEFAULT_REPOSITORY, help="Model repository written by `mmrec export` (target portable or onnxruntime)."),
     output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "-o", help="Folder for bench.json, summary.md, plots and the server log."),
-    quick: bool = typer.Option(False, "--quick", help="CI mode (< 3 min): fewer sizes and levels, short time budgets, every section that can run."),
+    quick: bool = typer.Option(False, "--quick", help="CI mode (< 3 min): fewer sizes and levels, short time budgets, every section that can run; implies --allow-busy."),
     threads: int = typer.Option(0, help="Threads for PyTorch and ORT intra-op (same for both); 0 = usable cores."),
     only: list[str] = typer.Option([], "--only", help=f"Run only these sections: {', '.join(SECTIONS)}."),
     skip: list[str] = typer.Option([], "--skip", help="Skip these sections."),
@@ -88,20 +87,36 @@ def bench_command(
     perf_analyzer: Optional[Path] = typer.Option(None, help="perf_analyzer binary (default: $MMREC_PERF_ANALYZER, the cache, PATH)."),
     strict: bool = typer.Option(False, help=f"Exit {EXIT_TARGET_MISSED} if a measured target is missed."),
     rerender: bool = typer.Option(False, "--rerender", help="Measure nothing: rebuild targets, summary.md and plots from --output/bench.json."),
+    readme: Optional[Path] = typer.Option(None, "--readme", help="Measure nothing: rewrite the block between <!-- bench:start --> and <!-- bench:end --> in this README from --output/bench.json (after --rerender if both are given)."),
+    allow_busy: bool = typer.Option(False, "--allow-busy", help="Measure even when the machine is busy (load average above the usable cores + 0.5, or < 80% of the cores in the busy probe); the results are marked contended. Implied by --quick."),
 ) -> None:
     """Benchmark the exported models and the server: offline backends, roofline, serving sweep,
-    perf_analyzer cross-check, quality drift; reports in --output."""
-    from .suite import BenchOptions, run_bench
+    perf_analyzer cross-check, real photos, quality drift; reports in --output."""
+    from .suite import BenchOptions, PlainSteps, run_bench
 
-    if rerender:
+    if rerender or readme is not None:
+        import json
+
+        from . import report
         from .suite import rerender as rerender_reports
 
         if not (output / "bench.json").is_file():
             console.print(f"[red]error:[/red] {escape(str(output / 'bench.json'))} not found: nothing to re-render")
             raise typer.Exit(2)
-        results = rerender_reports(output)
-        _print_targets(results)
-        console.print(f"re-rendered {escape(str(output))} from bench.json")
+        if rerender:
+            results = rerender_reports(output)
+            _print_targets(results)
+            console.print(f"re-rendered {escape(str(output))} from bench.json")
+        else:
+            results = json.loads((output / "bench.json").read_text())
+        if readme is not None:
+            try:
+                changed = report.update_readme(readme, results, str(output / "bench.json"))
+            except (OSError, ValueError) as err:
+                console.print(f"[red]error:[/red] {escape(str(err))}")
+                raise typer.Exit(2) from err
+            console.print(f"{escape(str(readme))}: benchmark block {'rewritten' if changed else 'already up to date'} "
+                          f"from {escape(str(output / 'bench.json'))}")
         _exit_on_target_errors(results)
         return
 
@@ -120,13 +135,32 @@ def bench_command(
         console.print(f"[red]error:[/red] {escape(str(repository))} is not a repository written by "
                       f"`mmrec export` (no {contract_file.name}); run `mmrec export` first")
         raise typer.Exit(2)
+    from .machine import busy_check
+
+    busy = busy_check(_usable_cores())
+    busy["allowed"] = allow_busy or quick
+    if busy["busy"]:
+        reasons = "; ".join(busy["reasons"])
+        if not busy["allowed"]:
+            console.print(f"[red]error:[/red] the machine is busy ({escape(reasons)}): numbers taken now would "
+                          "measure the other work. Wait for a quiet machine, or pass --allow-busy to measure anyway "
+                          "(the results are then marked contended).")
+            raise typer.Exit(EXIT_BUSY)
+        console.print(f"[yellow]warning:[/yellow] the machine is busy ({escape(reasons)}); measuring anyway "
+                      f"({'--quick' if quick and not allow_busy else '--allow-busy'}): results marked contended")
     options = BenchOptions(repository=repository, output=output, settings=settings,
-                           threads=threads or _usable_cores(), sections=sections, perf_analyzer=perf_analyzer)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        steps = RichSteps(progress)
+                           threads=threads or _usable_cores(), sections=sections, perf_analyzer=perf_analyzer,
+                           busy_check=busy)
+    if not console.is_terminal:  # logs, tee, CI: bars render nothing there, timestamped lines do
+        steps = PlainSteps(lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
         results = run_bench(options, steps)
         steps.finish()
+    else:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            steps = RichSteps(progress)
+            results = run_bench(options, steps)
+            steps.finish()
     for name, section in results["sections"].items():
         if section["status"] != "ok":
             colour = "red" if section["status"] == "error" else "yellow"

@@ -45,6 +45,30 @@ def cpu_share(seconds: float = 0.5) -> float | None:
     return round(used / ((time.perf_counter() - wall) * cores), 3)
 
 
+BUSY_LOAD_MARGIN = 0.5  # 1-min load above usable cores + this: other work competes
+BUSY_MIN_SHARE = 0.8  # busy probe: this process got less than this share of the cores
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def busy_check(cores: int | None = None) -> dict:
+    """Is the machine busy right now (1-min load average above the usable cores + 0.5, or this
+    process getting < 80 % of the cores in the busy probe)? `reasons` says which."""
+    cores = cores or usable_cores()
+    load, share = loadavg(), cpu_share()
+    reasons = []
+    if load and load[0] > cores + BUSY_LOAD_MARGIN:
+        reasons.append(f"1-min load average {load[0]} > {cores} usable cores + {BUSY_LOAD_MARGIN}")
+    if share is not None and share < BUSY_MIN_SHARE:
+        reasons.append(f"busy probe: this process got {100 * share:.0f}% of the cores (< {100 * BUSY_MIN_SHARE:.0f}%)")
+    return {"loadavg": load, "cpu_share": share, "cores": cores, "busy": bool(reasons), "reasons": reasons}
+
+
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in BENCH_PACKAGES:

@@ -135,7 +135,13 @@ def load_engines(engines: list[Engine], cases: list[Case], sources: TorchSources
 
 
 def _round_budget(budget: Budget, rounds: int) -> Budget:
-    return replace(budget, measure_s=budget.measure_s / rounds, min_reps=math.ceil(budget.min_reps / rounds))
+    return replace(budget, measure_s=budget.measure_s / rounds, min_reps=math.ceil(budget.min_reps / rounds),
+                   max_s=budget.max_s / rounds)
+
+
+def sample_rule_met(reps: int, measured_s: float, budget: Budget) -> bool:
+    """The case has the samples the method asks for: `min_reps` of them, or `max_s` of measurement."""
+    return reps >= budget.min_reps or measured_s >= budget.max_s
 
 
 def run_case(case: Case, loaded: list[Loaded], settings: Settings) -> list[dict]:
@@ -189,7 +195,9 @@ def run_case(case: Case, loaded: list[Loaded], settings: Settings) -> list[dict]
         peak = max(peaks[item.engine.name], key=lambda m: m["peak_rss_mb"] or 0)
         records.append(_record(case, item.engine, status="ok",
                                check=check.to_dict() if check else {"rule": "reference"},
-                               rounds=rounds, **base, **timing.summary(), memory=peak))
+                               rounds=rounds, **base, **timing.summary(), memory=peak,
+                               sample_rule_met=sample_rule_met(timing.reps, timing.wall_s, settings.offline),
+                               _latencies=timing.latencies_ms))  # raw, for the intervals; dropped after
     return records
 
 
@@ -199,7 +207,11 @@ def add_ratios(records: list[dict]) -> None:
     `speedup_vs_*`: from throughput (items over the measured time, i.e. the mean latency);
     `speedup_vs_*_p50`: from p50 latency (same batch, so batch/p50 is the median rate). On a
     shared machine a burst of other work that lands in one engine's window moves the mean but
-    hardly the median, so the targets are judged on the p50 ratio and both are reported."""
+    hardly the median, so the targets are judged on the p50 ratio and both are reported.
+    `speedup_vs_*_p50_ci95`: bootstrap 95 % interval of the p50 ratio from the raw per-call
+    latencies (`_latencies`, present only while measuring); a re-render keeps the stored one."""
+    from mmrec.stats import ratio_of_medians
+
     def key(r: dict, engine: str) -> tuple:
         return (r["model"], engine, r["batch"], r["seq_len"])
 
@@ -211,6 +223,13 @@ def add_ratios(records: list[dict]) -> None:
             ref = by_key.get(key(r, base))
             r[field] = (r["throughput_items_s"] / ref["throughput_items_s"]) if ref else None
             r[f"{field}_p50"] = (ref["latency_ms"]["p50"] / r["latency_ms"]["p50"]) if ref else None
+            if ref is None or ref is r:
+                r[f"{field}_p50_ci95"] = None
+            elif r.get("_latencies") and ref.get("_latencies"):
+                interval = ratio_of_medians(ref["_latencies"], r["_latencies"])
+                r[f"{field}_p50_ci95"] = [round(interval.low, 4), round(interval.high, 4)]
+            else:
+                r.setdefault(f"{field}_p50_ci95", None)
 
 
 def run_offline(workload: Workload, settings: Settings, threads: int,
@@ -236,6 +255,8 @@ def run_offline(workload: Workload, settings: Settings, threads: int,
         if model != PIPELINE:
             skipped[model] = skipped_variants(repository, model, sources.manifest)
     add_ratios(records)
+    for r in records:
+        r.pop("_latencies", None)  # bench.json keeps the summaries and intervals, not every call
     return {"threads": threads_info, "budget": settings.offline.__dict__, "records": records,
             "skipped_variants": skipped}
 

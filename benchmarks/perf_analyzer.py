@@ -36,6 +36,8 @@ from pathlib import Path
 from mmrec import schema
 from mmrec.server import default_cache_dir
 
+from .timing import P99_MIN_SAMPLES
+
 TRITONCLIENT_WHEEL = "tritonclient==2.50.0"
 CUDART_WHEEL = "nvidia-cuda-runtime-cu12==12.9.79"
 BINARY_IN_WHEEL = "tritonclient-2.50.0.data/data/bin/perf_analyzer"
@@ -194,10 +196,15 @@ def parse_stdout(text: str) -> dict[str, float]:
     return out
 
 
-def _as_result(raw: dict[str, float], batch: int, concurrency: int) -> dict:
+def _as_result(raw: dict[str, float], batch: int, concurrency: int, window_ms: int | None = None) -> dict:
     ms = {p: raw[f"{p}_us"] / US_PER_MS for p in ("p50", "p90", "p95", "p99", "avg") if f"{p}_us" in raw}
-    server = {k[:-3] + "_ms": v / US_PER_MS for k, v in raw.items() if k.startswith(("server_", "client_", "network_"))}
     throughput = raw.get("throughput_infer_s")
+    if window_ms is not None and throughput is not None and "p99" in ms:
+        # perf_analyzer reports the last measurement window: p99 only where >= P99_MIN_SAMPLES back it
+        ms["samples"] = int(throughput / batch * window_ms / 1000)
+        if ms["samples"] < P99_MIN_SAMPLES:
+            ms["p99"] = None
+    server = {k[:-3] + "_ms": v / US_PER_MS for k, v in raw.items() if k.startswith(("server_", "client_", "network_"))}
     return {"concurrency": concurrency, "latency_ms": ms, "breakdown_ms": server,
             "throughput_requests_s": throughput / batch if throughput is not None else None,
             "throughput_items_s": throughput}
@@ -232,7 +239,7 @@ def run_level(tool: PerfAnalyzer, url: str, model: str, concurrency: int, data: 
         raw = raw or parse_stdout(output)
         attempts.append({"stability_pct": stability, "rc": rc})
         if rc == 0 and "throughput_infer_s" in raw:
-            result = _as_result(raw, batch, concurrency)
+            result = _as_result(raw, batch, concurrency, window_ms)
             result.update(command=" ".join(cmd), stability_pct=stability, attempts=attempts,
                           stable=stability <= 100)
             return result
@@ -252,7 +259,7 @@ def compare(own: list[dict], pa: list[dict]) -> list[dict]:
                "throughput_ratio": o["throughput_items_s"] / p["throughput_items_s"],
                "pa_stability_pct": p.get("stability_pct"), "pa_stable": p.get("stable")}
         for q in ("p50", "p95", "p99"):
-            if q in p["latency_ms"]:
+            if p["latency_ms"].get(q) is not None and o["latency_ms"].get(q) is not None:
                 row[f"{q}_ratio"] = o["latency_ms"][q] / p["latency_ms"][q]
                 row[f"{q}_diff_ms"] = o["latency_ms"][q] - p["latency_ms"][q]
         rows.append(row)
@@ -303,8 +310,11 @@ class Session:
                      "stability_pct": max(r["stability_pct"] for r in ok),
                      "throughput_items_s": mean([r["throughput_items_s"] for r in ok]),
                      "throughput_requests_s": mean([r["throughput_requests_s"] for r in ok]),
-                     "latency_ms": {k: mean([r["latency_ms"][k] for r in ok]) for k in ok[0]["latency_ms"]
-                                    if all(k in r["latency_ms"] for r in ok)},
+                     # a percentile any run left unreported (p99 from < 1,000 requests) stays unreported;
+                     # sample counts add up
+                     "latency_ms": {k: (sum if k == "samples" else mean)([r["latency_ms"][k] for r in ok])
+                                    if all(r["latency_ms"][k] is not None for r in ok) else None
+                                    for k in ok[0]["latency_ms"] if all(k in r["latency_ms"] for r in ok)},
                      "breakdown_ms": {k: mean([r["breakdown_ms"][k] for r in ok]) for k in ok[0]["breakdown_ms"]
                                       if all(k in r["breakdown_ms"] for r in ok)}}
             out.append(level)

@@ -1,98 +1,117 @@
-"""Real photos through `item_encoder`, one item per request (concurrency 1): a 640 x 427 JPEG
-vs the same photo as a 12 MP phone JPEG stored sideways with an EXIF tag, through Triton (gRPC)
-and through the in-process reference pipeline, in alternating rounds so background load hits
-every arm alike. Medians with bootstrap 95 % intervals on the ratios.
+"""The suite's "photos" section: real photos through `item_encoder`, one item per request
+(concurrency 1) — a 640 x 427 JPEG vs the same photo as a 12 MP phone JPEG stored sideways
+with an EXIF orientation tag (mmrec.photos), through Triton (gRPC, the suite's server) and
+through the in-process reference pipeline, in alternating rounds so background load hits every
+arm alike. Medians with bootstrap 95 % intervals on the ratios (mmrec.stats).
 
-`python -m mmrec.benchmarks.photo_latency --repository R --output benchmarks/results/photo_latency.json`
+Quality: the served item embedding of each phone photo vs the same item encoded in-process from
+a full-resolution decode (`mmrec.photos.full_resolution_pixels`, the reference the upstream
+tests use), and the image embedding of the served decoder's pixels vs those of the full decode.
+
+Run it alone with `mmrec bench --only photos`.
 """
 from __future__ import annotations
 
-import json
-import sys
-import tempfile
 import time
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import typer
 
-from mmrec import schema
-from mmrec.photos import known_photos, phone_photo
-from mmrec.reference import ReferencePipeline
-from .machine import cpu_share, loadavg, machine_info
-from .serving import running_server
+from mmrec import metrics, schema
+from mmrec.photos import full_resolution_pixels, known_photos, phone_photo
+from mmrec.stats import difference_of_medians, ratio_of_medians
+
+from .settings import Settings
+from .workload import Workload
 
 CAPTION = "A Chinese palace with a red roof."
-BOOTSTRAP = 2000
+LATENCY_PHOTO = "palace"  # 640 x 427 JPEG (scikit-learn's china.jpg)
+PHONE_ORIENTATION = 6  # stored sideways: rotate 90° clockwise to view
+ARMS = ("jpeg_640x427", "jpeg_12mp_exif6")
+Tick = Callable[[int], None]
 
 
-def _bootstrap_ratio(a: np.ndarray, b: np.ndarray, seed: int = 0) -> list[float]:
-    """95 % interval of median(a) / median(b), resampling both arms."""
-    rng = np.random.default_rng(seed)
-    ratios = [np.median(rng.choice(a, a.size)) / np.median(rng.choice(b, b.size)) for _ in range(BOOTSTRAP)]
-    return [round(float(np.percentile(ratios, 2.5)), 3), round(float(np.percentile(ratios, 97.5)), 3)]
-
-
-def run(repository: Path, rounds: int, per_round: int) -> dict:
+def _triton_caller(url: str):
     import tritonclient.grpc as grpcclient
 
-    palace = next(p for p in known_photos() if p.name == "palace")
-    payloads = {"jpeg_640x427": palace.read_bytes(), "jpeg_12mp_exif6": phone_photo(palace, 6)}
-    pipeline = ReferencePipeline(repository, intra_op_threads=0)
-    samples: dict[str, list[float]] = {f"{where}/{name}": [] for where in ("triton", "in_process")
-                                       for name in payloads}
-    start_load = loadavg()
-    with tempfile.TemporaryDirectory() as tmp, running_server(repository, Path(tmp) / "triton.log") as server:
-        client = grpcclient.InferenceServerClient(server.urls["grpc"])
+    client = grpcclient.InferenceServerClient(url)
 
-        def triton_call(image: bytes) -> None:
-            text = grpcclient.InferInput(schema.TEXT, [1, 1], "BYTES")
-            text.set_data_from_numpy(np.array([[CAPTION.encode()]], dtype=object))
-            picture = grpcclient.InferInput(schema.IMAGE, [1, 1], "BYTES")
-            picture.set_data_from_numpy(np.array([[image]], dtype=object))
-            client.infer(schema.ITEM_ENCODER, [text, picture])
+    def call(caption: str, image: bytes) -> np.ndarray:
+        text = grpcclient.InferInput(schema.TEXT, [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[caption.encode()]], dtype=object))
+        picture = grpcclient.InferInput(schema.IMAGE, [1, 1], "BYTES")
+        picture.set_data_from_numpy(np.array([[image]], dtype=object))
+        result = client.infer(schema.ITEM_ENCODER, [text, picture],
+                              outputs=[grpcclient.InferRequestedOutput(schema.ITEM_EMBEDDING)])
+        return result.as_numpy(schema.ITEM_EMBEDDING)
 
-        arms = {f"triton/{n}": (lambda d=d: triton_call(d)) for n, d in payloads.items()}
+    return client, call
+
+
+def photo_quality(pipeline, contract, triton_call, photos) -> dict:
+    """Cosine of the served item embedding of each 12 MP phone photo to the in-process item
+    embedding from a full-resolution decode, and of the image embedding of the served decoder's
+    pixels to that of the full decode."""
+    served_item, image = {}, {}
+    for photo in photos:
+        data = phone_photo(photo, PHONE_ORIENTATION)
+        full = full_resolution_pixels(data, contract)
+        reference = pipeline.encode_items_pixels([CAPTION], full)[schema.ITEM_EMBEDDING]
+        served_item[photo.name] = float(metrics.row_cosine(triton_call(CAPTION, data), reference)[0])
+        image[photo.name] = float(metrics.row_cosine(pipeline.embed_pixels(pipeline.preprocess_images([data])),
+                                                     pipeline.embed_pixels(full))[0])
+    values = [*served_item.values(), *image.values()]
+    return {"item_embedding_served": served_item, "image_embedding_in_process_decoder": image,
+            "min": min(values), "photos": len(photos),
+            "what": "min over served item embedding and decoder image embedding vs full-resolution decode"}
+
+
+def run_photos(workload: Workload, settings: Settings, threads: int, step: Callable[[str, int], Tick],
+               server: Callable[[], object]) -> dict:
+    """The whole section; `server()` is the suite's (lazily started) tritonserver."""
+    from mmrec.reference import ReferencePipeline
+
+    rounds, per_round = settings.photo_rounds, settings.photo_per_round
+    tick = step(f"photos: 640x427 vs 12 MP JPEG, Triton and in-process, {rounds} rounds x {per_round}",
+                rounds + 2)
+    srv = server()
+    palace = next(p for p in known_photos() if p.name == LATENCY_PHOTO)
+    payloads = {ARMS[0]: palace.read_bytes(), ARMS[1]: phone_photo(palace, PHONE_ORIENTATION)}
+    pipeline = ReferencePipeline(workload.repository, intra_op_threads=threads)
+    client, triton_call = _triton_caller(srv.urls["grpc"])
+    try:
+        arms = {f"triton/{n}": (lambda d=d: triton_call(CAPTION, d)) for n, d in payloads.items()}
         arms.update({f"in_process/{n}": (lambda d=d: pipeline.encode_items([CAPTION], [d]))
                      for n, d in payloads.items()})
         for call in arms.values():  # warm-up: sessions, arenas, python stubs
-            for _ in range(5):
+            for _ in range(settings.photo_warmup):
                 call()
-        for r in range(rounds):
-            for name, call in arms.items():
+        tick(1)
+        samples: dict[str, list[float]] = {name: [] for name in arms}
+        order = list(arms.items())
+        for r in range(rounds):  # alternate the order: A B C D, then D C B A
+            for name, call in (order if r % 2 == 0 else order[::-1]):
                 for _ in range(per_round):
-                    t = time.perf_counter()
+                    t0 = time.perf_counter()
                     call()
-                    samples[name].append(1000 * (time.perf_counter() - t))
-            print(f"round {r + 1}/{rounds}: " + ", ".join(
-                f"{k} p50 {np.median(v):.1f} ms" for k, v in samples.items()), file=sys.stderr, flush=True)
-    arrays = {k: np.array(v) for k, v in samples.items()}
-    p50 = {k: round(float(np.median(v)), 2) for k, v in arrays.items()}
-    ratios = {
-        "triton_12mp_over_640": (arrays["triton/jpeg_12mp_exif6"], arrays["triton/jpeg_640x427"]),
-        "triton_over_in_process_640": (arrays["triton/jpeg_640x427"], arrays["in_process/jpeg_640x427"]),
-        "in_process_12mp_over_640": (arrays["in_process/jpeg_12mp_exif6"], arrays["in_process/jpeg_640x427"]),
-    }
-    return {
-        "samples_per_arm": {k: int(v.size) for k, v in arrays.items()},
-        "p50_ms": p50,
-        "triton_minus_in_process_p50_ms_640": round(p50["triton/jpeg_640x427"] - p50["in_process/jpeg_640x427"], 2),
-        "ratios": {k: {"p50_ratio": round(float(np.median(a) / np.median(b)), 3), "ci95": _bootstrap_ratio(a, b)}
-                   for k, (a, b) in ratios.items()},
-        "load_average_start": start_load, "load_average_end": loadavg(), "cpu_share_end": cpu_share(),
-        "machine": machine_info(),
-    }
-
-
-def main(repository: Path = typer.Option(..., help="An exported repository (portable target)."),
-         output: Path = typer.Option(Path("benchmarks/results/photo_latency.json")),
-         rounds: int = typer.Option(10), per_round: int = typer.Option(12)) -> None:
-    report = run(repository, rounds, per_round)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    print(json.dumps({k: report[k] for k in ("p50_ms", "ratios", "triton_minus_in_process_p50_ms_640",
-                                             "load_average_start", "cpu_share_end")}, indent=2))
-
-
-if __name__ == "__main__":
-    typer.run(main)
+                    samples[name].append(1000 * (time.perf_counter() - t0))
+            tick(1)
+        photos = known_photos() if settings.photo_cosine_all else [palace]
+        quality = photo_quality(pipeline, workload.preprocess, triton_call, photos)
+        tick(1)
+    finally:
+        client.close()
+    p50 = {k: float(np.median(v)) for k, v in samples.items()}
+    pairs = {"triton_12mp_over_640": ("triton/jpeg_12mp_exif6", "triton/jpeg_640x427"),
+             "in_process_12mp_over_640": ("in_process/jpeg_12mp_exif6", "in_process/jpeg_640x427"),
+             "triton_over_in_process_640": ("triton/jpeg_640x427", "in_process/jpeg_640x427"),
+             "triton_over_in_process_12mp": ("triton/jpeg_12mp_exif6", "in_process/jpeg_12mp_exif6")}
+    ratios = {}
+    for key, (a, b) in pairs.items():
+        interval = ratio_of_medians(samples[a], samples[b])
+        ratios[key] = {"p50_ratio": interval.point, "ci95": [round(interval.low, 4), round(interval.high, 4)]}
+    diff = difference_of_medians(samples["triton/jpeg_640x427"], samples["in_process/jpeg_640x427"])
+    return {"caption": CAPTION, "photo": LATENCY_PHOTO, "payload_bytes": {k: len(v) for k, v in payloads.items()},
+            "rounds": rounds, "per_round": per_round, "samples_per_arm": {k: len(v) for k, v in samples.items()},
+            "p50_ms": p50, "ratios": ratios, "triton_minus_in_process_p50_ms_640": diff.to_dict(3),
+            "cosine": quality, "reference_threads": threads}

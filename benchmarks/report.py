@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
+
+from .timing import P99_MIN_SAMPLES
 
 JSON_FILE = "bench.json"
 MARKDOWN_FILE = "summary.md"
@@ -34,6 +37,24 @@ def _f(value, digits: int = 1, suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return f"{value:.{digits}f}{suffix}"
+
+
+def _p99(latency_ms: dict, samples: int | None) -> float | None:
+    """p99 only where >= P99_MIN_SAMPLES back it (also for results written before that rule)."""
+    n = latency_ms.get("samples", samples)
+    return latency_ms.get("p99") if n is not None and n >= P99_MIN_SAMPLES else None
+
+
+def _ci(ci, digits: int = 2, suffix: str = "") -> str:
+    """[low, high] of a bootstrap 95 % interval (list or mmrec.stats.Interval dict), or ''."""
+    if not ci:
+        return ""
+    low, high = (ci["low"], ci["high"]) if isinstance(ci, dict) else ci
+    return f" [{low:.{digits}f}, {high:.{digits}f}]{suffix}"
+
+
+P99_NOTE = (f"p99 is shown only where ≥ {P99_MIN_SAMPLES:,} samples back it (– otherwise: from fewer it is a "
+            "maximum, not a tail estimate); [a, b]: bootstrap 95 % interval.")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -78,10 +99,9 @@ def headline_offline(results: dict) -> list[str]:
                 row.append("–")
                 continue
             cell = f"{_f(r['throughput_items_s'])}/s · p50 {_f(r['latency_ms']['p50'])} ms"
-            if engine != "pytorch" and r.get("speedup_vs_pytorch"):
-                cell += f" · **{r['speedup_vs_pytorch']:.1f}×**"
-                if r.get("speedup_vs_pytorch_p50"):
-                    cell += f" (p50 {r['speedup_vs_pytorch_p50']:.1f}×)"
+            if engine != "pytorch" and r.get("speedup_vs_pytorch_p50"):
+                cell += (f" · **{r['speedup_vs_pytorch_p50']:.2f}×**{_ci(r.get('speedup_vs_pytorch_p50_ci95'))}"
+                         f" (thr {_f(r.get('speedup_vs_pytorch'), 2, '×')})")
             row.append(cell)
         rows.append(row)
     return _table(["model", "case", *[ENGINE_TITLES[e] for e in engines]], rows)
@@ -107,14 +127,37 @@ def serving_table(results: dict) -> list[str]:
         row = [str(c)]
         for _, levels in series:
             lv = levels.get(c)
-            row.append(f"{_f(lv['latency_ms']['p50'])} / {_f(lv['latency_ms']['p99'])}, "
+            row.append(f"{_f(lv['latency_ms']['p50'])} / {_f(_p99(lv['latency_ms'], lv.get('requests')))}, "
                        f"{_f(lv['throughput_items_s'])}" if lv else "–")
         if pa:
             lv = pa.get(c)
-            row.append(f"{_f(lv['latency_ms'].get('p50'))} / {_f(lv['latency_ms'].get('p99'))}, "
+            row.append(f"{_f(lv['latency_ms'].get('p50'))} / {_f(_p99(lv['latency_ms'], None))}, "
                        f"{_f(lv['throughput_items_s'])}" if lv else "–")
         rows.append(row)
-    return _table(header, rows)
+    return _table(header, rows) + [P99_NOTE, ""] + serving_intervals(results)
+
+
+def serving_intervals(results: dict) -> list[str]:
+    """Triton vs in-process per concurrency, with bootstrap 95 % intervals."""
+    intervals = (results["sections"].get("serving") or {}).get("intervals") or {}
+    rows = []
+    for protocol, levels in intervals.items():
+        for row in levels:
+            diff, mean_ratio = row.get("p50_diff_ms"), row.get("mean_latency_ratio")
+            batched = row.get("vs_batched") or {}
+            rows.append([protocol, str(row["concurrency"]),
+                         f"{_f(diff and diff['point'], 2, ' ms')}{_ci(diff, 2)}" if diff else "–",
+                         _f(row.get("throughput_ratio"), 2, "×"),
+                         f"{_f(mean_ratio['point'], 2, '×')}{_ci(mean_ratio)}" if mean_ratio else "–",
+                         _f(batched.get("throughput_ratio"), 2, "×"),
+                         f"{_f(batched['mean_latency_ratio']['point'], 2, '×')}{_ci(batched['mean_latency_ratio'])}"
+                         if batched.get("mean_latency_ratio") else "–"])
+    if not rows:
+        return []
+    return ["Triton vs in-process at each concurrency (closed loop: throughput ratio = mean in-process latency / "
+            "mean Triton latency, whose bootstrap interval is shown):", ""] + _table(
+        ["protocol", "concurrency", "Triton − in-process p50", "throughput ratio (measured)",
+         "throughput ratio (mean latencies)", "vs batched (measured)", "vs batched (mean latencies)"], rows)
 
 
 def client_cost_table(results: dict) -> list[str]:
@@ -159,25 +202,31 @@ def offline_detail(results: dict) -> list[str]:
         if r["status"] != "ok":
             reason = r.get("error") or (r.get("check") or {}).get("reason", "")
             rows.append([r["model"], r["engine"], r["label"], r["status"] + (f": {reason}" if reason else ""),
-                         "–", "–", "–", "–", "–", "–", _f(r.get("load_rss_rise_mb"), 0), "–"])
+                         "–", "–", "–", "–", "–", "–", "–", _f(r.get("load_rss_rise_mb"), 0), "–"])
             continue
         check = r["check"]
         check_cell = "reference" if check.get("rule") == "reference" else (
             f"pass (max|Δ| {check['max_abs_error']:.1e}, cos {check['mean_cosine']:.5f})")
         rows.append([r["model"], r["engine"], r["label"], check_cell,
-                     _f(r["latency_ms"]["p50"], 2), _f(r["latency_ms"]["p95"], 2), _f(r["latency_ms"]["p99"], 2),
+                     _f(r["latency_ms"]["p50"], 2), _f(r["latency_ms"]["p95"], 2),
+                     _f(_p99(r["latency_ms"], r.get("reps")), 2),
+                     f"{r.get('reps')} in {_f(r.get('measured_s'), 1)} s"
+                     + ("" if r.get("sample_rule_met", True) else " (**< rule**)"),
                      _f(r["throughput_items_s"]),
-                     f"{_f(r.get('speedup_vs_pytorch'), 2, '×')} / {_f(r.get('speedup_vs_pytorch_p50'), 2, '×')}",
-                     f"{_f(r.get('speedup_vs_ort_fp32'), 2, '×')} / {_f(r.get('speedup_vs_ort_fp32_p50'), 2, '×')}",
+                     f"{_f(r.get('speedup_vs_pytorch'), 2, '×')} / {_f(r.get('speedup_vs_pytorch_p50'), 2, '×')}"
+                     f"{_ci(r.get('speedup_vs_pytorch_p50_ci95'))}",
+                     f"{_f(r.get('speedup_vs_ort_fp32'), 2, '×')} / {_f(r.get('speedup_vs_ort_fp32_p50'), 2, '×')}"
+                     f"{_ci(r.get('speedup_vs_ort_fp32_p50_ci95'))}",
                      _f(r.get("load_rss_rise_mb"), 0),
                      _f(r["memory"]["peak_rss_mb"], 0)])
     threads = "; ".join(f"{k}={v}" for k, v in section["threads"].items() if v is not None)
     budget = ", ".join(f"{k}={v}" for k, v in section["budget"].items())
     lines = [f"Thread settings (same count for both runtimes): {threads}.", "",
-             f"Time budget per case: {budget}.", ""]
-    lines += _table(["model", "engine", "case", "check vs PyTorch", "p50 ms", "p95 ms", "p99 ms", "items/s",
-                     "× PyTorch (thr / p50)", "× ORT FP32 (thr / p50)", "engine RSS MB (load)",
-                     "process peak RSS MB"], rows)
+             f"Time budget per case (all rounds): {budget}; a case stops at min_reps samples over at least "
+             "measure_s, or at max_s. " + P99_NOTE, ""]
+    lines += _table(["model", "engine", "case", "check vs PyTorch", "p50 ms", "p95 ms", "p99 ms", "samples",
+                     "items/s", "× PyTorch (thr / p50 [95 % CI])", "× ORT FP32 (thr / p50 [95 % CI])",
+                     "engine RSS MB (load)", "process peak RSS MB"], rows)
     skipped = {m: v for m, v in (section.get("skipped_variants") or {}).items() if v}
     for model, variants in skipped.items():
         for variant, why in variants.items():
@@ -272,8 +321,10 @@ def header(results: dict) -> list[str]:
     cpu = m["cpu"]
     flags = ", ".join(f for f, on in cpu["flags"].items() if on and f.startswith(("avx512", "amx", "avx_vnni")))
     git = results.get("git", {})
-    lines = [f"# mmrec benchmark ({results['settings']['mode']})", "",
-             f"- command: `{results['command']}`",
+    lines = [f"# mmrec benchmark ({results['settings']['mode']})", ""]
+    if results.get("contended"):
+        lines += [contended_banner(results), ""]
+    lines += [f"- command: `{results['command']}`",
              f"- git commit: `{git.get('commit')}`" + (" (uncommitted changes)" if git.get("dirty") else ""),
              f"- machine: {cpu['model']}, {cpu['usable_cores']} usable cores, {cpu['memory_gib']} GiB; "
              f"flags: {flags or 'no AVX-512/AMX'}",
@@ -289,6 +340,68 @@ def header(results: dict) -> list[str]:
     return lines + ["Sections: " + "; ".join(statuses), ""]
 
 
+def contended_banner(results: dict) -> str:
+    busy = results.get("busy_check") or {}
+    if busy.get("busy"):
+        why = f"busy before measuring: {'; '.join(busy.get('reasons') or [])}; measured anyway (--allow-busy or --quick)"
+    else:
+        why = "the load average or the busy probe during the run showed other work"
+    return (f"**Contended run: {why}. These numbers were taken under other load; do not commit them as results — "
+            "re-run `make bench` on a quiet machine.**")
+
+
+def photos_detail(results: dict) -> list[str]:
+    section = results["sections"].get("photos") or {}
+    if not section.get("p50_ms"):
+        return []
+    n = section["samples_per_arm"]
+    lines = [f"Caption “{section['caption']}”, photo `{section['photo']}` as a 640×427 JPEG and as a 12 MP phone "
+             f"JPEG stored sideways (EXIF orientation 6), {section['rounds']} alternating rounds × "
+             f"{section['per_round']} calls per arm, concurrency 1, Triton gRPC (the suite's server) and in-process.", ""]
+    lines += _table(["arm", "p50 ms", "samples"], [[k, _f(v, 1), str(n.get(k))] for k, v in section["p50_ms"].items()])
+    lines += _table(["ratio of medians", "value [95 % CI]"],
+                    [[k, f"{_f(v['p50_ratio'], 2, '×')}{_ci(v.get('ci95'))}"] for k, v in section["ratios"].items()])
+    cos = section.get("cosine") or {}
+    if cos:
+        rows = [[name, _f(cos["item_embedding_served"].get(name), 5),
+                 _f((cos.get("image_embedding_in_process_decoder") or {}).get(name), 5)]
+                for name in cos["item_embedding_served"]]
+        lines += ["Cosine of the 12 MP photo's embeddings to a full-resolution decode of the same file "
+                  "(mmrec.photos.full_resolution_pixels):", ""]
+        lines += _table(["photo", "served item_embedding", "image embedding (served decoder code)"], rows)
+    return lines
+
+
+def padding_detail(results: dict) -> list[str]:
+    padding = (results["sections"].get("roofline") or {}).get("padding") or {}
+    by_batch = padding.get("by_batch") or {}
+    if not by_batch:
+        return []
+    executed = padding.get("executed_batch_sizes") or executed_text_batches(results)
+    sizes = sorted({int(b) for b in (*padding.get("headline_batches", ()), *executed)} & {int(b) for b in by_batch})
+    rows = []
+    for b in sizes:
+        r = by_batch[str(b)]
+        rows.append([str(b) + (" (served)" if b in executed else ""), str(r["batches"]), _f(r["real_tokens_per_batch"], 1),
+                     _f(r["padded_tokens_per_batch"], 1), _f(100 * r["padded_efficiency"], 0, "%"),
+                     _f(r["grouped_tokens_per_batch"], 1), _f(100 * r["grouped_efficiency"], 0, "%")])
+    return [f"Padding waste of the text encoder on the {padding['captions']} held-out captions (server tokenizer, "
+            f"buckets {padding['buckets']}), consecutive captions per executed batch: real tokens / computed tokens, "
+            "padded to the bucket of the longest row vs length-grouped (`runtime.length_groups`). "
+            "\"(served)\": a batch size the dynamic batcher executed in the serving sweep.", ""] + _table(
+        ["batch", "batches", "real tokens / batch", "computed (padded)", "real / computed (padded)",
+         "computed (grouped)", "real / computed (grouped)"], rows)
+
+
+def executed_text_batches(results: dict) -> list[int]:
+    """Batch sizes the dynamic batcher executed for the text encoder in the serving sweep."""
+    sizes: set[int] = set()
+    for levels in ((results["sections"].get("serving") or {}).get("triton") or {}).values():
+        for lv in levels:
+            sizes |= {int(b) for b in ((lv.get("server") or {}).get("text_encoder") or {}).get("batch_sizes", {})}
+    return sorted(sizes)
+
+
 def markdown(results: dict) -> str:
     lines = header(results)
     blocks = [
@@ -300,6 +413,8 @@ def markdown(results: dict) -> str:
          client_cost_table(results)),
         ("Offline backend comparison (all cases)", offline_detail(results)),
         ("Roofline", roofline_detail(results)),
+        ("Padding waste (text encoder)", padding_detail(results)),
+        ("Real photos: 640×427 vs 12 MP phone JPEG (concurrency 1)", photos_detail(results)),
         ("Triton server-side breakdown per member (gRPC sweep, statistics API)", server_breakdown(results)),
         ("perf_analyzer cross-check (own client / perf_analyzer)", perf_analyzer_detail(results)),
         ("Quality drift vs FP32 (held-out items)", quality_detail(results)),
@@ -317,3 +432,107 @@ def write_markdown(results: dict, output: Path) -> Path:
     path = Path(output) / MARKDOWN_FILE
     path.write_text(markdown(results))
     return path
+
+
+# --------------------------------------------------------------------------- README block
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
+def _target(results: dict, tid: str) -> dict | None:
+    return next((t for t in results.get("targets", []) if t["id"] == tid), None)
+
+
+def _serving_row(results: dict, concurrency: int, protocol: str = "grpc") -> dict:
+    rows = ((results["sections"].get("serving") or {}).get("intervals") or {}).get(protocol) or []
+    return next((r for r in rows if r["concurrency"] == concurrency), {})
+
+
+def _level_of(levels: list[dict] | None, concurrency: int) -> dict | None:
+    return next((lv for lv in levels or [] if lv["concurrency"] == concurrency and lv.get("requests")), None)
+
+
+def readme_headline(results: dict) -> list[str]:
+    """The headline numbers as bullets: serving c=1 and c=8, saturation, photos, roofline."""
+    serving = results["sections"].get("serving") or {}
+    grpc = (serving.get("triton") or {}).get("grpc") or []
+    bullets = []
+    t1, r1 = _level_of(grpc, 1), _level_of(serving.get("reference"), 1)
+    if t1 and r1:
+        diff = _serving_row(results, 1).get("p50_diff_ms")
+        point = t1["latency_ms"]["p50"] - r1["latency_ms"]["p50"]
+        bullets.append(f"- concurrency 1, p50: Triton gRPC {_f(t1['latency_ms']['p50'])} ms vs in-process "
+                       f"{_f(r1['latency_ms']['p50'])} ms: **{point:+.1f} ms**{_ci(diff, 1, ' ms')}")
+    t8, r8 = _level_of(grpc, 8), _level_of(serving.get("reference"), 8)
+    if t8 and r8:
+        row = _serving_row(results, 8)
+        mean_ratio = row.get("mean_latency_ratio")
+        bullets.append(f"- concurrency 8, throughput: Triton {_f(t8['throughput_items_s'])} vs in-process thread pool "
+                       f"{_f(r8['throughput_items_s'])} items/s: "
+                       f"**{_f(t8['throughput_items_s'] / r8['throughput_items_s'], 2, '×')}**"
+                       + (f" (mean-latency ratio {_f(mean_ratio['point'], 2, '×')}{_ci(mean_ratio)})" if mean_ratio else ""))
+    if grpc:
+        top = max(lv["concurrency"] for lv in grpc)
+        tb, bb = _level_of(grpc, top), _level_of(serving.get("reference_batched"), top)
+        if tb and bb:
+            vs = _serving_row(results, top).get("vs_batched") or {}
+            bullets.append(f"- saturation (concurrency {top}): Triton {_f(tb['throughput_items_s'])} vs in-process batched "
+                           f"{_f(bb['throughput_items_s'])} items/s: "
+                           f"**{_f(tb['throughput_items_s'] / bb['throughput_items_s'], 2, '×')}**"
+                           f"{_ci(vs.get('mean_latency_ratio'))}")
+    photos = results["sections"].get("photos") or {}
+    ratio = (photos.get("ratios") or {}).get("triton_12mp_over_640")
+    if ratio:
+        p50 = photos["p50_ms"]
+        bullets.append(f"- phone photo: 12 MP EXIF-rotated JPEG {_f(p50['triton/jpeg_12mp_exif6'])} ms vs 640×427 "
+                       f"{_f(p50['triton/jpeg_640x427'])} ms through Triton: {_f(ratio['p50_ratio'], 2, '×')}"
+                       f"{_ci(ratio.get('ci95'))}; cosine to full decode ≥ {_f((photos.get('cosine') or {}).get('min'), 4)}")
+    roof = results["sections"].get("roofline") or {}
+    if roof.get("peak"):
+        parts = []
+        for p in roof.get("paired") or []:
+            parts.append(f"{p['model']} b={p['batch']}" + (f" s={p['seq_len']}" if p["seq_len"] else "")
+                         + f" {_f(100 * p['fraction_of_peak_median'], 0, '%')}")
+        bullets.append(f"- roofline (ORT FP32, share of the measured sgemm peak {_f(roof['peak']['peak_gflops'], 0)} "
+                       f"GFLOP/s): " + ("; ".join(parts) or "no paired rounds"))
+    return bullets
+
+
+def readme_block(results: dict, source: str | None = None) -> str:
+    """The README's benchmark block, generated from bench.json (`mmrec bench --readme README.md`)."""
+    m = results["machine"]
+    cpu = m["cpu"]
+    flags = ", ".join(f for f, on in cpu["flags"].items() if on and f.startswith(("avx512", "amx", "avx_vnni")))
+    git = results.get("git") or {}
+    clean = {True: "uncommitted changes", False: "clean tree", None: "tree state unknown"}[git.get("dirty")]
+    lines = [f"Generated from `{source or JSON_FILE}` ({results['settings']['mode']} run, "
+             f"{results.get('started_at', '?')}); do not edit by hand.", ""]
+    if results.get("contended"):
+        lines += [contended_banner(results), ""]
+    lines += [f"- machine: {cpu['model']}, {cpu['usable_cores']} usable cores; flags: {flags or 'no AVX-512/AMX'}",
+              f"- commit `{(git.get('commit') or '?')[:12]}` ({clean}); load average at start {m.get('loadavg_start')}, "
+              f"end {m.get('loadavg_end')}; busy-probe share start {m.get('cpu_share_start')}, end {m.get('cpu_share_end')}",
+              *readme_headline(results), ""]
+    offline = headline_offline(results)
+    if offline:
+        lines += ["Offline (items/s · p50 · **median speed-up vs PyTorch eager** [95 % CI] (throughput ratio)):", "",
+                  *offline]
+    rows = [[t["description"], t["threshold"], t["measured"], _status(t)] for t in results.get("targets", [])]
+    if rows:
+        lines += _table(["target", "threshold", "measured", "status"], rows)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_readme(readme: Path, results: dict, source: str | None = None) -> bool:
+    """Replace what lies between README_START and README_END with `readme_block`; True if the
+    file changed. Raises ValueError when the markers are missing or out of order."""
+    readme = Path(readme)
+    text = readme.read_text()
+    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
+    if text.count(README_START) != 1 or text.count(README_END) != 1 or not pattern.search(text):
+        raise ValueError(f"{readme}: needs exactly one {README_START} ... {README_END} block")
+    new = pattern.sub(lambda _: f"{README_START}\n{readme_block(results, source)}{README_END}", text)
+    if new != text:
+        readme.write_text(new)
+    return new != text

@@ -273,3 +273,34 @@ def run_roofline(records: list[dict], repository: Path, sizes: tuple[int, ...], 
         out["paired"] = paired(workload, repository, list(paired_cases), peak["peak_library"],
                                int(peak["peak_size"]), seconds, rounds, threads)
     return out
+
+
+# --------------------------------------------------------------------------- padding waste
+
+PADDING_HEADLINE_BATCHES = (1, 8, 32)
+
+
+def padding_waste(workload, max_batch: int = 64) -> dict:
+    """Real tokens / computed tokens of the text encoder per executed batch, on the held-out
+    captions in order (as the serving sweep sends them), for every batch size up to `max_batch`
+    (the report picks 1, 8, 32 and the sizes the dynamic batcher executed): padded to the
+    bucket of the longest row (one run of the batch, what the server tokenizer produces) vs
+    length-grouped (`runtime.length_groups`: each group of rows at its own bucket)."""
+    from mmrec.model_repository.lib import runtime
+
+    captions = [item.caption for item in workload.items]
+    buckets = tuple(workload.tokenizer.buckets)
+    by_batch = {}
+    for b in range(1, min(max_batch, len(captions)) + 1):
+        real = padded = grouped = batches = 0
+        for start in range(0, len(captions) - b + 1, b):  # whole batches only
+            _, mask = workload.tokenizer(captions[start:start + b])
+            real += int(mask.sum())
+            padded += mask.size
+            grouped += sum(len(rows) * width for rows, width in runtime.length_groups(mask, buckets))
+            batches += 1
+        by_batch[str(b)] = {"batches": batches, "real_tokens_per_batch": real / batches,
+                            "padded_tokens_per_batch": padded / batches, "grouped_tokens_per_batch": grouped / batches,
+                            "padded_efficiency": real / padded, "grouped_efficiency": real / grouped}
+    return {"captions": len(captions), "buckets": list(buckets), "headline_batches": list(PADDING_HEADLINE_BATCHES),
+            "by_batch": by_batch}

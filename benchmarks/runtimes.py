@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 import typer  # noqa: E402
 
 from mmrec import metrics, schema  # noqa: E402
-from mmrec.export.tuning import score_interval, time_interleaved  # noqa: E402
+from mmrec.export.tuning import time_interleaved  # noqa: E402
+from mmrec.stats import score_interval  # noqa: E402
 from mmrec.layout import RepositoryLayout  # noqa: E402
 from mmrec.export.variants import VARIANTS  # noqa: E402
 from mmrec.model_repository.lib import runtime  # noqa: E402

@@ -51,15 +51,17 @@ def _level_result(latencies_ms: list[float], items: int, wall_s: float, errors: 
             "_latencies": list(latencies_ms)}
 
 
-def merge_rounds(parts: list[dict]) -> dict:
+def merge_rounds(parts: list[dict], keep_raw: bool = False) -> dict:
     """Windows of one series at one level (several rounds) as one result: latencies pooled,
-    throughput = all items / all measured time, server statistics summed."""
+    throughput = all items / all measured time, server statistics summed. `keep_raw` keeps the
+    pooled latencies as `_latencies` (in memory, for the intervals; never written)."""
     latencies = [x for p in parts for x in p.get("_latencies", [])]
     merged = _level_result(latencies, sum(p["items"] for p in parts), sum(p["measured_s"] for p in parts),
                            sum(p["errors"] for p in parts),
                            next((p["first_error"] for p in parts if p["first_error"]), None),
                            parts[0]["concurrency"])
-    merged.pop("_latencies")
+    if not keep_raw:
+        merged.pop("_latencies")
     merged["rounds"] = len(parts)
     merged["throughput_items_s_per_round"] = [p["throughput_items_s"] for p in parts]
     cpu = [(p["client_cpu_ms_per_request"], p["requests"]) for p in parts if p.get("client_cpu_ms_per_request")]
@@ -226,6 +228,39 @@ def reference_level(pipeline, workload: Workload, settings: Settings, concurrenc
     return _threaded_loop(call, cursor, concurrency, settings.level_s)
 
 
+def compare_levels(triton: list[dict], reference: list[dict], batched: list[dict]) -> list[dict]:
+    """Triton vs the in-process pipelines at every concurrency, from the raw latencies of the
+    same level, with bootstrap 95 % intervals (mmrec.stats):
+
+    - `p50_diff_ms`: Triton p50 - in-process p50 (concurrency 1: the cost of serving);
+    - `throughput_ratio`: Triton items/s / in-process items/s as measured, and
+      `mean_latency_ratio`: in a closed loop at concurrency c, throughput = c x items per
+      request / mean latency, so the throughput ratio is mean(in-process) / mean(Triton): its
+      interval is the interval of the throughput ratio;
+    - `vs_batched`: the same ratios against the batched in-process pipeline (one call of c
+      requests' items, latency per call) at that concurrency."""
+    from mmrec.stats import difference_of_medians, ratio_of_means
+
+    by_c = {name: {lv["concurrency"]: lv for lv in levels if lv.get("_latencies")}
+            for name, levels in (("reference", reference), ("batched", batched))}
+    rows = []
+    for t in triton:
+        if not t.get("_latencies"):
+            continue
+        row: dict = {"concurrency": t["concurrency"]}
+        ref = by_c["reference"].get(t["concurrency"])
+        if ref is not None:
+            row["p50_diff_ms"] = difference_of_medians(t["_latencies"], ref["_latencies"]).to_dict(3)
+            row["throughput_ratio"] = t["throughput_items_s"] / ref["throughput_items_s"]
+            row["mean_latency_ratio"] = ratio_of_means(ref["_latencies"], t["_latencies"]).to_dict()
+        batch = by_c["batched"].get(t["concurrency"])
+        if batch is not None:
+            row["vs_batched"] = {"throughput_ratio": t["throughput_items_s"] / batch["throughput_items_s"],
+                                 "mean_latency_ratio": ratio_of_means(batch["_latencies"], t["_latencies"]).to_dict()}
+        rows.append(row)
+    return rows
+
+
 PerLevelHook = Callable[[TritonServer, int], None]
 
 
@@ -273,8 +308,13 @@ def run_serving(workload: Workload, settings: Settings, threads: int, step: Call
                 windows[i].append(measure())
         for i, (target, _) in enumerate(measures):
             if windows[i] and windows[i][0]:
-                target.append(merge_rounds(windows[i]))
+                target.append(merge_rounds(windows[i], keep_raw=True))
         tick(1)
+    out["intervals"] = {p: compare_levels(out["triton"][p], out["reference"], out["reference_batched"])
+                        for p in settings.protocols}
+    for levels in [out["reference"], out["reference_batched"], out["triton_raw_tritonclient"], *out["triton"].values()]:
+        for lv in levels:
+            lv.pop("_latencies", None)
     return {"model": "item_encoder", "request_batch": settings.request_batch,
             "level_s": settings.level_s, "level_warmup_s": settings.level_warmup_s, "rounds": rounds,
             "client": "mmrec.client.AsyncMMRecClient (retries=0, concurrency=level)",

@@ -5,23 +5,26 @@ numbers and `--quick` is a different object, not scattered if-statements.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
-SECTIONS = ("offline", "roofline", "serving", "perf_analyzer", "quality")
+SECTIONS = ("offline", "roofline", "serving", "perf_analyzer", "photos", "quality")
 MODELS = ("text_encoder", "image_encoder", "fusion", "pipeline")
 PROTOCOLS = ("grpc", "http")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Time-bounded repetition: warm up, then repeat until `measure_s` and `min_reps` are both
-    reached (or `max_reps`); a single slow call never runs more than `min_reps` times."""
+    """Time-bounded repetition: warm up, then repeat until `min_reps` samples over at least
+    `measure_s` are reached, or `max_s` of measurement whatever the count (a slow case), or
+    `max_reps` (a very fast one). FULL: every case gets >= 100 samples or >= 5 s."""
 
     warmup_s: float
     measure_s: float
     min_reps: int
     max_reps: int = 10_000
     min_warmup_reps: int = 1
+    max_s: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,12 @@ class Settings:
     gemm_sizes: tuple[int, ...] = (1024, 2048)
     gemm_s: float = 1.0
     roofline_rounds: int = 3  # paired sgemm-peak / encoder rounds for the largest batch
+    # photos: 640x427 vs 12 MP JPEG at concurrency 1, Triton and in-process (rounds x per round
+    # samples per arm: >= 100 in full), cosine to full decode on every known photo or one
+    photo_rounds: int = 10
+    photo_per_round: int = 12
+    photo_warmup: int = 5
+    photo_cosine_all: bool = True
     # quality drift: simulated users per category and items per user
     users_per_category: int = 4
     items_per_user: int = 5
@@ -70,7 +79,8 @@ FULL = Settings(
     mode="full",
     batches=(1, 8, 32),
     seq_lens=(16, 64, 128),
-    offline=Budget(warmup_s=0.3, measure_s=2.0, min_reps=3, min_warmup_reps=0),
+    # >= 100 samples (and >= 1 s) or >= 5 s per case, over all rounds (issue 11's method)
+    offline=Budget(warmup_s=0.3, measure_s=1.0, min_reps=100, max_s=5.0, min_warmup_reps=0),
     concurrency=(1, 2, 4, 8, 16, 32),
     level_warmup_s=1.0,
     level_s=5.0,
@@ -99,6 +109,10 @@ QUICK = Settings(
     gemm_s=0.2,
     roofline_rounds=1,
     raw_client_baseline=False,
+    photo_rounds=2,
+    photo_per_round=3,
+    photo_warmup=1,
+    photo_cosine_all=False,
     users_per_category=2,
     items_per_user=3,
     quality_items=48,

@@ -3,7 +3,8 @@ recorded and the others still run), then targets, JSON, Markdown and plots.
 
 Order: offline → roofline (uses offline's timings) → quality → serving, whose sweep also runs
 perf_analyzer level by level right after our own client (same server, same minute, same
-background load); the perf_analyzer section then reports those runs and the comparison. The
+background load); the perf_analyzer section then reports those runs and the comparison; then
+photos (real 640x427 vs 12 MP phone JPEGs through the same server and in-process). The
 server is started once, lazily, and stopped at the end.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import machine, perf_analyzer, plots, quality, report, roofline, serving, targets
+from . import machine, perf_analyzer, photo_latency, plots, quality, report, roofline, serving, targets
 from .offline import add_ratios, run_offline
 from .settings import SECTIONS, Settings
 from .workload import Workload
@@ -32,6 +33,32 @@ def silent_step(title: str, total: int) -> Tick:
     return lambda n=1: None
 
 
+class PlainSteps:
+    """Progress as plain timestamped lines, one when a step starts and one when it ends: what a
+    log, `tee` or CI shows (progress bars render nothing there)."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self.write = write
+        self.started = time.monotonic()
+        self.current: tuple[str, float] | None = None
+
+    def _line(self, text: str) -> None:
+        now = dt.datetime.now().strftime("%H:%M:%S")
+        self.write(f"[{now} +{time.monotonic() - self.started:6.0f} s] {text}")
+
+    def finish(self) -> None:
+        if self.current is not None:
+            title, t0 = self.current
+            self._line(f"done: {title} ({time.monotonic() - t0:.0f} s)")
+            self.current = None
+
+    def __call__(self, title: str, total: int) -> Tick:
+        self.finish()
+        self._line(f"start: {title}")
+        self.current = (title, time.monotonic())
+        return lambda n=1: None
+
+
 @dataclass
 class BenchOptions:
     repository: Path
@@ -40,6 +67,7 @@ class BenchOptions:
     threads: int
     sections: tuple[str, ...] = SECTIONS
     perf_analyzer: Path | None = None
+    busy_check: dict | None = None  # machine.busy_check() before measuring (+ "allowed")
 
 
 class SectionSkipped(Exception):
@@ -64,8 +92,10 @@ def _run_section(results: dict, name: str, selected: tuple[str, ...], fn: Callab
 
 
 def _contended(results: dict) -> bool:
-    """Was other work competing for the CPUs (1-min load above the usable cores, or this
-    process getting less than 80% of them in the start/end probe)?"""
+    """Was other work competing for the CPUs (busy before measuring, 1-min load above the usable
+    cores + 0.5, or this process getting less than 80% of them in the start/end probe)?"""
+    if (results.get("busy_check") or {}).get("busy"):
+        return True
     cores = results["machine"]["cpu"]["usable_cores"] or 1
     shares = [results["machine"].get(k) for k in ("cpu_share_start", "cpu_share_end")]
     if any(s is not None and s < 0.8 for s in shares):
@@ -94,6 +124,7 @@ def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
         "machine": machine.machine_info(),
         "versions": machine.package_versions(),
         "git": machine.git_commit(),
+        "busy_check": options.busy_check,
         "sections": {},
     }
     workload = Workload(options.repository)
@@ -102,12 +133,16 @@ def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
     offline_records = (results["sections"]["offline"] or {}).get("records", [])
 
     def roofline_section() -> dict:
-        tick = step("roofline: sgemm peak, encoder GFLOP/s, paired peak/encoder rounds", 1)
+        tick = step("roofline: sgemm peak, encoder GFLOP/s, paired peak/encoder rounds, padding waste", 1)
         b, seq = max(settings.batches), max(settings.seq_lens)
         data = roofline.run_roofline(offline_records, options.repository, settings.gemm_sizes,
                                      settings.gemm_s, options.threads, workload,
                                      [("image_encoder", b, None), ("text_encoder", b, seq)],
                                      settings.roofline_rounds)
+        try:
+            data["padding"] = roofline.padding_waste(workload)
+        except Exception as err:  # noqa: BLE001 - the roofline numbers stand without it
+            data["padding"] = {"error": f"{type(err).__name__}: {err}"}
         tick(1)
         return data
 
@@ -153,6 +188,8 @@ def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
             return pa_session.result(own)
 
         _run_section(results, "perf_analyzer", selected, pa_section)
+        _run_section(results, "photos", selected, lambda: photo_latency.run_photos(
+            workload, settings, options.threads, step, server))
 
     results["machine"]["loadavg_end"] = machine.loadavg()
     results["machine"]["cpu_share_end"] = machine.cpu_share()

@@ -12,18 +12,25 @@ import numpy as np
 from .settings import Budget
 
 PERCENTILES = (50, 95, 99)
+P99_MIN_SAMPLES = 1000  # below this the 99th percentile is (near) the maximum: not reported
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def percentiles(latencies_ms: list[float] | np.ndarray) -> dict[str, float]:
-    """p50/p95/p99/mean/min of latencies in ms (linear interpolation, numpy's default)."""
+def percentiles(latencies_ms: list[float] | np.ndarray) -> dict[str, float | int | None]:
+    """p50/p95/p99/mean/min of latencies in ms (linear interpolation, numpy's default) and the
+    sample count. p99 is None (JSON null, "–" in tables) unless P99_MIN_SAMPLES back it: from
+    fewer samples it is a maximum, not a tail estimate."""
     values = np.asarray(latencies_ms, dtype=np.float64)
     if values.size == 0:
-        return {f"p{p}": float("nan") for p in PERCENTILES} | {"mean": float("nan"), "min": float("nan")}
-    out = {f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES}
+        return ({f"p{p}": float("nan") for p in PERCENTILES} | {"mean": float("nan"), "min": float("nan"),
+                                                                  "samples": 0})
+    out: dict[str, float | int | None] = {f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES}
+    if values.size < P99_MIN_SAMPLES:
+        out["p99"] = None
     out["mean"] = float(values.mean())
     out["min"] = float(values.min())
+    out["samples"] = int(values.size)
     return out
 
 
@@ -50,6 +57,13 @@ class Timing:
                 "reps": self.reps, "warmup_reps": self.warmup_reps, "measured_s": self.wall_s}
 
 
+def enough_samples(reps: int, elapsed_s: float, budget: Budget) -> bool:
+    """The stopping rule of a timed case (see Budget): `min_reps` samples over at least
+    `measure_s`, or `max_s` of measurement whatever the count, or `max_reps`."""
+    return (reps >= budget.max_reps or (reps >= budget.min_reps and elapsed_s >= budget.measure_s)
+            or (reps >= 1 and elapsed_s >= budget.max_s))
+
+
 def time_calls(fn: Callable[[], object], items: int, budget: Budget, warmed_up_s: float = 0.0) -> Timing:
     """Warm up, then call `fn` back to back within the budget (see Budget).
 
@@ -68,10 +82,7 @@ def time_calls(fn: Callable[[], object], items: int, budget: Budget, warmed_up_s
         t0 = clock()
         fn()
         latencies.append((clock() - t0) * 1e3)
-        elapsed = clock() - begin
-        if len(latencies) >= budget.max_reps:
-            break
-        if len(latencies) >= budget.min_reps and elapsed >= budget.measure_s:
+        if enough_samples(len(latencies), clock() - begin, budget):
             break
     return Timing(latencies, items, clock() - begin, warm)
 

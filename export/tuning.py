@@ -26,6 +26,7 @@ import numpy as np
 
 from mmrec import schema
 from mmrec.machine import cpu_info
+from mmrec.stats import score_interval  # noqa: F401  (re-exported: tests and benchmarks import it here)
 from mmrec.model_repository.lib import runtime
 from .errors import ExportError
 from .manifest import MANIFEST_FILE, package_versions, write_manifest
@@ -36,7 +37,6 @@ from .variants import VARIANTS
 TUNED_MEMBERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
 CASES = {schema.TEXT_ENCODER: ((1, 16), (32, 64)), schema.IMAGE_ENCODER: ((1,), (32,))}
 DEFAULT_ROUNDS = 7
-BOOTSTRAP_SAMPLES = 2000
 TARGET_RUNTIMES = {Target.portable: runtime.RUNTIMES, Target.onnxruntime: ("onnxruntime",),
                    Target.openvino: ("openvino",)}
 REFERENCE = "fp32"
@@ -75,22 +75,6 @@ def time_interleaved(sessions: dict[str, runtime.Session], feed: dict[str, np.nd
             sessions[name].run(None, feed)
             times[name].append(time.perf_counter() - start)
     return times
-
-
-def score_interval(candidate: list[list[float]], reference: list[list[float]],
-                   samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float, float]:
-    """Geometric mean over cases of median(candidate)/median(reference), with a bootstrap 95 %
-    interval (rounds resampled with replacement, per case and arm)."""
-    rng = np.random.default_rng(1)
-    point = float(np.exp(np.mean([np.log(np.median(c) / np.median(r)) for c, r in zip(candidate, reference)])))
-    logs = np.zeros(samples)
-    for c, r in zip(candidate, reference):
-        c, r = np.asarray(c), np.asarray(r)
-        c_med = np.median(c[rng.integers(0, len(c), (samples, len(c)))], axis=1)
-        r_med = np.median(r[rng.integers(0, len(r), (samples, len(r)))], axis=1)
-        logs += np.log(c_med / r_med)
-    low, high = np.exp(np.percentile(logs / len(candidate), [2.5, 97.5]))
-    return point, float(low), float(high)
 
 
 def candidates_of(manifest: dict, member: str, runtimes: tuple[str, ...]) -> dict[str, dict]:

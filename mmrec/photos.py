@@ -7,13 +7,19 @@ with the ImageNet classes a correct EfficientNet must put first; neighbours in t
 (tabby / tiger cat / Egyptian cat) all count.
 
 `phone_photo()` turns one into what phones send: a 12-megapixel JPEG, optionally stored
-sideways with an EXIF orientation tag.
+sideways with an EXIF orientation tag. `full_resolution_pixels()` is the reference a fast
+decoder is checked against (tests and the benchmark's photos section): the documented recipe
+written independently of the served decoder, with plain PIL at full resolution.
 """
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PHONE_SIZE = (4032, 3024)  # 12 MP, 4:3
 EXIF_ORIENTATION = 0x0112
@@ -67,3 +73,29 @@ def phone_photo(photo: Photo, orientation: int = 1, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     stored.save(buffer, "JPEG", quality=quality, exif=exif.tobytes())
     return buffer.getvalue()
+
+
+def full_resolution_pixels(data: bytes, config) -> "np.ndarray":
+    """The documented recipe, written from its description with plain PIL at full resolution:
+    upright by EXIF, alpha onto the background, fit to S x S, scale to mean/std. `config`: the
+    repository's ServedContract (image_size, image_fit, background, image_mean, image_std).
+    Returns [1, 3, S, S] float32."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGBA")
+    flat = Image.new("RGBA", image.size, tuple(config.background) + (255,))
+    flat.alpha_composite(image)
+    image, size = flat.convert("RGB"), config.image_size
+    if config.image_fit == "crop":
+        side = min(image.size) * size / (size + 32)
+        left, top = (image.width - side) / 2, (image.height - side) / 2
+        image = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    else:
+        side = max(image.size)
+        canvas = Image.new("RGB", (side, side), tuple(config.background))
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = canvas.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    chw = ((pixels - np.array(config.image_mean)) / np.array(config.image_std)).transpose(2, 0, 1)
+    return chw[None].astype(np.float32)

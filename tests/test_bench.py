@@ -86,6 +86,24 @@ def test_quick_bench_json_is_complete(quick_run):
     assert results["sections"]["roofline"]["peak"]["peak_gflops"] > 0
     assert results["sections"]["quality"]["variants"], "the default export has INT8/FP16 variants"
 
+    # issue 11's method: intervals from raw latencies (not stored), photos, padding, busy check
+    for r in offline["records"]:
+        assert "_latencies" not in r and (r["status"] != "ok" or "speedup_vs_pytorch_p50_ci95" in r), r
+        if r["status"] == "ok":
+            assert r["latency_ms"]["samples"] == r["reps"] and (r["reps"] >= 1000 or r["latency_ms"]["p99"] is None)
+    assert [row["concurrency"] for row in serving["intervals"]["grpc"]] == list(QUICK.concurrency)
+    c1 = serving["intervals"]["grpc"][0]["p50_diff_ms"]
+    assert c1["low"] <= c1["point"] <= c1["high"]
+    photos = results["sections"]["photos"]
+    assert photos["status"] == "ok", (photos.get("error"), photos.get("traceback"))
+    assert set(photos["samples_per_arm"].values()) == {QUICK.photo_rounds * QUICK.photo_per_round}
+    low, high = photos["ratios"]["triton_12mp_over_640"]["ci95"]
+    assert low <= photos["ratios"]["triton_12mp_over_640"]["p50_ratio"] <= high
+    assert photos["cosine"]["min"] > 0.9 and photos["cosine"]["photos"] >= 1
+    assert results["sections"]["roofline"]["padding"]["by_batch"]["1"]["padded_efficiency"] > 0
+    assert results["busy_check"]["allowed"]  # --quick implies --allow-busy
+    assert "start: offline" in quick_run[0].output  # not a terminal: timestamped progress lines
+
     pa = results["sections"]["perf_analyzer"]
     if pa["status"] == "ok":
         assert pa["levels"] and all("error" not in lv for lv in pa["levels"]), pa["levels"]
@@ -112,7 +130,8 @@ def test_quick_bench_markdown_and_plots(quick_run):
     _, output = quick_run
     text = (output / "summary.md").read_text()
     assert text.startswith("# mmrec benchmark (quick)")
-    for heading in ("## Headline", "## Serving", "## Targets", "## Offline backend comparison", "## Quality drift"):
+    for heading in ("## Headline", "## Serving", "## Targets", "## Offline backend comparison", "## Quality drift",
+                    "## Real photos", "## Padding waste"):
         assert heading in text, heading
     table = [line for line in text.splitlines() if line.startswith("| model | case |")]
     assert table, "headline table missing"
@@ -323,3 +342,341 @@ def test_json_report_has_no_nan(tmp_path):
     data = json.loads(path.read_text())
     assert data == {"a": None, "b": [1.0, None], "c": {"d": 2}}
     assert not any(isinstance(v, float) and math.isnan(v) for v in data["b"] if v is not None)
+
+
+# --------------------------------------------------------------------------- method (issue 11)
+
+
+def test_full_offline_cases_get_100_samples_or_5_seconds():
+    from mmrec.benchmarks.offline import _round_budget, sample_rule_met
+    from mmrec.benchmarks.settings import FULL
+
+    budget = FULL.offline
+    assert budget.min_reps >= 100 and budget.max_s <= 5.0 and budget.measure_s <= budget.max_s
+    per_round = _round_budget(budget, FULL.offline_rounds)
+    assert per_round.min_reps * FULL.offline_rounds >= 100
+    assert per_round.max_s * FULL.offline_rounds == pytest.approx(budget.max_s)
+    # a fast case stops at the sample count (once the short minimum time has passed) ...
+    fast = timing.time_calls(lambda: None, 1, Budget(warmup_s=0.0, measure_s=0.01, min_reps=100, max_s=5.0))
+    assert fast.reps >= 100 and fast.wall_s < 5.0
+    assert sample_rule_met(fast.reps, fast.wall_s, budget)
+    # ... a slow one at the time cap, with fewer samples
+    import time
+
+    slow = timing.time_calls(lambda: time.sleep(0.02), 1, Budget(warmup_s=0.0, measure_s=0.01, min_reps=100,
+                                                                  max_s=0.1, min_warmup_reps=0))
+    assert 1 <= slow.reps < 100 and slow.wall_s >= 0.1
+    assert timing.enough_samples(3, 5.0, budget) and not timing.enough_samples(99, 4.9, budget)
+    assert timing.enough_samples(100, 1.0, budget) and not timing.enough_samples(100, 0.5, budget)
+    assert not sample_rule_met(99, 4.9, budget) and sample_rule_met(3, 5.0, budget)
+
+
+def test_bootstrap_intervals_separate_a_real_difference_from_noise():
+    from mmrec import stats
+
+    rng = np.random.default_rng(0)
+    base = rng.lognormal(np.log(10.0), 0.1, 400)
+    slower = rng.lognormal(np.log(13.0), 0.1, 400)
+    same = rng.lognormal(np.log(10.0), 0.1, 400)
+    speedup = stats.ratio_of_medians(slower, base)
+    assert speedup.low > 1.2 and speedup.high < 1.4 and speedup.low <= speedup.point <= speedup.high
+    assert speedup.relation(1.0) == "above" and speedup.n == (400, 400)
+    noise = stats.ratio_of_medians(same, base)
+    assert noise.relation(1.0) == "straddles"
+    diff = stats.difference_of_medians(slower, base)
+    assert 2.0 < diff.low < diff.point < diff.high < 4.0
+    means = stats.ratio_of_means(slower, base)
+    assert means.point == pytest.approx(slower.mean() / base.mean()) and means.relation(1.0) == "above"
+    again = stats.ratio_of_medians(slower, base)
+    assert again == speedup  # fixed seed: same samples, same interval
+    d = speedup.to_dict()
+    assert d["level"] == 0.95 and d["low"] <= d["point"] <= d["high"] and d["samples"] == [400, 400]
+    with pytest.raises(ValueError):
+        stats.ratio_of_medians([], base)
+
+
+def test_offline_speedups_get_intervals_from_raw_latencies_and_keep_them_on_rerender():
+    from mmrec.benchmarks.offline import add_ratios
+
+    rng = np.random.default_rng(1)
+    torch_ms, ort_ms = rng.normal(20.0, 1.0, 200), rng.normal(10.0, 0.5, 200)
+
+    def record(engine, latencies):
+        return {"model": "text_encoder", "engine": engine, "batch": 1, "seq_len": 16, "status": "ok",
+                "throughput_items_s": 1e3 / latencies.mean(), "latency_ms": timing.percentiles(latencies),
+                "_latencies": list(latencies)}
+
+    records = [record("pytorch", torch_ms), record("ort-fp32", ort_ms)]
+    add_ratios(records)
+    ort = records[1]
+    low, high = ort["speedup_vs_pytorch_p50_ci95"]
+    assert low < ort["speedup_vs_pytorch_p50"] < high and 1.8 < low and high < 2.2
+    assert records[0]["speedup_vs_pytorch_p50_ci95"] is None  # PyTorch against itself
+    for r in records:
+        r.pop("_latencies")
+    add_ratios(records)  # a re-render: no raw latencies, the stored interval stays
+    assert records[1]["speedup_vs_pytorch_p50_ci95"] == [low, high]
+
+
+def test_p99_only_from_1000_samples():
+    few = timing.percentiles(np.arange(999, dtype=float))
+    assert few["p99"] is None and few["samples"] == 999 and few["p50"] == pytest.approx(499.0)
+    many = timing.percentiles(np.arange(1000, dtype=float))
+    assert many["p99"] == pytest.approx(np.percentile(np.arange(1000), 99)) and many["samples"] == 1000
+    # older results (p99 from a few samples) are shown as "–" too, by their request count
+    level = {"concurrency": 1, "requests": 50, "items": 50, "throughput_items_s": 10.0,
+             "latency_ms": {"p50": 10.0, "p95": 12.0, "p99": 99.0}}
+    results = {"sections": {"serving": {"triton": {"grpc": [level]}, "reference": [dict(level)]}}}
+    table = "\n".join(report.serving_table(results))
+    assert "10.0 / –, 10.0" in table and "99.0" not in table and "1,000 samples" in table
+    level["requests"] = 5000
+    assert "10.0 / 99.0, 10.0" in "\n".join(report.serving_table(results))
+
+
+def test_pa_p99_needs_1000_requests_in_its_window():
+    raw = {"throughput_infer_s": 100.0, "p50_us": 10_000, "p99_us": 30_000}
+    assert perf_analyzer._as_result(raw, 1, 4, window_ms=2000)["latency_ms"]["p99"] is None
+    assert perf_analyzer._as_result(raw, 1, 4, window_ms=20_000)["latency_ms"]["p99"] == 30.0
+    own = [{"concurrency": 4, "latency_ms": {"p50": 10.0, "p99": None}, "throughput_items_s": 100.0}]
+    (row,) = perf_analyzer.compare(own, [perf_analyzer._as_result(raw, 1, 4, window_ms=20_000)])
+    assert "p99_ratio" not in row and row["p50_ratio"] == pytest.approx(1.0)
+
+
+def _fake_repository(tmp_path):
+    from mmrec.layout import RepositoryLayout
+
+    repository = tmp_path / "repo"
+    contract = RepositoryLayout(repository).contract_file
+    contract.parent.mkdir(parents=True, exist_ok=True)
+    contract.write_text("{}")
+    return repository
+
+
+def test_bench_refuses_a_busy_machine_unless_allowed(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import mmrec.benchmarks.machine as machine
+    import mmrec.benchmarks.suite as suite
+    from mmrec.benchmarks import cli
+    from mmrec.cli import app
+
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (9.0, 8.0, 7.0))
+    monkeypatch.setattr(machine, "cpu_share", lambda seconds=0.5: 0.95)
+    seen = {}
+
+    def fake_run(options, step):
+        seen["options"] = options
+        step("a step", 1)(1)
+        return {"sections": {}, "targets": [], "plots": {}, "files": {"json": "bench.json", "markdown": "summary.md"}}
+
+    monkeypatch.setattr(suite, "run_bench", fake_run)
+    repository = _fake_repository(tmp_path)
+    args = ["bench", "--repository", str(repository), "--output", str(tmp_path / "out")]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == cli.EXIT_BUSY, (refused.output, refused.exception)
+    assert "busy" in refused.output and "load average 9.0" in refused.output and "--allow-busy" in refused.output
+    assert "options" not in seen  # nothing was measured
+    for extra in (["--allow-busy"], ["--quick"]):
+        result = CliRunner().invoke(app, args + extra)
+        assert result.exit_code == 0, (result.output, result.exception)
+        check = seen.pop("options").busy_check
+        assert check["busy"] and check["allowed"] and "load average" in check["reasons"][0]
+        assert "results marked contended" in result.output
+        # not a terminal here: timestamped plain lines per step start and end
+        assert "start: a step" in result.output and "done: a step" in result.output
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(machine, "cpu_share", lambda seconds=0.5: 0.5)  # the busy probe alone also refuses
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == cli.EXIT_BUSY and "busy probe" in refused.output
+    monkeypatch.setattr(machine, "cpu_share", lambda seconds=0.5: 0.99)
+    quiet = CliRunner().invoke(app, args)
+    assert quiet.exit_code == 0 and not seen.pop("options").busy_check["busy"]
+
+
+def _synthetic_results(contended: bool = False) -> dict:
+    def level(c, p50, thr, requests=200):
+        return {"concurrency": c, "requests": requests, "latency_ms": {"p50": p50, "p95": p50, "p99": None},
+                "throughput_items_s": thr}
+
+    def interval(point, low, high):
+        return {"point": point, "low": low, "high": high, "level": 0.95, "samples": [200, 200]}
+
+    offline = [{"model": m, "engine": e, "batch": b, "seq_len": s, "status": "ok", "label": f"batch={b}",
+                "latency_ms": {"p50": 10.0 / speed, "p95": 1.0, "p99": None}, "reps": 120, "measured_s": 1.0,
+                "throughput_items_s": 100.0 * speed, "speedup_vs_pytorch": speed, "speedup_vs_pytorch_p50": speed,
+                "speedup_vs_pytorch_p50_ci95": [speed - 0.1, speed + 0.1] if e != "pytorch" else None,
+                "check": {"rule": "reference"}, "memory": {"peak_rss_mb": 100.0}, "sample_rule_met": True}
+               for m, s in (("text_encoder", 128), ("image_encoder", None)) for b in (1, 32)
+               for e, speed in (("pytorch", 1.0), ("ort-fp32", 2.0))]
+    return {
+        "settings": {"mode": "full"}, "command": "mmrec bench", "repository": "/r", "duration_s": 1.0,
+        "started_at": "2026-01-01T00:00:00+00:00", "contended": contended,
+        "busy_check": {"busy": contended, "allowed": contended, "reasons": ["1-min load average 9.0 > 2 usable cores + 0.5"]
+                       if contended else []},
+        "git": {"commit": "0123456789abcdef", "dirty": False},
+        "machine": {"cpu": {"model": "Test CPU", "usable_cores": 2, "memory_gib": 8,
+                            "flags": {"avx512_vnni": True, "amx_tile": True, "avx2": True}},
+                    "loadavg_start": [0.2, 0.2, 0.2], "loadavg_end": [0.3, 0.2, 0.2],
+                    "cpu_share_start": 0.99, "cpu_share_end": 0.98},
+        "sections": {
+            "offline": {"status": "ok", "records": offline, "threads": {"threads": 2},
+                        "budget": {"min_reps": 100, "measure_s": 1.0, "max_s": 5.0}},
+            "serving": {"status": "ok",
+                        "reference": [level(1, 20.0, 50.0), level(8, 80.0, 100.0), level(32, 300.0, 105.0)],
+                        "reference_batched": [level(8, 60.0, 130.0), level(32, 250.0, 128.0)],
+                        "triton": {"grpc": [level(1, 20.5, 48.0), level(8, 70.0, 115.0), level(32, 270.0, 118.0)]},
+                        "intervals": {"grpc": [
+                            {"concurrency": 1, "p50_diff_ms": interval(0.5, -0.2, 1.4), "throughput_ratio": 0.96,
+                             "mean_latency_ratio": interval(0.97, 0.9, 1.02)},
+                            {"concurrency": 8, "p50_diff_ms": interval(-10.0, -12.0, -8.0), "throughput_ratio": 1.15,
+                             "mean_latency_ratio": interval(1.14, 1.12, 1.17),
+                             "vs_batched": {"throughput_ratio": 0.88, "mean_latency_ratio": interval(0.88, 0.8, 0.95)}},
+                            {"concurrency": 32, "p50_diff_ms": interval(-30.0, -40.0, -20.0), "throughput_ratio": 1.12,
+                             "mean_latency_ratio": interval(1.11, 1.05, 1.2),
+                             "vs_batched": {"throughput_ratio": 0.92, "mean_latency_ratio": interval(0.92, 0.85, 0.99)}}]}},
+            "photos": {"status": "ok", "caption": "c", "photo": "palace", "rounds": 10, "per_round": 12,
+                       "samples_per_arm": {"triton/jpeg_640x427": 120, "triton/jpeg_12mp_exif6": 120,
+                                           "in_process/jpeg_640x427": 120, "in_process/jpeg_12mp_exif6": 120},
+                       "p50_ms": {"triton/jpeg_640x427": 20.0, "triton/jpeg_12mp_exif6": 36.0,
+                                  "in_process/jpeg_640x427": 18.0, "in_process/jpeg_12mp_exif6": 34.0},
+                       "ratios": {"triton_12mp_over_640": {"p50_ratio": 1.8, "ci95": [1.7, 1.9]}},
+                       "cosine": {"item_embedding_served": {"palace": 0.999}, "image_embedding_in_process_decoder":
+                                  {"palace": 0.998}, "min": 0.998, "photos": 1, "what": "min"}},
+            "roofline": {"status": "ok", "peak": {"peak_gflops": 400.0, "peak_library": "torch", "peak_size": 2048,
+                                                  "threads": 2, "gflops": {}},
+                         "encoders": [{"model": m, "engine": "ort-fp32", "batch": 32, "seq_len": s, "gflop": 10.0,
+                                       "achieved_gflops": f * 400, "fraction_of_peak": f}
+                                      for m, s, f in (("text_encoder", 128, 0.55), ("image_encoder", None, 0.45))],
+                         "paired": [{"model": m, "engine": "ort-fp32", "batch": 32, "seq_len": s, "gflop": 10.0,
+                                     "rounds": [{"fraction_of_peak": x, "achieved_gflops": 400 * x, "peak_gflops": 400.0}
+                                                for x in (f - 0.02, f, f + 0.02)],
+                                     "fraction_of_peak_median": f, "fraction_of_peak_best": f + 0.02}
+                                    for m, s, f in (("text_encoder", 128, 0.6), ("image_encoder", None, 0.45))],
+                         "padding": {"captions": 64, "buckets": [16, 32], "headline_batches": [1, 8, 32],
+                                     "by_batch": {str(b): {"batches": 64 // b, "real_tokens_per_batch": 7.0 * b,
+                                                           "padded_tokens_per_batch": 16.0 * b,
+                                                           "grouped_tokens_per_batch": 14.0 * b,
+                                                           "padded_efficiency": 7 / 16, "grouped_efficiency": 0.5}
+                                                  for b in range(1, 33)}}},
+        },
+    }
+
+
+def test_targets_are_the_issue_goals_judged_with_their_intervals():
+    by_id = {t["id"]: t for t in targets.evaluate(_synthetic_results())}
+    c1 = by_id["triton_vs_inprocess.p50.c1"]
+    assert c1["threshold"] == "≤ +1.0 ms" and c1["met"] is True and c1["interval"] == [-0.2, 1.4]
+    assert "straddles 1 ms" in c1["detail"]  # +0.5 ms, but the interval reaches past +1 ms
+    c8 = by_id["triton_vs_inprocess.throughput.c8"]
+    assert c8["threshold"] == "≥ 1.10×" and c8["met"] is True and "lies wholly above 1.1×" in c8["detail"]
+    sat = by_id["triton_vs_batched.throughput.saturation"]
+    assert sat["met"] is True and "c=32" in sat["measured"] and "straddles 0.9×" in sat["detail"]
+    photos = by_id["photos.12mp_vs_640.triton"]
+    assert photos["met"] is True and "lies wholly below 2×" in photos["detail"] and "0.9980" in photos["measured"]
+    text, image = by_id["roofline.text_encoder.b32"], by_id["roofline.image_encoder.b32"]
+    assert text["threshold"] == "≥ 50%" and text["met"] is True and image["met"] is False
+    assert "s=128" in text["detail"]
+    ort = by_id["ort_fp32_vs_pytorch.text_encoder.b32"]
+    assert ort["met"] is True and ort["interval"] == [1.9, 2.1] and "lies wholly above 1.5×" in ort["detail"]
+    # a missed cosine fails the photo target whatever the latency
+    results = _synthetic_results()
+    results["sections"]["photos"]["cosine"]["min"] = 0.98
+    assert next(t for t in targets.evaluate(results) if t["id"] == "photos.12mp_vs_640.triton")["met"] is False
+    # a Triton that trails in-process at c=8 misses, and the interval says so beyond doubt
+    serving = results["sections"]["serving"]
+    serving["triton"]["grpc"][1]["throughput_items_s"] = 90.0
+    serving["intervals"]["grpc"][1]["mean_latency_ratio"] = {"point": 0.9, "low": 0.85, "high": 0.95}
+    c8 = next(t for t in targets.evaluate(results) if t["id"] == "triton_vs_inprocess.throughput.c8")
+    assert c8["met"] is False and "lies wholly below 1.1×: missed beyond doubt" in c8["detail"]
+
+
+def test_contended_runs_say_so_in_bold_at_the_top():
+    quiet = report.markdown({**_synthetic_results(), "targets": targets.evaluate(_synthetic_results())})
+    assert "Contended run" not in quiet
+    results = _synthetic_results(contended=True)
+    results["targets"] = targets.evaluate(results)
+    lines = report.markdown(results).splitlines()
+    assert lines[0].startswith("# mmrec benchmark") and lines[2].startswith("**Contended run")
+    assert "load average 9.0" in lines[2] and "--allow-busy" in lines[2]
+
+
+def test_summary_reports_padding_waste_photos_and_intervals():
+    results = _synthetic_results()
+    results["sections"]["serving"]["triton"]["grpc"][1]["server"] = {
+        "text_encoder": {"requests": 31, "mean_batch": 4.4, "queue_ms": 0.1, "compute_infer_ms": 5.0,
+                         "compute_input_ms": 0.1, "compute_output_ms": 0.1, "batch_sizes": {"3": 5, "8": 2}}}
+    results["targets"] = targets.evaluate(results)
+    text = report.markdown(results)
+    assert "## Padding waste (text encoder)" in text and "| 3 (served) |" in text and "| 32 |" in text
+    assert "44%" in text and "50%" in text  # real / computed, padded vs grouped
+    assert "## Real photos" in text and "[1.70, 1.90]" in text
+    assert "[1.12, 1.17]" in text  # c=8 mean-latency ratio interval in the serving comparison
+
+
+def test_readme_block_is_rewritten_from_bench_json(tmp_path):
+    results = _synthetic_results()
+    results["targets"] = targets.evaluate(results)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n\n{report.README_START}\nold numbers\n{report.README_END}\n\nafter\n")
+    assert report.update_readme(readme, results, "benchmarks/results/bench.json")
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n\n<!-- bench:start -->\n") and text.endswith("<!-- bench:end -->\n\nafter\n")
+    block = text.split(report.README_START)[1].split(report.README_END)[0]
+    assert "old numbers" not in block and "benchmarks/results/bench.json" in block
+    for expected in ("Test CPU", "avx512_vnni", "amx_tile", "`0123456789ab` (clean tree)", "[0.2, 0.2, 0.2]",
+                     "**+0.5 ms** [-0.2, 1.4] ms", "**1.15×**", "[1.12, 1.17]", "concurrency 32", "**0.92×**",
+                     "1.80× [1.70, 1.90]", "text_encoder b=32 s=128 60%", "image_encoder b=32 45%",
+                     "| target | threshold | measured | status |", "≤ +1.0 ms"):
+        assert expected in block, expected
+    assert "Contended" not in block
+    assert not report.update_readme(readme, results, "benchmarks/results/bench.json")  # idempotent
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError):
+        report.update_readme(readme, results)
+
+
+def test_bench_readme_option_rewrites_the_block(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmrec.cli import app
+
+    results = _synthetic_results(contended=True)
+    results["targets"] = targets.evaluate(results)
+    report.write_json(results, tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{report.README_START}\n{report.README_END}\ny\n")
+    result = CliRunner().invoke(app, ["bench", "--readme", str(readme), "--output", str(tmp_path)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "**Contended run" in readme.read_text() and readme.read_text().endswith(f"{report.README_END}\ny\n")
+
+
+def test_padding_waste_counts_real_and_computed_tokens():
+    from types import SimpleNamespace
+
+    buckets = (4, 8)
+
+    def tokenizer(texts):  # one token per word, padded to the bucket of the longest
+        lengths = [len(t.split()) for t in texts]
+        width = next(b for b in buckets if b >= max(lengths))
+        return None, (np.arange(width)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+
+    tokenizer.buckets = buckets
+    captions = ["a b", "a b c d e f g h", "a", "a b c"]
+    workload = SimpleNamespace(items=[SimpleNamespace(caption=c) for c in captions], tokenizer=tokenizer)
+    padding = roofline.padding_waste(workload, max_batch=4)
+    one, four = padding["by_batch"]["1"], padding["by_batch"]["4"]
+    assert one["batches"] == 4 and one["padded_efficiency"] == pytest.approx(14 / 20)
+    assert four["batches"] == 1 and four["real_tokens_per_batch"] == 14 and four["padded_tokens_per_batch"] == 32
+    assert four["grouped_tokens_per_batch"] == 3 * 4 + 8  # three rows at width 4, one at 8
+    assert four["grouped_efficiency"] == pytest.approx(14 / 20)
+
+
+def test_perf_analyzer_levels_average_runs_without_inventing_a_p99(tmp_path):
+    session = perf_analyzer.Session.__new__(perf_analyzer.Session)
+    raw = {"throughput_infer_s": 100.0, "p50_us": 10_000, "p99_us": 30_000}
+    run = perf_analyzer._as_result(raw, 1, 4, window_ms=2000)
+    run.update(stable=True, stability_pct=15)
+    session.runs = [run, dict(run, latency_ms=dict(run["latency_ms"], p50=12.0))]
+    (level,) = session.levels
+    assert level["latency_ms"]["p50"] == pytest.approx(11.0) and level["latency_ms"]["p99"] is None
+    assert level["latency_ms"]["samples"] == 400
