@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -172,7 +173,7 @@ def unavailable_reason(runtime: str, precision: str = "fp32") -> str | None:
 
 
 class OpenVinoSession:
-    """OpenVINO CPU session: one compiled model, one infer request (the caller is serial)."""
+    """OpenVINO CPU session: one compiled model, one infer request per calling thread."""
 
     runtime = "openvino"
 
@@ -190,16 +191,23 @@ class OpenVinoSession:
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
-        self.request = self.compiled.create_infer_request()
+        self._local = threading.local()  # an infer request is not thread-safe: one per calling thread
         self.input_dtypes = {p.get_any_name(): np.dtype(p.get_element_type().to_dtype())
                              for p in self.compiled.inputs}
         self.output_names = [p.get_any_name() for p in self.compiled.outputs]
         self.precision = precision
 
+    @property
+    def request(self):
+        if not hasattr(self._local, "request"):
+            self._local.request = self.compiled.create_infer_request()
+        return self._local.request
+
     def run(self, output_names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        self.request.infer(feed)
+        request = self.request
+        request.infer(feed)
         # the request reuses its output buffers on the next call: hand out copies
-        return [self.request.get_tensor(name).data.copy() for name in (output_names or self.output_names)]
+        return [request.get_tensor(name).data.copy() for name in (output_names or self.output_names)]
 
 
 def open_session(model_path: Path, runtime: str = "onnxruntime", threads: int = 0,

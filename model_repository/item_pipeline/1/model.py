@@ -6,9 +6,12 @@ Why one step: on the portable target every ensemble step is a python model, and 
 two of them costs a round trip through shared memory to another stub process. The four-step
 ensemble (item_preprocess -> text_encoder || image_encoder -> fusion) paid four such hops per
 request; this model pays one, and keeps the ensemble's parallelism itself: the text encoder runs
-on a worker thread while this thread decodes the images and runs the image encoder (ONNX Runtime
-and OpenVINO release the GIL). Public name and tensors are the ensemble's; the GPU and native
-targets keep the ensemble (see export/repository.py, `merged_item_encoder`).
+on a worker thread (its share of the cores) while this thread decodes the images and runs the
+image encoder (ONNX Runtime, OpenVINO and Pillow's decoder release the GIL). The image encoder
+is ~2/3 of the compute, so it gets all the cores: once the text branch is done, none sits idle
+(measured in issue 11 against text and image on one core each, and against chunks of both on
+two workers). Public name and tensors are the ensemble's; the GPU and native targets keep the
+ensemble (see export/repository.py, `MERGED_ENSEMBLES`).
 
 It runs the members' own graphs (`<repository>/<member>/1/model.onnx`, named by the config's
 `<member>.model_file` parameters, relative to this model's folder) with the runtime and precision
