@@ -31,7 +31,7 @@ from mmrec.export.repository import parse, render
 from mmrec.layout import RepositoryLayout
 from mmrec.server import child_env, find_tritonserver, prepare_backend_dir
 
-from .machine import cpu_share, loadavg, machine_info
+from .machine import cpu_share, git_commit, loadavg, machine_info
 from .perf_analyzer import locate, write_input_data
 from .workload import Workload
 
@@ -42,8 +42,7 @@ CONCURRENCY = (1, 4, 8, 16)
 MEASUREMENT_WINDOW_MS = 3000
 DATA_ITEMS = 32
 RESULT_COLUMNS = {"Model Config Path": "config", "Concurrency": "concurrency",
-                  "Throughput (infer/sec)": "throughput", "p50 Latency (ms)": "p50_ms",
-                  "p99 Latency (ms)": "p99_ms"}
+                  "Throughput (infer/sec)": "throughput", "p99 Latency (ms)": "p99_ms"}
 
 
 def profiling_copy(repository: Path, destination: Path) -> Path:
@@ -87,7 +86,7 @@ def write_config(repository: Path, workdir: Path, input_data: Path) -> Path:
         "collect_cpu_metrics": True,
         "inference_output_fields": ["model_name", "batch_size", "concurrency", "model_config_path",
                                     "instance_group", "satisfies_constraints", "perf_throughput",
-                                    "perf_latency_p50", "perf_latency_p99"],
+                                    "perf_latency_p99"],
         "profile_models": {MODEL: {
             "cpu_only": True,
             "parameters": {"concurrency": list(CONCURRENCY)},
@@ -119,7 +118,7 @@ def collect(workdir: Path) -> list[dict]:
     with table.open() as handle:
         for row in csv.DictReader(handle):
             picked = {name: row.get(column) for column, name in RESULT_COLUMNS.items()}
-            for key in ("concurrency", "throughput", "p50_ms", "p99_ms"):
+            for key in ("concurrency", "throughput", "p99_ms"):
                 picked[key] = float(picked[key]) if picked.get(key) not in (None, "") else None
             picked.update(_variant_settings(workdir / "output_repository", picked["config"] or ""))
             rows.append(picked)
@@ -132,12 +131,13 @@ def markdown(result: dict) -> str:
              f"- machine: {result['machine']['cpu']['model']}, {result['machine']['cpu']['usable_cores']} "
              f"usable cores; load average start {result['loadavg_start']}, end {result['loadavg_end']}; "
              f"busy-probe share {result['cpu_share_start']}",
+             f"- commit `{(result['git'].get('commit') or '?')[:12]}`{' (uncommitted changes)' if result['git'].get('dirty') else ''}",
              f"- command: `{result['command']}`; {result['duration_s']:.0f} s; perf_analyzer window "
              f"{MEASUREMENT_WINDOW_MS} ms on {DATA_ITEMS} real held-out items", "",
-             "| instances | max queue delay µs | concurrency | items/s | p50 ms | p99 ms |",
-             "|---|---|---|---|---|---|"]
+             "| instances | max queue delay µs | concurrency | items/s | p99 ms |",
+             "|---|---|---|---|---|"]
     for r in result["rows"]:
-        cells = [f"{r[k]:.1f}" if r.get(k) is not None else "–" for k in ("throughput", "p50_ms", "p99_ms")]
+        cells = [f"{r[k]:.1f}" if r.get(k) is not None else "–" for k in ("throughput", "p99_ms")]
         lines.append(f"| {r.get('instances', '?')} | {r.get('max_queue_delay_us', '?')} | {r['concurrency']:.0f} | "
                      + " | ".join(cells) + " |")
     if result.get("best"):
@@ -161,7 +161,7 @@ def main(repository: Path = typer.Option(Path("artifacts/repository"), help="An 
     items = workload.pipeline_input(min(DATA_ITEMS, len(workload.items)))
     data = write_input_data(items.texts, items.images, workdir / "input_data.json")
     config = write_config(copy, workdir, data)
-    result = {"command": " ".join(sys.argv), "machine": machine_info(), "loadavg_start": loadavg(),
+    result = {"command": " ".join(sys.argv), "git": git_commit(), "machine": machine_info(), "loadavg_start": loadavg(),
               "cpu_share_start": cpu_share()}
     print(f"model-analyzer profile: {len(INSTANCE_COUNTS) * len(QUEUE_DELAYS_US)} configs x "
           f"concurrency {list(CONCURRENCY)} (log: {workdir / 'model_analyzer.log'})", flush=True)
