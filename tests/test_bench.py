@@ -680,3 +680,23 @@ def test_perf_analyzer_levels_average_runs_without_inventing_a_p99(tmp_path):
     (level,) = session.levels
     assert level["latency_ms"]["p50"] == pytest.approx(11.0) and level["latency_ms"]["p99"] is None
     assert level["latency_ms"]["samples"] == 400
+
+
+def test_own_server_load_does_not_mark_a_quiet_run_contended():
+    """The load average counts this run's own tritonserver and client workers: a serving section
+    ending at load 4 on 2 cores is not other work; an in-process section at that load is, and so
+    is a busy probe below 80 % at the end."""
+    from mmrec.benchmarks.suite import _contended
+
+    results = _synthetic_results()
+    results["machine"].update({"cpu_share_start": 0.99, "cpu_share_end": 0.99, "loadavg_start": [1.2, 1.5, 1.9],
+                               "loadavg_end": [4.3, 3.0, 2.3]})
+    quiet = {"start": [1.3, 1.7, 2.0], "end": [1.7, 1.7, 1.9]}
+    results["sections"] = {"offline": {"loadavg": quiet}, "serving": {"loadavg": {"start": [1.8, 1.7, 1.9],
+                                                                                   "end": [4.3, 3.0, 2.3]}}}
+    assert not _contended(results)
+    results["sections"]["offline"]["loadavg"]["end"] = [4.3, 3.0, 2.3]
+    assert _contended(results)
+    results["sections"]["offline"]["loadavg"] = quiet
+    results["machine"]["cpu_share_end"] = 0.6
+    assert _contended(results)
