@@ -227,6 +227,7 @@ def bench_served_scan(vectors: np.ndarray, users: np.ndarray, k: int, folder: Pa
                       batch_runs: int, prepacking: str, limits: Limits) -> dict:
     """Time the catalog_scorer model's own CatalogScan over freshly published files."""
     from mmrec.index_publish import fingerprint, write_version_files
+    from mmrec.model_repository.lib import runtime
     from mmrec.model_repository.lib.catalog_scan import INDEX_FILE, CatalogScan
 
     n, d = vectors.shape
@@ -237,7 +238,7 @@ def bench_served_scan(vectors: np.ndarray, users: np.ndarray, k: int, folder: Pa
     gc.collect()
     before = memory_kib()
     start = time.perf_counter()
-    scan = CatalogScan(folder, prepacking=prepacking)
+    scan = CatalogScan(folder, runtime.make_session, prepacking=prepacking)
     load_s = time.perf_counter() - start
     loaded = memory_kib()
     want = exact_top_k(vectors, users[:CHECK_USERS], k)

@@ -277,7 +277,7 @@ PYTHON_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
 ITEM_PIPELINE = ("item_pipeline", ("served_contract", "text_preprocessing", "image_preprocessing", "runtime"))
 TOKENIZER_USERS = (schema.TOKENIZER, schema.ITEM_PREPROCESS, schema.ITEM_PREPROCESS_PIXELS, schema.ITEM_ENCODER)
 ORT_RUNNER = ("ort_runner", ("runtime",))  # the portable target's model.py for every ONNX member
-CATALOG_SCORER_SOURCES = ("catalog_scorer", ("catalog_scan",))  # copied by `mmrec index`
+CATALOG_SCORER_SOURCES = ("catalog_scorer", ("catalog_scan", "runtime"))  # copied by `mmrec index`
 
 
 def copy_python_model(source: str, libraries: tuple[str, ...], version_dir: Path) -> None:

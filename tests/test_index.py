@@ -38,7 +38,7 @@ from mmrec.index_graph import RERANK_MARGIN
 from mmrec.index_publish import ServeOptions, fingerprint, publish, versions
 from mmrec.index_store import (BadEntry, CatalogEntry, IndexCorrupt, IndexStore, JOURNAL_FILE, VECTORS_FILE,
                                content_hash, default_build_dir, read_catalog)
-from mmrec.model_repository.lib import catalog_scan
+from mmrec.model_repository.lib import catalog_scan, runtime
 
 D = 16  # width of the synthetic unit tests
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,7 +232,7 @@ def _scan(tmp_path, vectors, ids=None):
     folder = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
     folder.mkdir()
     write_version_files(folder, ids, vectors, fingerprint(ids, vectors))
-    return scan_module().CatalogScan(folder)
+    return scan_module().CatalogScan(folder, runtime.make_session)
 
 
 def _unit(rng, n, d=D):

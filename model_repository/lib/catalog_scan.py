@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -54,21 +54,12 @@ def certified(kth_logit: np.ndarray, floor: np.ndarray, user_norm: np.ndarray, m
 PREPACKING_MODES = ("auto", "on", "off")
 
 
-def make_session(model_path: Path, intra_op_threads: int = 0, prepacking: bool = False) -> ort.InferenceSession:
-    """CPU session like the ort_runner's (no spinning). Prepacking makes MLAS copy the [D, N]
-    matrix into its GEMM panel layout (heap, one copy per session): a batch of users then runs
-    near the sgemm peak, while unpacked every batch > 1 repacks the whole matrix per call (measured
-    2-3x slower). One user is the exception: unpacked, M=1 takes MLAS's GEMV path, which streams
-    the mmapped file once (measured 1.0-1.5x faster than the packed kernel)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not prepacking:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+# Why prepacking is a choice here: MLAS copies the [D, N] matrix into its GEMM panel layout (heap,
+# one copy per session), so a batch of users runs near the sgemm peak, while unpacked every batch
+# > 1 repacks the whole matrix per call (measured 2-3x slower). One user is the exception:
+# unpacked, M=1 takes MLAS's GEMV path, which streams the mmapped file once (measured 1.0-1.5x
+# faster than the packed kernel).
+SessionFactory = Callable[..., "ort.InferenceSession"]  # runtime.make_session(path, threads, prepacking=)
 
 
 class Ranked(NamedTuple):
@@ -83,10 +74,12 @@ class Ranked(NamedTuple):
 class CatalogScan:
     """One index version: load its graph, validate queries, answer exact top-k."""
 
-    def __init__(self, folder: Path, intra_op_threads: int = 0, prepacking: str | bool = "auto") -> None:
-        """prepacking: "off" (one mmapped copy: least memory, batches slower), "on" (one packed heap
-        copy: batches fast, one user slower), "auto" (both sessions: one user unpacked, batches
-        packed; the index twice in memory)."""
+    def __init__(self, folder: Path, make_session: SessionFactory, intra_op_threads: int = 0,
+                 prepacking: str | bool = "auto") -> None:
+        """make_session: runtime.make_session (the one ORT session recipe; library modules do not
+        import each other, so the caller passes it). prepacking: "off" (one mmapped copy: least
+        memory, batches slower), "on" (one packed heap copy: batches fast, one user slower),
+        "auto" (both sessions: one user unpacked, batches packed; the index twice in memory)."""
         folder = Path(folder)
         mode = {True: "on", False: "off"}.get(prepacking, prepacking) if isinstance(prepacking, bool) else prepacking
         if mode not in PREPACKING_MODES:
@@ -98,8 +91,8 @@ class CatalogScan:
         self.margin = int(self.meta["rerank_margin"])
         self.tensors = self.meta["tensors"]  # graph input/output names, written from mmrec.schema
         model = folder / self.meta["model_file"]
-        self.batched = make_session(model, intra_op_threads, mode != "off")
-        self.single = make_session(model, intra_op_threads, False) if mode == "auto" else self.batched
+        self.batched = make_session(model, intra_op_threads, prepacking=mode != "off")
+        self.single = make_session(model, intra_op_threads, prepacking=False) if mode == "auto" else self.batched
         self.prepacking = mode
         self.outputs = [self.tensors[k] for k in ("ids", "rows", "scores", "kth_logit", "candidate_floor")]
 

@@ -108,8 +108,10 @@ def run_by_length(session: "Session", output_names: list[str] | None, feed: dict
     return [np.concatenate([p[k] for p in pieces])[order] for k in range(len(pieces[0]))]
 
 
-def make_session(model_path: Path, intra_op_threads: int = 0):
-    """ONNX Runtime CPU session: full graph optimization, sequential, no spinning."""
+def make_session(model_path: Path, intra_op_threads: int = 0, prepacking: bool = True):
+    """ONNX Runtime CPU session: full graph optimization, sequential, no spinning; prepacking of
+    constant weights (ORT's default) can be turned off (catalog_scan: one user's GEMV is faster
+    reading the mmapped matrix)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -120,6 +122,8 @@ def make_session(model_path: Path, intra_op_threads: int = 0):
     # Several sessions share few cores: ORT's default busy-wait after each run starves the
     # others (measured at concurrency 8 on 2 cores: 15-16 -> 55-67 items/s with spinning off).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 

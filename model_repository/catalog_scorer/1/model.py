@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import runtime  # copies of model_repository/lib/{catalog_scan,runtime}.py, put beside this file by `mmrec index`
 from catalog_scan import BadRequest, CatalogScan
 
 try:  # only present inside Triton
@@ -33,7 +34,7 @@ class TritonPythonModel:
         self.version = args["model_version"]
         self.model_name = args.get("model_name", config.get("name", "catalog_scorer"))
         folder = Path(args["model_repository"]) / self.version
-        self.scan = CatalogScan(folder, int(parameters.get("intra_op_threads", "0")),
+        self.scan = CatalogScan(folder, runtime.make_session, int(parameters.get("intra_op_threads", "0")),
                                 parameters.get("prepacking", "auto"))
         self.max_k = int(parameters["max_k"])
         self.default_k = int(parameters["default_k"])
