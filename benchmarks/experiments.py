@@ -40,6 +40,9 @@ from .workload import Workload
 SPIN_KEY = "session.intra_op.allow_spinning"
 RUNNER_ANCHOR = "options.inter_op_num_threads = 1"
 ORT_MEMBERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER, schema.FUSION, schema.SCORER)
+# models whose config and runtime.py set ORT sessions: the members, and the portable target's
+# merged item_encoder (one python model running the members' graphs)
+RUNNER_MODELS = ORT_MEMBERS + (schema.ITEM_ENCODER,)
 
 
 def _session(path: Path, threads: int, spinning: bool):
@@ -102,13 +105,13 @@ def repository_variant(base: Path, name: str, root: Path) -> Path:
         text = config.read_text()
         if "nodelay" in changes:
             text = re.sub(r"max_queue_delay_microseconds: \d+", "max_queue_delay_microseconds: 0", text)
-        if "intra1" in changes and config.parent.name in ORT_MEMBERS:
-            text = re.sub(r'(key: "intra_op_threads"\s*value \{\s*string_value: )"\d+"', r'\1"1"', text)
+        if "intra1" in changes and config.parent.name in RUNNER_MODELS:  # also a merged item_encoder's <member>.*
+            text = re.sub(r'(key: "(?:\w+\.)?intra_op_threads"\s*value \{\s*string_value: )"\d+"', r'\1"1"', text)
         config.write_text(text)
     if "nospin" in changes:
-        for member in ORT_MEMBERS:
+        copies = [RepositoryLayout(target).version_dir(m) / SOURCES.lib_file("runtime").name for m in RUNNER_MODELS]
+        for runner in (c for c in copies if c.is_file()):
             # the runner's session options live in the runtime library copied beside its model.py
-            runner = RepositoryLayout(target).version_dir(member) / SOURCES.lib_file("runtime").name
             code = runner.read_text()
             if RUNNER_ANCHOR not in code:
                 raise SystemExit(f"{runner}: cannot find `{RUNNER_ANCHOR}` to add {SPIN_KEY}=0 after")

@@ -134,11 +134,15 @@ def markdown(result: dict) -> str:
              f"- commit `{(result['git'].get('commit') or '?')[:12]}`{' (uncommitted changes)' if result['git'].get('dirty') else ''}",
              f"- command: `{result['command']}`; {result['duration_s']:.0f} s; perf_analyzer window "
              f"{MEASUREMENT_WINDOW_MS} ms on {DATA_ITEMS} real held-out items", "",
-             "| instances | max queue delay µs | concurrency | items/s | p99 ms |",
-             "|---|---|---|---|---|"]
+             "Model Analyzer profiles its default config and the grid: `item_encoder_config_default` and",
+             "the grid's (1 instance, 0 µs) are the same settings, so their two rows show the run-to-run",
+             "spread. p99 comes from one perf_analyzer window (a few hundred requests): a maximum-like tail.",
+             "",
+             "| config | instances | max queue delay µs | concurrency | items/s | p99 ms |",
+             "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         cells = [f"{r[k]:.1f}" if r.get(k) is not None else "–" for k in ("throughput", "p99_ms")]
-        lines.append(f"| {r.get('instances', '?')} | {r.get('max_queue_delay_us', '?')} | {r['concurrency']:.0f} | "
+        lines.append(f"| {r.get('config', '?')} | {r.get('instances', '?')} | {r.get('max_queue_delay_us', '?')} | {r['concurrency']:.0f} | "
                      + " | ".join(cells) + " |")
     if result.get("best"):
         best = result["best"]

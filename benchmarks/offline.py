@@ -136,7 +136,7 @@ def load_engines(engines: list[Engine], cases: list[Case], sources: TorchSources
 
 def _round_budget(budget: Budget, rounds: int) -> Budget:
     return replace(budget, measure_s=budget.measure_s / rounds, min_reps=math.ceil(budget.min_reps / rounds),
-                   max_s=budget.max_s / rounds)
+                   max_s=budget.max_s / rounds, floor_reps=math.ceil(budget.floor_reps / rounds))
 
 
 def sample_rule_met(reps: int, measured_s: float, budget: Budget) -> bool:

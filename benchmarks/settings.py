@@ -16,8 +16,8 @@ PROTOCOLS = ("grpc", "http")
 @dataclass(frozen=True)
 class Budget:
     """Time-bounded repetition: warm up, then repeat until `min_reps` samples over at least
-    `measure_s` are reached, or `max_s` of measurement whatever the count (a slow case), or
-    `max_reps` (a very fast one). FULL: every case gets >= 100 samples or >= 5 s."""
+    `measure_s` are reached, or `max_s` of measurement with at least `floor_reps` (a slow case),
+    or `max_reps` (a very fast one). FULL: every case gets >= 100 samples, or >= 5 s and >= 10."""
 
     warmup_s: float
     measure_s: float
@@ -25,6 +25,8 @@ class Budget:
     max_reps: int = 10_000
     min_warmup_reps: int = 1
     max_s: float = math.inf
+    # a slow case (a 1.5 s call) still gets this many samples past max_s: a median of 3 is noise
+    floor_reps: int = 1
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ FULL = Settings(
     batches=(1, 8, 32),
     seq_lens=(16, 64, 128),
     # >= 100 samples (and >= 1 s) or >= 5 s per case, over all rounds (issue 11's method)
-    offline=Budget(warmup_s=0.3, measure_s=1.0, min_reps=100, max_s=5.0, min_warmup_reps=0),
+    offline=Budget(warmup_s=0.3, measure_s=1.0, min_reps=100, max_s=5.0, min_warmup_reps=0, floor_reps=10),
     concurrency=(1, 2, 4, 8, 16, 32),
     level_warmup_s=1.0,
     level_s=5.0,

@@ -78,7 +78,7 @@ def _run_section(results: dict, name: str, selected: tuple[str, ...], fn: Callab
     if name not in selected:
         results["sections"][name] = {"status": "skipped", "reason": "not selected", "duration_s": 0.0}
         return
-    start, load = time.perf_counter(), machine.loadavg()
+    start, load, share = time.perf_counter(), machine.loadavg(), machine.cpu_share()
     try:
         data = {"status": "ok", **fn()}
     except SectionSkipped as skip:
@@ -88,6 +88,8 @@ def _run_section(results: dict, name: str, selected: tuple[str, ...], fn: Callab
                 "traceback": traceback.format_exc()[-4000:]}
     data["duration_s"] = time.perf_counter() - start
     data["loadavg"] = {"start": load, "end": machine.loadavg()}
+    # the busy probe between sections: our server idles then, so a low share is other work
+    data["cpu_share"] = {"start": share, "end": machine.cpu_share()}
     results["sections"][name] = data
 
 
@@ -101,12 +103,15 @@ def _contended(results: dict) -> bool:
         return True
     cores = results["machine"]["cpu"]["usable_cores"] or 1
     shares = [results["machine"].get(k) for k in ("cpu_share_start", "cpu_share_end")]
+    shares += [s.get("cpu_share", {}).get(k) for s in results["sections"].values() for k in ("start", "end")]
     if any(s is not None and s < 0.8 for s in shares):
         return True
     # The load average counts this run's own tritonserver, stubs and client workers (at
     # concurrency 32 it passes 4 on 2 cores with nothing else running), so it only speaks for
     # other work before the server starts: the start and the sections measured in-process.
-    # After that the busy probe (share of the cores this process gets) is the judge.
+    # For them the busy probe (share of the cores this process gets) taken before and after each
+    # section, while our server idles, is the judge; outside load that comes and goes within a
+    # section goes unseen.
     loads = [results["machine"]["loadavg_start"]]
     loads += [s.get("loadavg", {}).get(k) or [] for name, s in results["sections"].items()
               if name not in SERVER_SECTIONS for k in ("start", "end")]

@@ -59,9 +59,9 @@ class Timing:
 
 def enough_samples(reps: int, elapsed_s: float, budget: Budget) -> bool:
     """The stopping rule of a timed case (see Budget): `min_reps` samples over at least
-    `measure_s`, or `max_s` of measurement whatever the count, or `max_reps`."""
+    `measure_s`, or `max_s` of measurement once `floor_reps` samples are in, or `max_reps`."""
     return (reps >= budget.max_reps or (reps >= budget.min_reps and elapsed_s >= budget.measure_s)
-            or (reps >= 1 and elapsed_s >= budget.max_s))
+            or (reps >= budget.floor_reps and elapsed_s >= budget.max_s))
 
 
 def time_calls(fn: Callable[[], object], items: int, budget: Budget, warmed_up_s: float = 0.0) -> Timing:

@@ -57,7 +57,12 @@ DEFAULT_POLICIES = {
     schema.IMAGE_ENCODER: BatchingPolicy(2000, (8, 16, 32)),
     schema.FUSION: BatchingPolicy(1000, (8, 16, 32)),
     schema.SCORER: BatchingPolicy(500),
-    schema.ITEM_ENCODER: BatchingPolicy(500),  # only where it is one merged model (portable)
+    # Only where it is one merged model (portable, CPU: 1 instance, no delay). Triton Model
+    # Analyzer over instances {1, 2} x delay {0, 2000 us} found no setting clearly better on 2
+    # cores: its two identical (1, 0) configs differed by up to 14 %, as much as the grid did, and
+    # 2 instances led at concurrency 16 in one of two runs (benchmarks/results/model_analyzer/).
+    # More instances also multiply the sessions' threads (each opens text + image + fusion).
+    schema.ITEM_ENCODER: BatchingPolicy(500),
 }
 # CPU targets: no queue delay. Measured on 2 cores (issue 11): at concurrency 1 every member
 # paid its delay on the critical path with nothing to batch (+6 ms of 26 ms p50); Triton still

@@ -534,6 +534,52 @@ def test_merged_item_encoder_fails_only_the_bad_requests_of_a_batch(monkeypatch,
     assert responses[2].outputs[schema.INTEREST_PROBS].shape == (2, len(reference.categories))
 
 
+def test_merged_item_encoder_isolates_a_request_the_runtime_rejects(monkeypatch, exported_repository, reference):
+    """A runtime failure on the joined batch: every request is run again alone, so only the one
+    the runtime rejects fails (INTERNAL, not INVALID_ARG), the others get the reference outputs."""
+    from triton_models import load_served_model
+
+    from mmrec.export.repository import parse
+    from mmrec.layout import RepositoryLayout
+    from mmrec.photos import known_photos
+
+    served = load_served_model(exported_repository, schema.ITEM_ENCODER)
+    monkeypatch.setattr(served, "pb_utils", FakePbUtils())
+    layout = RepositoryLayout(exported_repository)
+    config = parse(layout.config_file(schema.ITEM_ENCODER).read_text())
+    model = served.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({
+        "name": schema.ITEM_ENCODER,
+        "parameters": {k: {"string_value": v.string_value} for k, v in config.parameters.items()},
+        "output": [{"name": o.name, "data_type": "TYPE_FP32"} for o in config.output]}),
+        "model_name": schema.ITEM_ENCODER, "model_repository": str(layout.model_dir(schema.ITEM_ENCODER)),
+        "model_version": "1"})
+    poison = "zebra " * 40
+    poison_tokens = int(reference.tokenizer([poison])[1].sum())
+    session = model.sessions[schema.TEXT_ENCODER]
+    original = session.run
+
+    def rejects_the_poison(names, feed):
+        if (feed[schema.ATTENTION_MASK].sum(axis=1) == poison_tokens).any():
+            raise RuntimeError("the runtime rejects this input")
+        return original(names, feed)
+
+    monkeypatch.setattr(session, "run", rejects_the_poison)
+    photos = [p.read_bytes() for p in known_photos()[:3]]
+    texts = ["a red apple", poison, "a yellow daisy"]
+    requests = [{schema.TEXT: np.array([[t.encode()]], dtype=object), schema.IMAGE: np.array([[p]], dtype=object)}
+                for t, p in zip(texts, photos)]
+    try:
+        responses = model.execute(requests)
+    finally:
+        model.finalize()
+    assert [r.error is None for r in responses] == [True, False, True]
+    assert responses[1].error.code == "INTERNAL" and "rejects this input" in responses[1].error.message
+    want = reference.encode_items([texts[0], texts[2]], [photos[0], photos[2]])[schema.ITEM_EMBEDDING]
+    got = np.concatenate([responses[0].outputs[schema.ITEM_EMBEDDING], responses[2].outputs[schema.ITEM_EMBEDDING]])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 class FakePbUtils:
     """Just enough of triton_python_backend_utils to run execute() in-process."""
 

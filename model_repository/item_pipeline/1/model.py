@@ -19,7 +19,9 @@ It runs the members' own graphs (`<repository>/<member>/1/model.onnx`, named by 
 exactly what the members serve. Like an ensemble, it needs its members' folders beside it.
 
 Validation is item_preprocess's: every request is checked on its own and a bad one gets
-INVALID_ARG naming what was wrong, without failing the others in the dynamic batch.
+INVALID_ARG naming what was wrong, without failing the others in the dynamic batch. If the
+runtime fails on the joined batch, each request is run again alone, so only the one(s) it rejects
+fail (INTERNAL). The text rows of a request whose image turns out bad are encoded and dropped.
 """
 from __future__ import annotations
 
@@ -133,9 +135,13 @@ class TritonPythonModel:
             rows = np.concatenate([np.full(len(texts), j in kept) for j, texts, _ in candidates])
             outputs = self.sessions[FUSION].run(list(FUSION_OUTPUTS), {TEXT_EMBEDDING: text_embedding[rows],
                                                                         IMAGE_EMBEDDING: image_embedding})
-        except Exception as err:  # noqa: BLE001 - a runtime failure fails this batch, never the server
+        except Exception as err:  # noqa: BLE001 - a runtime failure must not take the batch down
             text_future.cancel()
-            return [r or self._error(f"item_encoder: {type(err).__name__}: {err}") for r in responses]
+            if len(requests) == 1:
+                return [responses[0] if responses[0] is not None
+                        else self._error(f"item_encoder: {type(err).__name__}: {err}", internal=True)]
+            # isolate the request(s) the runtime rejects: each one again alone
+            return [r if r is not None else self.execute([request])[0] for r, request in zip(responses, requests)]
         sizes = [len(texts) for j, texts, _ in candidates if j in kept]
         per_request = zip(*[np.split(o, np.cumsum(sizes)[:-1]) for o in outputs])
         for j in good:
@@ -145,8 +151,10 @@ class TritonPythonModel:
         return responses
 
     @staticmethod
-    def _error(message: str):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
+    def _error(message: str, internal: bool = False):
+        """INVALID_ARG for what the client sent wrong; INTERNAL for a runtime failure."""
+        code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
     def finalize(self) -> None:
         self.worker.shutdown(wait=True)
