@@ -490,19 +490,17 @@ def test_ort_runner_isolates_a_request_that_fails_in_the_joined_batch(monkeypatc
     assert responses[2].error is not None and responses[2].error.code == fake.TritonError.INVALID_ARG
 
 
-def test_merged_item_encoder_fails_only_the_bad_requests_of_a_batch(monkeypatch, exported_repository, reference):
-    """Unit test (no server) of the portable item_encoder (one python model): in one dynamic
-    batch, a bad text and a bad image each fail their own request with INVALID_ARG, and the
-    good requests' outputs are the reference pipeline's."""
+def _merged_item_encoder(monkeypatch, repository: Path):
+    """The exported portable item_encoder's TritonPythonModel, initialized from its own config,
+    with a fake pb_utils (no server)."""
     from triton_models import load_served_model
 
     from mmrec.export.repository import parse
     from mmrec.layout import RepositoryLayout
-    from mmrec.photos import known_photos
 
-    served = load_served_model(exported_repository, schema.ITEM_ENCODER)
+    served = load_served_model(repository, schema.ITEM_ENCODER)
     monkeypatch.setattr(served, "pb_utils", FakePbUtils())
-    layout = RepositoryLayout(exported_repository)
+    layout = RepositoryLayout(repository)
     config = parse(layout.config_file(schema.ITEM_ENCODER).read_text())
     model = served.TritonPythonModel()
     model.initialize({"model_config": json.dumps({
@@ -511,6 +509,16 @@ def test_merged_item_encoder_fails_only_the_bad_requests_of_a_batch(monkeypatch,
         "output": [{"name": o.name, "data_type": "TYPE_FP32"} for o in config.output]}),
         "model_name": schema.ITEM_ENCODER, "model_repository": str(layout.model_dir(schema.ITEM_ENCODER)),
         "model_version": "1"})
+    return model
+
+
+def test_merged_item_encoder_fails_only_the_bad_requests_of_a_batch(monkeypatch, exported_repository, reference):
+    """Unit test (no server) of the portable item_encoder (one python model): in one dynamic
+    batch, a bad text and a bad image each fail their own request with INVALID_ARG, and the
+    good requests' outputs are the reference pipeline's."""
+    from mmrec.photos import known_photos
+
+    model = _merged_item_encoder(monkeypatch, exported_repository)
     photos = [p.read_bytes() for p in known_photos()[:3]]
 
     def request(texts: list[bytes], images: list[bytes]) -> dict:
@@ -537,23 +545,9 @@ def test_merged_item_encoder_fails_only_the_bad_requests_of_a_batch(monkeypatch,
 def test_merged_item_encoder_isolates_a_request_the_runtime_rejects(monkeypatch, exported_repository, reference):
     """A runtime failure on the joined batch: every request is run again alone, so only the one
     the runtime rejects fails (INTERNAL, not INVALID_ARG), the others get the reference outputs."""
-    from triton_models import load_served_model
-
-    from mmrec.export.repository import parse
-    from mmrec.layout import RepositoryLayout
     from mmrec.photos import known_photos
 
-    served = load_served_model(exported_repository, schema.ITEM_ENCODER)
-    monkeypatch.setattr(served, "pb_utils", FakePbUtils())
-    layout = RepositoryLayout(exported_repository)
-    config = parse(layout.config_file(schema.ITEM_ENCODER).read_text())
-    model = served.TritonPythonModel()
-    model.initialize({"model_config": json.dumps({
-        "name": schema.ITEM_ENCODER,
-        "parameters": {k: {"string_value": v.string_value} for k, v in config.parameters.items()},
-        "output": [{"name": o.name, "data_type": "TYPE_FP32"} for o in config.output]}),
-        "model_name": schema.ITEM_ENCODER, "model_repository": str(layout.model_dir(schema.ITEM_ENCODER)),
-        "model_version": "1"})
+    model = _merged_item_encoder(monkeypatch, exported_repository)
     poison = "zebra " * 40
     poison_tokens = int(reference.tokenizer([poison])[1].sum())
     session = model.sessions[schema.TEXT_ENCODER]
