@@ -28,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from mmrec import schema
 from mmrec.client import MMRecClient, MMRecError, ServerUnavailableError
+from mmrec.export.repository import parse
 from mmrec.server import ServerConfig, TritonServer, free_ports
 from test_bad_inputs import OUTPUTS, TOLERANCE, column, infer
 from test_load import cmdline, process_tree
@@ -172,8 +173,12 @@ def test_new_model_version_loads_under_load_without_failed_requests(explicit_ser
     server = explicit_server
     repository = Path(server.config.repository)
     text, image, _ = sample_items[0]
-    want = reference.encode_items([text], [image])
-    tensors = {schema.TEXT: (column([text.encode()]), "BYTES"), schema.IMAGE: (column([image]), "BYTES")}
+    # interest_scorer is an ensemble over the members on every target, so its requests run the
+    # fusion member whose new version loads (the portable item_encoder is one python model)
+    user = np.full((1, reference.encode_items([text], [image])[schema.ITEM_EMBEDDING].shape[1]), 0.05, np.float32)
+    want = reference.score_items([text], [image], user[0])
+    tensors = {schema.TEXT: (column([text.encode()]), "BYTES"), schema.IMAGE: (column([image]), "BYTES"),
+               schema.USER_EMBEDDING: (user, "FP32")}
     stop = threading.Event()
     outcomes: list[str] = []
     lock = threading.Lock()
@@ -184,8 +189,9 @@ def test_new_model_version_loads_under_load_without_failed_requests(explicit_ser
         try:
             while not stop.is_set() and time.monotonic() < deadline and len(outcomes) < 2000:
                 try:
-                    got = infer(client, "grpc", schema.ITEM_ENCODER, tensors, OUTPUTS[schema.ITEM_ENCODER])
-                    ok = all(np.allclose(got[o], want[o], atol=TOLERANCE, rtol=0) for o in OUTPUTS[schema.ITEM_ENCODER])
+                    got = infer(client, "grpc", schema.INTEREST_SCORER, tensors, OUTPUTS[schema.INTEREST_SCORER])
+                    ok = all(np.allclose(got[o], want[o], atol=TOLERANCE, rtol=0)
+                             for o in OUTPUTS[schema.INTEREST_SCORER])
                     outcome = "ok" if ok else "wrong result"
                 except InferenceServerException as err:
                     outcome = f"{err.status()}: {err.message()}"
@@ -248,9 +254,10 @@ def test_killed_python_stub_fails_requests_promptly_and_recovers_by_reload(expli
     Triton restarted the stub by itself, so a newer build that does is noticed, not failed."""
     server = explicit_server
     repository = Path(server.config.repository)
-    # the ensembles' first step: decoding + tokenizing (item_preprocess), or image_preprocess in
-    # repositories written before that step existed
-    model = next(m for m in ("item_preprocess", schema.IMAGE_PREPROCESS) if (repository / m).is_dir())
+    # the python model that first handles an item_encoder request: item_encoder itself where it is
+    # one python model (portable), else the ensemble's first step (decoding + tokenizing)
+    merged = parse((repository / schema.ITEM_ENCODER / "config.pbtxt").read_text()).backend == "python"
+    model = schema.ITEM_ENCODER if merged else "item_preprocess"
     text, image, _ = sample_items[0]
     want = reference.encode_items([text], [image])
     tensors = {schema.TEXT: (column([text.encode()]), "BYTES"), schema.IMAGE: (column([image]), "BYTES")}
