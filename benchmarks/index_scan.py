@@ -35,7 +35,8 @@ import typer
 
 from mmrec import schema
 
-from .machine import command_line, cpu_info, cpu_share, git_commit, loadavg, machine_info, package_versions
+from .machine import (RunStart, command_line, cpu_info, cpu_share, git_commit, loadavg, machine_info, package_versions,
+                      write_results)
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 DEFAULT_DIM = 256
@@ -376,6 +377,7 @@ def bench_through_triton(folder: Path, users: np.ndarray, k: int, runs: int) -> 
 
 def run(sizes: tuple[int, ...] = DEFAULT_SIZES, dim: int = DEFAULT_DIM, k: int = DEFAULT_K,
         output: Path = DEFAULT_OUTPUT, served: bool = True, quick: bool = False, workdir: Path | None = None) -> dict:
+    start = RunStart.now()
     threads = _threads()
     report: dict = {"command": command_line(), "machine": machine_info(), "cpu": cpu_info(),
                     "packages": package_versions(), "git": git_commit(), "threads": threads,
@@ -414,11 +416,18 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, dim: int = DEFAULT_DIM, k: int =
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
     report["machine"]["loadavg_end"] = loadavg()
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "index_scan.json").write_text(json.dumps(report, indent=1) + "\n")
+    save(output, report, start)
     plot(report, output / "index_scan.png")
     (output / "summary.md").write_text(summary_markdown(report))
     return report
+
+
+RESULTS_FILE = "index_scan.json"
+
+
+def save(output: Path, report: dict, start: RunStart) -> Path:
+    """index_scan.json with its provenance (commit, machine, load before/after, command, times)."""
+    return write_results(Path(output) / RESULTS_FILE, report, start, indent=1)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -466,14 +475,21 @@ def plot(report: dict, path: Path) -> None:
 
 
 def summary_markdown(report: dict) -> str:
-    bw, gemm = report["bandwidth"], report["gemm"]
     lines = [
         "# Catalog scan benchmark (issue 13)", "",
         f"Command: `{report['command']}`  ",
         f"CPU: {report['cpu']['model']}, {report['threads']} usable cores, flags "
         f"{', '.join(f for f, on in report['cpu']['flags'].items() if on)}; load average at start "
         f"{report['machine']['loadavg_start']}, end {report['machine']['loadavg_end']}; commit "
-        f"{(report['git'].get('commit') or '')[:10]}{' (dirty tree)' if report['git'].get('dirty') else ''}.", "",
+        f"{(report['git'].get('commit') or '')[:10]}{' (dirty tree)' if report['git'].get('dirty') else ''}.", ""]
+    return "\n".join(lines + result_lines(report)) + "\n"
+
+
+def result_lines(report: dict) -> list[str]:
+    """The measured part of summary.md: limits, the served scan per catalog size, the single-copy
+    modes, the reduced-precision copies (also rendered into docs/catalog_index.md)."""
+    bw, gemm = report["bandwidth"], report["gemm"]
+    lines = [
         f"Limits measured in this run: copy bandwidth {bw['copy_gbps_best']:.1f} GB/s (best; median "
         f"{bw['copy_gbps_median']:.1f}), sgemm peak {gemm['peak_gflops']:.0f} GFLOP/s (numpy {gemm['numpy_gflops']:.0f}, "
         f"ORT {gemm['onnxruntime_gflops']:.0f}).", "",
@@ -523,7 +539,7 @@ def summary_markdown(report: dict) -> str:
             lines.append(f"| {c['items']:,} | {precision} | {r['one_user_scan']['p50_ms']:.2f} | "
                          f"{r['speedup_vs_fp32_served']:.2f}× | {r['overlap_at_k_raw']:.3f} | "
                          f"{r['overlap_at_k_after_exact_rerank']:.3f} | {r['identical_after_rerank']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def bench_index_command(

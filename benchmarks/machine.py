@@ -1,20 +1,27 @@
-"""The machine and software every number was measured on: CPU, flags, load, versions, commit."""
+"""The machine and software every number was measured on: CPU, flags, load, versions, commit.
+
+Every script that writes under benchmarks/results/ writes through `write_results`, which adds
+one `provenance` record (`provenance()`): the commit and dirty flag, the host, the load and
+busy-probe share before and after, the command line, the package versions, and when it started
+and finished. A number in the docs is rendered from such a file (benchmarks/doc_blocks.py).
+"""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 BENCH_PACKAGES = ("mmrec", "torch", "onnx", "onnxruntime", "openvino", "onnxslim", "transformers", "tokenizers",
                   "numpy", "pillow", "nvidia-pytriton", "tritonclient", "grpcio", "aiohttp",
                   "geventhttpclient", "matplotlib", "rich", "typer")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
-from mmrec.machine import INTERESTING_FLAGS, cpu_info  # noqa: E402  (re-exported: one definition)
+from mmrec.machine import INTERESTING_FLAGS, REPO_ROOT, cpu_info, git_commit  # noqa: E402,F401  (re-exported: one definition)
 
 
 def loadavg() -> list[float]:
@@ -79,31 +86,63 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def git_commit(root: Path = REPO_ROOT) -> dict:
-    """HEAD and whether the working tree had uncommitted changes when the numbers were taken."""
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
-
-
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
-def machine_info() -> dict:
-    """Everything about the host that a reader needs to judge a number."""
+def host_info() -> dict:
+    """The host itself (no load): CPU, platform, kernel, Python."""
     return {
         "cpu": cpu_info(),
         "platform": platform.platform(),
         "kernel": platform.release(),
         "python": sys.version.split()[0],
-        "loadavg_start": loadavg(),
-        "cpu_share_start": cpu_share(),
     }
+
+
+def machine_info() -> dict:
+    """Everything about the host that a reader needs to judge a number, with the load now."""
+    return {**host_info(), "loadavg_start": loadavg(), "cpu_share_start": cpu_share()}
+
+
+# ------------------------------------------------------------------------------ provenance
+
+PROVENANCE_KEY = "provenance"
+PROVENANCE_FIELDS = ("git", "machine", "loadavg", "cpu_share", "command", "packages", "started", "finished")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What a results writer notes before it measures anything: the time, the load, and the
+    share of the cores this process gets (the busy probe). `RunStart.now()` at the top of a run."""
+
+    started: str
+    loadavg: list[float] = field(default_factory=list)
+    cpu_share: float | None = None
+
+    @classmethod
+    def now(cls) -> "RunStart":
+        return cls(started=utc_now(), loadavg=loadavg(), cpu_share=cpu_share())
+
+
+def provenance(start: RunStart) -> dict:
+    """Where a results file came from: {git: {commit, dirty}, machine, loadavg: {before, after},
+    cpu_share: {before, after}, command, packages, started, finished}."""
+    return {"git": git_commit(), "machine": host_info(),
+            "loadavg": {"before": list(start.loadavg), "after": loadavg()},
+            "cpu_share": {"before": start.cpu_share, "after": cpu_share()},
+            "command": command_line(), "packages": package_versions(),
+            "started": start.started, "finished": utc_now()}
+
+
+def write_results(path: Path, report: dict, start: RunStart, *, indent: int = 1, sort_keys: bool = False) -> Path:
+    """Write a results JSON file with its provenance (the one way into benchmarks/results/)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {**report, PROVENANCE_KEY: provenance(start)}
+    path.write_text(json.dumps(record, indent=indent, sort_keys=sort_keys) + "\n")
+    return path

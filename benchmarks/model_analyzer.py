@@ -31,7 +31,7 @@ from mmrec.export.repository import parse, render
 from mmrec.layout import RepositoryLayout
 from mmrec.server import child_env, find_tritonserver, prepare_backend_dir
 
-from .machine import cpu_share, git_commit, loadavg, machine_info
+from .machine import RunStart, cpu_share, git_commit, loadavg, machine_info, write_results
 from .perf_analyzer import locate, write_input_data
 from .workload import Workload
 
@@ -151,11 +151,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+RESULTS_FILE = "model_analyzer.json"
+
+
+def save(output: Path, result: dict, start: RunStart) -> Path:
+    """model_analyzer.json with its provenance (commit, machine, load before/after, command, times)."""
+    return write_results(Path(output) / RESULTS_FILE, result, start, indent=1)
+
+
 def main(repository: Path = typer.Option(Path("artifacts/repository"), help="An exported portable repository."),
          output: Path = typer.Option(Path("benchmarks/results/model_analyzer"), help="Folder for the summary."),
          model_analyzer: Path = typer.Option(Path(".venv-ma/bin/model-analyzer"), help="model-analyzer executable."),
          workdir: Path = typer.Option(Path("/tmp/mmrec-model-analyzer"), help="Scratch folder (replaced).")) -> None:
     """Profile item_encoder with Model Analyzer and write model_analyzer.json/.md."""
+    run_start = RunStart.now()
     started = time.perf_counter()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -184,7 +193,7 @@ def main(repository: Path = typer.Option(Path("artifacts/repository"), help="An 
     for produced in (workdir / "results").rglob("*"):  # Model Analyzer's own CSVs and summary
         if produced.suffix in (".csv", ".pdf", ".html") and produced.is_file():
             shutil.copyfile(produced, output / produced.name)
-    (output / "model_analyzer.json").write_text(json.dumps(result, indent=1))
+    save(output, result, run_start)
     (output / "model_analyzer.md").write_text(markdown(result))
     print(markdown(result))
 

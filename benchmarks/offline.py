@@ -29,6 +29,8 @@ from . import checks
 from .engines import (PIPELINE, PYTORCH, Engine, TorchSources, build_runner, engines_for, onnx_files, ort_member,
                       skipped_variants)
 from .settings import Budget, Settings
+from mmrec.stats import round_medians
+
 from .timing import PeakRSS, Timing, time_calls
 from .workload import Workload
 
@@ -50,6 +52,9 @@ class Case:
     def key(self) -> tuple:
         return (self.batch, self.seq_len)
 
+
+AA_REFERENCE = "ort-fp32"  # the engine every variant is compared with, timed twice per round
+AA_ARM = f"{AA_REFERENCE} (A/A)"
 
 SPIN_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 
@@ -172,19 +177,28 @@ def run_case(case: Case, loaded: list[Loaded], settings: Settings) -> list[dict]
             records.append(_record(case, engine, status="error", error=f"{type(err).__name__}: {err}", **base))
     rounds = max(1, settings.offline_rounds)
     budget = _round_budget(settings.offline, rounds)
-    timings: dict[str, list[Timing]] = {item.engine.name: [] for item, *_ in passed}
-    peaks: dict[str, list[dict]] = {item.engine.name: [] for item, *_ in passed}
+    # later rounds only re-warm caches (one call): the engine's arena and threads are warm already
+    rewarm = replace(budget, warmup_s=0.0, min_warmup_reps=1)
+    # The A/A arm: the A/A reference engine timed a second time in every round, as if it were
+    # another engine; its ratio to itself must show no difference (mmrec.stats.aa_check).
+    arms = [(item, item.engine.name) for item, *_ in passed]
+    arms += [(item, AA_ARM) for item, *_ in passed if item.engine.name == AA_REFERENCE]
+    first_call = {item.engine.name: first_call_s for item, _, first_call_s, _ in passed}
+    timings: dict[str, list[Timing]] = {name: [] for _, name in arms}
+    peaks: dict[str, list[dict]] = {name: [] for _, name in arms}
     for r in range(rounds):
-        for item, _, first_call_s, _ in (passed if r % 2 == 0 else passed[::-1]):
+        for item, name in (arms if r % 2 == 0 else arms[::-1]):
+            if timings[name] is None:
+                continue
             try:
                 with PeakRSS() as mem:
-                    timings[item.engine.name].append(time_calls(
-                        lambda: item.runner(case.inputs), case.batch, budget,
-                        first_call_s if r == 0 else budget.warmup_s))
-                peaks[item.engine.name].append(mem.to_dict())
+                    timings[name].append(time_calls(
+                        lambda: item.runner(case.inputs), case.batch, budget if r == 0 else rewarm,
+                        first_call[item.engine.name] if r == 0 and name != AA_ARM else 0.0))
+                peaks[name].append(mem.to_dict())
             except Exception as err:  # noqa: BLE001
-                timings[item.engine.name] = []
-                peaks[item.engine.name] = [{"error": f"{type(err).__name__}: {err}"}]
+                timings[name] = None
+                peaks[name] = [{"error": f"{type(err).__name__}: {err}"}]
     for item, check, _, base in passed:
         parts = timings[item.engine.name]
         if not parts:
@@ -193,24 +207,26 @@ def run_case(case: Case, loaded: list[Loaded], settings: Settings) -> list[dict]
         timing = Timing([x for t in parts for x in t.latencies_ms], case.batch, sum(t.wall_s for t in parts),
                         sum(t.warmup_reps for t in parts))
         peak = max(peaks[item.engine.name], key=lambda m: m["peak_rss_mb"] or 0)
+        extra = {}
+        if item.engine.name == AA_REFERENCE and timings.get(AA_ARM):
+            extra["aa_p50_ms_per_round"] = round_medians([t.latencies_ms for t in timings[AA_ARM]])
         records.append(_record(case, item.engine, status="ok",
                                check=check.to_dict() if check else {"rule": "reference"},
                                rounds=rounds, **base, **timing.summary(), memory=peak,
                                sample_rule_met=sample_rule_met(timing.reps, timing.wall_s, settings.offline),
-                               _latencies=timing.latencies_ms))  # raw, for the intervals; dropped after
+                               p50_ms_per_round=round_medians([t.latencies_ms for t in parts]), **extra))
     return records
 
 
 def add_ratios(records: list[dict]) -> None:
-    """Throughput ratios vs PyTorch and vs ORT FP32 at the same model/batch/seq, same run.
+    """Ratios vs PyTorch and vs ORT FP32 at the same model/batch/seq, same run.
 
-    `speedup_vs_*`: from throughput (items over the measured time, i.e. the mean latency);
-    `speedup_vs_*_p50`: from p50 latency (same batch, so batch/p50 is the median rate). On a
-    shared machine a burst of other work that lands in one engine's window moves the mean but
-    hardly the median, so the targets are judged on the p50 ratio and both are reported.
-    `speedup_vs_*_p50_ci95`: bootstrap 95 % interval of the p50 ratio from the raw per-call
-    latencies (`_latencies`, present only while measuring); a re-render keeps the stored one."""
-    from mmrec.stats import ratio_of_medians
+    `speedup_vs_*`: from throughput (items over the measured time, i.e. the mean latency), as
+    measured; `speedup_vs_*_p50`: the p50-latency ratio paired by round (geometric mean of the
+    per-round ratios reference p50 / engine p50; same batch, so it is the median-rate ratio), and
+    `speedup_vs_*_p50_interval` its interval over rounds (mmrec.stats). The targets are judged on
+    it. Works on a re-render too: the per-round medians stay in the records."""
+    from mmrec.stats import paired_ratio
 
     def key(r: dict, engine: str) -> tuple:
         return (r["model"], engine, r["batch"], r["seq_len"])
@@ -219,17 +235,31 @@ def add_ratios(records: list[dict]) -> None:
     for r in records:
         if r["status"] != "ok":
             continue
-        for base, field in ((PYTORCH, "speedup_vs_pytorch"), ("ort-fp32", "speedup_vs_ort_fp32")):
+        for base, field in ((PYTORCH, "speedup_vs_pytorch"), (AA_REFERENCE, "speedup_vs_ort_fp32")):
             ref = by_key.get(key(r, base))
             r[field] = (r["throughput_items_s"] / ref["throughput_items_s"]) if ref else None
-            r[f"{field}_p50"] = (ref["latency_ms"]["p50"] / r["latency_ms"]["p50"]) if ref else None
-            if ref is None or ref is r:
-                r[f"{field}_p50_ci95"] = None
-            elif r.get("_latencies") and ref.get("_latencies"):
-                interval = ratio_of_medians(ref["_latencies"], r["_latencies"])
-                r[f"{field}_p50_ci95"] = [round(interval.low, 4), round(interval.high, 4)]
-            else:
-                r.setdefault(f"{field}_p50_ci95", None)
+            ours, theirs = r.get("p50_ms_per_round"), (ref or {}).get("p50_ms_per_round")
+            if ref is None or ref is r or not ours or not theirs or len(ours) != len(theirs):
+                r[f"{field}_p50"] = (ref["latency_ms"]["p50"] / r["latency_ms"]["p50"]) if ref else None
+                r[f"{field}_p50_interval"] = None
+                continue
+            interval = paired_ratio(theirs, ours)
+            r[f"{field}_p50"] = interval.point
+            r[f"{field}_p50_interval"] = interval.to_dict()
+        r.pop(f"speedup_vs_pytorch_p50_ci95", None)  # the former (unpaired) interval
+        r.pop(f"speedup_vs_ort_fp32_p50_ci95", None)
+
+
+def offline_aa(records: list[dict]) -> dict:
+    """The section's A/A verdict: the A/A reference engine against its own second arm, per-round
+    p50s pooled over every case (mmrec.stats.pooled_ratio, aa_check)."""
+    from mmrec.stats import aa_check, pooled_ratio
+
+    cases = [(r["p50_ms_per_round"], r["aa_p50_ms_per_round"]) for r in records
+             if r["status"] == "ok" and r.get("aa_p50_ms_per_round")
+             and len(r["aa_p50_ms_per_round"]) == len(r["p50_ms_per_round"])]
+    return {**aa_check(pooled_ratio(cases) if cases else None), "arm": f"{AA_REFERENCE} twice per round",
+            "cases": len(cases)}
 
 
 def run_offline(workload: Workload, settings: Settings, threads: int,
@@ -255,8 +285,6 @@ def run_offline(workload: Workload, settings: Settings, threads: int,
         if model != PIPELINE:
             skipped[model] = skipped_variants(repository, model, sources.manifest)
     add_ratios(records)
-    for r in records:
-        r.pop("_latencies", None)  # bench.json keeps the summaries and intervals, not every call
-    return {"threads": threads_info, "budget": settings.offline.__dict__, "records": records,
-            "skipped_variants": skipped}
+    return {"threads": threads_info, "budget": settings.offline.__dict__, "rounds": settings.offline_rounds,
+            "records": records, "aa": offline_aa(records), "skipped_variants": skipped}
 

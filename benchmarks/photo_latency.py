@@ -2,7 +2,8 @@
 (concurrency 1) — a 640 x 427 JPEG vs the same photo as a 12 MP phone JPEG stored sideways
 with an EXIF orientation tag (mmrec.photos), through Triton (gRPC, the suite's server) and
 through the in-process reference pipeline, in alternating rounds so background load hits every
-arm alike. Medians with bootstrap 95 % intervals on the ratios (mmrec.stats).
+arm alike. Ratios and differences are paired by round, with intervals over rounds
+(mmrec.stats); the 640 x 427 Triton arm runs twice per round as the section's A/A arm.
 
 Quality: the served item embedding of each phone photo vs the same item encoded in-process from
 a full-resolution decode (`mmrec.photos.full_resolution_pixels`, the reference the upstream
@@ -19,7 +20,7 @@ import numpy as np
 
 from mmrec import metrics, schema
 from mmrec.photos import full_resolution_pixels, known_photos, phone_photo
-from mmrec.stats import difference_of_medians, ratio_of_medians
+from mmrec.stats import aa_check, paired_difference, paired_ratio, round_medians
 
 from .settings import Settings
 from .workload import Workload
@@ -28,6 +29,8 @@ CAPTION = "A Chinese palace with a red roof."
 LATENCY_PHOTO = "palace"  # 640 x 427 JPEG (scikit-learn's china.jpg)
 PHONE_ORIENTATION = 6  # stored sideways: rotate 90° clockwise to view
 ARMS = ("jpeg_640x427", "jpeg_12mp_exif6")
+AA_REFERENCE = f"triton/{ARMS[0]}"
+AA_ARM = f"{AA_REFERENCE} (A/A)"
 Tick = Callable[[int], None]
 
 
@@ -81,37 +84,43 @@ def run_photos(workload: Workload, settings: Settings, threads: int, step: Calla
     client, triton_call = _triton_caller(srv.urls["grpc"])
     try:
         arms = {f"triton/{n}": (lambda d=d: triton_call(CAPTION, d)) for n, d in payloads.items()}
+        arms[AA_ARM] = arms[AA_REFERENCE]
         arms.update({f"in_process/{n}": (lambda d=d: pipeline.encode_items([CAPTION], [d]))
                      for n, d in payloads.items()})
         for call in arms.values():  # warm-up: sessions, arenas, python stubs
             for _ in range(settings.photo_warmup):
                 call()
         tick(1)
-        samples: dict[str, list[float]] = {name: [] for name in arms}
+        samples: dict[str, list[list[float]]] = {name: [] for name in arms}
         order = list(arms.items())
         for r in range(rounds):  # alternate the order: A B C D, then D C B A
             for name, call in (order if r % 2 == 0 else order[::-1]):
+                timed = []
                 for _ in range(per_round):
                     t0 = time.perf_counter()
                     call()
-                    samples[name].append(1000 * (time.perf_counter() - t0))
+                    timed.append(1000 * (time.perf_counter() - t0))
+                samples[name].append(timed)
             tick(1)
         photos = known_photos() if settings.photo_cosine_all else [palace]
         quality = photo_quality(pipeline, workload.preprocess, triton_call, photos)
         tick(1)
     finally:
         client.close()
-    p50 = {k: float(np.median(v)) for k, v in samples.items()}
+    p50 = {k: float(np.median([x for r in v for x in r])) for k, v in samples.items() if k != AA_ARM}
+    round_p50 = {k: round_medians(v) for k, v in samples.items()}
     pairs = {"triton_12mp_over_640": ("triton/jpeg_12mp_exif6", "triton/jpeg_640x427"),
              "in_process_12mp_over_640": ("in_process/jpeg_12mp_exif6", "in_process/jpeg_640x427"),
              "triton_over_in_process_640": ("triton/jpeg_640x427", "in_process/jpeg_640x427"),
              "triton_over_in_process_12mp": ("triton/jpeg_12mp_exif6", "in_process/jpeg_12mp_exif6")}
     ratios = {}
     for key, (a, b) in pairs.items():
-        interval = ratio_of_medians(samples[a], samples[b])
-        ratios[key] = {"p50_ratio": interval.point, "ci95": [round(interval.low, 4), round(interval.high, 4)]}
-    diff = difference_of_medians(samples["triton/jpeg_640x427"], samples["in_process/jpeg_640x427"])
+        interval = paired_ratio(round_p50[a], round_p50[b])
+        ratios[key] = {"p50_ratio": interval.point, "interval": interval.to_dict()}
+    diff = paired_difference(round_p50["triton/jpeg_640x427"], round_p50["in_process/jpeg_640x427"])
+    aa = {**aa_check(paired_ratio(round_p50[AA_REFERENCE], round_p50[AA_ARM])), "arm": f"{AA_REFERENCE} twice per round"}
     return {"caption": CAPTION, "photo": LATENCY_PHOTO, "payload_bytes": {k: len(v) for k, v in payloads.items()},
-            "rounds": rounds, "per_round": per_round, "samples_per_arm": {k: len(v) for k, v in samples.items()},
-            "p50_ms": p50, "ratios": ratios, "triton_minus_in_process_p50_ms_640": diff.to_dict(3),
+            "rounds": rounds, "per_round": settings.photo_per_round,
+            "samples_per_arm": {k: sum(map(len, v)) for k, v in samples.items()},
+            "p50_ms": p50, "p50_ms_per_round": round_p50, "aa": aa, "ratios": ratios, "triton_minus_in_process_p50_ms_640": diff.to_dict(3),
             "cosine": quality, "reference_threads": threads}

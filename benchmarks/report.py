@@ -13,7 +13,9 @@ MARKDOWN_FILE = "summary.md"
 ENGINE_ORDER = ("pytorch", "ort-fp32", "ort-int8", "ort-fp16")
 ENGINE_TITLES = {"pytorch": "PyTorch eager FP32", "ort-fp32": "ORT FP32", "ort-int8": "ORT INT8",
                  "ort-fp16": "ORT FP16"}
-STATUS_MARK = {True: "**met**", False: "**missed**", None: "not measured"}
+STATUS_MARK = {"met": "**met**", "missed": "**missed**", "not conclusive": "not conclusive",
+               "not judged (A/A unstable)": "not judged (A/A unstable)", "not measured": "not measured",
+               "error": "**error**"}
 
 
 def _clean(value):
@@ -46,15 +48,38 @@ def _p99(latency_ms: dict, samples: int | None) -> float | None:
 
 
 def _ci(ci, digits: int = 2, suffix: str = "") -> str:
-    """[low, high] of a bootstrap 95 % interval (list or mmrec.stats.Interval dict), or ''."""
+    """[low, high] of a 95 % interval over paired rounds (mmrec.stats.Interval dict), or ''."""
     if not ci:
         return ""
     low, high = (ci["low"], ci["high"]) if isinstance(ci, dict) else ci
+    if low is None or high is None:
+        return " [too few rounds]"
     return f" [{low:.{digits}f}, {high:.{digits}f}]{suffix}"
 
 
+def _iv(ci, digits: int = 2, suffix: str = "×") -> str:
+    """Point and interval of an Interval dict, or '–'."""
+    return f"{_f(ci['point'], digits, suffix)}{_ci(ci, digits)}" if ci else "–"
+
+
 P99_NOTE = (f"p99 is shown only where ≥ {P99_MIN_SAMPLES:,} samples back it (– otherwise: from fewer it is a "
-            "maximum, not a tail estimate); [a, b]: bootstrap 95 % interval.")
+            "maximum, not a tail estimate); [a, b]: 95 % interval over paired rounds (mmrec.stats).")
+
+
+def aa_lines(results: dict) -> list[str]:
+    """Each section's A/A verdict: the reference measured against itself in the same rounds."""
+    rows = []
+    for name, section in results["sections"].items():
+        aa = (section or {}).get("aa")
+        if not aa:
+            continue
+        iv = aa.get("interval")
+        state = {True: "stable", False: "**unstable**: targets not judged", None: "no verdict"}[aa.get("stable")]
+        rows.append([name, aa.get("arm") or aa.get("statistic") or "", _iv(iv, 3) if iv else "–", state])
+    if not rows:
+        return []
+    return ["A/A arms (the reference against itself, interleaved like every arm; its interval must contain "
+            "no difference):", ""] + _table(["section", "arm", "A/A ratio [95 %]", "verdict"], rows)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -100,7 +125,7 @@ def headline_offline(results: dict) -> list[str]:
                 continue
             cell = f"{_f(r['throughput_items_s'])}/s · p50 {_f(r['latency_ms']['p50'])} ms"
             if engine != "pytorch" and r.get("speedup_vs_pytorch_p50"):
-                cell += (f" · **{r['speedup_vs_pytorch_p50']:.2f}×**{_ci(r.get('speedup_vs_pytorch_p50_ci95'))}"
+                cell += (f" · **{r['speedup_vs_pytorch_p50']:.2f}×**{_ci(r.get('speedup_vs_pytorch_p50_interval'))}"
                          f" (thr {_f(r.get('speedup_vs_pytorch'), 2, '×')})")
             row.append(cell)
         rows.append(row)
@@ -138,26 +163,22 @@ def serving_table(results: dict) -> list[str]:
 
 
 def serving_intervals(results: dict) -> list[str]:
-    """Triton vs in-process per concurrency, with bootstrap 95 % intervals."""
+    """Triton vs in-process per concurrency, paired by round, with 95 % intervals over rounds."""
     intervals = (results["sections"].get("serving") or {}).get("intervals") or {}
     rows = []
     for protocol, levels in intervals.items():
         for row in levels:
-            diff, mean_ratio = row.get("p50_diff_ms"), row.get("mean_latency_ratio")
             batched = row.get("vs_batched") or {}
-            rows.append([protocol, str(row["concurrency"]),
-                         f"{_f(diff and diff['point'], 2, ' ms')}{_ci(diff, 2)}" if diff else "–",
-                         _f(row.get("throughput_ratio"), 2, "×"),
-                         f"{_f(mean_ratio['point'], 2, '×')}{_ci(mean_ratio)}" if mean_ratio else "–",
-                         _f(batched.get("throughput_ratio"), 2, "×"),
-                         f"{_f(batched['mean_latency_ratio']['point'], 2, '×')}{_ci(batched['mean_latency_ratio'])}"
-                         if batched.get("mean_latency_ratio") else "–"])
+            rows.append([protocol, str(row["concurrency"]), _iv(row.get("p50_diff_ms"), 2, " ms"),
+                         _iv(row.get("throughput_ratio")), _f(row.get("pooled_throughput_ratio"), 2, "×"),
+                         _iv(batched.get("throughput_ratio")), _f(batched.get("pooled_throughput_ratio"), 2, "×")])
     if not rows:
         return []
-    return ["Triton vs in-process at each concurrency (closed loop: throughput ratio = mean in-process latency / "
-            "mean Triton latency, whose bootstrap interval is shown):", ""] + _table(
-        ["protocol", "concurrency", "Triton − in-process p50", "throughput ratio (measured)",
-         "throughput ratio (mean latencies)", "vs batched (measured)", "vs batched (mean latencies)"], rows)
+    return ["Triton vs in-process at each concurrency (closed loop; per-round p50 difference and per-round "
+            "throughput ratio, geometric mean over rounds, [95 % interval over rounds]; pooled: all items / all "
+            "time):", ""] + _table(
+        ["protocol", "concurrency", "Triton − in-process p50", "throughput ratio", "pooled",
+         "vs batched", "vs batched pooled"], rows)
 
 
 def client_cost_table(results: dict) -> list[str]:
@@ -177,10 +198,7 @@ def client_cost_table(results: dict) -> list[str]:
 def _status(t: dict) -> str:
     if t.get("error"):  # judging raised: a failure, shown as such (the detail names the exception)
         return "**error**"
-    mark = STATUS_MARK[t["met"]]
-    if t.get("met_on_p50") is not None and t["met"] is not None and t["met_on_p50"] != t["met"]:
-        mark += f" (on p50 latency: {'met' if t['met_on_p50'] else 'missed'} — load bursts decided it)"
-    return mark
+    return STATUS_MARK.get(t.get("verdict"), t.get("verdict") or "?")
 
 
 def targets_table(results: dict) -> list[str]:
@@ -214,9 +232,9 @@ def offline_detail(results: dict) -> list[str]:
                      + ("" if r.get("sample_rule_met", True) else " (**< rule**)"),
                      _f(r["throughput_items_s"]),
                      f"{_f(r.get('speedup_vs_pytorch'), 2, '×')} / {_f(r.get('speedup_vs_pytorch_p50'), 2, '×')}"
-                     f"{_ci(r.get('speedup_vs_pytorch_p50_ci95'))}",
+                     f"{_ci(r.get('speedup_vs_pytorch_p50_interval'))}",
                      f"{_f(r.get('speedup_vs_ort_fp32'), 2, '×')} / {_f(r.get('speedup_vs_ort_fp32_p50'), 2, '×')}"
-                     f"{_ci(r.get('speedup_vs_ort_fp32_p50_ci95'))}",
+                     f"{_ci(r.get('speedup_vs_ort_fp32_p50_interval'))}",
                      _f(r.get("load_rss_rise_mb"), 0),
                      _f(r["memory"]["peak_rss_mb"], 0)])
     threads = "; ".join(f"{k}={v}" for k, v in section["threads"].items() if v is not None)
@@ -360,7 +378,7 @@ def photos_detail(results: dict) -> list[str]:
              f"{section['per_round']} calls per arm, concurrency 1, Triton gRPC (the suite's server) and in-process.", ""]
     lines += _table(["arm", "p50 ms", "samples"], [[k, _f(v, 1), str(n.get(k))] for k, v in section["p50_ms"].items()])
     lines += _table(["ratio of medians", "value [95 % CI]"],
-                    [[k, f"{_f(v['p50_ratio'], 2, '×')}{_ci(v.get('ci95'))}"] for k, v in section["ratios"].items()])
+                    [[k, f"{_f(v['p50_ratio'], 2, '×')}{_ci(v.get('interval'))}"] for k, v in section["ratios"].items()])
     cos = section.get("cosine") or {}
     if cos:
         rows = [[name, _f(cos["item_embedding_served"].get(name), 5),
@@ -393,6 +411,60 @@ def padding_detail(results: dict) -> list[str]:
          "computed (grouped)", "real / computed (grouped)"], rows)
 
 
+def closed_loop_peak(results: dict) -> tuple[float, int] | None:
+    """Highest closed-loop throughput of the Triton gRPC sweep and its concurrency."""
+    levels = [lv for lv in ((results["sections"].get("serving") or {}).get("triton") or {}).get("grpc") or []
+              if lv.get("requests")]
+    if not levels:
+        return None
+    top = max(levels, key=lambda lv: lv["throughput_items_s"])
+    return top["throughput_items_s"], top["concurrency"]
+
+
+def capacity_summary(results: dict) -> list[str]:
+    """One line per payload set: capacity at the p99 bound (open loop), beside the closed-loop peak."""
+    section = results["sections"].get("capacity") or {}
+    if not section.get("sets"):
+        return []
+    peak = closed_loop_peak(results)
+    lines = []
+    for name, r in section["sets"].items():
+        iv = r.get("interval") or {}
+        span = (f" [{iv['low']:.1f}, {iv['high']:.1f}] over {iv['n']} trials ({100 * iv['coverage']:.0f} % "
+                "order-statistic interval)" if iv.get("low") is not None and iv.get("n", 0) > 1 else
+                f" ({len(r['capacity_qps'])} trial)")
+        lines.append(f"- capacity at p99 ≤ {section['slo_ms']:g} ms (open loop, Poisson, 1 item/request), {name}: "
+                     f"**{_f(r.get('median_qps'))} items/s**{span}"
+                     + (f"; closed-loop peak of the sweep (workload drawings): {_f(peak[0])} items/s at "
+                        f"concurrency {peak[1]}" if peak else ""))
+    return lines
+
+
+def capacity_detail(results: dict) -> list[str]:
+    section = results["sections"].get("capacity") or {}
+    if not section.get("sets"):
+        return []
+    rows = []
+    for name, r in section["sets"].items():
+        cc = r.get("cross_check") or {}
+        lg = (cc.get("loadgen") or {}).get("latency_ms") or {}
+        pa = (cc.get("perf_analyzer") or {})
+        pa_ms = pa.get("latency_ms") or {}
+        rows.append([name, f"{r['payloads']['items']} ({r['payloads']['distinct_images']} images)",
+                     ", ".join(_f(c) for c in r["capacity_qps"]), _f(r.get("median_qps")),
+                     _f(r["search"]["idle_latency_ms"]), str(r.get("samples_at_capacity") or "–"),
+                     (f"LoadGen p50 {_f(lg.get('p50'))} / p99 {_f(lg.get('p99'))} ms" if lg else "–"),
+                     (pa.get("reason") or pa.get("error", "")[:80] if pa.get("skipped") or pa.get("error") else
+                      f"p50 {_f(pa_ms.get('p50'))} / p99 {_f(pa_ms.get('p99'))} ms, {_f(pa.get('throughput_items_s'))}/s"
+                      if pa else "–"), r.get("plot") or ""])
+    return [f"MLPerf LoadGen {section.get('loadgen_version')} Server scenario against `{section['model']}` over gRPC: "
+            "Poisson arrivals, latency from the *scheduled* issue time, a rate passes when p99 ≤ the SLO and no "
+            "request failed; geometric search to 5 %, repeated per trial. The cross-check runs LoadGen and then "
+            "perf_analyzer (`--request-distribution poisson`, timed from send) at the median capacity.", ""] + _table(
+        ["payloads", "items", "capacity per trial (items/s)", "median", "idle p50 ms", "samples at capacity",
+         "cross-check LoadGen", "cross-check perf_analyzer", "plot"], rows)
+
+
 def executed_text_batches(results: dict) -> list[int]:
     """Batch sizes the dynamic batcher executed for the text encoder in the serving sweep."""
     sizes: set[int] = set()
@@ -407,8 +479,10 @@ def markdown(results: dict) -> str:
     blocks = [
         ("Headline: offline throughput (items/s), p50 latency, speed-up vs PyTorch eager "
          "(throughput ratio; p50-latency ratio in brackets)", headline_offline(results)),
+        ("Capacity at the p99 bound (open loop)", capacity_summary(results) + [""] + capacity_detail(results)
+         if capacity_summary(results) else []),
         ("Serving: item_encoder, closed loop, 1 item per request", serving_table(results)),
-        ("Targets", targets_table(results)),
+        ("Targets", targets_table(results) + aa_lines(results)),
         ("Client cost (CPU time of the benchmark process per request, same 2 cores as the server)",
          client_cost_table(results)),
         ("Offline backend comparison (all cases)", offline_detail(results)),
@@ -461,33 +535,30 @@ def readme_headline(results: dict) -> list[str]:
     t1, r1 = _level_of(grpc, 1), _level_of(serving.get("reference"), 1)
     if t1 and r1:
         diff = _serving_row(results, 1).get("p50_diff_ms")
-        point = t1["latency_ms"]["p50"] - r1["latency_ms"]["p50"]
+        point = diff["point"] if diff else t1["latency_ms"]["p50"] - r1["latency_ms"]["p50"]
         bullets.append(f"- concurrency 1, p50: Triton gRPC {_f(t1['latency_ms']['p50'])} ms vs in-process "
-                       f"{_f(r1['latency_ms']['p50'])} ms: **{point:+.1f} ms**{_ci(diff, 1, ' ms')}")
+                       f"{_f(r1['latency_ms']['p50'])} ms: **{point:+.2f} ms**{_ci(diff, 2, ' ms')} (per round)")
     t8, r8 = _level_of(grpc, 8), _level_of(serving.get("reference"), 8)
     if t8 and r8:
         row = _serving_row(results, 8)
-        mean_ratio = row.get("mean_latency_ratio")
+        ratio = row.get("throughput_ratio")
         bullets.append(f"- concurrency 8, throughput: Triton {_f(t8['throughput_items_s'])} vs in-process thread pool "
-                       f"{_f(r8['throughput_items_s'])} items/s: "
-                       f"**{_f(t8['throughput_items_s'] / r8['throughput_items_s'], 2, '×')}**"
-                       + (f" (mean-latency ratio {_f(mean_ratio['point'], 2, '×')}{_ci(mean_ratio)})" if mean_ratio else ""))
+                       f"{_f(r8['throughput_items_s'])} items/s: **{_iv(ratio)}** (per round)")
     if grpc:
         top = max(lv["concurrency"] for lv in grpc)
         tb, bb = _level_of(grpc, top), _level_of(serving.get("reference_batched"), top)
         if tb and bb:
             vs = _serving_row(results, top).get("vs_batched") or {}
             bullets.append(f"- saturation (concurrency {top}): Triton {_f(tb['throughput_items_s'])} vs in-process batched "
-                           f"{_f(bb['throughput_items_s'])} items/s: "
-                           f"**{_f(tb['throughput_items_s'] / bb['throughput_items_s'], 2, '×')}**"
-                           f"{_ci(vs.get('mean_latency_ratio'))}")
+                           f"{_f(bb['throughput_items_s'])} items/s: **{_iv(vs.get('throughput_ratio'))}** (per round)")
     photos = results["sections"].get("photos") or {}
     ratio = (photos.get("ratios") or {}).get("triton_12mp_over_640")
     if ratio:
         p50 = photos["p50_ms"]
         bullets.append(f"- phone photo: 12 MP EXIF-rotated JPEG {_f(p50['triton/jpeg_12mp_exif6'])} ms vs 640×427 "
                        f"{_f(p50['triton/jpeg_640x427'])} ms through Triton: {_f(ratio['p50_ratio'], 2, '×')}"
-                       f"{_ci(ratio.get('ci95'))}; cosine to full decode ≥ {_f((photos.get('cosine') or {}).get('min'), 4)}")
+                       f"{_ci(ratio.get('interval'))}; cosine to full decode ≥ {_f((photos.get('cosine') or {}).get('min'), 4)}")
+    bullets += capacity_summary(results)
     roof = results["sections"].get("roofline") or {}
     if roof.get("peak"):
         parts = []

@@ -40,7 +40,7 @@ from mmrec.export.variants import VARIANTS  # noqa: E402
 from mmrec.model_repository.lib import runtime  # noqa: E402
 from mmrec.photos import known_photos  # noqa: E402
 from mmrec.reference import ReferencePipeline  # noqa: E402
-from .machine import cpu_share, git_commit, loadavg, machine_info  # noqa: E402
+from .machine import RunStart, cpu_share, git_commit, loadavg, machine_info, write_results  # noqa: E402
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -269,11 +269,20 @@ def plot(report: dict, path: Path) -> Path:
     return path
 
 
+RESULTS_FILE = "runtimes.json"
+
+
+def save(output: Path, report: dict, start: RunStart) -> Path:
+    """runtimes.json with its provenance (commit, machine, load before/after, command, times)."""
+    return write_results(Path(output) / RESULTS_FILE, report, start, indent=2, sort_keys=True)
+
+
 def main(fp32: Path = typer.Option(..., help="Repository serving ORT FP32 (export --no-tune)."),
          tuned: Path = typer.Option(..., help="The same export after `mmrec tune` on this machine."),
          output: Path = typer.Option(Path("benchmarks/results/runtimes")),
          rounds: int = typer.Option(9), batch: int = typer.Option(32),
          skip_served: bool = typer.Option(False, help="Leave out the Triton arm (no server start).")) -> None:
+    run_start = RunStart.now()
     cpu = machine_info()["cpu"]
     bf16_cpu = any(cpu["flags"].get(f) for f in BF16_FLAGS)
     fp32_pipe, tuned_pipe = ReferencePipeline(fp32), ReferencePipeline(tuned)
@@ -292,8 +301,7 @@ def main(fp32: Path = typer.Option(..., help="Repository serving ORT FP32 (expor
     if not skip_served:
         report["served"] = served(fp32, tuned, texts, images, rounds)
     report["end"] = {"loadavg": loadavg(), "cpu_share": cpu_share()}
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "runtimes.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    save(output, report, run_start)
     plot(report, output / "runtimes.png")
     summary = {m: {n: r["geomean_ratio_vs_ort_fp32"] for n, r in v["runners"].items()}
                for m, v in report["offline"].items()}

@@ -53,8 +53,9 @@ def _level_result(latencies_ms: list[float], items: int, wall_s: float, errors: 
 
 def merge_rounds(parts: list[dict], keep_raw: bool = False) -> dict:
     """Windows of one series at one level (several rounds) as one result: latencies pooled,
-    throughput = all items / all measured time, server statistics summed. `keep_raw` keeps the
-    pooled latencies as `_latencies` (in memory, for the intervals; never written)."""
+    throughput = all items / all measured time, server statistics summed. The per-round values
+    the intervals are taken over stay: `p50_ms_per_round`, `throughput_items_s_per_round`.
+    `keep_raw` keeps the pooled latencies as `_latencies` (in memory only; never written)."""
     latencies = [x for p in parts for x in p.get("_latencies", [])]
     merged = _level_result(latencies, sum(p["items"] for p in parts), sum(p["measured_s"] for p in parts),
                            sum(p["errors"] for p in parts),
@@ -64,6 +65,7 @@ def merge_rounds(parts: list[dict], keep_raw: bool = False) -> dict:
         merged.pop("_latencies")
     merged["rounds"] = len(parts)
     merged["throughput_items_s_per_round"] = [p["throughput_items_s"] for p in parts]
+    merged["p50_ms_per_round"] = [p["latency_ms"]["p50"] for p in parts]
     cpu = [(p["client_cpu_ms_per_request"], p["requests"]) for p in parts if p.get("client_cpu_ms_per_request")]
     if cpu:
         merged["client_cpu_ms_per_request"] = sum(c * n for c, n in cpu) / max(1, sum(n for _, n in cpu))
@@ -228,37 +230,59 @@ def reference_level(pipeline, workload: Workload, settings: Settings, concurrenc
     return _threaded_loop(call, cursor, concurrency, settings.level_s)
 
 
+def _paired(a: dict, b: dict) -> dict | None:
+    """Per-round comparisons of two series at one level (round i of each was measured in the same
+    minute): p50 difference (ms) and throughput ratio, both as mmrec.stats intervals."""
+    from mmrec.stats import paired_difference, paired_ratio
+
+    n = min(len(a.get("p50_ms_per_round", [])), len(b.get("p50_ms_per_round", [])))
+    if n == 0 or a.get("errors") or b.get("errors"):
+        return None
+    return {"p50_diff_ms": paired_difference(a["p50_ms_per_round"][:n], b["p50_ms_per_round"][:n]).to_dict(3),
+            "throughput_ratio": paired_ratio(a["throughput_items_s_per_round"][:n],
+                                             b["throughput_items_s_per_round"][:n]).to_dict(),
+            "pooled_throughput_ratio": a["throughput_items_s"] / b["throughput_items_s"]}
+
+
 def compare_levels(triton: list[dict], reference: list[dict], batched: list[dict]) -> list[dict]:
-    """Triton vs the in-process pipelines at every concurrency, from the raw latencies of the
-    same level, with bootstrap 95 % intervals (mmrec.stats):
-
-    - `p50_diff_ms`: Triton p50 - in-process p50 (concurrency 1: the cost of serving);
-    - `throughput_ratio`: Triton items/s / in-process items/s as measured, and
-      `mean_latency_ratio`: in a closed loop at concurrency c, throughput = c x items per
-      request / mean latency, so the throughput ratio is mean(in-process) / mean(Triton): its
-      interval is the interval of the throughput ratio;
-    - `vs_batched`: the same ratios against the batched in-process pipeline (one call of c
-      requests' items, latency per call) at that concurrency."""
-    from mmrec.stats import difference_of_medians, ratio_of_means
-
-    by_c = {name: {lv["concurrency"]: lv for lv in levels if lv.get("_latencies")}
+    """Triton vs the in-process pipelines at every concurrency, paired by round (mmrec.stats):
+    `p50_diff_ms` (Triton p50 - in-process p50, mean over rounds) and `throughput_ratio`
+    (geometric mean over rounds of Triton items/s / in-process items/s), each with its interval;
+    `vs_batched`: the same against the batched in-process pipeline (one call of c requests'
+    items) at that concurrency. `pooled_throughput_ratio`: all items / all time, for reference."""
+    by_c = {name: {lv["concurrency"]: lv for lv in levels}
             for name, levels in (("reference", reference), ("batched", batched))}
     rows = []
     for t in triton:
-        if not t.get("_latencies"):
-            continue
         row: dict = {"concurrency": t["concurrency"]}
         ref = by_c["reference"].get(t["concurrency"])
-        if ref is not None:
-            row["p50_diff_ms"] = difference_of_medians(t["_latencies"], ref["_latencies"]).to_dict(3)
-            row["throughput_ratio"] = t["throughput_items_s"] / ref["throughput_items_s"]
-            row["mean_latency_ratio"] = ratio_of_means(ref["_latencies"], t["_latencies"]).to_dict()
+        if ref is not None and (paired := _paired(t, ref)):
+            row.update(paired)
         batch = by_c["batched"].get(t["concurrency"])
-        if batch is not None:
-            row["vs_batched"] = {"throughput_ratio": t["throughput_items_s"] / batch["throughput_items_s"],
-                                 "mean_latency_ratio": ratio_of_means(batch["_latencies"], t["_latencies"]).to_dict()}
+        if batch is not None and (paired := _paired(t, batch)):
+            row["vs_batched"] = paired
         rows.append(row)
     return rows
+
+
+def aa_levels(triton: list[dict], again: list[dict]) -> dict:
+    """The section's A/A arm: Triton gRPC against itself (a second series interleaved in the same
+    rounds). Per level the paired comparisons; for the section one pooled p50 ratio over levels,
+    whose interval must contain 1 (mmrec.stats.aa_check)."""
+    from mmrec.stats import aa_check, pooled_ratio
+
+    by_c = {lv["concurrency"]: lv for lv in again}
+    levels, cases = [], []
+    for t in triton:
+        other = by_c.get(t["concurrency"])
+        paired = _paired(t, other) if other else None
+        if paired:
+            levels.append({"concurrency": t["concurrency"], **paired})
+            n = min(len(t["p50_ms_per_round"]), len(other["p50_ms_per_round"]))
+            cases.append((t["p50_ms_per_round"][:n], other["p50_ms_per_round"][:n]))
+    section = aa_check(pooled_ratio(cases) if cases else None)
+    return {**section, "statistic": "p50 ratio Triton gRPC / Triton gRPC (A/A), pooled over levels",
+            "levels": levels}
 
 
 PerLevelHook = Callable[[TritonServer, int], None]
@@ -277,46 +301,55 @@ def run_serving(workload: Workload, settings: Settings, threads: int, step: Call
     srv = server()
     tick(1)
     pipeline = ReferencePipeline(workload.repository, intra_op_threads=threads)
-    series = ["in-process", "in-process batched", *[f"Triton {p}" for p in settings.protocols]]
+    series = ["in-process", "in-process batched", *[f"Triton {p}" for p in settings.protocols], "Triton A/A"]
     if settings.raw_client_baseline:
         series.append("raw tritonclient")
     if per_level is not None:
-        series.append("perf_analyzer")
+        series.append("perf_analyzer (once per level, after the rounds)")
     tick = step(f"serving: {', '.join(series)} at concurrency {list(settings.concurrency)}",
                 len(settings.concurrency))
     rounds = max(1, settings.serving_rounds)
-    part = replace(settings, level_s=settings.level_s / rounds)
+    # every round's window is short (the level's time split over rounds) and warms up briefly
+    # first; the first round of a level warms up for the level's full warm-up
+    first = replace(settings, level_s=settings.level_s / rounds)
+    later = replace(first, level_warmup_s=settings.round_warmup_s)
     cursor = Cursor(workload, settings.request_batch)
     out: dict = {"reference": [], "reference_batched": [], "triton": {p: [] for p in settings.protocols},
-                 "triton_raw_tritonclient": []}
+                 "triton_aa": [], "triton_raw_tritonclient": []}
+    aa_protocol = "grpc" if "grpc" in settings.protocols else settings.protocols[0]
     for c in settings.concurrency:
-        measures: list[tuple[list, Callable[[], dict]]] = [
-            (out["reference"], lambda: reference_level(pipeline, workload, part, c)),
-            (out["reference_batched"], lambda: reference_level(pipeline, workload, part, c, batched=True))]
+        measures: list[tuple[list, Callable[[Settings], dict]]] = [
+            (out["reference"], lambda s: reference_level(pipeline, workload, s, c)),
+            (out["reference_batched"], lambda s: reference_level(pipeline, workload, s, c, batched=True))]
         for protocol in settings.protocols:
-            measures.append((out["triton"][protocol], lambda p=protocol: asyncio.run(
-                client_level(srv.urls[p], srv.urls["grpc"], p, cursor, c, part))))
+            measures.append((out["triton"][protocol], lambda s, p=protocol: asyncio.run(
+                client_level(srv.urls[p], srv.urls["grpc"], p, cursor, c, s))))
+        measures.append((out["triton_aa"], lambda s: asyncio.run(
+            client_level(srv.urls[aa_protocol], srv.urls["grpc"], aa_protocol, cursor, c, s))))
         if settings.raw_client_baseline:
             measures.append((out["triton_raw_tritonclient"],
-                             lambda: asyncio.run(raw_level(srv.urls["grpc"], cursor, c, part))))
-        if per_level is not None:
-            measures.append(([], lambda: per_level(srv, c) or {}))
+                             lambda s: asyncio.run(raw_level(srv.urls["grpc"], cursor, c, s))))
         windows: dict[int, list[dict]] = {i: [] for i in range(len(measures))}
         for r in range(rounds):  # alternate the order: A B C D, then D C B A, ...
             order = list(enumerate(measures))
             for i, (_, measure) in (order if r % 2 == 0 else order[::-1]):
-                windows[i].append(measure())
+                windows[i].append(measure(first if r == 0 else later))
         for i, (target, _) in enumerate(measures):
             if windows[i] and windows[i][0]:
                 target.append(merge_rounds(windows[i], keep_raw=True))
+        if per_level is not None:  # a cross-check with its own windows, once per level (not paired)
+            per_level(srv, c)
         tick(1)
     out["intervals"] = {p: compare_levels(out["triton"][p], out["reference"], out["reference_batched"])
                         for p in settings.protocols}
-    for levels in [out["reference"], out["reference_batched"], out["triton_raw_tritonclient"], *out["triton"].values()]:
+    out["aa"] = aa_levels(out["triton"][aa_protocol], out["triton_aa"])
+    for levels in [out["reference"], out["reference_batched"], out["triton_raw_tritonclient"], out["triton_aa"],
+                   *out["triton"].values()]:
         for lv in levels:
             lv.pop("_latencies", None)
     return {"model": "item_encoder", "request_batch": settings.request_batch,
-            "level_s": settings.level_s, "level_warmup_s": settings.level_warmup_s, "rounds": rounds,
+            "level_s": settings.level_s, "level_warmup_s": settings.level_warmup_s,
+            "round_warmup_s": settings.round_warmup_s, "rounds": rounds, "aa_protocol": aa_protocol,
             "client": "mmrec.client.AsyncMMRecClient (retries=0, concurrency=level)",
             "order_per_level": series, "reference_threads": threads, **out,
             "server": {"urls": srv.urls, "log": str(srv.log_path)}}

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-SECTIONS = ("offline", "roofline", "serving", "perf_analyzer", "photos", "quality")
+SECTIONS = ("offline", "roofline", "serving", "perf_analyzer", "photos", "capacity", "quality")
+DEFAULT_SLO_MS = 100.0  # the p99 bound capacity is measured at (`mmrec bench --slo-ms`)
 MODELS = ("text_encoder", "image_encoder", "fusion", "pipeline")
 PROTOCOLS = ("grpc", "http")
 
@@ -41,8 +42,11 @@ class Settings:
     level_warmup_s: float
     level_s: float
     protocols: tuple[str, ...] = PROTOCOLS
-    offline_rounds: int = 2  # rounds of alternating engine order per offline case (budget split)
-    serving_rounds: int = 2  # rounds of alternating series order per concurrency level (time split)
+    # Rounds are the unit of every interval (mmrec.stats): many short interleaved rounds, so
+    # drift between rounds is sampled, not mistaken for a difference between arms.
+    offline_rounds: int = 10  # rounds of alternating engine order per offline case (budget split)
+    serving_rounds: int = 10  # rounds of alternating series order per concurrency level (time split)
+    round_warmup_s: float = 0.3  # serving: untimed load at the start of every round's window
     request_batch: int = 1  # items per request in the serving sweep (perf_analyzer's -b)
     raw_client_baseline: bool = True  # also sweep plain tritonclient.grpc.aio (client overhead)
     # perf_analyzer cross-check
@@ -61,6 +65,14 @@ class Settings:
     photo_per_round: int = 12
     photo_warmup: int = 5
     photo_cosine_all: bool = True
+    # capacity: open-loop Poisson load (MLPerf LoadGen Server scenario) on the served item_encoder;
+    # the highest rate whose p99 stays under `slo_ms`, searched `capacity_trials` times per payload set
+    slo_ms: float = DEFAULT_SLO_MS
+    capacity_sets: tuple[str, ...] = ("jpeg_640x427", "jpeg_12mp_exif6")
+    capacity_trials: int = 3
+    capacity_step_s: float = 6.0  # seconds of load per rate tried
+    capacity_max_steps: int = 10
+    capacity_cross_check_s: float = 15.0  # LoadGen, then perf_analyzer, at the median capacity (0: skip)
     # quality drift: simulated users per category and items per user
     users_per_category: int = 4
     items_per_user: int = 5
@@ -85,7 +97,7 @@ FULL = Settings(
     offline=Budget(warmup_s=0.3, measure_s=1.0, min_reps=100, max_s=5.0, min_warmup_reps=0, floor_reps=10),
     concurrency=(1, 2, 4, 8, 16, 32),
     level_warmup_s=1.0,
-    level_s=5.0,
+    level_s=6.0,
     pa_concurrency=(1, 2, 4, 8, 16, 32),
     pa_window_ms=2000,
     gemm_sizes=(1024, 2048),
@@ -97,8 +109,9 @@ QUICK = Settings(
     batches=(1, 4),
     seq_lens=(16,),
     offline=Budget(warmup_s=0.0, measure_s=0.1, min_reps=2, min_warmup_reps=0),
-    offline_rounds=1,
-    serving_rounds=1,
+    offline_rounds=3,
+    serving_rounds=3,
+    round_warmup_s=0.1,
     concurrency=(1, 4),
     level_warmup_s=0.3,
     level_s=0.8,
@@ -111,10 +124,15 @@ QUICK = Settings(
     gemm_s=0.2,
     roofline_rounds=1,
     raw_client_baseline=False,
-    photo_rounds=2,
+    photo_rounds=3,
     photo_per_round=3,
     photo_warmup=1,
     photo_cosine_all=False,
+    capacity_sets=("jpeg_640x427",),
+    capacity_trials=1,
+    capacity_step_s=1.5,
+    capacity_max_steps=4,
+    capacity_cross_check_s=0.0,
     users_per_category=2,
     items_per_user=3,
     quality_items=48,

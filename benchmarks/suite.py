@@ -4,8 +4,9 @@ recorded and the others still run), then targets, JSON, Markdown and plots.
 Order: offline → roofline (uses offline's timings) → quality → serving, whose sweep also runs
 perf_analyzer level by level right after our own client (same server, same minute, same
 background load); the perf_analyzer section then reports those runs and the comparison; then
-photos (real 640x427 vs 12 MP phone JPEGs through the same server and in-process). The
-server is started once, lazily, and stopped at the end.
+photos (real 640x427 vs 12 MP phone JPEGs through the same server and in-process); then
+capacity (open-loop Poisson load from MLPerf LoadGen: the highest rate whose p99 stays under
+the SLO). The server is started once, lazily, and stopped at the end.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def _run_section(results: dict, name: str, selected: tuple[str, ...], fn: Callab
     results["sections"][name] = data
 
 
-SERVER_SECTIONS = ("serving", "perf_analyzer", "photos")  # run with our own tritonserver up
+SERVER_SECTIONS = ("serving", "perf_analyzer", "photos", "capacity")  # run with our own tritonserver up
 
 
 def _contended(results: dict) -> bool:
@@ -203,12 +204,39 @@ def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
         _run_section(results, "perf_analyzer", selected, pa_section)
         _run_section(results, "photos", selected, lambda: photo_latency.run_photos(
             workload, settings, options.threads, step, server))
+        _run_section(results, "capacity", selected, lambda: capacity_section(options, server, step))
 
     results["machine"]["loadavg_end"] = machine.loadavg()
     results["machine"]["cpu_share_end"] = machine.cpu_share()
     results["contended"] = _contended(results)
     results["duration_s"] = time.perf_counter() - started
     return write_reports(results, output)
+
+
+def capacity_section(options: BenchOptions, server: Callable, step: Step) -> dict:
+    """Open-loop capacity at the p99 bound (benchmarks/open_loop.py) through the suite's server,
+    with one PNG per payload set beside bench.json."""
+    from . import open_loop
+
+    settings = options.settings
+    output = Path(options.output)
+    tick = step(f"capacity: open loop (LoadGen Server), p99 <= {settings.slo_ms:g} ms, "
+                f"{', '.join(settings.capacity_sets)}", len(settings.capacity_sets))
+    lines: list[str] = []
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        if not line.startswith("  "):
+            tick(0)
+
+    with tempfile.TemporaryDirectory(prefix="mmrec-capacity-") as workdir:
+        data = open_loop.run_capacity(Path(options.repository), settings, server().urls["grpc"], Path(workdir),
+                                      progress)
+    for name, result in data["sets"].items():
+        result["plot"] = open_loop.plot_capacity(result, output / f"capacity_{name}.png",
+                                                 f"item_encoder open loop, {name}").name
+    data["log"] = lines
+    return data
 
 
 def write_reports(results: dict, output: Path) -> dict:

@@ -1,7 +1,10 @@
 """Release manifest: what was exported, from which inputs, with which numbers.
 
 No timestamps and sorted keys: the same inputs give a byte-identical manifest, so a release
-pipeline can diff two exports.
+pipeline can diff two exports. The one exception is the separate `build` key: the commit and
+dirty flag of the source tree that built the repository (`mmrec.machine.git_commit`), so that
+numbers rendered from a manifest can be traced to code. Two builds from the same commit still
+write identical manifests; to compare builds from different commits, leave `build` out.
 """
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ import platform
 from pathlib import Path
 
 from mmrec.layout import MANIFEST_FILE, RepositoryLayout
+from mmrec.machine import git_commit
 
 HASH_CHUNK = 1 << 20
+BUILD_KEY = "build"  # {commit, dirty} of the tree that built it: not a function of the inputs
 TRACKED_PACKAGES = ("mmrec", "torch", "onnx", "onnxruntime", "onnxslim", "transformers",
                     "tokenizers", "numpy", "pillow", "nvidia-pytriton", "tritonclient", "tensorrt", "openvino")
 
@@ -50,8 +55,16 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def build_identity() -> dict:
+    """The source tree that is building a repository: {"commit": sha | None, "dirty": bool | None}."""
+    return git_commit()
+
+
 def write_manifest(root: Path, manifest: dict) -> Path:
-    """Add an entry for every file under root not already listed, then write manifest.json."""
+    """Add an entry for every file under root not already listed, record the building tree under
+    `build` unless the manifest already names one (a later `mmrec tune` keeps the export's), then
+    write manifest.json."""
+    manifest.setdefault(BUILD_KEY, build_identity())
     listed = {v["path"] for m in manifest["models"].values() for v in m["variants"].values()
               if v.get("path")}
     manifest["files"] = [file_entry(p, root) for p in sorted(Path(root).rglob("*"))

@@ -1,8 +1,12 @@
-"""README block regenerated from a fresh export's manifest (and the encoder before/after study).
+"""The export's numbers as markdown: models, variants, gates, fusion quality (and the encoder
+before/after study).
 
-`python -m mmrec.export.report REPOSITORY --ablation benchmarks/results/fusion_ablation.json
---readme README.md` rewrites the text between the markers below, so the numbers a reader sees
-are the ones the last export measured, never typed by hand.
+`python -m mmrec.export.report REPOSITORY [--ablation benchmarks/results/fusion_ablation.json]`
+prints them for any repository. README's block between the markers below is rendered with this
+same `render`, but only from the committed record of an export
+(`python -m mmrec.benchmarks.doc_blocks record-export REPOSITORY`, then `... render`), so the
+numbers a reader sees trace to a results file with its commit and machine, never to a local
+folder or a hand edit.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import typer
 from mmrec import schema
 from .manifest import MANIFEST_FILE
 
-BEGIN = "<!-- export-report:begin (python -m mmrec.export.report) -->"
+BEGIN = "<!-- export-report:begin (python -m mmrec.benchmarks.doc_blocks render) -->"
 END = "<!-- export-report:end -->"
 ARM_TITLES = {"swish-pad": "before: Swish in every block, letterboxed (the pre-fix export)",
               "relu6-pad": "ReLU6 as trained, letterboxed",
@@ -130,22 +134,9 @@ def render(manifest: dict, ablation: dict | None) -> str:
     return "\n".join(lines)
 
 
-def rewrite_block(readme: Path, block: str) -> None:
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block to rewrite")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
-
-
-def main(repository: Path, ablation: Path = typer.Option(None), readme: Path = typer.Option(None)) -> None:
+def main(repository: Path, ablation: Path = typer.Option(None)) -> None:
     manifest = json.loads((repository / MANIFEST_FILE).read_text())
-    block = render(manifest, json.loads(ablation.read_text()) if ablation else None)
-    if readme:
-        rewrite_block(readme, block)
-    else:
-        print(block)
+    print(render(manifest, json.loads(ablation.read_text()) if ablation else None))
 
 
 if __name__ == "__main__":

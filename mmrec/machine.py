@@ -1,12 +1,18 @@
-"""The CPU a number was measured on (model, usable cores, the SIMD flags that pick kernels).
+"""The CPU a number was measured on (model, usable cores, the SIMD flags that pick kernels), and
+the source tree that produced it (commit, uncommitted changes).
 
-Export's runtime tuning records it in the manifest; the benchmarks record it with every result.
+Export's runtime tuning records the CPU in the manifest and the export records the tree; the
+benchmarks record both with every result.
 """
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GIT_TIMEOUT_S = 10
 
 # CPU features that decide which GEMM / INT8 / FP16 kernels ORT and PyTorch can use.
 INTERESTING_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
@@ -52,3 +58,22 @@ def cpu_info() -> dict:
         "memory_gib": _memory_gib(),
         "hypervisor": "hypervisor" in flags,
     }
+
+
+def git_commit(root: Path = REPO_ROOT) -> dict:
+    """HEAD and whether tracked files had uncommitted changes: {"commit": sha | None, "dirty":
+    bool | None}; None where there is no git or `root` is no checkout (an installed wheel: an
+    enclosing repository, e.g. of a venv inside a checkout, must not be taken for ours)."""
+    if not (Path(root) / ".git").exists():
+        return {"commit": None, "dirty": None}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}

@@ -87,6 +87,35 @@ def test_manifest_holds_no_path_of_the_build_machine(exported_repository):
     assert inputs["image_encoder"]["version"] and len(inputs["image_encoder"]["sha256"]) == 64
 
 
+def test_manifest_records_the_commit_that_built_it(exported_repository):
+    """The export's manifest names its source tree under `build` (the one key that is not a
+    function of the inputs), so every number rendered from it traces back to code."""
+    from mmrec.machine import git_commit
+
+    build = manifest_of(exported_repository)["build"]
+    assert set(build) == {"commit", "dirty"}
+    assert build["commit"] == git_commit()["commit"]
+    assert build["dirty"] in (True, False, None)
+
+
+def test_write_manifest_records_the_build_once_and_a_retune_keeps_it(tmp_path):
+    """write_manifest adds `build` (commit + dirty flag, the shared git helper's); a later
+    rewrite (mmrec tune on another checkout) keeps the export's build instead of its own."""
+    from mmrec.export.manifest import BUILD_KEY, write_manifest
+    from mmrec.machine import REPO_ROOT, git_commit
+
+    (tmp_path / "a.txt").write_text("x")
+    write_manifest(tmp_path, {"models": {}})
+    written = manifest_of(tmp_path)
+    assert written[BUILD_KEY] == git_commit()
+    if (REPO_ROOT / ".git").exists():  # a checkout, as in `make test`
+        assert len(written[BUILD_KEY]["commit"]) == 40 and isinstance(written[BUILD_KEY]["dirty"], bool)
+    earlier = {"commit": "0" * 40, "dirty": False}
+    write_manifest(tmp_path, {"models": {}, BUILD_KEY: earlier})
+    assert manifest_of(tmp_path)[BUILD_KEY] == earlier
+    assert git_commit(tmp_path) == {"commit": None, "dirty": None}  # no checkout: unknown, not a guess
+
+
 def test_export_is_deterministic_and_reuses_a_fusion_checkpoint(exported_repository, tmp_path):
     """Same inputs -> same hashes. The second export takes the first one's fusion checkpoint
     (fp32 only, to keep the test short), so this also proves checkpoint loading."""

@@ -642,3 +642,5 @@ def test_bench_index_quick_run_checks_exactness_and_writes_its_report(tmp_path):
     assert entry["reduced_precision"]["int8"]["overlap_at_k_after_exact_rerank"] >= 0.99
     assert {p.name for p in tmp_path.iterdir()} >= {"index_scan.json", "index_scan.png", "summary.md"}
     assert report["machine"]["loadavg_start"] and report["cpu"]["model"]
+    provenance = json.loads((tmp_path / "index_scan.json").read_text())["provenance"]  # commit, machine, load, times
+    assert provenance["git"]["commit"] and provenance["loadavg"]["after"] and provenance["finished"]
