@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -340,37 +341,54 @@ def bench_reduced_precision(vectors: np.ndarray, users: np.ndarray, k: int, runs
 
 # ---------------------------------------------------------------------------------- through Triton
 
-def bench_through_triton(folder: Path, users: np.ndarray, k: int, runs: int) -> dict:
-    """One user per gRPC request to catalog_scorer on a real tritonserver (python backend)."""
-    import tritonclient.grpc as grpcclient
-
+@contextmanager
+def served_catalog(folder: Path, log_dir: Path):
+    """A real tritonserver serving catalog_scorer over the published index files in `folder`
+    (symlinked into a throw-away repository); yields the server."""
     from mmrec.index_publish import INDEX_FILE, ServeOptions, scorer_config_text
     from mmrec.layout import RepositoryLayout
     from mmrec.server import ServerConfig, TritonServer, free_ports
 
     meta = json.loads((folder / INDEX_FILE).read_text())
-    with tempfile.TemporaryDirectory(prefix="mmrec-bench-index-") as tmp:
-        layout = RepositoryLayout(Path(tmp) / "repository")
-        version = layout.version_dir(schema.CATALOG_SCORER)
-        version.mkdir(parents=True)
-        for path in folder.iterdir():
-            os.symlink(path.resolve(), version / path.name)
-        layout.config_file(schema.CATALOG_SCORER).write_text(
-            scorer_config_text(meta["dim"], BATCH_USERS, ServeOptions()))
-        http, grpc, metrics = free_ports(3)
-        config = ServerConfig(repository=layout.root, http_port=http, grpc_port=grpc, metrics_port=metrics)
-        with TritonServer(config, log_path=Path(tmp) / "triton.log", ready_timeout_s=600) as server:
-            client = grpcclient.InferenceServerClient(server.urls["grpc"])
-            try:
-                def once() -> None:
-                    inputs = [grpcclient.InferInput(schema.USER_EMBEDDING, [1, meta["dim"]], "FP32"),
-                              grpcclient.InferInput(schema.TOP_K, [1, 1], "INT32")]
-                    inputs[0].set_data_from_numpy(users[:1])
-                    inputs[1].set_data_from_numpy(np.array([[k]], np.int32))
-                    client.infer(schema.CATALOG_SCORER, inputs)
-                return percentiles(timed(once, runs, warmup=5))
-            finally:
-                client.close()
+    layout = RepositoryLayout(Path(log_dir) / "repository")
+    version = layout.version_dir(schema.CATALOG_SCORER)
+    version.mkdir(parents=True)
+    for path in folder.iterdir():
+        os.symlink(path.resolve(), version / path.name)
+    layout.config_file(schema.CATALOG_SCORER).write_text(scorer_config_text(meta["dim"], BATCH_USERS, ServeOptions()))
+    http, grpc, metrics = free_ports(3)
+    config = ServerConfig(repository=layout.root, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    with TritonServer(config, log_path=Path(log_dir) / "triton.log", ready_timeout_s=600) as server:
+        yield server
+
+
+def publish_catalog(folder: Path, n: int, dim: int = DEFAULT_DIM) -> np.ndarray:
+    """Write a simulated catalog of `n` unit vectors as an index version in `folder`; its vectors."""
+    from mmrec.index_publish import fingerprint, write_version_files
+
+    vectors = unit_vectors(n, dim, seed=n)
+    ids = [f"item-{i}" for i in range(n)]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_version_files(folder, ids, vectors, fingerprint(ids, vectors))
+    return vectors
+
+
+def bench_through_triton(folder: Path, users: np.ndarray, k: int, runs: int) -> dict:
+    """One user per gRPC request to catalog_scorer on a real tritonserver (python backend)."""
+    import tritonclient.grpc as grpcclient
+
+    with tempfile.TemporaryDirectory(prefix="mmrec-bench-index-") as tmp, served_catalog(folder, Path(tmp)) as server:
+        client = grpcclient.InferenceServerClient(server.urls["grpc"])
+        try:
+            def once() -> None:
+                inputs = [grpcclient.InferInput(schema.USER_EMBEDDING, [1, users.shape[1]], "FP32"),
+                          grpcclient.InferInput(schema.TOP_K, [1, 1], "INT32")]
+                inputs[0].set_data_from_numpy(users[:1])
+                inputs[1].set_data_from_numpy(np.array([[k]], np.int32))
+                client.infer(schema.CATALOG_SCORER, inputs)
+            return percentiles(timed(once, runs, warmup=5))
+        finally:
+            client.close()
 
 
 # ---------------------------------------------------------------------------------- report

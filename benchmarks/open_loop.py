@@ -144,20 +144,35 @@ def _as_payloads(payloads) -> list[Payload]:
 
 # --------------------------------------------------------------------------- the gRPC target
 
+CATALOG_SET = "recommend_100k"  # catalog_scorer over a 100k-item catalog, one user per request
+CATALOG_ITEMS = 100_000
+CATALOG_USERS = 64
+CATALOG_K = 10
+
 
 class Target:
     """A gRPC client to item_encoder with every payload's request tensors built once (one
     IMAGE tensor per distinct image, shared by the payloads that use it), so issuing a sample
     costs one `async_infer` call."""
 
-    def __init__(self, url: str, payloads, model: str = schema.ITEM_ENCODER) -> None:
+    def __init__(self, url: str, payloads, model: str = schema.ITEM_ENCODER, *, requests: list | None = None,
+                 outputs: Sequence[str] = OUTPUTS, description: dict | None = None) -> None:
+        """`payloads`: item_encoder items; or `requests` (prepared InferInput lists) for another
+        model, with its `outputs` and a `description` of what the requests carry."""
         import tritonclient.grpc as grpcclient
 
         self.url, self.model = url, model
+        self.client = grpcclient.InferenceServerClient(url)
+        self.outputs = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        self._idle_ms: float | None = None
+        if requests is not None:
+            self.payloads, self.requests = [], list(requests)
+            self.description = description or {"items": len(self.requests)}
+            return
         self.payloads = _as_payloads(payloads)
         if not self.payloads:
             raise ValueError("no payloads")
-        self.client = grpcclient.InferenceServerClient(url)
+        self.description = describe_payloads(self.payloads)
         images: dict[int, object] = {}
 
         def tensor(name: str, value: bytes):
@@ -171,8 +186,6 @@ class Target:
             if key not in images:
                 images[key] = tensor(schema.IMAGE, p.image)
             self.requests.append([tensor(schema.TEXT, p.text.encode()), images[key]])
-        self.outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
-        self._idle_ms: float | None = None
 
     def close(self) -> None:
         self.client.close()
@@ -558,7 +571,9 @@ def find_capacity(url: str | Target, payloads, slo_ms: float = DEFAULT_SLO_MS, t
         "early_stopping_used": "LoadGen defaults (recorded per point: loadgen.early_stopping_met)",
         "early_stopping_met_points": sum(bool(p["loadgen"]["early_stopping_met"]) for p in points),
         "points": points,
-        "payloads": describe_payloads(target.payloads),
+        "payloads": target.description,
+        "model": target.model,
+        "unit": "users/s" if target.model == schema.CATALOG_SCORER else "items/s",
     }
     say(f"capacity at p99 <= {slo_ms:g} ms: median {result['median_qps']:.1f}/s over {trials} trial(s) "
         f"{[round(c, 1) for c in capacities]}")
@@ -688,13 +703,52 @@ def samples_at_capacity(result: dict) -> int | None:
     return passing[0]["samples"] if passing else None
 
 
+def catalog_target(url: str, vectors: np.ndarray, users: int = CATALOG_USERS, k: int = CATALOG_K) -> Target:
+    """Requests to catalog_scorer (what `recommend` sends): one user vector each, near real items
+    of the catalog (index_scan.simulated_users), top-k."""
+    import tritonclient.grpc as grpcclient
+
+    from .index_scan import simulated_users
+
+    vectors_users = simulated_users(vectors, users, seed=1)
+    requests = []
+    for user in vectors_users:
+        embedding = grpcclient.InferInput(schema.USER_EMBEDDING, [1, vectors.shape[1]], "FP32")
+        embedding.set_data_from_numpy(user[None, :].astype(np.float32))
+        top = grpcclient.InferInput(schema.TOP_K, [1, 1], "INT32")
+        top.set_data_from_numpy(np.array([[k]], np.int32))
+        requests.append([embedding, top])
+    return Target(url, None, schema.CATALOG_SCORER, requests=requests, outputs=(schema.ITEM_IDS, schema.SCORE),
+                  description={"items": len(requests), "catalog_items": int(vectors.shape[0]),
+                               "dim": int(vectors.shape[1]), "k": k, "what": "one user vector per request"})
+
+
+def catalog_capacity(settings: Settings, workdir: Path, progress: Progress) -> dict:
+    """Capacity of `recommend` (catalog_scorer) on a simulated 100k-item catalog, served by its
+    own tritonserver (the suite's serves the export, not an index)."""
+    from .index_scan import publish_catalog, served_catalog
+
+    vectors = publish_catalog(Path(workdir) / "catalog", CATALOG_ITEMS)
+    with served_catalog(Path(workdir) / "catalog", Path(workdir) / "catalog_server") as server, \
+            catalog_target(server.urls["grpc"], vectors) as target:
+        return find_capacity(target, None, settings.slo_ms, settings.capacity_trials, step_s=settings.capacity_step_s,
+                             max_steps=settings.capacity_max_steps, progress=lambda line: progress("  " + line))
+
+
 def run_capacity(repository: Path, settings: Settings, url: str, workdir: Path, progress: Progress) -> dict:
     """`mmrec bench`'s capacity section: `find_capacity` on each payload set of
-    `settings.capacity_sets` through the suite's server, then the cross-check at the median."""
+    `settings.capacity_sets` through the suite's server, then the cross-check at the median;
+    `recommend_100k` on a catalog server of its own."""
     sets = payload_sets(repository)
     out: dict = {"slo_ms": settings.slo_ms, "percentile": PERCENTILE, "model": schema.ITEM_ENCODER,
                  "items_per_request": 1, "loadgen_version": _loadgen_version(), "sets": {}}
     for name in settings.capacity_sets:
+        if name == CATALOG_SET:
+            progress(f"capacity {name}: catalog_scorer over {CATALOG_ITEMS:,} items, {settings.capacity_trials} trial(s)")
+            result = catalog_capacity(settings, workdir, progress)
+            result["samples_at_capacity"] = samples_at_capacity(result)
+            out["sets"][name] = result
+            continue
         progress(f"capacity {name}: {len(sets[name])} payloads, {settings.capacity_trials} trial(s)")
         result = find_capacity(url, sets[name], settings.slo_ms, settings.capacity_trials,
                                step_s=settings.capacity_step_s, max_steps=settings.capacity_max_steps,
@@ -727,16 +781,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of LoadGen and of perf_analyzer at the capacity rate (0: skip)")
     args = parser.parse_args(argv)
 
-    from .machine import busy_check, command_line, git_commit, machine_info, package_versions
+    from .machine import RunStart, busy_check, write_results
     from .serving import running_server
 
+    start = RunStart.now()
     args.output.mkdir(parents=True, exist_ok=True)
-    record: dict = {"command": command_line(), "git": git_commit(), "machine": machine_info(),
-                    "versions": {**package_versions(), "mlcommons-loadgen": _loadgen_version()},
-                    "load_before": busy_check(), "settings": vars(args) | {"repository": str(args.repository),
-                                                                           "output": str(args.output)},
+    record: dict = {"mlcommons-loadgen": _loadgen_version(), "busy_check": busy_check(),
+                    "settings": vars(args) | {"repository": str(args.repository), "output": str(args.output)},
                     "sets": {}}
-    print(f"load before: {record['load_before']}", flush=True)
+    print(f"busy check before: {record['busy_check']}", flush=True)
     sets = payload_sets(args.repository)
     started = time.perf_counter()
     with running_server(args.repository, args.output / "tritonserver.log") as server:
@@ -763,10 +816,8 @@ def main(argv: list[str] | None = None) -> int:
                                                f"item_encoder open loop, {name}"))
             record["sets"][name] = result
     record["seconds"] = round(time.perf_counter() - started, 1)
-    record["load_after"] = busy_check()
-    out = args.output / "open_loop.json"
-    out.write_text(json.dumps(record, indent=1, default=str))
-    print(f"wrote {out}; load after: {record['load_after']}", flush=True)
+    out = write_results(args.output / "open_loop.json", json.loads(json.dumps(record, default=str)), start)
+    print(f"wrote {out} (provenance: commit, machine, load before and after)", flush=True)
     return 0
 
 

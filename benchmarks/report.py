@@ -433,10 +433,12 @@ def capacity_summary(results: dict) -> list[str]:
         span = (f" [{iv['low']:.1f}, {iv['high']:.1f}] over {iv['n']} trials ({100 * iv['coverage']:.0f} % "
                 "order-statistic interval)" if iv.get("low") is not None and iv.get("n", 0) > 1 else
                 f" ({len(r['capacity_qps'])} trial)")
-        lines.append(f"- capacity at p99 ≤ {section['slo_ms']:g} ms (open loop, Poisson, 1 item/request), {name}: "
-                     f"**{_f(r.get('median_qps'))} items/s**{span}"
+        unit = r.get("unit", "items/s")
+        per = "1 user/request, `recommend`" if unit == "users/s" else "1 item/request"
+        lines.append(f"- capacity at p99 ≤ {section['slo_ms']:g} ms (open loop, Poisson, {per}), {name}: "
+                     f"**{_f(r.get('median_qps'))} {unit}**{span}"
                      + (f"; closed-loop peak of the sweep (workload drawings): {_f(peak[0])} items/s at "
-                        f"concurrency {peak[1]}" if peak else ""))
+                        f"concurrency {peak[1]}" if peak and unit == "items/s" else ""))
     return lines
 
 
@@ -450,18 +452,21 @@ def capacity_detail(results: dict) -> list[str]:
         lg = (cc.get("loadgen") or {}).get("latency_ms") or {}
         pa = (cc.get("perf_analyzer") or {})
         pa_ms = pa.get("latency_ms") or {}
-        rows.append([name, f"{r['payloads']['items']} ({r['payloads']['distinct_images']} images)",
+        what = r["payloads"]
+        rows.append([f"{name} (`{r.get('model', section['model'])}`)",
+                     f"{what['items']} ({what['distinct_images']} images)" if "distinct_images" in what
+                     else f"{what['items']} users, {what.get('catalog_items', 0):,} catalog items",
                      ", ".join(_f(c) for c in r["capacity_qps"]), _f(r.get("median_qps")),
                      _f(r["search"]["idle_latency_ms"]), str(r.get("samples_at_capacity") or "–"),
                      (f"LoadGen p50 {_f(lg.get('p50'))} / p99 {_f(lg.get('p99'))} ms" if lg else "–"),
                      (pa.get("reason") or pa.get("error", "")[:80] if pa.get("skipped") or pa.get("error") else
                       f"p50 {_f(pa_ms.get('p50'))} / p99 {_f(pa_ms.get('p99'))} ms, {_f(pa.get('throughput_items_s'))}/s"
                       if pa else "–"), r.get("plot") or ""])
-    return [f"MLPerf LoadGen {section.get('loadgen_version')} Server scenario against `{section['model']}` over gRPC: "
+    return [f"MLPerf LoadGen {section.get('loadgen_version')} Server scenario over gRPC: "
             "Poisson arrivals, latency from the *scheduled* issue time, a rate passes when p99 ≤ the SLO and no "
             "request failed; geometric search to 5 %, repeated per trial. The cross-check runs LoadGen and then "
             "perf_analyzer (`--request-distribution poisson`, timed from send) at the median capacity.", ""] + _table(
-        ["payloads", "items", "capacity per trial (items/s)", "median", "idle p50 ms", "samples at capacity",
+        ["payloads", "requests", "capacity per trial (/s)", "median", "idle p50 ms", "samples at capacity",
          "cross-check LoadGen", "cross-check perf_analyzer", "plot"], rows)
 
 

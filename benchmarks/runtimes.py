@@ -3,14 +3,19 @@
 Three views, all on real inputs (held-out Tux Paint captions joined up to the maximum length,
 real photos and the Tux Paint drawings decoded by the served decoder):
   offline   each encoder alone at batch 1 and 32: ORT FP32 / INT8, OpenVINO FP32 / BF16 / INT8,
-            PyTorch FP32 and PyTorch BF16 autocast (where the CPU has native BF16), interleaved
-            rounds, medians, bootstrap 95 % interval of each ratio to ORT FP32, and the mean/min
-            cosine of each output to ORT FP32's;
+            PyTorch FP32 and PyTorch BF16 autocast (where the CPU has native BF16), the speed-up
+            of each over ORT FP32, and the mean/min cosine of each output to ORT FP32's;
   pipeline  text + image encoders + fusion on 32 items: ORT FP32 padded to the longest text,
             ORT FP32 with rows at their length bucket (the runner's way), and the tuned variants;
   served    `item_encoder` over gRPC, one request of 32 items, the same three arms, each its own
             Triton, requests alternating.
 Variants that fail their gate or cannot run on this CPU are listed with the reason.
+
+Every view times its arms in many short interleaved rounds, one value per arm per round (the
+median of the round's calls), and gives each speed-up paired by round with its 95 % interval over
+rounds (mmrec.stats), judged against 1 with Interval.verdict ("faster": met / missed / not
+conclusive). Each view also runs its reference twice per round (the A/A arm): when the reference
+differs from itself the view's verdicts read "not judged (A/A unstable)".
 
 `python -m mmrec.benchmarks.runtimes --fp32 FP32_REPO --tuned TUNED_REPO --output benchmarks/results/runtimes`
 """
@@ -34,15 +39,44 @@ import typer  # noqa: E402
 
 from mmrec import metrics, schema  # noqa: E402
 from mmrec.export.tuning import time_interleaved  # noqa: E402
-from mmrec.stats import score_interval  # noqa: E402
+from mmrec.stats import Interval, aa_check, paired_ratio, pooled_ratio, round_medians  # noqa: E402
 from mmrec.layout import RepositoryLayout  # noqa: E402
 from mmrec.export.variants import VARIANTS  # noqa: E402
 from mmrec.model_repository.lib import runtime  # noqa: E402
 from mmrec.photos import known_photos  # noqa: E402
 from mmrec.reference import ReferencePipeline  # noqa: E402
 from .machine import RunStart, cpu_share, git_commit, loadavg, machine_info, write_results  # noqa: E402
+from .targets import NOT_JUDGED  # noqa: E402
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+DEFAULT_ROUNDS = 10  # rounds are the independent repeats (mmrec.stats): at least 10
+REFERENCE = "fp32"  # offline: ORT FP32
+PADDED = "ort-fp32-padded"  # pipeline and served: ORT FP32 padded to the longest text
+PAIRS = (("ort-fp32", PADDED), ("tuned", PADDED), ("tuned", "ort-fp32"))  # (arm, base) of pipeline and served
+REQUESTS_PER_ROUND = 3  # served: one round's value is the median of these
+
+
+def aa_arm(reference: str) -> str:
+    return f"{reference} (A/A)"
+
+
+def section_aa(interval: Interval, reference: str) -> dict:
+    """A view's A/A record: its reference against its own second arm (mmrec.stats.aa_check)."""
+    return {**aa_check(interval), "arm": f"{reference} twice per round"}
+
+
+def faster(interval: Interval, aa: dict) -> str:
+    """Is the arm faster than its base (speed-up interval against 1)? Not judged when the view's
+    A/A arm showed a difference."""
+    return NOT_JUDGED if aa.get("stable") is False else interval.verdict(1.0, "above")
+
+
+def speedup_record(interval: Interval, aa: dict) -> dict:
+    return {"speedup": round(interval.point, 4), "interval": interval.to_dict(), "faster": faster(interval, aa)}
+
+
+def _ms(seconds: list[float]) -> list[float]:
+    return [round(1e3 * s, 3) for s in seconds]
 
 
 def _inputs(reference: ReferencePipeline, batch: int) -> tuple[list[str], list[bytes]]:
@@ -107,30 +141,39 @@ def offline(repository: Path, feeds: dict[str, dict[int, dict]], rounds: int, bf
             runners["pytorch-bf16-autocast"] = TorchRunner(torch_models[member], bf16=True)
         else:
             quality_skips["pytorch-bf16-autocast"] = "no native BF16 on this CPU (" + "/".join(BF16_FLAGS) + " absent)"
-        times, quality = {}, {}
+        arms = {**runners, aa_arm(REFERENCE): runners[REFERENCE]}  # the A/A arm: same session, own slot
+        times, calls, quality = {}, {}, {}
         for batch, feed in by_batch.items():
-            print(f"offline {member} batch={batch}: {len(runners)} runners x {rounds} rounds", file=sys.stderr,
-                  flush=True)
-            times[batch] = time_interleaved(runners, feed, rounds)
-            reference = runners["fp32"].run(None, feed)[0]
+            print(f"offline {member} batch={batch}: {len(runners)} runners and the A/A arm x {rounds} rounds",
+                  file=sys.stderr, flush=True)
+            times[batch], calls[f"batch={batch}"] = time_interleaved(arms, feed, rounds)
+            reference = runners[REFERENCE].run(None, feed)[0]
             for name, runner in runners.items():
                 cos = metrics.row_cosine(reference, runner.run(None, feed)[0])
                 quality.setdefault(name, []).extend(cos.tolist())
-        rows = {}
-        for name in runners:
-            point, low, high = score_interval([times[b][name] for b in times], [times[b]["fp32"] for b in times])
-            per_batch = {}
-            for b in times:
-                p, lo, hi = score_interval([times[b][name]], [times[b]["fp32"]])
-                per_batch[f"batch={b}"] = {"median_ms": round(1e3 * float(np.median(times[b][name])), 2),
-                                           "ratio_vs_ort_fp32": round(p, 3), "ci95": [round(lo, 3), round(hi, 3)]}
-            cos = np.array(quality[name])
-            rows[name] = {"cases": per_batch, "geomean_ratio_vs_ort_fp32": round(point, 3),
-                          "ci95": [round(low, 3), round(high, 3)],
-                          "cosine_vs_ort_fp32": {"mean": round(float(cos.mean()), 6), "min": round(float(cos.min()), 6)},
-                          "gate": manifest["models"][member]["variants"].get(name, {}).get("gate", {}).get("passed")}
-        report[member] = {"threads": threads, "rounds": rounds, "runners": rows, "not_run": quality_skips}
+        aa = section_aa(pooled_ratio([(t[REFERENCE], t[aa_arm(REFERENCE)]) for t in times.values()]), REFERENCE)
+        rows = {name: runner_record(times, name, aa, quality[name],
+                                    manifest["models"][member]["variants"].get(name, {}))
+                for name in runners}
+        report[member] = {"threads": threads, "rounds": rounds, "calls_per_round": calls, "aa": aa,
+                          "aa_ms_per_round": {f"batch={b}": _ms(t[aa_arm(REFERENCE)]) for b, t in times.items()},
+                          "runners": rows, "not_run": quality_skips}
     return report
+
+
+def runner_record(times: dict[int, dict[str, list[float]]], name: str, aa: dict, cosines: list[float],
+                  variant: dict) -> dict:
+    """One runner's speed-up over ORT FP32 per batch (paired by round) and pooled over the batches."""
+    per_batch = {}
+    for b, t in times.items():
+        interval = paired_ratio(t[REFERENCE], t[name])
+        per_batch[f"batch={b}"] = {"median_ms": round(1e3 * float(np.median(t[name])), 2),
+                                   "ms_per_round": _ms(t[name]), **speedup_record(interval, aa)}
+    pooled = pooled_ratio([(t[REFERENCE], t[name]) for t in times.values()])
+    cos = np.array(cosines)
+    return {"cases": per_batch, **speedup_record(pooled, aa),
+            "cosine_vs_ort_fp32": {"mean": round(float(cos.mean()), 6), "min": round(float(cos.min()), 6)},
+            "gate": variant.get("gate", {}).get("passed")}
 
 
 def pipeline(fp32: ReferencePipeline, tuned: ReferencePipeline, texts: list[str], images: list[bytes],
@@ -152,25 +195,30 @@ def pipeline(fp32: ReferencePipeline, tuned: ReferencePipeline, texts: list[str]
             image = self.pipe.embed_pixels(pixels)
             return [self.pipe.fuse(text, image)[schema.ITEM_EMBEDDING]]
 
-    arms = {"ort-fp32-padded": Arm(fp32, False), "ort-fp32": Arm(fp32, True), "tuned": Arm(tuned, True)}
-    print(f"pipeline: batch {len(texts)}, {len(arms)} arms x {rounds} rounds", file=sys.stderr, flush=True)
-    times = time_interleaved(arms, {}, rounds)
-    reference = arms["ort-fp32-padded"].run(None, {})[0]
+    arms = {PADDED: Arm(fp32, False), "ort-fp32": Arm(fp32, True), "tuned": Arm(tuned, True)}
+    arms[aa_arm(PADDED)] = arms[PADDED]
+    print(f"pipeline: batch {len(texts)}, {len(arms)} arms (one A/A) x {rounds} rounds", file=sys.stderr, flush=True)
+    times, calls = time_interleaved(arms, {}, rounds)
+    outputs = {arm: arms[arm].run(None, {})[0] for arm in (PADDED, "ort-fp32", "tuned")}
     groups = runtime.length_groups(mask, fp32.preprocess.seq_buckets)
-    report = {"batch": len(texts), "text_width": int(mask.shape[1]),
-              "padding": {"real_tokens": int(mask.sum()), "computed_padded": int(mask.size),
-                          "computed_bucketed": int(sum(len(rows) * width for rows, width in groups))},
-              "median_ms": {k: round(1e3 * float(np.median(v)), 1) for k, v in times.items()}, "speedups": {}}
-    for arm in ("ort-fp32", "tuned"):
-        point, low, high = score_interval([times[arm]], [times["ort-fp32-padded"]])
-        cos = metrics.row_cosine(reference, arms[arm].run(None, {})[0])
-        report["speedups"][f"{arm}_over_ort-fp32-padded"] = {
-            "speedup": round(1 / point, 3), "ci95": [round(1 / high, 3), round(1 / low, 3)],
+    aa = section_aa(paired_ratio(times[PADDED], times[aa_arm(PADDED)]), PADDED)
+    return {"batch": len(texts), "text_width": int(mask.shape[1]), "rounds": rounds, "calls_per_round": calls,
+            "padding": {"real_tokens": int(mask.sum()), "computed_padded": int(mask.size),
+                        "computed_bucketed": int(sum(len(rows) * width for rows, width in groups))},
+            "median_ms": {k: round(1e3 * float(np.median(v)), 1) for k, v in times.items()},
+            "ms_per_round": {k: _ms(v) for k, v in times.items()}, "aa": aa,
+            "speedups": speedups(times, outputs, aa)}
+
+
+def speedups(per_round: dict[str, list[float]], outputs: dict[str, np.ndarray], aa: dict) -> dict:
+    """Each arm's speed-up over its base, paired by round, with the cosine of its item embedding."""
+    found = {}
+    for arm, base in PAIRS:
+        cos = metrics.row_cosine(outputs[base], outputs[arm])
+        found[f"{arm}_over_{base}"] = {
+            **speedup_record(paired_ratio(per_round[base], per_round[arm]), aa),
             "item_embedding_cosine": {"mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5)}}
-    point, low, high = score_interval([times["tuned"]], [times["ort-fp32"]])
-    report["speedups"]["tuned_over_ort-fp32"] = {"speedup": round(1 / point, 3),
-                                                 "ci95": [round(1 / high, 3), round(1 / low, 3)]}
-    return report
+    return found
 
 
 def padded_copy(repository: Path, into: Path) -> Path:
@@ -208,35 +256,37 @@ def served(fp32_repo: Path, tuned_repo: Path, texts: list[str], images: list[byt
         picture.set_data_from_numpy(np.array([[i] for i in images], dtype=object))
         return [text, picture]
 
-    samples: dict[str, list[float]] = {}
+    samples: dict[str, list[list[float]]] = {}
     outputs = {}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        repos = {"ort-fp32-padded": padded_copy(fp32_repo, Path(tmp)), "ort-fp32": fp32_repo, "tuned": tuned_repo}
+        repos = {PADDED: padded_copy(fp32_repo, Path(tmp)), "ort-fp32": fp32_repo, "tuned": tuned_repo}
         clients = {}
         for name, repo in repos.items():
             server = stack.enter_context(running_server(repo, Path(tmp) / f"{name}.log"))
             clients[name] = grpcclient.InferenceServerClient(server.urls["grpc"])
-            samples[name] = []
         for name, client in clients.items():
             for _ in range(2):  # warm-up
                 outputs[name] = client.infer(schema.ITEM_ENCODER, request()).as_numpy(schema.ITEM_EMBEDDING)
-        for r in range(rounds):
-            for name, client in clients.items():
-                for _ in range(3):
+        clients[aa_arm(PADDED)] = clients[PADDED]  # the A/A arm: the same server, its own slot
+        samples = {name: [] for name in clients}
+        order = list(clients.items())
+        for r in range(rounds):  # alternate the order: A B C D, then D C B A
+            for name, client in (order if r % 2 == 0 else order[::-1]):
+                timed = []
+                for _ in range(REQUESTS_PER_ROUND):
                     t = time.perf_counter()
                     client.infer(schema.ITEM_ENCODER, request())
-                    samples[name].append(time.perf_counter() - t)
+                    timed.append(time.perf_counter() - t)
+                samples[name].append(timed)
             print(f"served round {r + 1}/{rounds}: " + ", ".join(
-                f"{k} p50 {1e3 * np.median(v):.0f} ms" for k, v in samples.items()), file=sys.stderr, flush=True)
-    report = {"batch": len(texts), "samples_per_arm": len(samples["tuned"]),
-              "median_ms": {k: round(1e3 * float(np.median(v)), 1) for k, v in samples.items()}, "speedups": {}}
-    for arm, base in (("ort-fp32", "ort-fp32-padded"), ("tuned", "ort-fp32-padded"), ("tuned", "ort-fp32")):
-        point, low, high = score_interval([samples[arm]], [samples[base]])
-        cos = metrics.row_cosine(outputs[base], outputs[arm])
-        report["speedups"][f"{arm}_over_{base}"] = {
-            "speedup": round(1 / point, 3), "ci95": [round(1 / high, 3), round(1 / low, 3)],
-            "item_embedding_cosine": {"mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5)}}
-    return report
+                f"{k} {1e3 * np.median(v[-1]):.0f} ms" for k, v in samples.items()), file=sys.stderr, flush=True)
+    per_round = {k: round_medians(v) for k, v in samples.items()}
+    aa = section_aa(paired_ratio(per_round[PADDED], per_round[aa_arm(PADDED)]), PADDED)
+    return {"batch": len(texts), "rounds": rounds, "requests_per_round": REQUESTS_PER_ROUND,
+            "samples_per_arm": rounds * REQUESTS_PER_ROUND,
+            "median_ms": {k: round(1e3 * float(np.median(v)), 1) for k, v in per_round.items()},
+            "ms_per_round": {k: _ms(v) for k, v in per_round.items()}, "aa": aa,
+            "speedups": speedups(per_round, outputs, aa)}
 
 
 def plot(report: dict, path: Path) -> Path:
@@ -251,15 +301,15 @@ def plot(report: dict, path: Path) -> Path:
         rows = report["offline"][member]["runners"]
         names = list(rows)
         for k, case in enumerate(next(iter(rows.values()))["cases"]):
-            values = [rows[n]["cases"][case]["ratio_vs_ort_fp32"] for n in names]
-            errors = np.array([[rows[n]["cases"][case]["ratio_vs_ort_fp32"] - rows[n]["cases"][case]["ci95"][0],
-                                rows[n]["cases"][case]["ci95"][1] - rows[n]["cases"][case]["ratio_vs_ort_fp32"]]
-                               for n in names]).T
+            intervals = [rows[n]["cases"][case]["interval"] for n in names]
+            values = [iv["point"] for iv in intervals]
+            errors = np.array([[iv["point"] - (iv["low"] or iv["point"]), (iv["high"] or iv["point"]) - iv["point"]]
+                               for iv in intervals]).T
             ax.barh(np.arange(len(names)) + 0.4 * k, values, 0.4, xerr=errors, label=case)
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_yticks(np.arange(len(names)) + 0.2, names)
-        ax.set_xlabel("latency / ORT FP32 (lower is faster), 95% CI")
+        ax.set_xlabel("speed-up over ORT FP32 (higher is faster), 95% interval over paired rounds")
         ax.set_title(member)
         ax.legend()
     fig.suptitle(report["machine"]["cpu"]["model"])
@@ -280,7 +330,7 @@ def save(output: Path, report: dict, start: RunStart) -> Path:
 def main(fp32: Path = typer.Option(..., help="Repository serving ORT FP32 (export --no-tune)."),
          tuned: Path = typer.Option(..., help="The same export after `mmrec tune` on this machine."),
          output: Path = typer.Option(Path("benchmarks/results/runtimes")),
-         rounds: int = typer.Option(9), batch: int = typer.Option(32),
+         rounds: int = typer.Option(DEFAULT_ROUNDS, min=3), batch: int = typer.Option(32),
          skip_served: bool = typer.Option(False, help="Leave out the Triton arm (no server start).")) -> None:
     run_start = RunStart.now()
     cpu = machine_info()["cpu"]
@@ -303,9 +353,8 @@ def main(fp32: Path = typer.Option(..., help="Repository serving ORT FP32 (expor
     report["end"] = {"loadavg": loadavg(), "cpu_share": cpu_share()}
     save(output, report, run_start)
     plot(report, output / "runtimes.png")
-    summary = {m: {n: r["geomean_ratio_vs_ort_fp32"] for n, r in v["runners"].items()}
-               for m, v in report["offline"].items()}
-    print(json.dumps({"offline_geomean_ratio": summary, "pipeline": report["pipeline"],
+    summary = {m: {n: r["speedup"] for n, r in v["runners"].items()} for m, v in report["offline"].items()}
+    print(json.dumps({"offline_speedup_vs_ort_fp32": summary, "pipeline": report["pipeline"],
                       "served": report.get("served")}, indent=2))
 
 

@@ -68,7 +68,7 @@ class Settings:
     # capacity: open-loop Poisson load (MLPerf LoadGen Server scenario) on the served item_encoder;
     # the highest rate whose p99 stays under `slo_ms`, searched `capacity_trials` times per payload set
     slo_ms: float = DEFAULT_SLO_MS
-    capacity_sets: tuple[str, ...] = ("jpeg_640x427", "jpeg_12mp_exif6")
+    capacity_sets: tuple[str, ...] = ("jpeg_640x427", "jpeg_12mp_exif6", "recommend_100k")
     capacity_trials: int = 3
     capacity_step_s: float = 6.0  # seconds of load per rate tried
     capacity_max_steps: int = 10

@@ -122,6 +122,7 @@ def _contended(results: dict) -> bool:
 def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
     """Run the selected sections and write bench.json, summary.md and the plots."""
     started = time.perf_counter()
+    start = machine.RunStart.now()
     settings = options.settings
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -210,6 +211,7 @@ def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
     results["machine"]["cpu_share_end"] = machine.cpu_share()
     results["contended"] = _contended(results)
     results["duration_s"] = time.perf_counter() - started
+    results[machine.PROVENANCE_KEY] = machine.provenance(start)
     return write_reports(results, output)
 
 

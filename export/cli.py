@@ -18,6 +18,7 @@ from .errors import ExportError
 from .models.image import DEFAULT_IMAGE_ENCODER
 from .pipeline import DEFAULT_OUTPUT, DEFAULT_SEEDS, PRECISIONS, ExportOptions, Exporter, Reporter, default_runtimes
 from .repository import Target
+from .tuning import DEFAULT_ROUNDS
 
 console = Console(stderr=True)
 
@@ -154,7 +155,7 @@ def _gate_cell(gate: dict | None) -> str:
 def tune_command(
     repository: Path = typer.Argument(DEFAULT_OUTPUT, help="Repository written by `mmrec export`."),
     runtime: list[str] = typer.Option(list(default_runtimes()), "--runtime", help="Runtimes to consider (repeatable)."),
-    rounds: int = typer.Option(7, min=3, max=100, help="Interleaved timing rounds per case."),
+    rounds: int = typer.Option(DEFAULT_ROUNDS, min=3, max=100, help="Interleaved timing rounds per case."),
 ) -> None:
     """Time every admitted CPU variant of the encoders on this machine (ORT FP32/INT8, OpenVINO
     FP32/BF16/INT8) and serve the fastest pair that passed its gates; the manifest records the
@@ -175,11 +176,22 @@ def summarize_tuning(tuning: dict) -> None:
     machine = tuning["machine"]
     table = Table(title=f"tuning on {machine['cpu']} ({machine['usable_cores']} cores; "
                         f"OpenVINO: {', '.join(machine['openvino_capabilities']) or 'absent'})")
-    for column in ("member", "variant", "median ms", "latency vs ORT FP32 (95% CI)", "served"):
+    for column in ("member", "variant", "median ms", "speed-up vs ORT FP32 [95% interval]", "faster", "served"):
         table.add_column(column)
     for member, measured in tuning["members"].items():
         for variant, m in measured["variants"].items():
             table.add_row(member, variant, " / ".join(f"{c}: {v}" for c, v in m["median_ms"].items()),
-                          f"{m['score_vs_fp32']:.3f} [{m['interval_95'][0]:.3f}, {m['interval_95'][1]:.3f}]",
+                          _interval_cell(m["speedup_vs_fp32"]), m.get("faster_than_fp32", ""),
                           "yes" if tuning["chosen"].get(member) == variant else "")
     console.print(table)
+    for member, measured in tuning["members"].items():
+        aa = measured.get("aa") or {}
+        console.print(f"{member}: {escape(aa.get('why', 'no A/A arm'))}; "
+                      f"{escape(tuning.get('decisions', {}).get(member, ''))}")
+
+
+def _interval_cell(interval: dict) -> str:
+    """point [low, high] of an Interval dict; bounds are None when there were too few rounds."""
+    def bound(x) -> str:
+        return "?" if x is None else f"{x:.3f}"
+    return f"{interval['point']:.3f} [{bound(interval['low'])}, {bound(interval['high'])}]"

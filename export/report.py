@@ -113,15 +113,20 @@ def tuning_lines(manifest: dict) -> list[str]:
         return []
     machine = tuning["machine"]
     lines = [f"Tuned on {machine['cpu']} ({machine['usable_cores']} cores; OpenVINO capabilities "
-             f"{', '.join(machine['openvino_capabilities']) or 'none'}): latency vs ORT FP32, geometric mean "
-             "of batch 1 and 32 with its 95 % bootstrap interval; served = the fastest clearly below 1.", "",
-             "| member | variant | median ms | vs ORT FP32 [95 % CI] |", "|---|---|---|---|"]
+             f"{', '.join(machine['openvino_capabilities']) or 'none'}): speed-up over ORT FP32, geometric mean "
+             "over batch 1 and 32 of per-round ratios with its 95 % interval over paired rounds; served = the "
+             "fastest whose interval lies above 1, unless ORT FP32 against itself (the A/A arm) differed.", "",
+             "| member | variant | median ms | speed-up vs ORT FP32 [95 %] | faster |", "|---|---|---|---|---|"]
     for member, measured in tuning["members"].items():
         for variant, m in measured["variants"].items():
             served = " (served)" if tuning["chosen"].get(member) == variant else ""
+            s = m["speedup_vs_fp32"]
+            bounds = f"[{s['low']:.2f}, {s['high']:.2f}]" if s["low"] is not None else "[too few rounds]"
             lines.append(f"| {member} | {variant}{served} | "
                          + " / ".join(f"{c}: {v:.1f}" for c, v in m["median_ms"].items())
-                         + f" | {m['score_vs_fp32']:.2f} [{m['interval_95'][0]:.2f}, {m['interval_95'][1]:.2f}] |")
+                         + f" | {s['point']:.2f}× {bounds} | {m.get('faster_than_fp32', '')} |")
+    lines += [""] + [f"- {member}: {(measured.get('aa') or {}).get('why', 'no A/A arm')}; "
+                     f"{tuning.get('decisions', {}).get(member, '')}" for member, measured in tuning["members"].items()]
     return lines
 
 

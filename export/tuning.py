@@ -5,12 +5,17 @@ VNNI/BF16, or plain AVX2) and on the batch size, so it is measured, not assumed.
 that passed their quality gates at export are candidates, and the pair served together must have
 passed the combination gate the export recorded (`manifest["combinations"]`).
 
-Method, per encoder: every candidate runs the same inputs at batch 1 and at batch 32 (text: 16
-and 64 tokens), interleaved in shuffled order for `rounds` rounds after a warm-up, with the
-thread count it will be served with. A candidate's score is the geometric mean over the cases of
-(its median / ORT FP32's median); its 95 % interval comes from a bootstrap over the rounds. The
-fastest candidate whose interval lies wholly below 1 is served; otherwise ORT FP32 stays. Dense
-kernels' latency does not depend on the values, so the inputs are deterministic synthetic
+Method, per encoder (mmrec.stats): every candidate runs the same inputs at batch 1 and at batch
+32 (text: 16 and 64 tokens) with the thread count it will be served with, in `rounds` short
+rounds after a warm-up, in shuffled order each round; each round gives one value per candidate
+(the median of its calls in that round: a few calls where a call is quick, one where it is not).
+A candidate's speed-up over ORT FP32 is the geometric mean over the cases of the per-round
+ratios ORT FP32 / candidate (paired by round, so drift that hits both cancels), with its 95 %
+interval from a bootstrap over rounds (`pooled_ratio`). ORT FP32 also runs a second time in
+every round as an A/A arm: if FP32 against itself shows a difference, the machine is too noisy
+to judge and FP32 (the fallback) stays. Otherwise the fastest candidate whose interval lies
+wholly above 1 is served, among pairs whose combination gate passed; else the fallback stays.
+Dense kernels' latency does not depend on the values, so the inputs are deterministic synthetic
 tensors of the served shapes (token ids inside the vocabulary, normalized pixels).
 """
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 
 from mmrec import schema
 from mmrec.machine import cpu_info
-from mmrec.stats import score_interval  # noqa: F401  (re-exported: tests and benchmarks import it here)
+from mmrec.stats import MET, Interval, aa_check, pooled_ratio
 from mmrec.model_repository.lib import runtime
 from .errors import ExportError
 from .manifest import MANIFEST_FILE, package_versions, write_manifest
@@ -36,10 +41,17 @@ from .variants import VARIANTS
 
 TUNED_MEMBERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
 CASES = {schema.TEXT_ENCODER: ((1, 16), (32, 64)), schema.IMAGE_ENCODER: ((1,), (32,))}
-DEFAULT_ROUNDS = 7
+DEFAULT_ROUNDS = 10  # rounds, not calls, are the independent repeats (mmrec.stats): ≥ 10 of them
+SLOT_S = 0.05  # an arm's calls in one round last about this long: rounds stay short and many
+MAX_CALLS_PER_ROUND = 3  # a round's median of 3 calls shrugs off one slow call
 TARGET_RUNTIMES = {Target.portable: runtime.RUNTIMES, Target.onnxruntime: ("onnxruntime",),
                    Target.openvino: ("openvino",)}
 REFERENCE = "fp32"
+AA_ARM = f"{REFERENCE} (A/A)"  # the reference timed a second time in every round
+SPEEDUP_THRESHOLD = 1.0  # served only when the whole 95 % interval of the speed-up lies above this
+RULE = (f"fastest admitted variant whose 95% interval of the speed-up over ORT FP32 (geometric mean over batch "
+        f"1 and 32 of per-round ratios, bootstrap over rounds) lies wholly above {SPEEDUP_THRESHOLD:g}, among pairs "
+        "whose combination gate passed; the fallback when the A/A arm (ORT FP32 against itself) shows a difference")
 
 
 class TuneError(ExportError):
@@ -60,21 +72,36 @@ def case_label(member: str, case: tuple[int, ...]) -> str:
     return f"batch={case[0]} seq={case[1]}" if member == schema.TEXT_ENCODER else f"batch={case[0]}"
 
 
+def calls_per_round(call_s: float) -> int:
+    """Calls per arm and round: enough for a median where calls are quick, one where they are
+    slow, so a round stays short whatever the case costs."""
+    return max(1, min(MAX_CALLS_PER_ROUND, int(SLOT_S / max(call_s, 1e-9))))
+
+
 def time_interleaved(sessions: dict[str, runtime.Session], feed: dict[str, np.ndarray],
-                     rounds: int) -> dict[str, list[float]]:
-    """Seconds per run of each session, one run each per round in shuffled order."""
-    for session in sessions.values():  # warm-up: first runs allocate and pick kernels
+                     rounds: int, calls: int | None = None) -> tuple[dict[str, list[float]], int]:
+    """Seconds per run of each session, one value per round (the median of its `calls` runs in
+    that round), sessions in shuffled order each round; returns them with the calls per round
+    (from the warm-up's timing when `calls` is None)."""
+    warm_up = []  # first runs allocate and pick kernels; an A/A arm shares its session's warm-up
+    for session in {id(s): s for s in sessions.values()}.values():
+        start = time.perf_counter()
         session.run(None, feed)
+        warm_up.append(time.perf_counter() - start)
+    calls = calls or calls_per_round(min(warm_up))  # the fastest first run is the least inflated by set-up
     times: dict[str, list[float]] = {name: [] for name in sessions}
     order = list(sessions)
     shuffler = random.Random(0)
     for _ in range(rounds):
         shuffler.shuffle(order)
         for name in order:
-            start = time.perf_counter()
-            sessions[name].run(None, feed)
-            times[name].append(time.perf_counter() - start)
-    return times
+            runs = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                sessions[name].run(None, feed)
+                runs.append(time.perf_counter() - start)
+            times[name].append(float(np.median(runs)))
+    return times, calls
 
 
 def candidates_of(manifest: dict, member: str, runtimes: tuple[str, ...]) -> dict[str, dict]:
@@ -92,7 +119,8 @@ def candidates_of(manifest: dict, member: str, runtimes: tuple[str, ...]) -> dic
 
 def measure_member(root: Path, manifest: dict, member: str, runtimes: tuple[str, ...], rounds: int,
                    progress: Callable[[str], None]) -> dict:
-    """Latency of every candidate of one member, and its score against ORT FP32."""
+    """Per-round latency of every candidate of one member and of the A/A arm, and each
+    candidate's speed-up over ORT FP32."""
     candidates = candidates_of(manifest, member, runtimes)
     if REFERENCE not in candidates:
         raise TuneError(f"{member}: the FP32 graph is missing from the repository; re-export it")
@@ -101,57 +129,107 @@ def measure_member(root: Path, manifest: dict, member: str, runtimes: tuple[str,
     for name, entry in candidates.items():
         spec = VARIANTS[name]
         sessions[name] = runtime.open_session(root / entry["path"], spec.runtime, threads, spec.precision)
+    sessions[AA_ARM] = sessions[REFERENCE]  # an arm of its own in the rotation, the same session
     image_size = manifest["preprocess"]["image_size"]
     per_case: dict[str, dict[str, list[float]]] = {}
+    calls: dict[str, int] = {}
     for case in CASES[member]:
         label = case_label(member, case)
-        progress(f"{member}: timing {len(sessions)} variants at {label} ({rounds} rounds)")
-        per_case[label] = time_interleaved(sessions, case_feed(member, case, image_size), rounds)
-    result = {"threads": threads, "rounds": rounds, "variants": {}}
-    for name in sessions:
-        point, low, high = score_interval([per_case[c][name] for c in per_case],
-                                          [per_case[c][REFERENCE] for c in per_case])
-        result["variants"][name] = {
-            "median_ms": {c: round(1e3 * float(np.median(t[name])), 3) for c, t in per_case.items()},
-            "score_vs_fp32": round(point, 4), "interval_95": [round(low, 4), round(high, 4)]}
+        progress(f"{member}: timing {len(sessions) - 1} variants and the A/A arm at {label} ({rounds} rounds)")
+        per_case[label], calls[label] = time_interleaved(sessions, case_feed(member, case, image_size), rounds)
+    aa = {**aa_check(pooled_ratio([(t[REFERENCE], t[AA_ARM]) for t in per_case.values()])),
+          "arm": f"{REFERENCE} twice per round"}
+    result = {"threads": threads, "rounds": rounds, "calls_per_round": calls, "aa": aa,
+              "aa_ms_per_round": _ms({c: t[AA_ARM] for c, t in per_case.items()}), "variants": {}}
+    for name in candidates:
+        result["variants"][name] = variant_record(name, {c: t[name] for c, t in per_case.items()},
+                                                  {c: t[REFERENCE] for c, t in per_case.items()})
     return result
 
 
+def variant_record(name: str, times: dict[str, list[float]], reference: dict[str, list[float]]) -> dict:
+    """A candidate's numbers: per-round ms (so the interval can be recomputed), medians, and its
+    speed-up over ORT FP32 pooled over the cases, with the verdict against the threshold."""
+    speedup = pooled_ratio([(reference[c], times[c]) for c in times])
+    verdict = "reference" if name == REFERENCE else speedup.verdict(SPEEDUP_THRESHOLD, "above")
+    return {"median_ms": {c: round(1e3 * float(np.median(t)), 3) for c, t in times.items()},
+            "ms_per_round": _ms(times), "speedup_vs_fp32": speedup.to_dict(), "faster_than_fp32": verdict}
+
+
+def _ms(times: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {c: [round(1e3 * s, 3) for s in t] for c, t in times.items()}
+
+
+def speedup(record: dict) -> float:
+    """A measured variant's point speed-up over ORT FP32 (>1: faster)."""
+    return record["speedup_vs_fp32"]["point"]
+
+
+def clearly_faster(record: dict) -> bool:
+    """Its whole 95 % interval of the speed-up lies above the threshold."""
+    return Interval.from_dict(record["speedup_vs_fp32"]).verdict(SPEEDUP_THRESHOLD, "above") == MET
+
+
+def judged(measured: dict) -> bool:
+    """False when the member's A/A arm showed a difference: the machine, not the code, would
+    decide, so nothing but the fallback is served."""
+    return (measured.get("aa") or {}).get("stable") is not False
+
+
 def rank(measured: dict, fallback: str = REFERENCE) -> list[str]:
-    """Variants significantly faster than ORT FP32 (interval below 1), fastest first, then the
-    fallback (ORT FP32; OpenVINO FP32 on the openvino target, whose backend runs OpenVINO only)."""
+    """Variants clearly faster than ORT FP32 (speed-up interval above 1), fastest first, then
+    the fallback (ORT FP32; OpenVINO FP32 on the openvino target, whose backend runs OpenVINO
+    only); the fallback alone when the A/A arm was unstable."""
     if fallback not in measured["variants"]:
         raise TuneError(f"{fallback} was not measured (not admitted at export, or its runtime left out): "
                         "nothing is left to serve on this target")
-    faster = [v for v, m in measured["variants"].items()
-              if v not in (REFERENCE, fallback) and m["interval_95"][1] < 1.0]
+    if not judged(measured):
+        return [fallback]
+    variants = measured["variants"]
+    faster = [v for v, m in variants.items() if v not in (REFERENCE, fallback) and clearly_faster(m)]
     if fallback != REFERENCE:  # the fallback is a real candidate: it competes on speed too
-        return sorted(faster + [fallback], key=lambda v: measured["variants"][v]["score_vs_fp32"])
-    return sorted(faster, key=lambda v: measured["variants"][v]["score_vs_fp32"]) + [fallback]
+        return sorted(faster + [fallback], key=lambda v: speedup(variants[v]), reverse=True)
+    return sorted(faster, key=lambda v: speedup(variants[v]), reverse=True) + [fallback]
 
 
 def choose_pair(measured: dict[str, dict], combinations: list[dict],
                 fixed: dict[str, str] | None = None, fallback: str = REFERENCE) -> tuple[dict[str, str], dict | None]:
     """The fastest per-member choice whose combination (with the `fixed` members' variants)
-    passed its gate, by product of scores; returns it with that combination's record (None
+    passed its gate, by product of speed-ups; returns it with that combination's record (None
     when everything served stays ORT FP32)."""
     fixed = fixed or {}
     gated = sorted({m for c in combinations for m in c["variants"]})
     passed = {_key(c["variants"], gated): c for c in combinations if c["passed"]}
 
     def score(choice: dict[str, str]) -> float:
-        return float(np.prod([measured[m]["variants"][v]["score_vs_fp32"] for m, v in choice.items()]))
+        return float(np.prod([speedup(measured[m]["variants"][v]) for m, v in choice.items()]))
 
     options: list[dict[str, str]] = [{}]
     for member in measured:
         options = [{**o, member: v} for o in options for v in rank(measured[member], fallback)]
-    for choice in sorted(options, key=score):
+    for choice in sorted(options, key=score, reverse=True):
         if all(v == REFERENCE for v in {**fixed, **choice}.values()):
             return choice, None
         combination = passed.get(_key({**fixed, **choice}, gated))
         if combination is not None:
             return choice, combination
     return {m: fallback for m in measured}, None
+
+
+def decision(measured: dict, chosen: str, fallback: str = REFERENCE) -> str:
+    """Why a member serves what it serves, in a line for the manifest."""
+    if not judged(measured):
+        return f"A/A unstable, nothing judged: {fallback} kept ({measured['aa']['why']})"
+    ranked = rank(measured, fallback)
+    faster = [v for v in ranked if v != fallback]
+    if not faster:
+        return f"no variant's speed-up interval lies wholly above {SPEEDUP_THRESHOLD:g}: {fallback} kept"
+    if chosen != ranked[0]:
+        return f"{', '.join(ranked[:ranked.index(chosen)])} faster, but in no pair whose gate passed: {chosen} served"
+    if chosen == fallback:  # the openvino target's fallback competes on speed
+        return f"{fallback} (the fallback) is faster than {', '.join(faster)}"
+    return (f"{chosen}: the fastest of the variants whose speed-up interval lies wholly above "
+            f"{SPEEDUP_THRESHOLD:g} ({', '.join(faster)})")
 
 
 def _key(choice: dict[str, str], members: list[str]) -> tuple:
@@ -239,8 +317,7 @@ def tune_repository(root: Path, runtimes: tuple[str, ...] | None = None, rounds:
                     "flags": sorted(f for f, present in cpu["flags"].items() if present),
                     "openvino_capabilities": list(runtime.openvino_capabilities())},
         "versions": {k: v for k, v in package_versions().items() if k in ("onnxruntime", "openvino")},
-        "runtimes": list(allowed), "rule": "fastest admitted variant whose 95% interval of the "
-        "geometric-mean latency ratio vs ORT FP32 (batch 1 and 32) lies below 1, among pairs whose "
-        "combination gate passed", "members": measured, "chosen": choice, "fixed_by_user": fixed}
+        "runtimes": list(allowed), "rule": RULE, "members": measured, "chosen": choice,
+        "decisions": {m: decision(measured[m], v, fallback) for m, v in choice.items()}, "fixed_by_user": fixed}
     write_manifest(root, manifest)
     return manifest["tuning"]

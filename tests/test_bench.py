@@ -45,7 +45,7 @@ def test_quick_bench_json_is_complete(quick_run):
     _, output = quick_run
     results = json.loads((output / "bench.json").read_text())
     for key in ("schema_version", "command", "git", "machine", "versions", "settings", "threads",
-                "sections", "targets", "plots", "repository"):
+                "sections", "targets", "plots", "repository", "provenance"):
         assert key in results, key
     machine = results["machine"]
     assert machine["cpu"]["model"] and machine["cpu"]["usable_cores"] >= 1
@@ -56,7 +56,7 @@ def test_quick_bench_json_is_complete(quick_run):
     assert set(results["sections"]) == set(SECTIONS)
     for name, section in results["sections"].items():
         assert section["status"] in ("ok", "skipped"), (name, section.get("error"), section.get("traceback"))
-    for name in ("offline", "roofline", "quality", "serving"):
+    for name in ("offline", "roofline", "quality", "serving", "photos", "capacity"):
         assert results["sections"][name]["status"] == "ok", name
 
     offline = results["sections"]["offline"]
@@ -86,23 +86,63 @@ def test_quick_bench_json_is_complete(quick_run):
     assert results["sections"]["roofline"]["peak"]["peak_gflops"] > 0
     assert results["sections"]["quality"]["variants"], "the default export has INT8/FP16 variants"
 
-    # issue 11's method: intervals from raw latencies (not stored), photos, padding, busy check
+    # the method: per-round medians (no raw latencies stored), intervals paired by round, an A/A arm
+    # per section, photos, padding, busy check
+    assert offline["rounds"] == QUICK.offline_rounds
     for r in offline["records"]:
-        assert "_latencies" not in r and (r["status"] != "ok" or "speedup_vs_pytorch_p50_ci95" in r), r
-        if r["status"] == "ok":
-            assert r["latency_ms"]["samples"] == r["reps"] and (r["reps"] >= 1000 or r["latency_ms"]["p99"] is None)
+        assert "_latencies" not in r and not any(k.endswith("_ci95") for k in r), r
+        if r["status"] != "ok":
+            continue
+        assert len(r["p50_ms_per_round"]) == QUICK.offline_rounds and min(r["p50_ms_per_round"]) > 0, r
+        assert r["latency_ms"]["samples"] == r["reps"] and (r["reps"] >= 1000 or r["latency_ms"]["p99"] is None)
+        interval = r["speedup_vs_pytorch_p50_interval"]
+        if r["engine"] == "pytorch":
+            assert interval is None  # PyTorch against itself
+            continue
+        _assert_interval(interval, "ratio", QUICK.offline_rounds)
+        assert r["speedup_vs_pytorch_p50"] == pytest.approx(interval["point"], rel=1e-3)
+    aa_records = [r for r in offline["records"] if r.get("aa_p50_ms_per_round")]
+    assert aa_records and all(r["engine"] == "ort-fp32" for r in aa_records)
+    assert all(len(r["aa_p50_ms_per_round"]) == QUICK.offline_rounds for r in aa_records)
+    for name in ("offline", "serving", "photos"):
+        aa = results["sections"][name]["aa"]
+        assert isinstance(aa, dict) and aa["stable"] in (True, False) and aa["why"], (name, aa)
+        _assert_interval(aa["interval"], "ratio")
     assert [row["concurrency"] for row in serving["intervals"]["grpc"]] == list(QUICK.concurrency)
-    c1 = serving["intervals"]["grpc"][0]["p50_diff_ms"]
-    assert c1["low"] <= c1["point"] <= c1["high"]
+    for protocol in QUICK.protocols:
+        for row in serving["intervals"][protocol]:
+            _assert_interval(row["p50_diff_ms"], "difference", QUICK.serving_rounds)
+            _assert_interval(row["throughput_ratio"], "ratio", QUICK.serving_rounds)
+            assert row["pooled_throughput_ratio"] > 0 and "mean_latency_ratio" not in row
+            _assert_interval(row["vs_batched"]["throughput_ratio"], "ratio", QUICK.serving_rounds)
+    for lv in [*serving["reference"], *serving["triton_aa"], *serving["triton"]["grpc"]]:
+        assert len(lv["p50_ms_per_round"]) == len(lv["throughput_items_s_per_round"]) == QUICK.serving_rounds, lv
+        assert "_latencies" not in lv
+    assert [lv["concurrency"] for lv in serving["triton_aa"]] == list(QUICK.concurrency)
     photos = results["sections"]["photos"]
     assert photos["status"] == "ok", (photos.get("error"), photos.get("traceback"))
     assert set(photos["samples_per_arm"].values()) == {QUICK.photo_rounds * QUICK.photo_per_round}
-    low, high = photos["ratios"]["triton_12mp_over_640"]["ci95"]
-    assert low <= photos["ratios"]["triton_12mp_over_640"]["p50_ratio"] <= high
+    assert all(len(v) == QUICK.photo_rounds for v in photos["p50_ms_per_round"].values())
+    ratio = photos["ratios"]["triton_12mp_over_640"]
+    assert "ci95" not in ratio
+    _assert_interval(ratio["interval"], "ratio", QUICK.photo_rounds)
+    assert ratio["p50_ratio"] == pytest.approx(ratio["interval"]["point"], rel=1e-3)
     assert photos["cosine"]["min"] > 0.9 and photos["cosine"]["photos"] >= 1
     assert results["sections"]["roofline"]["padding"]["by_batch"]["1"]["padded_efficiency"] > 0
     assert results["busy_check"]["allowed"]  # --quick implies --allow-busy
     assert "start: offline" in quick_run[0].output  # not a terminal: timestamped progress lines
+
+    capacity = results["sections"]["capacity"]
+    assert capacity["status"] == "ok", (capacity.get("error"), capacity.get("traceback"))
+    assert set(capacity["sets"]) == set(QUICK.capacity_sets) and capacity["slo_ms"] == QUICK.slo_ms
+    jpeg = capacity["sets"]["jpeg_640x427"]
+    assert jpeg["median_qps"] > 0 and len(jpeg["capacity_qps"]) == QUICK.capacity_trials, jpeg["capacity_qps"]
+    assert jpeg["plot"] == "capacity_jpeg_640x427.png" and (output / jpeg["plot"]).is_file()
+
+    provenance = results["provenance"]
+    assert provenance["git"]["commit"] and provenance["git"]["dirty"] in (True, False)
+    assert len(provenance["loadavg"]["before"]) == 3 and len(provenance["loadavg"]["after"]) == 3
+    assert provenance["started"] <= provenance["finished"]
 
     pa = results["sections"]["perf_analyzer"]
     if pa["status"] == "ok":
@@ -113,13 +153,31 @@ def test_quick_bench_json_is_complete(quick_run):
 
     ids = {t["id"] for t in results["targets"]}
     assert len(ids) == len(targets.TARGETS)
-    assert all(t["met"] in (True, False, None) for t in results["targets"])
     assert not targets.errors(results), [(t["id"], t["error"]) for t in targets.errors(results)]
-    # what --quick measures is judged (met or missed), not reported as unmeasured
-    judged = {t["id"]: t["met"] for t in results["targets"]}
+    for t in results["targets"]:
+        assert t["verdict"] in VERDICTS, t
+        assert t["met"] is {"met": True, "missed": False}.get(t["verdict"]), t
+        assert "beyond doubt" not in t["detail"], t
+    # what --quick measures is judged on an interval (whatever the verdict), not reported as unmeasured
+    judged = {t["id"]: t for t in results["targets"]}
     for tid in ("ort_fp32_vs_pytorch.text_encoder.b1", "ort_fp32_vs_pytorch.image_encoder.b1",
                 "triton_vs_inprocess.p50.c1"):
-        assert judged[tid] is not None, (tid, next(t for t in results["targets"] if t["id"] == tid))
+        assert judged[tid]["verdict"] != "not measured", judged[tid]
+        _assert_interval(judged[tid]["interval"], "difference" if tid.endswith("c1") else "ratio")
+
+
+VERDICTS = {"met", "missed", "not conclusive", "not judged (A/A unstable)", "not measured"}
+
+
+def _assert_interval(interval: dict, kind: str, rounds: int | None = None) -> None:
+    """An mmrec.stats.Interval dict from enough rounds: finite, ordered, of the right kind."""
+    assert interval["kind"] == kind and interval["level"] == 0.95 and interval["method"], interval
+    if rounds is not None:
+        assert interval["rounds"] == rounds, interval
+    assert interval["low"] is not None and interval["high"] is not None, interval  # >= MIN_ROUNDS rounds
+    assert interval["low"] <= interval["point"] <= interval["high"], interval
+    if kind == "ratio":
+        assert interval["low"] > 0, interval
 
 
 @pytest.mark.server
@@ -131,8 +189,9 @@ def test_quick_bench_markdown_and_plots(quick_run):
     text = (output / "summary.md").read_text()
     assert text.startswith("# mmrec benchmark (quick)")
     for heading in ("## Headline", "## Serving", "## Targets", "## Offline backend comparison", "## Quality drift",
-                    "## Real photos", "## Padding waste"):
+                    "## Real photos", "## Padding waste", "## Capacity at the p99 bound (open loop)"):
         assert heading in text, heading
+    assert "A/A arms" in text and "beyond doubt" not in text
     table = [line for line in text.splitlines() if line.startswith("| model | case |")]
     assert table, "headline table missing"
     lines = text.splitlines()
@@ -162,7 +221,10 @@ def test_rerender_rebuilds_reports_without_measuring(quick_run):
     after = json.loads((output / "bench.json").read_text())
     assert after["rerendered"]["at"] and (output / "summary.md").is_file()
     assert after["sections"]["serving"] == before["sections"]["serving"]
-    assert [t["id"] for t in after["targets"]] == [t["id"] for t in before["targets"]]
+    # the offline ratios are recomputed from the stored per-round medians: the same intervals come back
+    assert after["sections"]["offline"]["records"] == before["sections"]["offline"]["records"]
+    assert [(t["id"], t["verdict"], t["interval"]) for t in after["targets"]] == \
+        [(t["id"], t["verdict"], t["interval"]) for t in before["targets"]]
 
 
 # --------------------------------------------------------------------------- units
@@ -272,13 +334,22 @@ def test_missing_perf_analyzer_is_a_clear_skip(tmp_path, monkeypatch):
 
 
 def test_targets_judged_from_results():
+    """Offline records as the bench writes them (per-round p50s, ratios from add_ratios): the
+    speed-up targets are judged on the paired interval; serving levels without paired rounds
+    give no interval, so their target is not conclusive, never met or missed on a point."""
+    from mmrec.benchmarks.offline import add_ratios
+
+    drift = np.random.default_rng(3).lognormal(0.0, 0.2, 10)  # whole rounds slower or faster
     records = []
     for model in ("text_encoder", "image_encoder"):
         for batch in (1, 32):
             for engine, speed in (("pytorch", 1.0), ("ort-fp32", 2.0)):
-                records.append({"model": model, "engine": engine, "batch": batch, "seq_len": 128 if model == "text_encoder" else None,
-                                "status": "ok", "label": f"batch={batch}", "speedup_vs_pytorch": speed,
-                                "speedup_vs_pytorch_p50": speed, "throughput_items_s": speed})
+                per_round = [10.0 * d / speed for d in drift]
+                records.append({"model": model, "engine": engine, "batch": batch, "status": "ok",
+                                "seq_len": 128 if model == "text_encoder" else None, "label": f"batch={batch}",
+                                "latency_ms": {"p50": float(np.median(per_round))}, "p50_ms_per_round": per_round,
+                                "throughput_items_s": 100.0 * speed})
+    add_ratios(records)
     results = {"sections": {"offline": {"status": "ok", "records": records},
                             "serving": {"status": "ok",
                                         "reference": [{"concurrency": 1, "requests": 5, "latency_ms": {"p50": 10.0},
@@ -286,10 +357,15 @@ def test_targets_judged_from_results():
                                         "triton": {"grpc": [{"concurrency": 1, "requests": 5,
                                                              "latency_ms": {"p50": 15.0}, "throughput_items_s": 60.0}]}}}}
     by_id = {t["id"]: t for t in targets.evaluate(results)}
-    assert by_id["ort_fp32_vs_pytorch.text_encoder.b32"]["met"] is True
-    assert by_id["triton_vs_inprocess.p50.c1"]["met"] is False
+    ort = by_id["ort_fp32_vs_pytorch.text_encoder.b32"]
+    assert ort["verdict"] == "met" and ort["met"] is True and ort["measured"] == "2.00× (worst case)"
+    assert ort["interval"]["rounds"] == 10 and ort["interval"]["low"] > 1.5, ort["interval"]
+    c1 = by_id["triton_vs_inprocess.p50.c1"]
+    assert c1["verdict"] == "not conclusive" and c1["met"] is None and c1["interval"] is None
+    assert "no interval" in c1["detail"] and c1["measured"] == "+5.00 ms"
+    assert by_id["triton_vs_inprocess.throughput.c8"]["verdict"] == "not measured"
     assert by_id["triton_vs_inprocess.throughput.c8"]["met"] is None
-    assert by_id["client_vs_perf_analyzer"]["met"] is None
+    assert by_id["client_vs_perf_analyzer"]["verdict"] == "not measured"
 
 
 def test_an_exception_while_judging_is_a_failure_not_unmeasured(monkeypatch):
@@ -302,7 +378,8 @@ def test_an_exception_while_judging_is_a_failure_not_unmeasured(monkeypatch):
     by_id = {t["id"]: t for t in targets.evaluate(malformed)}
     assert len(by_id) == len(targets.TARGETS)
     for tid in ("broken.judge", "ort_fp32_vs_pytorch.text_encoder.b1"):  # KeyError inside the judge
-        assert by_id[tid]["met"] is False and "KeyError" in by_id[tid]["error"], by_id[tid]
+        assert by_id[tid]["verdict"] == "error" and by_id[tid]["met"] is False, by_id[tid]
+        assert "KeyError" in by_id[tid]["error"], by_id[tid]
         assert by_id[tid]["detail"].startswith("could not judge: KeyError")
     assert by_id["triton_vs_inprocess.p50.c1"]["met"] is None and not by_id["triton_vs_inprocess.p50.c1"]["error"]
     assert {t["id"] for t in targets.errors({"targets": list(by_id.values())})} >= {"broken.judge"}
@@ -331,10 +408,14 @@ def test_perf_analyzer_target_never_counts_a_missing_p50_as_met():
     row = {"concurrency": 1, "throughput_ratio": 1.0}
     results = {"sections": {"perf_analyzer": {"comparison": [row]}}}
     verdict = next(t for t in targets.evaluate(results) if t["id"] == "client_vs_perf_analyzer")
-    assert verdict["met"] is None and "no p50" in verdict["detail"] and not verdict["error"]
+    assert verdict["verdict"] == "not measured" and verdict["met"] is None and not verdict["error"]
+    assert "no p50" in verdict["detail"]
     row["p50_ratio"] = 1.2
     verdict = next(t for t in targets.evaluate(results) if t["id"] == "client_vs_perf_analyzer")
-    assert verdict["met"] is False
+    assert verdict["verdict"] == "missed" and verdict["met"] is False and "point estimates" in verdict["detail"]
+    row["p50_ratio"] = 1.05
+    verdict = next(t for t in targets.evaluate(results) if t["id"] == "client_vs_perf_analyzer")
+    assert verdict["verdict"] == "met" and verdict["met"] is True
 
 
 def test_json_report_has_no_nan(tmp_path):
@@ -372,51 +453,92 @@ def test_full_offline_cases_get_100_samples_or_5_seconds_and_10():
     assert not sample_rule_met(99, 4.9, budget) and sample_rule_met(3, 5.0, budget)
 
 
-def test_bootstrap_intervals_separate_a_real_difference_from_noise():
+def _drifting_rounds(rounds: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-round p50s (ms) of PyTorch, ORT FP32, ORT FP32 again (the A/A arm) and ORT INT8 on a
+    machine whose speed drifts between rounds by far more than the 1.3× between the engines:
+    every arm of a round shares that round's factor, each call adds a little noise of its own."""
+    rng = np.random.default_rng(seed)
+    drift = rng.lognormal(0.0, 0.4, rounds)
+
+    def arm(ms: float) -> np.ndarray:
+        return ms * drift * rng.lognormal(0.0, 0.02, rounds)
+
+    return arm(13.0), arm(10.0), arm(10.0), arm(5.0)
+
+
+def test_paired_rounds_separate_a_real_difference_from_drift_and_the_aa_arm_from_noise():
+    """The bench's use of mmrec.stats: speed-ups are ratios paired by round, so drift shared by a
+    round cancels (the same numbers compared unpaired could not tell 1.3× from 1); the A/A arm
+    (ORT FP32 timed twice per round) must contain 1, and a shift between the two copies
+    marks the section unstable."""
     from mmrec import stats
+    from mmrec.benchmarks.offline import offline_aa
 
-    rng = np.random.default_rng(0)
-    base = rng.lognormal(np.log(10.0), 0.1, 400)
-    slower = rng.lognormal(np.log(13.0), 0.1, 400)
-    same = rng.lognormal(np.log(10.0), 0.1, 400)
-    speedup = stats.ratio_of_medians(slower, base)
-    assert speedup.low > 1.2 and speedup.high < 1.4 and speedup.low <= speedup.point <= speedup.high
-    assert speedup.relation(1.0) == "above" and speedup.n == (400, 400)
-    noise = stats.ratio_of_medians(same, base)
-    assert noise.relation(1.0) == "straddles"
-    diff = stats.difference_of_medians(slower, base)
-    assert 2.0 < diff.low < diff.point < diff.high < 4.0
-    means = stats.ratio_of_means(slower, base)
-    assert means.point == pytest.approx(slower.mean() / base.mean()) and means.relation(1.0) == "above"
-    again = stats.ratio_of_medians(slower, base)
-    assert again == speedup  # fixed seed: same samples, same interval
+    torch_ms, ort_ms, again_ms, _ = _drifting_rounds()
+    speedup = stats.paired_ratio(torch_ms, ort_ms)
+    assert speedup.kind == "ratio" and speedup.rounds == 10 and speedup.conclusive
+    assert 1.2 < speedup.low <= speedup.point <= speedup.high < 1.4, speedup
+    assert speedup.point == pytest.approx(np.exp(np.mean(np.log(torch_ms / ort_ms))))  # geometric mean per round
+    assert speedup.verdict(1.0, "above") == "met" and speedup.verdict(1.5, "above") == "missed"
+    assert speedup.verdict(1.3, "above") == "not conclusive"
+    # unpaired, the drift swamps the difference: the spread of one arm's rounds covers the ratio
+    assert np.min(torch_ms) / np.max(ort_ms) < 1.0 < np.max(torch_ms) / np.min(ort_ms)
+    assert stats.paired_ratio(torch_ms, ort_ms) == speedup  # fixed seed: same rounds, same interval
+    diff = stats.paired_difference(torch_ms, ort_ms)
+    assert diff.kind == "difference" and diff.low <= diff.point <= diff.high
+    assert diff.point == pytest.approx(np.mean(torch_ms - ort_ms))
     d = speedup.to_dict()
-    assert d["level"] == 0.95 and d["low"] <= d["point"] <= d["high"] and d["samples"] == [400, 400]
+    assert d["level"] == 0.95 and d["rounds"] == 10 and d["kind"] == "ratio" and d["method"] == stats.METHOD
+    assert stats.Interval.from_dict(d).verdict(1.0, "above") == "met"
+    # two rounds give no interval: never met or missed on them
+    few = stats.paired_ratio(torch_ms[:2], ort_ms[:2])
+    assert not few.conclusive and few.to_dict()["high"] is None and few.verdict(1.0, "above") == "not conclusive"
     with pytest.raises(ValueError):
-        stats.ratio_of_medians([], base)
+        stats.paired_ratio(torch_ms, ort_ms[:5])  # rounds are paired: one value per round in each arm
+
+    def record(p50s: np.ndarray, aa: np.ndarray) -> dict:
+        return {"status": "ok", "p50_ms_per_round": list(p50s), "aa_p50_ms_per_round": list(aa)}
+
+    aa = offline_aa([record(ort_ms, again_ms)])
+    assert aa["stable"] is True and aa["cases"] == 1 and aa["interval"]["low"] <= 1.0 <= aa["interval"]["high"]
+    shifted = offline_aa([record(ort_ms, again_ms * 1.2)])  # the second copy 20 % slower in every round
+    assert shifted["stable"] is False and "excludes 1" in shifted["why"]
+    assert offline_aa([{"status": "ok", "p50_ms_per_round": [1.0]}])["stable"] is None  # no A/A arm
 
 
-def test_offline_speedups_get_intervals_from_raw_latencies_and_keep_them_on_rerender():
+def test_offline_speedups_are_paired_by_round_and_kept_on_rerender():
+    """add_ratios pairs the per-round p50s of each engine with the reference's same rounds; a
+    re-render (bench.json read back) recomputes the same intervals; an old unpaired `_ci95`
+    field is dropped."""
+    from mmrec import stats
     from mmrec.benchmarks.offline import add_ratios
 
-    rng = np.random.default_rng(1)
-    torch_ms, ort_ms = rng.normal(20.0, 1.0, 200), rng.normal(10.0, 0.5, 200)
+    torch_ms, ort_ms, _, int8_ms = _drifting_rounds(seed=1)
 
-    def record(engine, latencies):
+    def record(engine, per_round):
         return {"model": "text_encoder", "engine": engine, "batch": 1, "seq_len": 16, "status": "ok",
-                "throughput_items_s": 1e3 / latencies.mean(), "latency_ms": timing.percentiles(latencies),
-                "_latencies": list(latencies)}
+                "throughput_items_s": 1e3 / np.mean(per_round), "latency_ms": {"p50": float(np.median(per_round))},
+                "p50_ms_per_round": [float(x) for x in per_round], "speedup_vs_pytorch_p50_ci95": [1.0, 2.0]}
 
-    records = [record("pytorch", torch_ms), record("ort-fp32", ort_ms)]
+    records = [record("pytorch", torch_ms), record("ort-fp32", ort_ms), record("ort-int8", int8_ms)]
     add_ratios(records)
-    ort = records[1]
-    low, high = ort["speedup_vs_pytorch_p50_ci95"]
-    assert low < ort["speedup_vs_pytorch_p50"] < high and 1.8 < low and high < 2.2
-    assert records[0]["speedup_vs_pytorch_p50_ci95"] is None  # PyTorch against itself
-    for r in records:
-        r.pop("_latencies")
-    add_ratios(records)  # a re-render: no raw latencies, the stored interval stays
-    assert records[1]["speedup_vs_pytorch_p50_ci95"] == [low, high]
+    torch, ort, int8 = records
+    assert ort["speedup_vs_pytorch_p50_interval"] == stats.paired_ratio(torch_ms, ort_ms).to_dict()
+    assert ort["speedup_vs_pytorch_p50"] == pytest.approx(np.exp(np.mean(np.log(torch_ms / ort_ms))))
+    assert 1.2 < ort["speedup_vs_pytorch_p50_interval"]["low"] and ort["speedup_vs_pytorch_p50_interval"]["high"] < 1.4
+    assert int8["speedup_vs_ort_fp32_p50_interval"] == stats.paired_ratio(ort_ms, int8_ms).to_dict()
+    assert 1.8 < int8["speedup_vs_ort_fp32_p50"] < 2.2
+    assert torch["speedup_vs_pytorch_p50_interval"] is None and torch["speedup_vs_pytorch_p50"] == 1.0
+    assert ort["speedup_vs_ort_fp32_p50_interval"] is None  # the reference against itself
+    assert not any(k.endswith("_ci95") for r in records for k in r)
+    stored = json.loads(json.dumps(records))
+    add_ratios(stored)  # a re-render: the per-round medians are in the records, the intervals come back
+    assert stored == json.loads(json.dumps(records))
+    # rounds that cannot be paired (a failed round, an older file): the point stays, no interval
+    stored[1]["p50_ms_per_round"] = stored[1]["p50_ms_per_round"][:5]
+    add_ratios(stored)
+    assert stored[1]["speedup_vs_pytorch_p50_interval"] is None
+    assert stored[1]["speedup_vs_pytorch_p50"] == pytest.approx(torch["latency_ms"]["p50"] / ort["latency_ms"]["p50"])
 
 
 def test_p99_only_from_1000_samples():
@@ -494,18 +616,38 @@ def test_bench_refuses_a_busy_machine_unless_allowed(monkeypatch, tmp_path):
     assert quiet.exit_code == 0 and not seen.pop("options").busy_check["busy"]
 
 
+def _iv(point: float, low: float | None, high: float | None, kind: str = "ratio", rounds: int = 10) -> dict:
+    """An mmrec.stats.Interval dict as the bench writes it."""
+    from mmrec import stats
+
+    return {"point": point, "low": low, "high": high, "level": 0.95, "rounds": rounds, "kind": kind,
+            "method": stats.METHOD}
+
+
+def _aa(stable: bool | None, point: float = 1.0, low: float = 0.97, high: float = 1.03) -> dict:
+    why = ("A/A interval contains no-difference" if stable else
+           f"A/A interval [{low:.3f}, {high:.3f}] excludes 1: the same code measured against itself differs")
+    return {"stable": stable, "interval": _iv(point, low, high), "why": why}
+
+
 def _synthetic_results(contended: bool = False) -> dict:
+    """A full run in the bench's schema: per-round values, paired intervals, an A/A arm per section."""
+    rounds = 10
+
     def level(c, p50, thr, requests=200):
         return {"concurrency": c, "requests": requests, "latency_ms": {"p50": p50, "p95": p50, "p99": None},
-                "throughput_items_s": thr}
+                "throughput_items_s": thr, "rounds": rounds, "p50_ms_per_round": [p50] * rounds,
+                "throughput_items_s_per_round": [thr] * rounds}
 
-    def interval(point, low, high):
-        return {"point": point, "low": low, "high": high, "level": 0.95, "samples": [200, 200]}
+    def compared(diff, thr, pooled):
+        return {"p50_diff_ms": _iv(*diff, kind="difference"), "throughput_ratio": _iv(*thr),
+                "pooled_throughput_ratio": pooled}
 
     offline = [{"model": m, "engine": e, "batch": b, "seq_len": s, "status": "ok", "label": f"batch={b}",
                 "latency_ms": {"p50": 10.0 / speed, "p95": 1.0, "p99": None}, "reps": 120, "measured_s": 1.0,
+                "rounds": rounds, "p50_ms_per_round": [10.0 / speed] * rounds,
                 "throughput_items_s": 100.0 * speed, "speedup_vs_pytorch": speed, "speedup_vs_pytorch_p50": speed,
-                "speedup_vs_pytorch_p50_ci95": [speed - 0.1, speed + 0.1] if e != "pytorch" else None,
+                "speedup_vs_pytorch_p50_interval": _iv(speed, speed - 0.1, speed + 0.1) if e != "pytorch" else None,
                 "check": {"rule": "reference"}, "memory": {"peak_rss_mb": 100.0}, "sample_rule_met": True}
                for m, s in (("text_encoder", 128), ("image_encoder", None)) for b in (1, 32)
                for e, speed in (("pytorch", 1.0), ("ort-fp32", 2.0))]
@@ -519,28 +661,37 @@ def _synthetic_results(contended: bool = False) -> dict:
                             "flags": {"avx512_vnni": True, "amx_tile": True, "avx2": True}},
                     "loadavg_start": [0.2, 0.2, 0.2], "loadavg_end": [0.3, 0.2, 0.2],
                     "cpu_share_start": 0.99, "cpu_share_end": 0.98},
+        "provenance": {"git": {"commit": "0123456789abcdef", "dirty": False},
+                       "machine": {"cpu": {"model": "Test CPU", "usable_cores": 2}},
+                       "loadavg": {"before": [0.2, 0.2, 0.2], "after": [0.3, 0.2, 0.2]},
+                       "cpu_share": {"before": 0.99, "after": 0.98}, "started": "2026-01-01T00:00:00+00:00",
+                       "finished": "2026-01-01T00:40:00+00:00"},
         "sections": {
-            "offline": {"status": "ok", "records": offline, "threads": {"threads": 2},
-                        "budget": {"min_reps": 100, "measure_s": 1.0, "max_s": 5.0}},
-            "serving": {"status": "ok",
+            "offline": {"status": "ok", "records": offline, "threads": {"threads": 2}, "rounds": rounds,
+                        "budget": {"min_reps": 100, "measure_s": 1.0, "max_s": 5.0},
+                        "aa": {**_aa(True), "arm": "ort-fp32 twice per round", "cases": 4}},
+            "serving": {"status": "ok", "rounds": rounds,
                         "reference": [level(1, 20.0, 50.0), level(8, 80.0, 100.0), level(32, 300.0, 105.0)],
                         "reference_batched": [level(8, 60.0, 130.0), level(32, 250.0, 128.0)],
                         "triton": {"grpc": [level(1, 20.5, 48.0), level(8, 70.0, 115.0), level(32, 270.0, 118.0)]},
+                        "triton_aa": [level(1, 20.4, 48.5), level(8, 70.5, 114.0), level(32, 268.0, 119.0)],
                         "intervals": {"grpc": [
-                            {"concurrency": 1, "p50_diff_ms": interval(0.5, -0.2, 1.4), "throughput_ratio": 0.96,
-                             "mean_latency_ratio": interval(0.97, 0.9, 1.02)},
-                            {"concurrency": 8, "p50_diff_ms": interval(-10.0, -12.0, -8.0), "throughput_ratio": 1.15,
-                             "mean_latency_ratio": interval(1.14, 1.12, 1.17),
-                             "vs_batched": {"throughput_ratio": 0.88, "mean_latency_ratio": interval(0.88, 0.8, 0.95)}},
-                            {"concurrency": 32, "p50_diff_ms": interval(-30.0, -40.0, -20.0), "throughput_ratio": 1.12,
-                             "mean_latency_ratio": interval(1.11, 1.05, 1.2),
-                             "vs_batched": {"throughput_ratio": 0.92, "mean_latency_ratio": interval(0.92, 0.85, 0.99)}}]}},
+                            {"concurrency": 1, **compared((0.5, -0.2, 1.4), (0.96, 0.9, 1.02), 0.96)},
+                            {"concurrency": 8, **compared((-10.0, -12.0, -8.0), (1.15, 1.12, 1.17), 1.15),
+                             "vs_batched": compared((10.0, 8.0, 12.0), (0.88, 0.8, 0.95), 0.88)},
+                            {"concurrency": 32, **compared((-30.0, -40.0, -20.0), (1.12, 1.05, 1.2), 1.12),
+                             "vs_batched": compared((20.0, 10.0, 30.0), (0.92, 0.85, 0.99), 0.92)}]},
+                        "aa": {**_aa(True, 1.01, 0.98, 1.04), "statistic": "p50 ratio Triton gRPC / Triton gRPC (A/A)",
+                               "levels": []}},
             "photos": {"status": "ok", "caption": "c", "photo": "palace", "rounds": 10, "per_round": 12,
                        "samples_per_arm": {"triton/jpeg_640x427": 120, "triton/jpeg_12mp_exif6": 120,
+                                           "triton/jpeg_640x427 (A/A)": 120,
                                            "in_process/jpeg_640x427": 120, "in_process/jpeg_12mp_exif6": 120},
                        "p50_ms": {"triton/jpeg_640x427": 20.0, "triton/jpeg_12mp_exif6": 36.0,
                                   "in_process/jpeg_640x427": 18.0, "in_process/jpeg_12mp_exif6": 34.0},
-                       "ratios": {"triton_12mp_over_640": {"p50_ratio": 1.8, "ci95": [1.7, 1.9]}},
+                       "p50_ms_per_round": {"triton/jpeg_640x427": [20.0] * 10, "triton/jpeg_12mp_exif6": [36.0] * 10},
+                       "ratios": {"triton_12mp_over_640": {"p50_ratio": 1.8, "interval": _iv(1.8, 1.7, 1.9)}},
+                       "aa": {**_aa(True), "arm": "triton/jpeg_640x427 twice per round"},
                        "cosine": {"item_embedding_served": {"palace": 0.999}, "image_embedding_in_process_decoder":
                                   {"palace": 0.998}, "min": 0.998, "photos": 1, "what": "min"}},
             "roofline": {"status": "ok", "peak": {"peak_gflops": 400.0, "peak_library": "torch", "peak_size": 2048,
@@ -559,36 +710,172 @@ def _synthetic_results(contended: bool = False) -> dict:
                                                            "grouped_tokens_per_batch": 14.0 * b,
                                                            "padded_efficiency": 7 / 16, "grouped_efficiency": 0.5}
                                                   for b in range(1, 33)}}},
+            "capacity": {"status": "ok", "slo_ms": 100.0, "percentile": 99, "model": "item_encoder",
+                         "items_per_request": 1, "loadgen_version": "5.0",
+                         "sets": {"jpeg_640x427": _capacity_set([31.0, 34.5, 33.0])}},
         },
     }
+
+
+def _capacity_set(trials: list[float]) -> dict:
+    from mmrec.benchmarks.open_loop import median_interval
+
+    return {"capacity_qps": trials, "median_qps": float(np.median(trials)), "interval": median_interval(trials),
+            "slo_ms": 100.0, "payloads": {"items": 12, "distinct_images": 12}, "search": {"idle_latency_ms": 8.0},
+            "samples_at_capacity": 300, "points": [], "plot": "capacity_jpeg_640x427.png"}
 
 
 def test_targets_are_the_issue_goals_judged_with_their_intervals():
     by_id = {t["id"]: t for t in targets.evaluate(_synthetic_results())}
     c1 = by_id["triton_vs_inprocess.p50.c1"]
-    assert c1["threshold"] == "≤ +1.0 ms" and c1["met"] is True and c1["interval"] == [-0.2, 1.4]
-    assert "straddles 1 ms" in c1["detail"]  # +0.5 ms, but the interval reaches past +1 ms
+    assert c1["threshold"] == "≤ +1.0 ms" and c1["measured"] == "+0.50 ms"
+    # +0.5 ms, but the interval reaches past +1 ms: neither met nor missed
+    assert c1["verdict"] == "not conclusive" and c1["met"] is None and "straddles 1 ms" in c1["detail"]
+    assert (c1["interval"]["low"], c1["interval"]["high"], c1["interval"]["kind"]) == (-0.2, 1.4, "difference")
     c8 = by_id["triton_vs_inprocess.throughput.c8"]
-    assert c8["threshold"] == "≥ 1.10×" and c8["met"] is True and "lies wholly above 1.1×" in c8["detail"]
+    assert c8["threshold"] == "≥ 1.10×" and c8["verdict"] == "met" and c8["met"] is True
+    assert "lies wholly above 1.1×: met" in c8["detail"] and "over 10 paired rounds" in c8["detail"]
     sat = by_id["triton_vs_batched.throughput.saturation"]
-    assert sat["met"] is True and "c=32" in sat["measured"] and "straddles 0.9×" in sat["detail"]
+    assert sat["verdict"] == "not conclusive" and "c=32" in sat["measured"] and "straddles 0.9×" in sat["detail"]
     photos = by_id["photos.12mp_vs_640.triton"]
-    assert photos["met"] is True and "lies wholly below 2×" in photos["detail"] and "0.9980" in photos["measured"]
+    assert photos["verdict"] == "met" and "lies wholly below 2×" in photos["detail"] and "0.9980" in photos["measured"]
     text, image = by_id["roofline.text_encoder.b32"], by_id["roofline.image_encoder.b32"]
-    assert text["threshold"] == "≥ 50%" and text["met"] is True and image["met"] is False
-    assert "s=128" in text["detail"]
+    assert text["threshold"] == "≥ 50%" and text["verdict"] == "met" and image["verdict"] == "missed"
+    assert "s=128" in text["detail"] and image["met"] is False
     ort = by_id["ort_fp32_vs_pytorch.text_encoder.b32"]
-    assert ort["met"] is True and ort["interval"] == [1.9, 2.1] and "lies wholly above 1.5×" in ort["detail"]
+    assert ort["verdict"] == "met" and (ort["interval"]["low"], ort["interval"]["high"]) == (1.9, 2.1)
+    assert "lies wholly above 1.5×" in ort["detail"]
+    assert by_id["ort_int8_vs_fp32.text_encoder.b32s128"]["verdict"] == "not measured"
+    for t in by_id.values():
+        assert t["verdict"] in VERDICTS and "beyond doubt" not in t["detail"], t
+        assert t["met"] is {"met": True, "missed": False}.get(t["verdict"]), t
+
     # a missed cosine fails the photo target whatever the latency
     results = _synthetic_results()
     results["sections"]["photos"]["cosine"]["min"] = 0.98
-    assert next(t for t in targets.evaluate(results) if t["id"] == "photos.12mp_vs_640.triton")["met"] is False
-    # a Triton that trails in-process at c=8 misses, and the interval says so beyond doubt
+    assert next(t for t in targets.evaluate(results) if t["id"] == "photos.12mp_vs_640.triton")["verdict"] == "missed"
+    # a Triton that trails in-process at c=8 misses: the interval lies wholly below the threshold
     serving = results["sections"]["serving"]
     serving["triton"]["grpc"][1]["throughput_items_s"] = 90.0
-    serving["intervals"]["grpc"][1]["mean_latency_ratio"] = {"point": 0.9, "low": 0.85, "high": 0.95}
+    serving["intervals"]["grpc"][1]["throughput_ratio"] = _iv(0.9, 0.85, 0.95)
     c8 = next(t for t in targets.evaluate(results) if t["id"] == "triton_vs_inprocess.throughput.c8")
-    assert c8["met"] is False and "lies wholly below 1.1×: missed beyond doubt" in c8["detail"]
+    assert c8["verdict"] == "missed" and c8["met"] is False and "lies wholly below 1.1×: missed" in c8["detail"]
+    assert "beyond doubt" not in c8["detail"]
+    # too few rounds for an interval: not conclusive, whatever the point says
+    serving["intervals"]["grpc"][1]["throughput_ratio"] = _iv(1.5, None, None, rounds=2)
+    c8 = next(t for t in targets.evaluate(results) if t["id"] == "triton_vs_inprocess.throughput.c8")
+    assert c8["verdict"] == "not conclusive" and "too few" in c8["detail"]
+    # a roofline whose paired rounds fall on both sides of 50 % is not conclusive
+    results["sections"]["roofline"]["paired"][0]["rounds"][0]["fraction_of_peak"] = 0.45
+    text = next(t for t in targets.evaluate(results) if t["id"] == "roofline.text_encoder.b32")
+    assert text["verdict"] == "not conclusive" and "straddles the threshold" in text["detail"]
+
+
+def test_a_section_whose_aa_arm_shows_a_difference_is_not_judged():
+    """The serving A/A arm (Triton against itself) excludes 1: every serving target is "not
+    judged (A/A unstable)", met None, with the verdict it would have had in the detail; the
+    other sections' targets are judged as before; the report says which section and why."""
+    results = _synthetic_results()
+    results["sections"]["serving"]["aa"] = {**_aa(False, 1.12, 1.06, 1.18), "statistic": "p50 ratio", "levels": []}
+    results["targets"] = targets.evaluate(results)
+    by_id = {t["id"]: t for t in results["targets"]}
+    for tid in ("triton_vs_inprocess.p50.c1", "triton_vs_inprocess.throughput.c8",
+                "triton_vs_batched.throughput.saturation"):
+        t = by_id[tid]
+        assert t["verdict"] == "not judged (A/A unstable)" and t["met"] is None, t
+        assert t["detail"].startswith("serving A/A unstable") and "excludes 1" in t["detail"], t
+        assert t["interval"] is not None  # the interval stays on record
+    assert "would be met" in by_id["triton_vs_inprocess.throughput.c8"]["detail"]
+    assert by_id["ort_fp32_vs_pytorch.text_encoder.b32"]["verdict"] == "met"
+    assert by_id["photos.12mp_vs_640.triton"]["verdict"] == "met"
+    text = report.markdown(results)
+    assert "| not judged (A/A unstable) |" in text and "**unstable**: targets not judged" in text
+    assert "beyond doubt" not in text
+    # an A/A arm without a verdict (too few rounds) does not block judging
+    results["sections"]["serving"]["aa"]["stable"] = None
+    assert next(t for t in targets.evaluate(results)
+                if t["id"] == "triton_vs_inprocess.throughput.c8")["verdict"] == "met"
+
+
+def test_reproducibility_compares_two_runs_interval_by_interval():
+    """Two bench.json files, figure by figure: overlapping intervals, disjoint ones (not
+    conclusive), a figure without an interval in one run (no verdict), figures only one run has."""
+    import copy
+
+    from mmrec.benchmarks import reproducibility
+
+    first = _synthetic_results()
+    second = copy.deepcopy(first)
+    second["git"] = {"commit": "fedcba9876543210", "dirty": True}
+    serving = second["sections"]["serving"]["intervals"]["grpc"]
+    serving[1]["throughput_ratio"] = _iv(1.25, 1.2, 1.3)  # first run: [1.12, 1.17]
+    del serving[0]  # c=1 only in the first run
+    second["sections"]["photos"]["ratios"]["triton_12mp_over_640"]["interval"] = _iv(1.85, 1.75, 1.95)
+    ort_b1 = next(r for r in second["sections"]["offline"]["records"]
+                  if (r["model"], r["engine"], r["batch"]) == ("text_encoder", "ort-fp32", 1))
+    ort_b1["speedup_vs_pytorch_p50_interval"] = _iv(2.0, None, None, rounds=2)  # too few rounds
+    second["sections"]["capacity"]["sets"]["jpeg_640x427"] = _capacity_set([33.0, 36.0, 35.0])
+    for results in (first, second):
+        results["targets"] = targets.evaluate(results)
+
+    comparison = reproducibility.compare(first, second)
+    rows = {r["figure"]: r for r in comparison["figures"]}
+    c8 = rows["serving grpc c=8 Triton vs in-process throughput_ratio"]
+    assert c8["overlap"] is False and c8["status"] == "not conclusive: the runs' intervals do not overlap"
+    assert (c8["first"], c8["second"]) == ("1.15 [1.12, 1.17]×", "1.25 [1.20, 1.30]×")
+    assert rows["target: triton_vs_inprocess.throughput.c8"]["overlap"] is False
+    assert rows["photos triton_12mp_over_640"]["overlap"] is True
+    assert rows["serving grpc c=32 Triton vs in-process p50_diff_ms"]["overlap"] is True
+    b1 = rows["offline text_encoder ort-fp32 batch=1 p50 vs PyTorch"]
+    assert b1["overlap"] is None and b1["second"] == "2.00 [no interval]×" and "no interval" in b1["status"]
+    capacity = rows["capacity jpeg_640x427 (items/s at p99 ≤ 100 ms)"]
+    assert capacity["overlap"] is True and capacity["second"] == "35.00 [33.00, 36.00] items/s"
+    assert rows["A/A offline"]["overlap"] is True
+    assert "serving grpc c=1 Triton vs in-process p50_diff_ms" in comparison["only_in_one_run"]
+    assert not any("c=1" in name for name in rows)
+    judged = [r for r in comparison["figures"] if r["overlap"] is not None]
+    assert comparison["judged"] == len(judged) and comparison["overlapping"] == sum(r["overlap"] for r in judged)
+    assert 0 < comparison["overlapping"] < comparison["judged"]
+    assert [r["commit"] for r in comparison["runs"]] == ["0123456789abcdef", "fedcba9876543210"]
+
+    text = reproducibility.markdown(comparison)
+    assert "run 1 commit `0123456789ab` (clean tree)" in text and "run 2 commit `fedcba987654` (uncommitted changes)" in text
+    assert f"**{comparison['overlapping']} of {comparison['judged']}** figures" in text
+    assert ("| serving grpc c=8 Triton vs in-process throughput_ratio | 1.15 [1.12, 1.17]× | 1.25 [1.20, 1.30]× | "
+            "not conclusive: the runs' intervals do not overlap |") in text
+    assert "| photos triton_12mp_over_640 | 1.80 [1.70, 1.90]× | 1.85 [1.75, 1.95]× | yes |" in text
+
+
+def test_chart_items_target_is_rendered_from_the_open_loop_capacity(tmp_path):
+    """values-cpu.yaml's items/s target is u × the low end of the capacity interval over trials;
+    rendered into a copy of the chart values it stays valid YAML, and a second render changes nothing."""
+    import shutil
+
+    import yaml
+
+    from mmrec.benchmarks import doc_blocks
+    from mmrec.benchmarks.machine import REPO_ROOT
+
+    results = _synthetic_results()  # capacity trials 31.0, 34.5, 33.0: median 33.0, low end 31.0
+    expected = round(doc_blocks.headroom() * 31.0)
+    assert expected != round(doc_blocks.headroom() * 33.0)  # the low end, not the median
+    assert f'averageValue: "{expected}"' in doc_blocks.chart_items_target(results)
+    (tmp_path / doc_blocks.BENCH_JSON).parent.mkdir(parents=True)
+    (tmp_path / doc_blocks.BENCH_JSON).write_text(json.dumps(results))
+    values = tmp_path / doc_blocks.CHART_VALUES
+    values.parent.mkdir(parents=True)
+    shutil.copy(REPO_ROOT / doc_blocks.CHART_VALUES, values)
+    doc_blocks.rewrite(values, tmp_path)
+    assert doc_blocks.rewrite(values, tmp_path) == [] and doc_blocks.stale_blocks(values, tmp_path) == []
+    assert "    # /doc-block:chart-items-target\n" in values.read_text()  # the end marker keeps its indentation
+    metrics = yaml.safe_load(values.read_text())["autoscaling"]["podsMetrics"]
+    items = next(m for m in metrics if m["name"] == "triton_items_per_second")
+    assert items["averageValue"] == str(expected) and "item_encoder" in items["models"]
+    assert [m["name"] for m in metrics] == ["triton_queue_compute_ratio", "triton_items_per_second"]
+    # no capacity section: the chart's target cannot be rendered (never a stale number)
+    del results["sections"]["capacity"]
+    with pytest.raises(ValueError, match="capacity"):
+        doc_blocks.chart_items_target(results)
 
 
 def test_contended_runs_say_so_in_bold_at_the_top():
@@ -610,8 +897,18 @@ def test_summary_reports_padding_waste_photos_and_intervals():
     text = report.markdown(results)
     assert "## Padding waste (text encoder)" in text and "| 3 (served) |" in text and "| 32 |" in text
     assert "44%" in text and "50%" in text  # real / computed, padded vs grouped
-    assert "## Real photos" in text and "[1.70, 1.90]" in text
-    assert "[1.12, 1.17]" in text  # c=8 mean-latency ratio interval in the serving comparison
+    assert "## Real photos" in text and "1.80× [1.70, 1.90]" in text
+    # the serving comparison: per-round p50 difference and throughput ratio with their intervals
+    assert "| grpc | 8 | -10.00 ms [-12.00, -8.00] | 1.15× [1.12, 1.17] | 1.15× | 0.88× [0.80, 0.95] | 0.88× |" in text
+    assert "mean_latency" not in text and "beyond doubt" not in text
+    # every section's A/A arm, and the targets by verdict
+    assert "| offline | ort-fp32 twice per round | 1.000× [0.970, 1.030] | stable |" in text
+    assert "| serving |" in text and "| photos |" in text
+    assert "| +0.50 ms | not conclusive |" in text and "| 1.15× | **met** |" in text and "| 45.0% | **missed** |" in text
+    # the open-loop capacity, with its interval over trials
+    assert "## Capacity at the p99 bound (open loop)" in text
+    assert "**33.0 items/s** [31.0, 34.5] over 3 trials (75 % order-statistic interval)" in text
+    assert "capacity_jpeg_640x427.png" in text
 
 
 def test_readme_block_is_rewritten_from_bench_json(tmp_path):
@@ -625,10 +922,13 @@ def test_readme_block_is_rewritten_from_bench_json(tmp_path):
     block = text.split(report.README_START)[1].split(report.README_END)[0]
     assert "old numbers" not in block and "benchmarks/results/bench.json" in block
     for expected in ("Test CPU", "avx512_vnni", "amx_tile", "`0123456789ab` (clean tree)", "[0.2, 0.2, 0.2]",
-                     "**+0.5 ms** [-0.2, 1.4] ms", "**1.15×**", "[1.12, 1.17]", "concurrency 32", "**0.92×**",
-                     "1.80× [1.70, 1.90]", "text_encoder b=32 s=128 60%", "image_encoder b=32 45%",
-                     "| target | threshold | measured | status |", "≤ +1.0 ms"):
+                     "**+0.50 ms** [-0.20, 1.40] ms", "**1.15× [1.12, 1.17]**", "concurrency 32",
+                     "**0.92× [0.85, 0.99]**", "1.80× [1.70, 1.90]", "text_encoder b=32 s=128 60%",
+                     "image_encoder b=32 45%", "**33.0 items/s** [31.0, 34.5]",
+                     "| target | threshold | measured | status |", "| ≤ +1.0 ms | +0.50 ms | not conclusive |",
+                     "| ≥ 1.10× | 1.15× | **met** |"):
         assert expected in block, expected
+    assert "beyond doubt" not in block
     assert "Contended" not in block
     assert not report.update_readme(readme, results, "benchmarks/results/bench.json")  # idempotent
     readme.write_text("no markers\n")

@@ -15,16 +15,18 @@ from pathlib import Path
 import pytest
 
 from mmrec.benchmarks import doc_blocks
-from mmrec.benchmarks.doc_blocks import BLOCKS, REPO_ROOT, blocks_in, doc_files, rewrite, stale_blocks, typed_numbers
+from mmrec.benchmarks.doc_blocks import (BLOCKS, REPO_ROOT, blocks_in, config_files, doc_files, rewrite, stale_blocks,
+                                         typed_numbers)
 
 DOCS = doc_files()
+RENDERED = [*DOCS, *config_files()]
 
 
 def _name(path: Path) -> str:
     return path.relative_to(REPO_ROOT).as_posix()
 
 
-@pytest.mark.parametrize("path", DOCS, ids=_name)
+@pytest.mark.parametrize("path", RENDERED, ids=_name)
 def test_every_generated_block_equals_its_committed_results(path):
     stale = stale_blocks(path)
     diffs = ["\n".join(difflib.unified_diff(shown.splitlines(), rendered.splitlines(), f"{name} (in the file)",
@@ -46,7 +48,7 @@ def test_every_block_marker_is_registered_and_every_rendered_block_is_used():
     """A marker the registry does not know would be skipped silently; a registered block that no
     document shows is dead code."""
     used = set()
-    for path in DOCS:
+    for path in RENDERED:
         text = path.read_text()
         unknown = set(re.findall(r"<!-- /?doc-block:([\w-]+) -->", text)) - set(BLOCKS)
         assert not unknown, f"{_name(path)}: unregistered doc blocks {unknown}"

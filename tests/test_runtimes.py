@@ -12,12 +12,13 @@ import pytest
 from mmrec import metrics, schema
 from mmrec.export.manifest import sha256_file
 from mmrec.export.repository import Target, parse
-from mmrec.export.tuning import REFERENCE, choose_pair, score_interval, serve_variant, tune_repository
+from mmrec.export.tuning import REFERENCE, choose_pair, decision, serve_variant, tune_repository
 from mmrec.export.variants import VARIANTS
 from mmrec.layout import RepositoryLayout
 from mmrec.model_repository.lib import runtime
 from mmrec.photos import known_photos
 from mmrec.reference import ReferencePipeline, served_runtime
+from mmrec.stats import Interval, aa_check, pooled_ratio
 
 ENCODERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
 needs_openvino = pytest.mark.skipif(runtime.unavailable_reason("openvino") is not None,
@@ -98,24 +99,41 @@ def test_export_gates_every_runtime_variant_and_records_why_one_is_missing(expor
     assert len(combinations) == np.prod([len(a) for a in admitted.values()]) - 1
 
 
-def test_score_interval_separates_a_real_speedup_from_noise():
+def test_pooled_speedup_separates_a_real_speedup_from_an_aa_pair():
+    """Per-round medians of two cases (batch 1 and 32) with drift shared by every arm in a round:
+    the paired, pooled speed-up finds a real 1.67x and the reference against itself shows none."""
     rng = np.random.default_rng(0)
-    reference = [list(10 + rng.normal(0, 0.2, 9)), list(300 + rng.normal(0, 5, 9))]
-    faster = [list(6 + rng.normal(0, 0.2, 9)), list(180 + rng.normal(0, 5, 9))]
-    same = [list(rng.permutation(r)) for r in reference]  # the same times in another order
-    point, low, high = score_interval(faster, reference)
-    assert 0.55 < low <= point <= high < 0.65
-    point, low, high = score_interval(same, reference)
-    assert point == 1.0 and low < 1 < high
+    drift = rng.normal(0, 0.1, (2, 12))  # the machine's state of each round, hitting every arm alike
+    base = np.array([[10.0], [300.0]]) * np.exp(drift)
+
+    def arm(speed: float) -> np.ndarray:
+        return base / speed * np.exp(rng.normal(0, 0.02, base.shape))
+
+    reference, aa, faster = arm(1.0), arm(1.0), arm(1 / 0.6)
+    speedup = pooled_ratio(list(zip(reference, faster)))
+    assert 1.6 < speedup.low <= speedup.point <= speedup.high < 1.75 and speedup.rounds == 12
+    assert speedup.verdict(1.0, "above") == "met"
+    same = pooled_ratio(list(zip(reference, aa)))
+    assert same.low < 1 < same.high and same.verdict(1.0, "above") == "not conclusive"
+    assert aa_check(same)["stable"] is True
+    # the same numbers unpaired (one arm's rounds shuffled): the drift no longer cancels and the
+    # interval widens; pairing by round is what makes it narrow
+    shuffled = pooled_ratio([(r, rng.permutation(f)) for r, f in zip(reference, faster)])
+    assert shuffled.high - shuffled.low > 2 * (speedup.high - speedup.low)
+
+
+def _speedup(point: float, low: float, high: float) -> dict:
+    return Interval(point, low, high, 10).to_dict()
 
 
 def test_choice_respects_the_combination_gate():
     def member(**scores):
-        return {"variants": {v: {"score_vs_fp32": s, "interval_95": [s - 0.02, s + 0.02]}
+        return {"aa": {"stable": True},
+                "variants": {v: {"speedup_vs_fp32": _speedup(s, s - 0.02, s + 0.02)}
                              for v, s in {"fp32": 1.0, **scores}.items()}}
 
-    measured = {schema.TEXT_ENCODER: member(**{"openvino-fp32": 0.9}),
-                schema.IMAGE_ENCODER: member(int8=0.6, **{"openvino-int8": 0.5, "openvino-fp32": 1.01})}
+    measured = {schema.TEXT_ENCODER: member(**{"openvino-fp32": 1.1}),
+                schema.IMAGE_ENCODER: member(int8=1.6, **{"openvino-int8": 2.0, "openvino-fp32": 0.99})}
 
     def combo(text, image, passed):
         return {"variants": {schema.TEXT_ENCODER: text, schema.IMAGE_ENCODER: image}, "passed": passed}
@@ -128,14 +146,26 @@ def test_choice_respects_the_combination_gate():
     blocked = [c if c["variants"] != choice else {**c, "passed": False} for c in everything]
     choice, record = choose_pair(measured, blocked)
     assert choice == {schema.TEXT_ENCODER: "fp32", schema.IMAGE_ENCODER: "openvino-int8"} and record["passed"]
-    # a slower-than-FP32 variant (openvino-fp32 image, interval above 1) is never chosen
+    assert "openvino-fp32 faster, but in no pair whose gate passed" in decision(
+        measured[schema.TEXT_ENCODER], choice[schema.TEXT_ENCODER])
+    # a slower-than-FP32 variant (openvino-fp32 image, interval below 1) is never chosen
     assert choose_pair({schema.IMAGE_ENCODER: measured[schema.IMAGE_ENCODER]}, [], {})[0] == {
         schema.IMAGE_ENCODER: REFERENCE}
+    # a point estimate above 1 is not enough: the whole interval must lie above 1
+    unsure = {schema.TEXT_ENCODER: {"aa": {"stable": True}, "variants": {
+        "fp32": {"speedup_vs_fp32": _speedup(1, 1, 1)}, "int8": {"speedup_vs_fp32": _speedup(1.3, 0.98, 1.6)}}}}
+    assert choose_pair(unsure, [combo("int8", "fp32", True)])[0] == {schema.TEXT_ENCODER: REFERENCE}
+    assert "no variant's speed-up interval" in decision(unsure[schema.TEXT_ENCODER], REFERENCE)
+    # an unstable A/A arm: the machine, not the code, would decide, so the reference stays
+    noisy = {schema.IMAGE_ENCODER: {**measured[schema.IMAGE_ENCODER], "aa": {"stable": False, "why": "drift"}}}
+    assert choose_pair(noisy, everything)[0] == {schema.IMAGE_ENCODER: REFERENCE}
+    assert decision(noisy[schema.IMAGE_ENCODER], REFERENCE).startswith("A/A unstable")
     # the openvino target serves OpenVINO variants only: its fallback is OpenVINO FP32
-    ov_only = {m: {"variants": {v: r for v, r in measured[m]["variants"].items() if v != "int8"}} for m in measured}
+    ov_only = {m: {**measured[m], "variants": {v: r for v, r in measured[m]["variants"].items() if v != "int8"}}
+               for m in measured}
     pairs = everything + [combo("openvino-fp32", "openvino-fp32", True)]
-    slow = {m: {"variants": {v: {**r, "interval_95": [1.0, 1.1]} for v, r in ov_only[m]["variants"].items()}}
-            for m in ov_only}
+    slow = {m: {**ov_only[m], "variants": {v: {"speedup_vs_fp32": _speedup(0.95, 0.9, 1.0)}
+                                           for v in ov_only[m]["variants"]}} for m in ov_only}
     assert choose_pair(slow, pairs, {}, "openvino-fp32")[0] == {
         schema.TEXT_ENCODER: "openvino-fp32", schema.IMAGE_ENCODER: "openvino-fp32"}
     # a user's --serve-variant is kept and the rest is chosen around it
@@ -159,16 +189,23 @@ def test_tune_records_the_machine_the_numbers_and_a_consistent_choice(tuned_repo
     assert tuning["machine"]["cpu"] and tuning["machine"]["usable_cores"] >= 1
     assert isinstance(tuning["machine"]["flags"], list)
     for member in ENCODERS:
-        measured = tuning["members"][member]["variants"]
-        assert REFERENCE in measured and measured[REFERENCE]["score_vs_fp32"] == 1.0
+        record = tuning["members"][member]
+        aa = record["aa"]  # ORT FP32 against itself, interleaved like every variant
+        assert aa["stable"] in (True, False, None) and aa["interval"]["rounds"] == 3 == record["rounds"]
+        assert all(len(t) == 3 for t in record["aa_ms_per_round"].values())
+        measured = record["variants"]
+        assert REFERENCE in measured and measured[REFERENCE]["speedup_vs_fp32"]["point"] == 1.0
         for name, numbers in measured.items():
             assert len(numbers["median_ms"]) == 2 and all(v > 0 for v in numbers["median_ms"].values())
-            low, high = numbers["interval_95"]
-            assert low <= numbers["score_vs_fp32"] <= high, name
+            assert all(len(t) == 3 for t in numbers["ms_per_round"].values())
+            speedup = Interval.from_dict(numbers["speedup_vs_fp32"])
+            assert speedup.low <= speedup.point <= speedup.high and speedup.rounds == 3, name
         chosen = tuning["chosen"][member]
         assert manifest["models"][member]["served_variant"] == chosen
-        if chosen != REFERENCE:  # chosen only when clearly faster than ORT FP32
-            assert measured[chosen]["interval_95"][1] < 1.0
+        assert tuning["decisions"][member]
+        if chosen != REFERENCE:  # chosen only when clearly faster than ORT FP32, on a stable machine
+            assert Interval.from_dict(measured[chosen]["speedup_vs_fp32"]).low > 1.0
+            assert measured[chosen]["faster_than_fp32"] == "met" and aa["stable"] is not False
         spec = VARIANTS[chosen]
         assert served_runtime(tuned_repository, member) == (spec.runtime, spec.precision)
         merged = parse((tuned_repository / schema.ITEM_ENCODER / "config.pbtxt").read_text()).parameters
