@@ -753,7 +753,7 @@ def run_capacity(repository: Path, settings: Settings, url: str, workdir: Path, 
         result = find_capacity(url, sets[name], settings.slo_ms, settings.capacity_trials,
                                step_s=settings.capacity_step_s, max_steps=settings.capacity_max_steps,
                                progress=lambda line: progress("  " + line))
-        if settings.capacity_cross_check_s > 0 and result["median_qps"]:
+        if settings.capacity_cross_check_s > 0 and result["median_qps"] and name == settings.capacity_sets[0]:
             result["cross_check"] = cross_check(url, sets[name], round(result["median_qps"], 1), settings.slo_ms,
                                                 workdir, duration_s=settings.capacity_cross_check_s)
         result["samples_at_capacity"] = samples_at_capacity(result)

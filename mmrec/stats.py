@@ -79,6 +79,8 @@ class Interval:
     def verdict(self, threshold: float, better: str) -> str:
         """met / missed / not conclusive against a threshold; `better` is the side that meets it
         ('above' or 'below'). Never "beyond doubt": a 95 % interval is wrong one time in twenty."""
+        if better not in ("above", "below"):
+            raise ValueError(f"better must be 'above' or 'below', not {better!r}")
         side = self.relation(threshold)
         if side == "straddles":
             return NOT_CONCLUSIVE

@@ -12,8 +12,9 @@ counts the project uses, and check that
   true ratio about 95 % of the time, and two runs of one commit agree;
 * the previous method (all calls of each arm pooled, calls resampled as if independent, plain
   percentile bootstrap of the ratio of medians) does not: its interval is too narrow, so it
-  misses the true ratio far more often than 5 %, and two runs of the same commit often give
-  intervals that do not even overlap;
+  misses the true ratio about one time in three instead of one in twenty, and two runs of the
+  same commit give intervals that do not even overlap about one time in eight (a correct 95 %
+  interval: under 1 %);
 * an A/A arm (one arm measured twice) is judged stable, while a real 1.3x is found;
 
 then the verdict, serialisation, validation and determinism of `Interval` and its builders.
@@ -128,7 +129,7 @@ def test_old_method_misses_the_true_ratio_in_the_same_simulation(rounds):
 @pytest.mark.parametrize("rounds", ROUND_COUNTS)
 def test_two_runs_of_one_commit_agree_with_the_new_method_not_the_old(rounds):
     """Same code, same true ratio, two runs on a drifting machine: the old intervals contradict
-    each other (no overlap) several times as often as a correct 95 % interval can (< 1 %)."""
+    each other (no overlap) many times as often as correct 95 % intervals do (< 1 %)."""
     runs = two_runs(rounds)
     new, old = non_overlap(*runs["new"]), non_overlap(*runs["old"])
     print(f"\n{rounds} rounds: two runs of one commit, non-overlapping intervals: new {new:.3f}, old {old:.3f}")
