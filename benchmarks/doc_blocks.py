@@ -557,7 +557,6 @@ MEASUREMENT_PATTERNS = {
 # Numbers that look like measurements but are settings, thresholds or facts of the code; each
 # entry names the file, the exact phrase, and why it may stay.
 ALLOWED_PHRASES: dict[tuple[str, str], str] = {
-    ("README.md", "95 % bootstrap interval"): "the confidence level of the tuning rule (a setting)",
     ("docs/deployment.md", "±10 % jitter"): "Triton's fixed jitter of the gRPC connection age",
     ("docs/deployment.md", "30–90 s"): "derived from the chart's scrape interval, rate window and HPA sync (configuration)",
     ("docs/deployment.md", "| 70 % |"): "the HPA's CPU utilization target in values-cpu.yaml (a setting)",
