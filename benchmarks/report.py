@@ -470,6 +470,42 @@ def capacity_detail(results: dict) -> list[str]:
          "cross-check LoadGen", "cross-check perf_analyzer", "plot"], rows)
 
 
+def overload_detail(results: dict) -> list[str]:
+    """Per factor of capacity offered to the admitted server: what was answered, shed, and how fast."""
+    section = results["sections"].get("overload") or {}
+    if section.get("status") != "ok" or not section.get("factors"):
+        return []
+    policy = (section.get("admission") or {}).get("policy") or {}
+    rows = []
+    for factor, data in section["factors"].items():
+        rounds = data["rounds"]
+
+        def med(values: list) -> str:
+            values = [v for v in values if v is not None]
+            return _f(float(sorted(values)[len(values) // 2])) if values else "–"
+        rows.append([f"{factor}× ({_f(data['offered_rps'])}/s)", str(len(rounds)),
+                     med([r["admitted_ms"].get("p99") for r in rounds]) + " " + _iv(data.get("admitted_p99_over_slo")),
+                     med([r["goodput_rps"] for r in rounds]) + " " + _iv(data.get("goodput_over_capacity")),
+                     f"{100 * sum(r['shed'] for r in rounds) / max(1, sum(r['requests'] for r in rounds)):.0f} %",
+                     med([r["shed_ms"].get("p99") for r in rounds]) + " " + _iv(data.get("shed_p99_over_bound")),
+                     str(sum(r["errors"] for r in rounds))])
+    recovery = section.get("recovery") or {}
+    rss = section.get("rss_mb") or {}
+    seconds = recovery.get("recovery_s")
+    return [f"Admission policy derived from capacity {_f(section['capacity_rps'])}/s ({section.get('payloads')}) and "
+            f"the SLO {section['slo_ms']:g} ms: at most {policy.get('max_queue_size')} requests waiting, queue budget "
+            f"{_f((policy.get('timeout_us') or 0) / 1e3)} ms, on {', '.join((section.get('admission') or {}).get('models', []))}. "
+            "Per round the median over rounds, then the ratio to its bound with its 95 % interval over rounds.", ""] + _table(
+        ["offered", "rounds", "admitted p99 ms (/ SLO)", "goodput /s (/ capacity)", "shed", "shed answer p99 ms (/ 5 ms)",
+         "other errors"], rows) + [
+        "", f"- recovery at {_f(recovery.get('load_rps'))}/s after the overload: "
+            + (f"{seconds:.2f} s" if seconds is not None else f"not within {recovery.get('observed_s')} s")
+            + f"; server RSS (process tree) {_f(rss.get('before'))} MB before, {_f(rss.get('after'))} MB after",
+        "- Triton's `nv_inference_request_failure` over the section, by reason: " + (", ".join(
+            f"{reason} {count:.0f}" for reason, count in sorted((section.get("prometheus_failures") or {}).items()))
+            or "none")]
+
+
 def executed_text_batches(results: dict) -> list[int]:
     """Batch sizes the dynamic batcher executed for the text encoder in the serving sweep."""
     sizes: set[int] = set()
@@ -486,6 +522,7 @@ def markdown(results: dict) -> str:
          "(throughput ratio; p50-latency ratio in brackets)", headline_offline(results)),
         ("Capacity at the p99 bound (open loop)", capacity_summary(results) + [""] + capacity_detail(results)
          if capacity_summary(results) else []),
+        ("Overload: admission at 1.5× and 2× capacity (open loop)", overload_detail(results)),
         ("Serving: item_encoder, closed loop, 1 item per request", serving_table(results)),
         ("Targets", targets_table(results) + aa_lines(results)),
         ("Client cost (CPU time of the benchmark process per request, same 2 cores as the server)",

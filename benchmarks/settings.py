@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-SECTIONS = ("offline", "roofline", "serving", "perf_analyzer", "photos", "capacity", "quality")
-DEFAULT_SLO_MS = 100.0  # the p99 bound capacity is measured at (`mmrec bench --slo-ms`)
+from mmrec.admission import DEFAULT_SLO_MS  # the p99 bound of capacity (`mmrec bench --slo-ms`)
+
+SECTIONS = ("offline", "roofline", "serving", "perf_analyzer", "photos", "capacity", "overload", "quality")
 MODELS = ("text_encoder", "image_encoder", "fusion", "pipeline")
 PROTOCOLS = ("grpc", "http")
 
@@ -74,6 +75,13 @@ class Settings:
     capacity_max_steps: int = 9
     # LoadGen, then perf_analyzer, at the median capacity of the first payload set (0: skip)
     capacity_cross_check_s: float = 12.0
+    # overload (benchmarks/overload.py): factors x the first set's capacity offered to a server with
+    # the admission policy derived from it, `overload_rounds` rounds of `overload_round_s` each,
+    # then `overload_recovery_s` at half the capacity
+    overload_factors: tuple[float, ...] = (1.5, 2.0)
+    overload_rounds: int = 5
+    overload_round_s: float = 6.0
+    overload_recovery_s: float = 5.0
     # quality drift: simulated users per category and items per user
     users_per_category: int = 4
     items_per_user: int = 5
@@ -136,6 +144,9 @@ QUICK = Settings(
     capacity_step_s=1.5,
     capacity_max_steps=4,
     capacity_cross_check_s=0.0,
+    overload_rounds=3,
+    overload_round_s=1.5,
+    overload_recovery_s=2.0,
     users_per_category=2,
     items_per_user=3,
     quality_items=48,

@@ -206,6 +206,7 @@ def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
         _run_section(results, "photos", selected, lambda: photo_latency.run_photos(
             workload, settings, options.threads, step, server))
         _run_section(results, "capacity", selected, lambda: capacity_section(options, server, step))
+        _run_section(results, "overload", selected, lambda: overload_section(options, results, step))
 
     results["machine"]["loadavg_end"] = machine.loadavg()
     results["machine"]["cpu_share_end"] = machine.cpu_share()
@@ -237,6 +238,36 @@ def capacity_section(options: BenchOptions, server: Callable, step: Step) -> dic
     for name, result in data["sets"].items():
         result["plot"] = open_loop.plot_capacity(result, output / f"capacity_{name}.png",
                                                  f"item_encoder open loop, {name}").name
+    data["log"] = lines
+    return data
+
+
+def overload_section(options: BenchOptions, results: dict, step: Step) -> dict:
+    """Admission under overload (benchmarks/overload.py) on a server of its own, from the
+    capacity section's first payload set."""
+    from . import open_loop, overload
+
+    settings = options.settings
+    capacity = results["sections"].get("capacity") or {}
+    if capacity.get("status") != "ok":
+        raise SectionSkipped("needs the capacity section (the policy and the load derive from it)")
+    name = settings.capacity_sets[0]
+    tick = step(f"overload: {', '.join(f'{f:g}x' for f in settings.overload_factors)} capacity ({name}) with "
+                "admission", len(settings.overload_factors) * settings.overload_rounds + 1)
+    lines: list[str] = []
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        if "round" in line or line.startswith("recovery"):
+            tick(1)
+
+    with tempfile.TemporaryDirectory(prefix="mmrec-overload-") as workdir:
+        data = overload.overload_section(
+            Path(options.repository), capacity["sets"][name], settings.slo_ms,
+            open_loop.payload_sets(Path(options.repository))[name], Path(workdir),
+            factors=settings.overload_factors, rounds=settings.overload_rounds, round_s=settings.overload_round_s,
+            recovery_s=settings.overload_recovery_s, running_server=serving.running_server, progress=progress)
+    data["payloads"] = name
     data["log"] = lines
     return data
 

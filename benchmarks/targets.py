@@ -339,6 +339,61 @@ def _pa(results: dict, tid: str, description: str) -> TargetResult:
                         "paired rounds: no interval): " + per)
 
 
+def _overload(results: dict) -> dict | None:
+    section = results["sections"].get("overload") or {}
+    return section if section.get("status") == "ok" and section.get("factors") else None
+
+
+def _overload_target(key: str, threshold: float, better: str, what: str):
+    """One overload figure (an interval of a ratio to its bound) at every factor offered."""
+    def judge(results: dict, tid: str, description: str) -> TargetResult:
+        section = _overload(results)
+        shown = f"{'≤' if better == 'below' else '≥'} {threshold:g}× {what}"
+        if section is None:
+            why = (results["sections"].get("overload") or {}).get("reason") or \
+                (results["sections"].get("overload") or {}).get("error") or "overload section not run"
+            return _not_measured(tid, description, shown, why)
+        verdicts, notes, points, worst = [], [], [], None
+        for factor, data in section["factors"].items():
+            interval = data.get(key)
+            if interval is None and key == "shed_p99_over_bound" and not any(r["shed"] for r in data["rounds"]):
+                notes.append(f"{factor}×: nothing shed")
+                continue
+            verdict, note = _judge(interval, threshold, better)
+            verdicts.append(verdict)
+            notes.append(f"{factor}× capacity: {note}")
+            if interval:
+                points.append(f"{interval['point']:.2f}× ({factor}×)")
+                if worst is None or verdict == MISSED:
+                    worst = interval
+        return TargetResult(tid, description, shown, ", ".join(points) or "–", _combine(verdicts),
+                            "; ".join(notes), interval=worst)
+    return judge
+
+
+target("overload.admitted_p99", "At 1.5× and 2× capacity offered, the admitted requests keep p99 ≤ the SLO")(
+    _overload_target("admitted_p99_over_slo", 1.0, "below", "SLO"))
+target("overload.goodput", "At 1.5× and 2× capacity offered, goodput (answered within the SLO) ≥ 0.9× capacity")(
+    _overload_target("goodput_over_capacity", 0.9, "above", "capacity"))
+target("overload.shed_answer", "A shed request gets its answer in ≤ 5 ms p99")(
+    _overload_target("shed_p99_over_bound", 1.0, "below", "5 ms"))
+
+
+@target("overload.recovery", "After the overload stops, p99 returns under the SLO within 2 s")
+def _recovery(results: dict, tid: str, description: str) -> TargetResult:
+    section = _overload(results)
+    if section is None:
+        return _not_measured(tid, description, "≤ 2 s", "overload section not run")
+    recovery = section["recovery"]
+    seconds, bound = recovery["recovery_s"], recovery["bound_s"]
+    observed = f"one observation at {recovery['load_rps']:.1f}/s over {recovery['observed_s']:g} s (no interval)"
+    if seconds is None:
+        return TargetResult(tid, description, f"≤ {bound:g} s", f"> {recovery['observed_s']:g} s", MISSED,
+                            f"still late at the end: {observed}")
+    return TargetResult(tid, description, f"≤ {bound:g} s", f"{seconds:.2f} s", MET if seconds <= bound else MISSED,
+                        observed)
+
+
 def evaluate(results: dict) -> list[dict]:
     """Every target's verdict. A judge that raises fails its target (met False, `error` names the
     exception) while the others are still judged, so the run's numbers are reported either way."""

@@ -8,9 +8,10 @@ from ._aio import AsyncMMRecClient
 from ._client import MMRecClient
 from ._endpoints import EndpointStatus
 from ._errors import (InvalidItemError, InvalidRequestError, MMRecError, ModelNotReadyError,
-                      RequestTimeoutError, ServerUnavailableError)
+                      OverloadedError, RequestTimeoutError, ServerUnavailableError)
 from ._items import Item
 from ._results import EncodedItems, RankedItem
+from ._retry import RetryBudget
 from ._server_info import ModelNames, ServerInfo
 
 __all__ = [
@@ -24,8 +25,10 @@ __all__ = [
     "MMRecError",
     "ModelNames",
     "ModelNotReadyError",
+    "OverloadedError",
     "RankedItem",
     "RequestTimeoutError",
+    "RetryBudget",
     "ServerInfo",
     "ServerUnavailableError",
 ]

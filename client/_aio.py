@@ -266,16 +266,16 @@ class AsyncMMRecClient(ClientBase):
 
     async def _send(self, request: InferRequest, options: CallOptions) -> dict[str, np.ndarray]:
         """One request on some endpoint, failing over within the retry budget; typed errors."""
-        attempts = Attempts(self._pool, self.retry)
+        attempts = Attempts(self._pool, self.retry, self.retry_budget, self._deadline_s(options))
         while True:
             wait = attempts.backoff_s()
             if wait:
                 await asyncio.sleep(wait)
             try:
-                with self._pool.use() as endpoint:
-                    return await endpoint.transport.infer(request, options)
+                with self._pool.use(attempts.shed_by) as endpoint:
+                    return await endpoint.transport.infer(request, attempts.options(options))
             except Exception as exc:
-                if not attempts.again(exc):
+                if not attempts.again(exc, endpoint):
                     raise self._request_error(exc, request.model, endpoint) from exc
 
     async def _execute(self, pending: PendingRequest, options: CallOptions) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ from ._plan import Planner
 from ._protocols import DEFAULT_CLIENT_TIMEOUT_S, Connection
 from ._protocols import protocol as lookup_protocol
 from ._requests import CallOptions
-from ._retry import RetryPolicy
+from ._retry import RetryBudget, RetryPolicy
 from ._server_info import ModelNames, ServerInfo, server_info
 from ._shm import RegionPool
 
@@ -47,6 +47,7 @@ class ClientBase:
         client_timeout: float | None = DEFAULT_CLIENT_TIMEOUT_S,
         retries: int = 3,
         backoff_s: float = 0.2,
+        retry_budget: RetryBudget | None = None,
         concurrency: int = 4,
         local_preprocessing: bool = False,
         shared_memory: bool = False,
@@ -71,6 +72,8 @@ class ClientBase:
             insecure=insecure, client_timeout=client_timeout, headers=dict(headers or {}),
             concurrency=concurrency, verbose=verbose)
         self.retry = RetryPolicy(retries, backoff_s)
+        # shed retries of this client, as a share of its requests (see _retry.RetryBudget)
+        self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
         self.concurrency = concurrency
         self.local_preprocessing = local_preprocessing
         self.shared_memory = shared_memory
@@ -232,6 +235,10 @@ class ClientBase:
                              "pass client_timeout to the constructor instead of per call")
         return CallOptions(request_id=request_id, priority=priority, timeout=timeout,
                            client_timeout=client_timeout, headers=headers)
+
+    def _deadline_s(self, options: CallOptions) -> float | None:
+        """The call's deadline, covering every attempt: its client_timeout, else the client's."""
+        return options.client_timeout if options.client_timeout is not None else self.connection.client_timeout
 
     def _planner_or_fail(self) -> Planner:
         if self._planner is None:

@@ -36,6 +36,9 @@ class MMRecClient(ClientBase):
     Per-call keywords keep tritonclient's names: request_id, priority, timeout (server-side,
     microseconds), client_timeout (seconds; per call on gRPC, per client on HTTP), headers
     (merged over the client's). A call split into several requests sends request_id + ":<n>".
+    A call's client_timeout is its deadline over every attempt, sent to the server as the
+    request's timeout unless one is given; a request the server shed (overloaded) is retried
+    within `retry_budget` (a share of recent requests) and then raises OverloadedError.
     """
 
     _transport_class = SyncTransport
@@ -275,16 +278,16 @@ class MMRecClient(ClientBase):
 
     def _send(self, request: InferRequest, options: CallOptions) -> dict[str, np.ndarray]:
         """One request on some endpoint, failing over within the retry budget; typed errors."""
-        attempts = Attempts(self._pool, self.retry)
+        attempts = Attempts(self._pool, self.retry, self.retry_budget, self._deadline_s(options))
         while True:
             wait = attempts.backoff_s()
             if wait:
                 time.sleep(wait)
             try:
-                with self._pool.use() as endpoint:
-                    return endpoint.transport.infer(request, options, endpoint.regions)
+                with self._pool.use(attempts.shed_by) as endpoint:
+                    return endpoint.transport.infer(request, attempts.options(options), endpoint.regions)
             except Exception as exc:
-                if not attempts.again(exc):
+                if not attempts.again(exc, endpoint):
                     raise self._request_error(exc, request.model, endpoint) from exc
 
     def _execute(self, pending: PendingRequest, options: CallOptions) -> dict[str, np.ndarray]:

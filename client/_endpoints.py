@@ -12,18 +12,26 @@ this module decides where each attempt goes and keeps every endpoint's counters.
   with a single URL, is plain retry with exponential backoff.
 * The clients' health checkers report each probe with `probed`: ready re-admits an endpoint,
   anything else ejects it. A request that succeeds on an ejected endpoint re-admits it too.
+* A request the server shed (overloaded, `OverloadedError`) does not eject its endpoint: the
+  server is up. It moves at once to another healthy endpoint that has not shed it, else waits
+  a jittered backoff; each such retry needs the client's `RetryBudget` to allow it.
+* A call's deadline (its `client_timeout`) covers all its attempts: each attempt waits at most
+  the time left, and tells the server that time as the request's `timeout` (unless the caller
+  set one), so a queue with an admission policy drops the work once nobody waits for it.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import threading
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Generic, Iterator, Sequence, TypeVar
+from dataclasses import dataclass, replace
+from typing import Callable, Collection, Generic, Iterator, Sequence, TypeVar
 
-from ._errors import is_retryable, server_message
-from ._retry import RetryPolicy
+from ._errors import is_retryable, is_shed, server_message
+from ._requests import CallOptions
+from ._retry import RetryBudget, RetryPolicy
 from ._shm import RegionPool
 
 T = TypeVar("T")
@@ -53,6 +61,7 @@ class EndpointStatus:
     in_flight: int  # attempts sent and not answered yet
     requests: int  # attempts sent so far
     failures: int  # attempts that failed to reach it (each one ejects it)
+    shed: int = 0  # attempts it answered "overloaded" (queue full or queue timeout)
 
 
 class Endpoint(Generic[T]):
@@ -69,9 +78,10 @@ class Endpoint(Generic[T]):
         self.in_flight = 0
         self.requests = 0
         self.failures = 0
+        self.shed = 0
 
     def status(self) -> EndpointStatus:
-        return EndpointStatus(self.url, self.healthy, self.in_flight, self.requests, self.failures)
+        return EndpointStatus(self.url, self.healthy, self.in_flight, self.requests, self.failures, self.shed)
 
 
 class EndpointPool(Generic[T]):
@@ -95,14 +105,15 @@ class EndpointPool(Generic[T]):
             return any(e.healthy for e in self.endpoints)
 
     @contextmanager
-    def use(self) -> Iterator[Endpoint[T]]:
-        """The endpoint for one attempt, counted in flight until the block ends.
+    def use(self, avoid: Collection[Endpoint[T]] = ()) -> Iterator[Endpoint[T]]:
+        """The endpoint for one attempt, counted in flight until the block ends; one not in
+        `avoid` (those that shed this request) while a healthy one is left.
 
-        A connection failure raised in the block ejects the endpoint; success on an endpoint
-        that was ejected when the attempt began re-admits it.
+        A connection failure raised in the block ejects the endpoint; a shed is only counted;
+        success on an endpoint that was ejected when the attempt began re-admits it.
         """
         with self._lock:
-            endpoint = self._pick()
+            endpoint = self._pick(avoid)
             endpoint.in_flight += 1
             endpoint.requests += 1
             was_ejected = not endpoint.healthy
@@ -113,6 +124,9 @@ class EndpointPool(Generic[T]):
                 with self._lock:
                     endpoint.failures += 1
                 self.eject(endpoint, server_message(exc))
+            elif is_shed(exc):
+                with self._lock:
+                    endpoint.shed += 1
             raise
         else:
             if was_ejected:
@@ -121,12 +135,19 @@ class EndpointPool(Generic[T]):
             with self._lock:
                 endpoint.in_flight -= 1
 
-    def _pick(self) -> Endpoint[T]:
-        """Fewest in flight among the healthy, ties in rotation; all in rotation when none is."""
+    def _pick(self, avoid: Collection[Endpoint[T]] = ()) -> Endpoint[T]:
+        """Fewest in flight among the healthy not in `avoid` (else among the healthy), ties in
+        rotation; all in rotation when none is healthy."""
         start = next(self._turns) % len(self.endpoints)
         ring = self.endpoints[start:] + self.endpoints[:start]
         healthy = [e for e in ring if e.healthy]
-        return min(healthy, key=lambda e: e.in_flight) if healthy else ring[0]
+        fresh = [e for e in healthy if e not in avoid]
+        return min(fresh or healthy, key=lambda e: e.in_flight) if healthy else ring[0]
+
+    def has_other(self, avoid: Collection[Endpoint[T]]) -> bool:
+        """Is a healthy endpoint left outside `avoid`?"""
+        with self._lock:
+            return any(e.healthy and e not in avoid for e in self.endpoints)
 
     def probed(self, endpoint: Endpoint[T], ready: bool, why: str = "not ready") -> None:
         """A health probe's answer: ready re-admits the endpoint, anything else ejects it."""
@@ -153,24 +174,64 @@ class EndpointPool(Generic[T]):
 
 
 class Attempts:
-    """One request's retry budget across the pool (see the module docstring)."""
+    """One request's attempts across the pool (see the module docstring)."""
 
-    def __init__(self, pool: EndpointPool, policy: RetryPolicy) -> None:
+    def __init__(self, pool: EndpointPool, policy: RetryPolicy, budget: RetryBudget | None = None,
+                 deadline_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.pool = pool
         self.policy = policy
+        self.budget = budget
         self.failed = 0
         self.waits = 0
+        self.shed_by: list[Endpoint] = []  # endpoints that shed this request, in order
+        self._clock = clock
+        self._deadline = None if deadline_s is None else clock() + deadline_s
+        self._last_shed = False
+        if budget is not None:
+            budget.request()
 
-    def again(self, exc: Exception) -> bool:
+    def remaining_s(self) -> float | None:
+        """Seconds left before the call's deadline (None: no deadline)."""
+        return None if self._deadline is None else self._deadline - self._clock()
+
+    def options(self, options: CallOptions) -> CallOptions:
+        """This attempt's options: wait at most the time left, and tell the server so."""
+        left = self.remaining_s()
+        if left is None:
+            return options
+        left = max(left, 1e-3)
+        return replace(options, client_timeout=left,
+                       timeout=options.timeout if options.timeout is not None else max(1, int(left * 1e6)))
+
+    def again(self, exc: Exception, endpoint: Endpoint | None = None) -> bool:
         """After a failed attempt: is another one allowed?"""
-        if not is_retryable(exc) or self.failed >= self.policy.retries:
+        shed = is_shed(exc)
+        if not (shed or is_retryable(exc)) or self.failed >= self.policy.retries:
             return False
+        if shed:
+            if endpoint is not None:
+                self.shed_by.append(endpoint)
+            wait = 0.0 if self.pool.has_other(self.shed_by) else self.policy.delay(self.waits)
+            left = self.remaining_s()
+            if left is not None and wait >= left:
+                return False  # the backoff alone would outlast the deadline
+            if self.budget is not None and not self.budget.try_retry():
+                return False
+        self._last_shed = shed
         self.failed += 1
         return True
 
     def backoff_s(self) -> float:
-        """Seconds to wait before the next attempt: none while some endpoint is still healthy."""
-        if not self.failed or self.pool.any_healthy():
+        """Seconds to wait before the next attempt: none while some endpoint is still healthy
+        (and, after a shed, has not shed this request); jittered after a shed."""
+        if not self.failed:
+            return 0.0
+        if self._last_shed:
+            if self.pool.has_other(self.shed_by):
+                return 0.0
+            self.waits += 1
+            return self.policy.jittered_delay(self.waits - 1)
+        if self.pool.any_healthy():
             return 0.0
         self.waits += 1
         return self.policy.delay(self.waits - 1)

@@ -11,6 +11,8 @@ from enum import Enum
 
 from tritonclient.utils import InferenceServerException
 
+from mmrec.admission import is_shed_message
+
 SERVE_HINT = "start it with `mmrec serve --repository <exported repository>` or point --url at a running server"
 
 
@@ -46,6 +48,12 @@ class InvalidRequestError(MMRecError, ValueError):
         super().__init__(f"{where}server rejected the request: {server_message}")
 
 
+class OverloadedError(MMRecError):
+    """The server shed the request (its queue was full, or the request waited its whole queue
+    budget): it is overloaded, not down. Retried on another replica or after a jittered
+    backoff while the client's retry budget allows; then raised. Back off, or degrade."""
+
+
 class RequestTimeoutError(MMRecError, TimeoutError):
     """A request outlived its client_timeout (or the server-side timeout)."""
 
@@ -57,6 +65,7 @@ class Failure(str, Enum):
     invalid = "invalid"
     not_found = "not_found"
     timeout = "timeout"
+    shed = "shed"  # overloaded: the server's admission policy rejected it
     other = "other"
 
 
@@ -75,6 +84,8 @@ _STATUS = {
 def classify(exc: BaseException) -> Failure:
     """Map a tritonclient / socket / aiohttp exception to a Failure kind."""
     if isinstance(exc, InferenceServerException):
+        if is_shed_message(exc.message() or ""):  # UNAVAILABLE, but from a live server
+            return Failure.shed
         status = _STATUS.get(str(exc.status()))
         if status is not None:
             return status
@@ -111,8 +122,13 @@ def _is_closed_connection(exc: BaseException) -> bool:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Only connection-level failures are retried; a bad request stays bad."""
+    """Connection-level failures: the endpoint is down (ejected) and the request moves on."""
     return classify(exc) is Failure.unavailable
+
+
+def is_shed(exc: BaseException) -> bool:
+    """The server is up but shed the request (retried within the retry budget, never ejected)."""
+    return classify(exc) is Failure.shed
 
 
 def server_message(exc: BaseException) -> str:
@@ -136,6 +152,8 @@ def translate(exc: BaseException, url: str, protocol: str, model: str) -> MMRecE
         return InvalidRequestError(server_message(exc))
     if kind is Failure.not_found:
         return ModelNotReadyError(f"model {model!r} is not available on {url}: {server_message(exc)}")
+    if kind is Failure.shed:
+        return OverloadedError(f"{model} on {url} is overloaded and shed the request: {server_message(exc)}")
     if kind is Failure.timeout:
         return RequestTimeoutError(f"{model} on {url} timed out: {server_message(exc)}")
     return MMRecError(f"{model} on {url} failed: {server_message(exc)}")

@@ -17,7 +17,7 @@ from ._cli_io import (BadInput, OutputFormat, collect_items, encoded_rows, ranke
                       read_user_vector, recommended_rows, resolve_format, write_encode_table, write_jsonl,
                       write_recommend_table, write_score_table)
 
-EXIT_OTHER, EXIT_BAD_INPUT, EXIT_UNAVAILABLE = 1, 2, 3
+EXIT_OTHER, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_OVERLOADED = 1, 2, 3, 4
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}  # `mmrec serve` defaults
 
 
@@ -40,13 +40,15 @@ FormatOpt = Annotated[Optional[OutputFormat], typer.Option(
 
 
 def _exit_code(exc: Exception) -> int:
-    from . import (InvalidItemError, InvalidRequestError, ModelNotReadyError, RequestTimeoutError,
-                   ServerUnavailableError)
+    from . import (InvalidItemError, InvalidRequestError, ModelNotReadyError, OverloadedError,
+                   RequestTimeoutError, ServerUnavailableError)
 
     if isinstance(exc, (BadInput, InvalidItemError, InvalidRequestError)):
         return EXIT_BAD_INPUT
     if isinstance(exc, (ServerUnavailableError, ModelNotReadyError, RequestTimeoutError)):
         return EXIT_UNAVAILABLE
+    if isinstance(exc, OverloadedError):  # up but shedding: worth retrying later, unlike 1
+        return EXIT_OVERLOADED
     return EXIT_OTHER
 
 

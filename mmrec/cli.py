@@ -1,8 +1,9 @@
-"""The `mmrec` command: export, tune, serve, score, encode, recommend, index, bench, demo."""
+"""The `mmrec` command: export, tune, admit, serve, score, encode, recommend, index, bench, demo."""
 from __future__ import annotations
 
 import typer
 
+from mmrec.admission_cli import admit_command
 from mmrec.export.cli import export_command, tune_command
 from mmrec.serve_cli import serve_command
 from mmrec.demo import demo_command
@@ -22,6 +23,7 @@ def main() -> None:
 
 app.command("export")(export_command)
 app.command("tune")(tune_command)
+app.command("admit")(admit_command)
 app.command("serve")(serve_command)
 app.command("demo")(demo_command)
 app.command("score")(score_command)

@@ -138,6 +138,18 @@ def test_quick_bench_json_is_complete(quick_run):
     jpeg = capacity["sets"]["jpeg_640x427"]
     assert jpeg["median_qps"] > 0 and len(jpeg["capacity_qps"]) == QUICK.capacity_trials, jpeg["capacity_qps"]
     assert jpeg["plot"] == "capacity_jpeg_640x427.png" and (output / jpeg["plot"]).is_file()
+    overload = results["sections"]["overload"]  # admission derived from that capacity, 1.5x and 2x offered
+    assert overload["status"] == "ok", (overload.get("error"), overload.get("traceback"))
+    assert set(overload["factors"]) == {f"{f:g}" for f in QUICK.overload_factors}
+    for factor in overload["factors"].values():
+        assert len(factor["rounds"]) == QUICK.overload_rounds
+        for r in factor["rounds"]:
+            assert r["requests"] == r["ok"] + r["shed"] + r["errors"] > 0 and r["errors"] == 0, r
+    assert overload["admission"]["policy"]["max_queue_size"] >= 1 and "item_encoder" in overload["admission"]["models"]
+    assert overload["recovery"]["observed_s"] == QUICK.overload_recovery_s
+    assert overload["rss_mb"]["before"] > 0 and overload["rss_mb"]["after"] > 0
+    assert {t["id"] for t in results["targets"]} >= {"overload.admitted_p99", "overload.goodput",
+                                                      "overload.shed_answer", "overload.recovery"}
 
     provenance = results["provenance"]
     assert provenance["git"]["commit"] and provenance["git"]["dirty"] in (True, False)

@@ -56,7 +56,8 @@ DISTRIBUTIONS = {"PIL": "pillow", "tokenizers": "tokenizers", "onnxruntime": "on
                  "openvino": "openvino"}
 # metric families the adapter rules read; the live-server test proves Triton 2.51 exports them
 TRITON_METRICS = ("nv_inference_count", "nv_inference_queue_duration_us",
-                  "nv_inference_compute_infer_duration_us", "nv_inference_request_summary_us")
+                  "nv_inference_compute_infer_duration_us", "nv_inference_request_summary_us",
+                  "nv_inference_request_failure")  # reason="REJECTED": tests/test_admission.py
 DRAIN_MARKER = "/tmp/mmrec-draining"  # the chart's mmrec.drainMarker
 NVIDIA_ENTRYPOINT = "/opt/nvidia/nvidia_entrypoint.sh"
 ADMIN_KEY = "test-admin-key"  # stands in for the chart's Secret when args are expanded

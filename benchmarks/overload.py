@@ -1,0 +1,228 @@
+"""Overload: what the admission policy (mmrec.admission) buys when more is offered than one
+replica holds.
+
+Given the open-loop capacity `C` at the SLO (the capacity section, measured without admission),
+the section serves a shadow of the repository (every file a symlink, config.pbtxt files rewritten
+with the policy derived from `C`, the idle latency and the SLO) and offers `factor x C` Poisson
+arrivals through MLPerf LoadGen's Server scenario, in several short rounds per factor. Every
+sample is timed from when LoadGen issued it (its scheduled time) to its answer, and sorted by
+outcome: answered (admitted), shed (Triton's queue-full or queue-timeout rejection), other error.
+Per round: the admitted requests' p99, goodput (answers within the SLO per second) and the shed
+answers' p99; intervals over rounds (mmrec.stats, against the fixed bound, so the ratio's
+interval is the round-to-round spread). After the last round of the highest factor the load drops
+to half of `C` at once: recovery is the time until every later request is answered within the
+SLO. RSS of the server's process tree before and after the overload catches growth.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mmrec import stats
+from mmrec.admission import MANIFEST_KEY, QueuePolicy, apply_to_repository, derive, is_shed_message
+from mmrec.layout import CONFIG_FILE
+from mmrec.export.manifest import MANIFEST_FILE
+
+from .open_loop import Target, run_rate
+
+Progress = Callable[[str], None]
+SHED_ANSWER_MS = 5.0  # a shed request must learn it at once (no waiting in a queue it never leaves)
+GOODPUT_SHARE = 0.9  # goodput at overload >= this share of capacity
+RECOVERY_S = 2.0  # p99 back under the SLO within this long after the overload stops
+RECOVERY_LOAD = 0.5  # the load after the overload, as a share of capacity
+
+
+class RecordingTarget(Target):
+    """A Target that times each sample from its issue and sorts it: ok, shed or error."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self.records: list[tuple[float, float, str]] = []  # (issued at, latency ms, outcome)
+
+    def send(self, index: int, callback, timeout_s: float) -> None:
+        issued = time.perf_counter()
+
+        def done(result=None, error=None) -> None:
+            latency = (time.perf_counter() - issued) * 1e3
+            outcome = "ok" if error is None else ("shed" if is_shed_message(str(error)) else "error")
+            with self._lock:
+                self.records.append((issued, latency, outcome))
+            callback(result=result, error=error)
+
+        super().send(index, done, timeout_s)
+
+    def take(self) -> list[tuple[float, float, str]]:
+        with self._lock:
+            records, self.records = self.records, []
+        return records
+
+
+def shadow_repository(root: Path, dest: Path) -> Path:
+    """A copy of an exported repository whose files are symlinks to the original, except the
+    configs and the manifest (real copies, so admission can rewrite them without touching it)."""
+    root, dest = Path(root).resolve(), Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+
+    def link_or_copy(src: str, dst: str) -> None:
+        if Path(src).name in (CONFIG_FILE, MANIFEST_FILE):
+            shutil.copyfile(src, dst)
+        else:
+            os.symlink(src, dst)
+
+    shutil.copytree(root, dest, copy_function=link_or_copy)
+    return dest
+
+
+def summarize(records: Sequence[tuple[float, float, str]], slo_ms: float, duration_s: float) -> dict:
+    """One round: counts by outcome, admitted and shed percentiles, goodput."""
+    ok = np.array([r[1] for r in records if r[2] == "ok"])
+    shed = np.array([r[1] for r in records if r[2] == "shed"])
+    errors = sum(r[2] == "error" for r in records)
+
+    def pct(values: np.ndarray) -> dict:
+        return {f"p{q}": float(np.percentile(values, q)) for q in (50, 99)} if values.size else {}
+
+    return {"requests": len(records), "ok": int(ok.size), "shed": int(shed.size), "errors": int(errors),
+            "admitted_ms": pct(ok), "shed_ms": pct(shed),
+            "goodput_rps": float((ok <= slo_ms).sum() / duration_s) if duration_s > 0 else 0.0,
+            "shed_share": float(shed.size / len(records)) if records else 0.0}
+
+
+def recovery_time(records: Sequence[tuple[float, float, str]], start: float, slo_ms: float) -> float | None:
+    """Seconds from `start` to the issue time after which every request was answered within the
+    SLO (None: the last one was still late or failed)."""
+    ordered = sorted(records)
+    late = [issued for issued, latency, outcome in ordered if outcome != "ok" or latency > slo_ms]
+    if not ordered:
+        return None
+    if not late:
+        return 0.0
+    if late[-1] == ordered[-1][0]:
+        return None
+    return max(0.0, late[-1] - start)
+
+
+FAILURE_METRIC = "nv_inference_request_failure"
+
+
+def failures_by_reason(metrics_url: str) -> dict[str, float]:
+    """Triton's `nv_inference_request_failure` summed per `reason` label over models, from its
+    Prometheus endpoint (REJECTED: shed by the queue policy)."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=5).read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(FAILURE_METRIC + "{"):
+            continue
+        labels, value = line.rsplit(" ", 1)
+        reason = re.search(r'reason="([^"]*)"', labels)
+        key = reason.group(1) if reason else "unlabelled"
+        totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def process_tree_rss_mb(pid: int) -> float | None:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil comes with openvino
+        return None
+    try:
+        parent = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2 ** 20
+    except psutil.Error:
+        return None
+
+
+def run_overload(url: str, payloads, capacity_rps: float, slo_ms: float, *, factors: Sequence[float],
+                 rounds: int, round_s: float, recovery_s: float, server_pid: int | None = None,
+                 progress: Progress = print) -> dict:
+    """`rounds` LoadGen trials of `round_s` at each factor x capacity against an admitted server
+    at `url`, then the recovery run; per-round summaries, intervals and RSS."""
+    target = RecordingTarget(url, payloads)
+    try:
+        target.warm_up(1)
+        rss_before = process_tree_rss_mb(server_pid) if server_pid else None
+        out: dict = {"capacity_rps": capacity_rps, "slo_ms": slo_ms, "factors": {}, "rounds": rounds,
+                     "round_s": round_s}
+        for i, factor in enumerate(factors):
+            qps = factor * capacity_rps
+            per_round = []
+            for r in range(rounds):
+                target.take()
+                last = i == len(factors) - 1 and r == rounds - 1
+                run = run_rate(target, None, qps, round_s, slo_ms, seed=100 * i + r, max_error_rate=1.0,
+                               drain=not last, timeout_s=max(1.0, 5 * slo_ms / 1e3))
+                summary = summarize(target.take(), slo_ms, run["wall_s"])
+                summary["offered_rps"] = qps
+                per_round.append(summary)
+                progress(f"{factor:g}x capacity ({qps:.1f}/s) round {r + 1}/{rounds}: {summary['ok']} answered "
+                         f"(p99 {summary['admitted_ms'].get('p99', float('nan')):.1f} ms), {summary['shed']} shed "
+                         f"(p99 {summary['shed_ms'].get('p99', float('nan')):.1f} ms), goodput "
+                         f"{summary['goodput_rps']:.1f}/s")
+            out["factors"][f"{factor:g}"] = {"offered_rps": qps, "rounds": per_round,
+                                             **judge(per_round, capacity_rps, slo_ms)}
+        recovery_start = time.perf_counter()
+        run_rate(target, None, RECOVERY_LOAD * capacity_rps, recovery_s, slo_ms, seed=999, max_error_rate=1.0,
+                 drain=True)
+        recovered = recovery_time(target.take(), recovery_start, slo_ms)
+        out["recovery"] = {"load_rps": RECOVERY_LOAD * capacity_rps, "observed_s": recovery_s,
+                           "recovery_s": recovered, "bound_s": RECOVERY_S}
+        progress(f"recovery at {RECOVERY_LOAD:g}x capacity: "
+                 + (f"{recovered:.2f} s" if recovered is not None else f"not within {recovery_s:g} s"))
+        rss_after = process_tree_rss_mb(server_pid) if server_pid else None
+        out["rss_mb"] = {"before": rss_before, "after": rss_after}
+        return out
+    finally:
+        target.close()
+
+
+def judge(per_round: Sequence[dict], capacity_rps: float, slo_ms: float) -> dict:
+    """Intervals over rounds of the three overload figures, each as a ratio to its bound."""
+    def ratio_to(values: list[float | None], bound: float) -> dict | None:
+        values = [v for v in values if v is not None]
+        if len(values) != len(per_round) or not values or min(values) <= 0:
+            return None
+        return stats.paired_ratio(values, [bound] * len(values)).to_dict()
+
+    return {
+        "admitted_p99_over_slo": ratio_to([r["admitted_ms"].get("p99") for r in per_round], slo_ms),
+        "goodput_over_capacity": ratio_to([r["goodput_rps"] for r in per_round], capacity_rps),
+        "shed_p99_over_bound": ratio_to([r["shed_ms"].get("p99") for r in per_round], SHED_ANSWER_MS),
+    }
+
+
+def overload_section(repository: Path, capacity: dict, slo_ms: float, payloads, workdir: Path, *,
+                     factors: Sequence[float], rounds: int, round_s: float, recovery_s: float,
+                     running_server, progress: Progress) -> dict:
+    """The bench section: derive the policy from the capacity section's first set, serve the
+    shadow repository with it, run `run_overload`."""
+    capacity_rps = capacity.get("interval", {}).get("low") or capacity.get("median_qps")
+    service_ms = (capacity.get("search") or {}).get("idle_latency_ms")
+    if not capacity_rps or not service_ms:
+        raise ValueError("the capacity section has no capacity and idle latency to derive admission from")
+    policy: QueuePolicy = derive(capacity_rps, slo_ms, service_ms)
+    shadow = shadow_repository(repository, workdir / "admitted")
+    models = apply_to_repository(shadow, policy, {"slo_ms": slo_ms, "capacity_rps": capacity_rps,
+                                                  "service_ms": service_ms, "derived_by": "bench overload section"})
+    progress(f"admission on {', '.join(models)}: max_queue_size {policy.max_queue_size}, queue budget "
+             f"{policy.timeout_us / 1e3:.1f} ms (capacity {capacity_rps:.1f}/s, idle {service_ms:.1f} ms)")
+    with running_server(shadow, workdir / "tritonserver_admitted.log") as server:
+        before = failures_by_reason(server.urls["metrics"])
+        result = run_overload(server.urls["grpc"], payloads, capacity_rps, slo_ms, factors=factors, rounds=rounds,
+                              round_s=round_s, recovery_s=recovery_s, server_pid=server.pid, progress=progress)
+        after = failures_by_reason(server.urls["metrics"])
+    result["prometheus_failures"] = {reason: after[reason] - before.get(reason, 0.0) for reason in after}
+    result[MANIFEST_KEY] = {"policy": {"max_queue_size": policy.max_queue_size, "timeout_us": policy.timeout_us},
+                            "models": models, "service_ms": service_ms}
+    result["bounds"] = {"shed_answer_ms": SHED_ANSWER_MS, "goodput_share": GOODPUT_SHARE, "recovery_s": RECOVERY_S}
+    return result

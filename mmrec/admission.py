@@ -1,0 +1,149 @@
+"""Admission at the server: a queue policy on every served entry model, so overload is shed at
+once instead of queued without bound.
+
+Without a policy Triton's dynamic batcher queues every request: past capacity the queue grows,
+every answer comes late, and a recommender with a 100 ms budget gets nothing useful. Triton's
+`dynamic_batching.default_queue_policy` is its own mechanism against that:
+
+* `max_queue_size` rejects a request at once when that many already wait. We size it by
+  Little's law: at capacity `C` requests/s, a queue of `C * W` drains in `W`, the wait budget
+  (`SLO - service time`): a request behind a longer queue would miss the SLO anyway.
+* `default_timeout_microseconds` = `W` with `timeout_action: REJECT` drops a request that has
+  waited its whole budget (the scheduler rejects it when it next looks at the queue).
+* `allow_timeout_override` lets a client's own deadline (the request's `timeout`) replace `W`,
+  so Triton drops work nobody waits for.
+
+Both rejections reach the client as UNAVAILABLE with Triton's own words (`SHED_MESSAGES`); the
+client tells them from a dead server by those words (`mmrec.client.OverloadedError`).
+
+An ensemble has no queue of its own: its first members' policies decide. The policy goes on the
+models a request meets first (`entry_models`), not on inner members, whose queues only ever
+hold what an entry admitted.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_SLO_MS = 100.0  # the p99 bound of capacity and admission (`--slo-ms`)
+# Triton's messages for a shed request (status UNAVAILABLE): queue full, and waited too long.
+SHED_MESSAGES = ("Exceeds maximum queue size", "Request timeout")
+MANIFEST_KEY = "admission"
+
+
+class AdmissionError(ValueError):
+    """A policy that cannot work (an SLO below the service time, a capacity of zero)."""
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's ModelQueuePolicy for one model, with REJECT on timeout."""
+
+    max_queue_size: int  # requests waiting; 0 would mean unbounded in Triton, so >= 1 here
+    timeout_us: int  # how long a request may wait in the queue
+    allow_timeout_override: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_queue_size < 1 or self.timeout_us < 1:
+            raise AdmissionError(f"max_queue_size and timeout_us must be >= 1, got {self.max_queue_size}, "
+                                 f"{self.timeout_us}")
+
+    def apply(self, config) -> None:
+        """Write this policy into a `model_config_pb2.ModelConfig` that has dynamic batching."""
+        from tritonclient.grpc import model_config_pb2 as mc
+
+        if not config.HasField("dynamic_batching"):
+            raise AdmissionError(f"model {config.name!r} has no dynamic batcher: a queue policy needs one")
+        queue = config.dynamic_batching.default_queue_policy
+        queue.timeout_action = mc.ModelQueuePolicy.REJECT
+        queue.default_timeout_microseconds = self.timeout_us
+        queue.allow_timeout_override = self.allow_timeout_override
+        queue.max_queue_size = self.max_queue_size
+
+
+def derive(capacity_rps: float, slo_ms: float, service_ms: float) -> QueuePolicy:
+    """The policy that admits what one replica can answer within `slo_ms`.
+
+    `capacity_rps`: requests/s the replica holds at the SLO (open loop); `service_ms`: the time a
+    request still needs once it leaves the queue (the idle latency of one request)."""
+    if capacity_rps <= 0:
+        raise AdmissionError(f"capacity must be > 0 requests/s, got {capacity_rps}")
+    wait_ms = slo_ms - service_ms
+    if wait_ms <= 0:
+        raise AdmissionError(f"an SLO of {slo_ms:g} ms leaves no time to queue: one request alone takes "
+                             f"{service_ms:.1f} ms; raise --slo-ms or make the model faster")
+    return QueuePolicy(max_queue_size=max(1, math.floor(capacity_rps * wait_ms / 1e3)),
+                       timeout_us=int(round(wait_ms * 1e3)))
+
+
+def entry_models(configs: Mapping[str, object]) -> list[str]:
+    """Batched models a request meets first: every dynamically batched model that is not only a
+    later step of an ensemble (first steps read the ensemble's own inputs)."""
+    inner: set[str] = set()
+    first: set[str] = set()
+    for config in configs.values():
+        if config.platform != "ensemble":
+            continue
+        outside = {t.name for t in config.input}
+        for step in config.ensemble_scheduling.step:
+            (first if set(step.input_map.values()) <= outside else inner).add(step.model_name)
+    return sorted(name for name, config in configs.items()
+                  if config.platform != "ensemble" and config.HasField("dynamic_batching")
+                  and (name in first or name not in inner))
+
+
+def is_shed_message(message: str) -> bool:
+    return any(marker in message for marker in SHED_MESSAGES)
+
+
+def _rewrite(root: Path, change, record) -> list[str]:
+    """`change(config)` on every entry model of an exported repository (True: it changed), then
+    the manifest's admission record `record(changed models)` (None removes it) and file hashes;
+    returns the changed models."""
+    from mmrec.export.manifest import write_manifest
+    from mmrec.export.repository import parse, render
+    from mmrec.layout import CONFIG_FILE, RepositoryLayout
+
+    root = Path(root)
+    layout = RepositoryLayout(root)
+    configs = {p.parent.name: parse(p.read_text()) for p in sorted(root.glob(f"*/{CONFIG_FILE}"))}
+    changed = [name for name in entry_models(configs) if change(configs[name])]
+    for name in changed:
+        layout.config_file(name).write_text(render(configs[name]))
+    manifest = json.loads(layout.manifest_file.read_text())
+    if record is None:
+        manifest.pop(MANIFEST_KEY, None)
+    else:
+        manifest[MANIFEST_KEY] = record(changed)
+    write_manifest(root, manifest)
+    return changed
+
+
+def apply_to_repository(root: Path, policy: QueuePolicy, record: dict | None = None) -> list[str]:
+    """Rewrite every entry model's config.pbtxt in an exported repository with `policy`, and
+    record it (with how it was derived) in the manifest; returns the models it went on."""
+    def change(config) -> bool:
+        policy.apply(config)
+        return True
+    return _rewrite(root, change, lambda models: {"policy": asdict(policy), "models": models, **(record or {})})
+
+
+def clear_repository(root: Path) -> list[str]:
+    """Remove the admission policy from an exported repository (Triton then queues without
+    bound again); returns the models it was removed from."""
+    def change(config) -> bool:
+        had = config.dynamic_batching.HasField("default_queue_policy")
+        config.dynamic_batching.ClearField("default_queue_policy")
+        return had
+    return _rewrite(root, change, None)
+
+
+def policy_of(config) -> QueuePolicy | None:
+    """The admission policy a parsed config carries (None: queues without bound)."""
+    if not config.HasField("dynamic_batching") or not config.dynamic_batching.HasField("default_queue_policy"):
+        return None
+    queue = config.dynamic_batching.default_queue_policy
+    return QueuePolicy(queue.max_queue_size, queue.default_timeout_microseconds, queue.allow_timeout_override)
