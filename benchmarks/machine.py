@@ -117,22 +117,26 @@ def utc_now() -> str:
 
 @dataclass(frozen=True)
 class RunStart:
-    """What a results writer notes before it measures anything: the time, the load, and the
-    share of the cores this process gets (the busy probe). `RunStart.now()` at the top of a run."""
+    """What a results writer notes before it measures anything: the time, the load, the share of
+    the cores this process gets (the busy probe) and the tree being measured. `RunStart.now()` at
+    the top of a run: by its end the run has written its own outputs (a server log, results
+    files), some of them tracked, and the tree would look dirty because of them."""
 
     started: str
     loadavg: list[float] = field(default_factory=list)
     cpu_share: float | None = None
+    git: dict | None = None  # {commit, dirty} when the run started; None: read at the end
 
     @classmethod
     def now(cls) -> "RunStart":
-        return cls(started=utc_now(), loadavg=loadavg(), cpu_share=cpu_share())
+        return cls(started=utc_now(), loadavg=loadavg(), cpu_share=cpu_share(), git=git_commit())
 
 
 def provenance(start: RunStart) -> dict:
-    """Where a results file came from: {git: {commit, dirty}, machine, loadavg: {before, after},
-    cpu_share: {before, after}, command, packages, started, finished}."""
-    return {"git": git_commit(), "machine": host_info(),
+    """Where a results file came from: {git: {commit, dirty} of the tree when the run started,
+    machine, loadavg: {before, after}, cpu_share: {before, after}, command, packages, started,
+    finished}."""
+    return {"git": start.git if start.git is not None else git_commit(), "machine": host_info(),
             "loadavg": {"before": list(start.loadavg), "after": loadavg()},
             "cpu_share": {"before": start.cpu_share, "after": cpu_share()},
             "command": command_line(), "packages": package_versions(),

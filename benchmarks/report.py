@@ -501,7 +501,8 @@ def overload_detail(results: dict) -> list[str]:
         "", f"- recovery at {_f(recovery.get('load_rps'))}/s after the overload: "
             + (f"{seconds:.2f} s" if seconds is not None else f"not within {recovery.get('observed_s')} s")
             + f"; server RSS (process tree) {_f(rss.get('before'))} MB before, {_f(rss.get('after'))} MB after",
-        "- Triton's `nv_inference_request_failure` over the section, by reason: " + (", ".join(
+        "- Triton's `nv_inference_request_failure` over the section, by reason (2.51 counts queue-timeout "
+        "rejections under REJECTED, not queue-full ones): " + (", ".join(
             f"{reason} {count:.0f}" for reason, count in sorted((section.get("prometheus_failures") or {}).items()))
             or "none")]
 

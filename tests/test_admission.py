@@ -183,31 +183,37 @@ def test_a_request_over_the_queue_limit_is_shed_at_once_and_the_server_stays_rea
     outcomes: list[tuple[str, float]] = []
     lock = threading.Lock()
 
-    messages: set[str] = set()
+    messages: list[str] = []
 
     def one(i: int) -> None:
         start = time.perf_counter()
-        try:  # every other request sets a 1 ms deadline of its own (allow_timeout_override)
-            client.infer(schema.ITEM_ENCODER, inputs, timeout=1000 if i % 2 else None)
+        try:  # the second half sets a 1 ms deadline of its own (allow_timeout_override)
+            client.infer(schema.ITEM_ENCODER, inputs, timeout=1000 if i >= 48 else None)
             outcome = "ok"
         except InferenceServerException as err:
             outcome = "shed" if classify(err) is Failure.shed else f"error: {err}"
-            messages.add(err.message())
+            messages.append(err.message())
         with lock:
             outcomes.append((outcome, (time.perf_counter() - start) * 1e3))
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(one, range(48)))
+    queue_full = list(outcomes)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(48, 96)))
     kinds = {o for o, _ in outcomes}
     assert kinds <= {"ok", "shed"}, (kinds, messages)
     assert any(SHED_MESSAGES[0] in m for m in messages), messages  # queue full
     assert any(SHED_MESSAGES[1] in m for m in messages), messages  # waited past its own deadline
-    shed_ms = sorted(ms for o, ms in outcomes if o == "shed")
-    ok_ms = sorted(ms for o, ms in outcomes if o == "ok")
-    assert shed_ms and ok_ms, outcomes
-    assert np.median(shed_ms) < np.median(ok_ms), (shed_ms, ok_ms)  # told at once, not after a wait
+    shed_ms = sorted(ms for o, ms in queue_full if o == "shed")
+    ok_ms = sorted(ms for o, ms in queue_full if o == "ok")
+    assert shed_ms and ok_ms, queue_full
+    assert np.median(shed_ms) < np.median(ok_ms), (shed_ms, ok_ms)  # a full queue says so at once
     after = failures_by_reason(tight_server.urls["metrics"])
-    assert after.get("REJECTED", 0) - before.get("REJECTED", 0) >= len(shed_ms)  # visible in Prometheus
+    # Prometheus: Triton 2.51 counts a queue-timeout rejection under reason="REJECTED"; a request
+    # refused by a full queue never reaches the model's statistics (not counted; documented)
+    timed_out = sum(SHED_MESSAGES[1] in m for m in messages)
+    assert after.get("REJECTED", 0) - before.get("REJECTED", 0) == timed_out
     assert client.is_server_ready() and client.is_model_ready(schema.ITEM_ENCODER)
     client.infer(schema.ITEM_ENCODER, inputs)  # and answers once the storm is over
     client.close()

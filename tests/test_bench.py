@@ -883,7 +883,8 @@ def test_chart_items_target_is_rendered_from_the_open_loop_capacity(tmp_path):
     metrics = yaml.safe_load(values.read_text())["autoscaling"]["podsMetrics"]
     items = next(m for m in metrics if m["name"] == "triton_items_per_second")
     assert items["averageValue"] == str(expected) and "item_encoder" in items["models"]
-    assert [m["name"] for m in metrics] == ["triton_queue_compute_ratio", "triton_items_per_second"]
+    assert [m["name"] for m in metrics] == ["triton_queue_compute_ratio", "triton_items_per_second",
+                                            "triton_shed_per_second"]
     # no capacity section: the chart's target cannot be rendered (never a stale number)
     del results["sections"]["capacity"]
     with pytest.raises(ValueError, match="capacity"):

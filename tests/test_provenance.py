@@ -163,3 +163,13 @@ def test_the_exemptions_still_exist():
         if not path.exists():
             continue  # a module written in parallel may not be there yet
         assert function in {owner for owner, _ in _json_writes(ast.parse(path.read_text()))}, (module, function)
+
+
+def test_the_tree_is_recorded_as_it_was_when_the_run_started(tmp_path):
+    """A run writes its own outputs (bench writes benchmarks/results/tritonserver.log, a tracked
+    file): the dirty flag must describe the code that was measured, taken before any of that."""
+    clean = RunStart(started=machine.utc_now(), loadavg=machine.loadavg(), cpu_share=0.9,
+                     git={"commit": "a" * 40, "dirty": False})
+    record = json.loads(machine.write_results(tmp_path / "r.json", {"x": 1}, clean).read_text())
+    assert record[PROVENANCE_KEY]["git"] == {"commit": "a" * 40, "dirty": False}
+    assert RunStart.now().git == machine.git_commit()  # taken at the start by default
