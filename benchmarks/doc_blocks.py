@@ -37,7 +37,6 @@ from .machine import BUSY_MIN_SHARE, REPO_ROOT, RunStart, write_results
 RESULTS = "benchmarks/results"
 BENCH_JSON = f"{RESULTS}/bench.json"
 REPEAT_JSON = f"{RESULTS}/repeat/bench.json"  # the second full run on the same commit and machine
-OVERLOAD_JSON = f"{RESULTS}/overload/bench.json"  # capacity + overload sections (admission, issue 24)
 EXPORT_RECORD = f"{RESULTS}/export/export_report.json"
 ABLATION_JSON = f"{RESULTS}/fusion_ablation.json"
 CROSS_CPU_JSON = f"{RESULTS}/cross_cpu_training.json"
@@ -49,7 +48,6 @@ CHART_VALUES = "deploy/helm/mmrec/values-cpu.yaml"  # its items/s autoscaling ta
 RESULTS_FILES = {
     BENCH_JSON: "make bench",
     REPEAT_JSON: "make bench-repeat",
-    OVERLOAD_JSON: "make bench-overload",
     EXPORT_RECORD: "mmrec export; python -m mmrec.benchmarks.doc_blocks record-export REPOSITORY",
     ABLATION_JSON: "python -m mmrec.benchmarks.fusion_ablation",
     CROSS_CPU_JSON: "python -m mmrec.benchmarks.cross_cpu_training dump / train / compare",
@@ -229,16 +227,16 @@ def bench_block(results: dict) -> str:
     return bench_report.readme_block(results, BENCH_JSON)
 
 
-@doc_block("overload", sources=(OVERLOAD_JSON,), regenerate="make bench-overload")
+@doc_block("overload", sources=(BENCH_JSON,), regenerate="make bench")
 def overload_block(results: dict) -> str:
     """docs/reliability.md's overload figures: the admission policy, what 1.5x and 2x capacity
     did to the admitted, the shed and the recovery, and the overload targets."""
     detail = bench_report.overload_detail(results)
     if not detail:
-        return "\n".join(rendered_from((OVERLOAD_JSON, results))) + "\nThe committed run has no overload section."
+        return "\n".join(rendered_from((BENCH_JSON, results))) + "\nThe committed run has no overload section."
     rows = [[t["description"], t["threshold"], t["measured"], t["verdict"]]
             for t in results.get("targets", []) if t["id"].startswith("overload.")]
-    return "\n".join(rendered_from((OVERLOAD_JSON, results)) + detail + [""] + bench_report._table(
+    return "\n".join(rendered_from((BENCH_JSON, results)) + detail + [""] + bench_report._table(
         ["overload target", "threshold", "measured", "verdict"], rows))
 
 

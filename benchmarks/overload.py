@@ -25,7 +25,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from mmrec import stats
-from mmrec.admission import MANIFEST_KEY, QueuePolicy, apply_to_repository, derive, is_shed_message
+from mmrec.admission import MANIFEST_KEY, QueuePolicy, derive, is_shed_message
+from mmrec.export.admission import apply_to_repository
 from mmrec.layout import CONFIG_FILE
 from mmrec.export.manifest import MANIFEST_FILE
 

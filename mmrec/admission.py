@@ -18,14 +18,13 @@ client tells them from a dead server by those words (`mmrec.client.OverloadedErr
 
 An ensemble has no queue of its own: its first members' policies decide. The policy goes on the
 models a request meets first (`entry_models`), not on inner members, whose queues only ever
-hold what an entry admitted.
+hold what an entry admitted. Writing the policy into an exported repository is the export
+stage's business (`mmrec.export.admission`).
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Mapping
 
 DEFAULT_SLO_MS = 100.0  # the p99 bound of capacity and admission (`--slo-ms`)
@@ -97,48 +96,6 @@ def entry_models(configs: Mapping[str, object]) -> list[str]:
 
 def is_shed_message(message: str) -> bool:
     return any(marker in message for marker in SHED_MESSAGES)
-
-
-def _rewrite(root: Path, change, record) -> list[str]:
-    """`change(config)` on every entry model of an exported repository (True: it changed), then
-    the manifest's admission record `record(changed models)` (None removes it) and file hashes;
-    returns the changed models."""
-    from mmrec.export.manifest import write_manifest
-    from mmrec.export.repository import parse, render
-    from mmrec.layout import CONFIG_FILE, RepositoryLayout
-
-    root = Path(root)
-    layout = RepositoryLayout(root)
-    configs = {p.parent.name: parse(p.read_text()) for p in sorted(root.glob(f"*/{CONFIG_FILE}"))}
-    changed = [name for name in entry_models(configs) if change(configs[name])]
-    for name in changed:
-        layout.config_file(name).write_text(render(configs[name]))
-    manifest = json.loads(layout.manifest_file.read_text())
-    if record is None:
-        manifest.pop(MANIFEST_KEY, None)
-    else:
-        manifest[MANIFEST_KEY] = record(changed)
-    write_manifest(root, manifest)
-    return changed
-
-
-def apply_to_repository(root: Path, policy: QueuePolicy, record: dict | None = None) -> list[str]:
-    """Rewrite every entry model's config.pbtxt in an exported repository with `policy`, and
-    record it (with how it was derived) in the manifest; returns the models it went on."""
-    def change(config) -> bool:
-        policy.apply(config)
-        return True
-    return _rewrite(root, change, lambda models: {"policy": asdict(policy), "models": models, **(record or {})})
-
-
-def clear_repository(root: Path) -> list[str]:
-    """Remove the admission policy from an exported repository (Triton then queues without
-    bound again); returns the models it was removed from."""
-    def change(config) -> bool:
-        had = config.dynamic_batching.HasField("default_queue_policy")
-        config.dynamic_batching.ClearField("default_queue_policy")
-        return had
-    return _rewrite(root, change, None)
 
 
 def policy_of(config) -> QueuePolicy | None:

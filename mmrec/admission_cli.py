@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from mmrec.admission import DEFAULT_SLO_MS, AdmissionError, apply_to_repository, clear_repository, derive
+from mmrec.admission import DEFAULT_SLO_MS, AdmissionError, derive
+from mmrec.export.admission import apply_to_repository, clear_repository
 
 console = Console()
 PAYLOAD_SET = "jpeg_640x427"  # the workload's photos; `--payloads` picks the phone-size set instead

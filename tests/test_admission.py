@@ -16,13 +16,13 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from mmrec import schema
-from mmrec.admission import (SHED_MESSAGES, AdmissionError, QueuePolicy, apply_to_repository, clear_repository,
-                             derive, entry_models, policy_of)
+from mmrec.admission import SHED_MESSAGES, AdmissionError, QueuePolicy, derive, entry_models, policy_of
 from mmrec.client import MMRecClient, OverloadedError, RetryBudget
 from mmrec.client._endpoints import Attempts, EndpointPool
 from mmrec.client._errors import Failure, classify
 from mmrec.client._requests import CallOptions
 from mmrec.client._retry import RetryPolicy
+from mmrec.export.admission import apply_to_repository, clear_repository
 from mmrec.export.repository import parse
 from mmrec.layout import CONFIG_FILE, RepositoryLayout
 

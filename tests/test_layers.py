@@ -18,12 +18,12 @@ PACKAGE_DIRS = {"mmrec": ROOT / "mmrec", "mmrec.export": ROOT / "export", "mmrec
 
 LIB = "mmrec.model_repository.lib"
 CONTRACT = ("mmrec.schema", "mmrec.layout", "mmrec.preprocess", "mmrec.metrics", "mmrec.export_defaults", "mmrec.machine",
-            "mmrec.stats",
+            "mmrec.stats", "mmrec.admission",
             "mmrec.model_repository")
 PIPELINE = ("mmrec.reference",)
 SERVE = ("mmrec.server", "mmrec.index_graph", "mmrec.index_publish", "mmrec.index_store",
          "mmrec.photos")
-TOP = ("mmrec.cli", "mmrec.demo", "mmrec.serve_cli", "mmrec.index_cli", "mmrec.export.cli", "mmrec.client.cli",
+TOP = ("mmrec.cli", "mmrec.admission_cli", "mmrec.demo", "mmrec.serve_cli", "mmrec.index_cli", "mmrec.export.cli", "mmrec.client.cli",
        "mmrec.benchmarks.cli")
 # what each layer may import from mmrec (besides itself); anything else is a violation
 ALLOWED = {

@@ -1,0 +1,52 @@
+"""Write an admission policy (mmrec.admission) into an exported repository, or take it out:
+the entry models' config.pbtxt files and the manifest's record, hashes included."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from mmrec.admission import MANIFEST_KEY, QueuePolicy, entry_models
+from mmrec.layout import CONFIG_FILE, RepositoryLayout
+
+from .manifest import write_manifest
+from .repository import parse, render
+
+
+def _rewrite(root: Path, change: Callable, record: Callable[[list[str]], dict] | None) -> list[str]:
+    """`change(config)` on every entry model of an exported repository (True: it changed), then
+    the manifest's admission record `record(changed models)` (None removes it) and file hashes;
+    returns the changed models."""
+    root = Path(root)
+    layout = RepositoryLayout(root)
+    configs = {p.parent.name: parse(p.read_text()) for p in sorted(root.glob(f"*/{CONFIG_FILE}"))}
+    changed = [name for name in entry_models(configs) if change(configs[name])]
+    for name in changed:
+        layout.config_file(name).write_text(render(configs[name]))
+    manifest = json.loads(layout.manifest_file.read_text())
+    if record is None:
+        manifest.pop(MANIFEST_KEY, None)
+    else:
+        manifest[MANIFEST_KEY] = record(changed)
+    write_manifest(root, manifest)
+    return changed
+
+
+def apply_to_repository(root: Path, policy: QueuePolicy, record: dict | None = None) -> list[str]:
+    """Rewrite every entry model's config.pbtxt in an exported repository with `policy`, and
+    record it (with how it was derived) in the manifest; returns the models it went on."""
+    def change(config) -> bool:
+        policy.apply(config)
+        return True
+    return _rewrite(root, change, lambda models: {"policy": asdict(policy), "models": models, **(record or {})})
+
+
+def clear_repository(root: Path) -> list[str]:
+    """Remove the admission policy from an exported repository (Triton then queues without
+    bound again); returns the models it was removed from."""
+    def change(config) -> bool:
+        had = config.dynamic_batching.HasField("default_queue_policy")
+        config.dynamic_batching.ClearField("default_queue_policy")
+        return had
+    return _rewrite(root, change, None)
