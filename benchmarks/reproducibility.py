@@ -85,9 +85,10 @@ def headline_figures(results: dict) -> Iterator[Figure]:
         iv = r.get("interval") or {}
         if r.get("median_qps"):
             several = iv.get("n", 0) > 1
-            yield Figure(f"capacity {name} (items/s at p99 ≤ {results['sections']['capacity']['slo_ms']:g} ms)",
+            unit = r.get("unit", "items/s")
+            yield Figure(f"capacity {name} ({unit} at p99 ≤ {results['sections']['capacity']['slo_ms']:g} ms)",
                          r["median_qps"], iv.get("low") if several else None, iv.get("high") if several else None,
-                         " items/s")
+                         f" {unit}")
 
 
 def overlap(a: Figure, b: Figure) -> bool | None:
