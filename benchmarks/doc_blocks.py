@@ -570,7 +570,7 @@ MEASUREMENT_PATTERNS = {
 # Numbers that look like measurements but are settings, thresholds or facts of the code; each
 # entry names the file, the exact phrase, and why it may stay.
 ALLOWED_PHRASES: dict[tuple[str, str], str] = {
-    ("README.md", "Measured at 1.5× and 2× capacity"): "the loads the overload section offers (settings.overload_factors)",
+    ("README.md", "at 1.5× and 2× capacity"): "the loads the overload section offers (settings.overload_factors)",
     ("docs/reliability.md", "(10 % of its requests"): "the client's RetryBudget default (a setting)",
     ("docs/deployment.md", "±10 % jitter"): "Triton's fixed jitter of the gRPC connection age",
     ("docs/deployment.md", "30–90 s"): "derived from the chart's scrape interval, rate window and HPA sync (configuration)",

@@ -83,7 +83,8 @@ def shadow_repository(root: Path, dest: Path) -> Path:
 
 
 def summarize(records: Sequence[tuple[float, float, str]], slo_ms: float, duration_s: float) -> dict:
-    """One round: counts by outcome, admitted and shed percentiles, goodput."""
+    """One round: counts by outcome, admitted and shed percentiles, goodput (answers within the
+    SLO per second of the round's issuing, `duration_s`)."""
     ok = np.array([r[1] for r in records if r[2] == "ok"])
     shed = np.array([r[1] for r in records if r[2] == "shed"])
     errors = sum(r[2] == "error" for r in records)
@@ -161,9 +162,14 @@ def run_overload(url: str, payloads, capacity_rps: float, slo_ms: float, *, fact
             for r in range(rounds):
                 target.take()
                 last = i == len(factors) - 1 and r == rounds - 1
-                run = run_rate(target, None, qps, round_s, slo_ms, seed=100 * i + r, max_error_rate=1.0,
-                               drain=not last, timeout_s=max(1.0, 5 * slo_ms / 1e3))
-                summary = summarize(target.take(), slo_ms, run["wall_s"])
+                run_rate(target, None, qps, round_s, slo_ms, seed=100 * i + r, max_error_rate=1.0,
+                         drain=not last, timeout_s=max(1.0, 5 * slo_ms / 1e3))
+                records = target.take()
+                issued = [rec[0] for rec in records]
+                # per second of issuing (not of waiting for the last answers after it)
+                span = max(issued) - min(issued) if len(issued) > 1 else round_s
+                summary = summarize(records, slo_ms, span or round_s)
+                overload_stopped = max(issued) if issued else time.perf_counter()
                 summary["offered_rps"] = qps
                 per_round.append(summary)
                 progress(f"{factor:g}x capacity ({qps:.1f}/s) round {r + 1}/{rounds}: {summary['ok']} answered "
@@ -172,10 +178,11 @@ def run_overload(url: str, payloads, capacity_rps: float, slo_ms: float, *, fact
                          f"{summary['goodput_rps']:.1f}/s")
             out["factors"][f"{factor:g}"] = {"offered_rps": qps, "rounds": per_round,
                                              **judge(per_round, capacity_rps, slo_ms)}
-        recovery_start = time.perf_counter()
+        # LoadGen returns once every sample is answered, so the clock starts at the overload's
+        # last issue, not when the next run begins
         run_rate(target, None, RECOVERY_LOAD * capacity_rps, recovery_s, slo_ms, seed=999, max_error_rate=1.0,
                  drain=True)
-        recovered = recovery_time(target.take(), recovery_start, slo_ms)
+        recovered = recovery_time(target.take(), overload_stopped, slo_ms)
         out["recovery"] = {"load_rps": RECOVERY_LOAD * capacity_rps, "observed_s": recovery_s,
                            "recovery_s": recovered, "bound_s": RECOVERY_S}
         progress(f"recovery at {RECOVERY_LOAD:g}x capacity: "
@@ -205,9 +212,10 @@ def judge(per_round: Sequence[dict], capacity_rps: float, slo_ms: float) -> dict
     """Intervals over rounds of the three overload figures, each as a ratio to its bound."""
     def ratio_to(values: list[float | None], bound: float) -> dict | None:
         values = [v for v in values if v is not None]
-        if len(values) != len(per_round) or not values or min(values) <= 0:
-            return None
-        return stats.paired_ratio(values, [bound] * len(values)).to_dict()
+        if len(values) != len(per_round) or not values:
+            return None  # a round without the figure (nothing answered, nothing shed): no interval
+        floor = 1e-6 * bound  # a round with no goodput is the worst case, not a missing one
+        return stats.paired_ratio([max(v, floor) for v in values], [bound] * len(values)).to_dict()
 
     return {
         "admitted_p99_over_slo": ratio_to([r["admitted_ms"].get("p99") for r in per_round], slo_ms),

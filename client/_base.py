@@ -237,7 +237,8 @@ class ClientBase:
                            client_timeout=client_timeout, headers=headers)
 
     def _deadline_s(self, options: CallOptions) -> float | None:
-        """The call's deadline, covering every attempt: its client_timeout, else the client's."""
+        """A request's deadline, covering all its attempts: the call's client_timeout, else the
+        client's (a call split into several requests gives each its own)."""
         return options.client_timeout if options.client_timeout is not None else self.connection.client_timeout
 
     def _planner_or_fail(self) -> Planner:

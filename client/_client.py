@@ -36,7 +36,7 @@ class MMRecClient(ClientBase):
     Per-call keywords keep tritonclient's names: request_id, priority, timeout (server-side,
     microseconds), client_timeout (seconds; per call on gRPC, per client on HTTP), headers
     (merged over the client's). A call split into several requests sends request_id + ":<n>".
-    A call's client_timeout is its deadline over every attempt, sent to the server as the
+    A request's client_timeout is its deadline over all its attempts, sent to the server as the
     request's timeout unless one is given; a request the server shed (overloaded) is retried
     within `retry_budget` (a share of recent requests) and then raises OverloadedError.
     """

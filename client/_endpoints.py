@@ -15,7 +15,7 @@ this module decides where each attempt goes and keeps every endpoint's counters.
 * A request the server shed (overloaded, `OverloadedError`) does not eject its endpoint: the
   server is up. It moves at once to another healthy endpoint that has not shed it, else waits
   a jittered backoff; each such retry needs the client's `RetryBudget` to allow it.
-* A call's deadline (its `client_timeout`) covers all its attempts: each attempt waits at most
+* A request's deadline (its call's `client_timeout`) covers all its attempts: each waits at most
   the time left, and tells the server that time as the request's `timeout` (unless the caller
   set one), so a queue with an admission policy drops the work once nobody waits for it.
 """
@@ -186,12 +186,12 @@ class Attempts:
         self.shed_by: list[Endpoint] = []  # endpoints that shed this request, in order
         self._clock = clock
         self._deadline = None if deadline_s is None else clock() + deadline_s
-        self._last_shed = False
+        self._next_wait = 0.0
         if budget is not None:
             budget.request()
 
     def remaining_s(self) -> float | None:
-        """Seconds left before the call's deadline (None: no deadline)."""
+        """Seconds left before the request's deadline (None: no deadline)."""
         return None if self._deadline is None else self._deadline - self._clock()
 
     def options(self, options: CallOptions) -> CallOptions:
@@ -204,34 +204,33 @@ class Attempts:
                        timeout=options.timeout if options.timeout is not None else max(1, int(left * 1e6)))
 
     def again(self, exc: Exception, endpoint: Endpoint | None = None) -> bool:
-        """After a failed attempt: is another one allowed?"""
+        """After a failed attempt: is another one allowed? It also fixes the wait before it
+        (`backoff_s`), so the deadline is checked against the wait that will be taken."""
         shed = is_shed(exc)
         if not (shed or is_retryable(exc)) or self.failed >= self.policy.retries:
             return False
-        if shed:
-            if endpoint is not None:
-                self.shed_by.append(endpoint)
-            wait = 0.0 if self.pool.has_other(self.shed_by) else self.policy.delay(self.waits)
-            left = self.remaining_s()
-            if left is not None and wait >= left:
-                return False  # the backoff alone would outlast the deadline
-            if self.budget is not None and not self.budget.try_retry():
-                return False
-        self._last_shed = shed
+        if shed and endpoint is not None:
+            self.shed_by.append(endpoint)
+        wait = self._wait(shed)
+        left = self.remaining_s()
+        if left is not None and wait >= left:
+            return False  # the backoff alone would outlast the deadline: report the failure now
+        if shed and self.budget is not None and not self.budget.try_retry():
+            return False
+        if wait:
+            self.waits += 1
+        self._next_wait = wait
         self.failed += 1
         return True
 
+    def _wait(self, shed: bool) -> float:
+        """None while some endpoint is still healthy (after a shed: one that has not shed this
+        request); else the next backoff step, jittered after a shed."""
+        if shed:
+            return 0.0 if self.pool.has_other(self.shed_by) else self.policy.jittered_delay(self.waits)
+        return 0.0 if self.pool.any_healthy() else self.policy.delay(self.waits)
+
     def backoff_s(self) -> float:
-        """Seconds to wait before the next attempt: none while some endpoint is still healthy
-        (and, after a shed, has not shed this request); jittered after a shed."""
-        if not self.failed:
-            return 0.0
-        if self._last_shed:
-            if self.pool.has_other(self.shed_by):
-                return 0.0
-            self.waits += 1
-            return self.policy.jittered_delay(self.waits - 1)
-        if self.pool.any_healthy():
-            return 0.0
-        self.waits += 1
-        return self.policy.delay(self.waits - 1)
+        """Seconds to wait before the next attempt (0 before the first), as `again` decided."""
+        wait, self._next_wait = self._next_wait, 0.0
+        return wait

@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
+from mmrec import schema
+
 DEFAULT_SLO_MS = 100.0  # the p99 bound of capacity and admission (`--slo-ms`)
 # Triton's messages for a shed request (status UNAVAILABLE): queue full, and waited too long.
 SHED_MESSAGES = ("Exceeds maximum queue size", "Request timeout")
@@ -78,9 +80,14 @@ def derive(capacity_rps: float, slo_ms: float, service_ms: float) -> QueuePolicy
                        timeout_us=int(round(wait_ms * 1e3)))
 
 
-def entry_models(configs: Mapping[str, object]) -> list[str]:
+# Members the client also calls on their own (score/rank on embeddings): entries too.
+DIRECT_MEMBERS = (schema.SCORER,)
+
+
+def entry_models(configs: Mapping[str, object], direct: tuple[str, ...] = DIRECT_MEMBERS) -> list[str]:
     """Batched models a request meets first: every dynamically batched model that is not only a
-    later step of an ensemble (first steps read the ensemble's own inputs)."""
+    later step of an ensemble (first steps read the ensemble's own inputs), and the members
+    clients call directly."""
     inner: set[str] = set()
     first: set[str] = set()
     for config in configs.values():
@@ -91,7 +98,7 @@ def entry_models(configs: Mapping[str, object]) -> list[str]:
             (first if set(step.input_map.values()) <= outside else inner).add(step.model_name)
     return sorted(name for name, config in configs.items()
                   if config.platform != "ensemble" and config.HasField("dynamic_batching")
-                  and (name in first or name not in inner))
+                  and (name in first or name not in inner or name in direct))
 
 
 def is_shed_message(message: str) -> bool:

@@ -24,13 +24,21 @@ def measure_capacity(repository: Path, slo_ms: float, payloads: str, trials: int
     from mmrec.benchmarks.serving import running_server
     from mmrec.machine import cpu_info
 
+    from mmrec.benchmarks.overload import shadow_repository
+
     sets = payload_sets(repository)
     if payloads not in sets:
         raise typer.BadParameter(f"unknown payload set {payloads!r}; one of {', '.join(sets)}")
-    with tempfile.TemporaryDirectory(prefix="mmrec_admit_") as workdir, \
-            running_server(repository, Path(workdir) / "tritonserver.log") as server:
-        result = find_capacity(server.urls["grpc"], sets[payloads], slo_ms, trials, step_s=step_s,
-                               max_steps=max_steps, progress=lambda line: console.print("  " + line))
+    with tempfile.TemporaryDirectory(prefix="mmrec_admit_") as workdir:
+        # a symlinked shadow without the current policy: the repository keeps its own until the
+        # new one is derived (a failed measurement changes nothing)
+        shadow = shadow_repository(repository, Path(workdir) / "repository")
+        removed = clear_repository(shadow)
+        if removed:
+            console.print(f"measuring without the current admission policy (of {', '.join(removed)})")
+        with running_server(shadow, Path(workdir) / "tritonserver.log") as server:
+            result = find_capacity(server.urls["grpc"], sets[payloads], slo_ms, trials, step_s=step_s,
+                                   max_steps=max_steps, progress=lambda line: console.print("  " + line))
     cpu = cpu_info()
     return {"capacity_rps": min(result["capacity_qps"]), "service_ms": result["search"]["idle_latency_ms"],
             "trials": result["capacity_qps"], "payloads": payloads, "step_s": step_s,
@@ -52,9 +60,6 @@ def admit_command(
     OverloadedError after its retry budget) instead of queued past the SLO."""
     record: dict = {"slo_ms": slo_ms}
     if capacity is None or service_ms is None:
-        removed = clear_repository(repository)  # measure the replica as it is without admission
-        if removed:
-            console.print(f"measuring without the current admission policy (removed from {', '.join(removed)})")
         console.print(f"measuring open-loop capacity at p99 <= {slo_ms:g} ms ({payloads}, {trials} trial(s))")
         measured = measure_capacity(repository, slo_ms, payloads, trials, step_s, max_steps)
         record["measured"] = measured

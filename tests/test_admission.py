@@ -58,6 +58,7 @@ def test_policy_goes_on_entry_models_only_and_round_trips(exported_repository, t
             first = config.ensemble_scheduling.step[0].model_name
             assert first in entries, (name, first)
     assert schema.FUSION not in entries  # only ever fed by what an entry admitted
+    assert schema.SCORER in entries  # an inner step, but the client also calls it on embeddings
 
     policy = QueuePolicy(max_queue_size=3, timeout_us=50_000)
     models = apply_to_repository(shadow, policy, {"slo_ms": 100.0, "derived_by": "given"})
@@ -132,9 +133,14 @@ def test_a_denied_budget_or_a_passed_deadline_ends_the_retries():
     none_left = RetryBudget(ratio=0.0, min_per_s=0.0)
     assert not Attempts(pool, RetryPolicy(retries=3), none_left).again(shed(), pool.endpoints[0])
     now = [0.0]
-    attempts = Attempts(pool, RetryPolicy(retries=3, backoff_s=0.5), RetryBudget(ratio=1.0), deadline_s=0.3,
+    attempts = Attempts(pool, RetryPolicy(retries=3, backoff_s=1.0), RetryBudget(ratio=1.0), deadline_s=0.3,
                         clock=lambda: now[0])
-    assert not attempts.again(shed(), pool.endpoints[0])  # a 0.5 s backoff outlasts the 0.3 s deadline
+    assert not attempts.again(shed(), pool.endpoints[0])  # a 0.5-1 s backoff outlasts the 0.3 s deadline
+    down = Attempts(EndpointPool(["b"], transport=lambda url: url), RetryPolicy(retries=3, backoff_s=1.0),
+                    deadline_s=0.3, clock=lambda: now[0])
+    down.pool.eject(down.pool.endpoints[0], "refused")
+    refused = InferenceServerException("connection refused", status="StatusCode.UNAVAILABLE")
+    assert not down.again(refused)  # a dead server's backoff past the deadline: its error, not a 1 ms try
     options = attempts.options(CallOptions())
     assert options.client_timeout == pytest.approx(0.3) and options.timeout == 300_000  # sent to the server
     now[0] = 0.2
@@ -213,7 +219,12 @@ def test_a_request_over_the_queue_limit_is_shed_at_once_and_the_server_stays_rea
     # Prometheus: Triton 2.51 counts a queue-timeout rejection under reason="REJECTED"; a request
     # refused by a full queue never reaches the model's statistics (not counted; documented)
     timed_out = sum(SHED_MESSAGES[1] in m for m in messages)
-    assert after.get("REJECTED", 0) - before.get("REJECTED", 0) == timed_out
+    for _ in range(20):  # Triton updates the counter as it releases the request: let it settle
+        if after.get("REJECTED", 0) - before.get("REJECTED", 0) >= timed_out:
+            break
+        time.sleep(0.1)
+        after = failures_by_reason(tight_server.urls["metrics"])
+    assert timed_out <= after.get("REJECTED", 0) - before.get("REJECTED", 0) <= len(messages)
     assert client.is_server_ready() and client.is_model_ready(schema.ITEM_ENCODER)
     client.infer(schema.ITEM_ENCODER, inputs)  # and answers once the storm is over
     client.close()
@@ -259,12 +270,12 @@ def test_admit_measures_capacity_and_writes_the_policy(exported_repository, tmp_
 
     shadow = shadow_repository(exported_repository, tmp_path / "repo")
     runner = CliRunner()
-    result = runner.invoke(app, ["admit", str(shadow), "--slo-ms", "150", "--step-s", "0.5", "--max-steps", "3"])
+    result = runner.invoke(app, ["admit", str(shadow), "--slo-ms", "300", "--step-s", "0.5", "--max-steps", "4"])
     assert result.exit_code == 0, (result.output, result.exception)
     record = json.loads(RepositoryLayout(shadow).manifest_file.read_text())["admission"]
     measured = record["measured"]
-    assert record["derived_by"] == "measured" and measured["capacity_rps"] > 0 and 0 < measured["service_ms"] < 150
-    expected = derive(measured["capacity_rps"], 150.0, measured["service_ms"])
+    assert record["derived_by"] == "measured" and measured["capacity_rps"] > 0 and 0 < measured["service_ms"] < 300
+    expected = derive(measured["capacity_rps"], 300.0, measured["service_ms"])
     config = parse(RepositoryLayout(shadow).config_file(schema.ITEM_ENCODER).read_text())
     assert policy_of(config) == expected and record["policy"]["max_queue_size"] == expected.max_queue_size
 
