@@ -169,7 +169,6 @@ def run_overload(url: str, payloads, capacity_rps: float, slo_ms: float, *, fact
                 # per second of issuing (not of waiting for the last answers after it)
                 span = max(issued) - min(issued) if len(issued) > 1 else round_s
                 summary = summarize(records, slo_ms, span or round_s)
-                overload_stopped = max(issued) if issued else time.perf_counter()
                 summary["offered_rps"] = qps
                 per_round.append(summary)
                 progress(f"{factor:g}x capacity ({qps:.1f}/s) round {r + 1}/{rounds}: {summary['ok']} answered "
@@ -180,6 +179,7 @@ def run_overload(url: str, payloads, capacity_rps: float, slo_ms: float, *, fact
                                              **judge(per_round, capacity_rps, slo_ms)}
         # LoadGen returns once every sample is answered, so the clock starts at the overload's
         # last issue, not when the next run begins
+        overload_stopped = max(issued) if issued else time.perf_counter()
         run_rate(target, None, RECOVERY_LOAD * capacity_rps, recovery_s, slo_ms, seed=999, max_error_rate=1.0,
                  drain=True)
         recovered = recovery_time(target.take(), overload_stopped, slo_ms)
