@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from dataclasses import asdict
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -238,14 +239,14 @@ def overload_section(repository: Path, capacity: dict, slo_ms: float, payloads, 
     models = apply_to_repository(shadow, policy, {"slo_ms": slo_ms, "capacity_rps": capacity_rps,
                                                   "service_ms": service_ms, "derived_by": "bench overload section"})
     progress(f"admission on {', '.join(models)}: max_queue_size {policy.max_queue_size}, queue budget "
-             f"{policy.timeout_us / 1e3:.1f} ms (capacity {capacity_rps:.1f}/s, idle {service_ms:.1f} ms)")
+             f"{policy.timeout_us / 1e3:.1f} ms, {policy.instances} instances (capacity {capacity_rps:.1f}/s, idle {service_ms:.1f} ms)")
     with running_server(shadow, workdir / "tritonserver_admitted.log") as server:
         before = failures_by_reason(server.urls["metrics"])
         result = run_overload(server.urls["grpc"], payloads, capacity_rps, slo_ms, factors=factors, rounds=rounds,
                               round_s=round_s, recovery_s=recovery_s, server_pid=server.pid, progress=progress)
         after = failures_by_reason(server.urls["metrics"])
     result["prometheus_failures"] = {reason: after[reason] - before.get(reason, 0.0) for reason in after}
-    result[MANIFEST_KEY] = {"policy": {"max_queue_size": policy.max_queue_size, "timeout_us": policy.timeout_us},
+    result[MANIFEST_KEY] = {"policy": asdict(policy),
                             "models": models, "service_ms": service_ms}
     result["bounds"] = {"shed_answer_ms": SHED_ANSWER_MS, "goodput_share": GOODPUT_SHARE, "recovery_s": RECOVERY_S}
     return result

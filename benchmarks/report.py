@@ -494,7 +494,8 @@ def overload_detail(results: dict) -> list[str]:
     seconds = recovery.get("recovery_s")
     return [f"Admission policy derived from capacity {_f(section['capacity_rps'])}/s ({section.get('payloads')}) and "
             f"the SLO {section['slo_ms']:g} ms: at most {policy.get('max_queue_size')} requests waiting, queue budget "
-            f"{_f((policy.get('timeout_us') or 0) / 1e3)} ms, on {', '.join((section.get('admission') or {}).get('models', []))}. "
+            f"{_f((policy.get('timeout_us') or 0) / 1e3)} ms, {policy.get('instances', 1)} instance(s) each, on "
+            f"{', '.join((section.get('admission') or {}).get('models', []))}. "
             "Per round the median over rounds, then the ratio to its bound with its 95 % interval over rounds.", ""] + _table(
         ["offered", "rounds", "admitted p99 ms (/ SLO)", "goodput /s (/ capacity)", "shed", "shed answer p99 ms (/ 5 ms)",
          "other errors"], rows) + [

@@ -48,6 +48,7 @@ class ClientBase:
         retries: int = 3,
         backoff_s: float = 0.2,
         retry_budget: RetryBudget | None = None,
+        spill_over: bool = False,
         concurrency: int = 4,
         local_preprocessing: bool = False,
         shared_memory: bool = False,
@@ -84,7 +85,7 @@ class ClientBase:
         self._planner: Planner | None = None
         self._closed = False
         self._init_io()
-        self._pool = EndpointPool(urls, lambda u: self._transport_class(replace(self.connection, url=u)))
+        self._pool = EndpointPool(urls, lambda u: self._transport_class(replace(self.connection, url=u)), spill_over)
 
     _transport_class: Callable[[Connection], Any]  # SyncTransport or AsyncTransport, one per endpoint
 

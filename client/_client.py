@@ -37,8 +37,10 @@ class MMRecClient(ClientBase):
     microseconds), client_timeout (seconds; per call on gRPC, per client on HTTP), headers
     (merged over the client's). A call split into several requests sends request_id + ":<n>".
     A request's client_timeout is its deadline over all its attempts, sent to the server as the
-    request's timeout unless one is given; a request the server shed (overloaded) is retried
-    within `retry_budget` (a share of recent requests) and then raises OverloadedError.
+    request's timeout unless one is given; a request the server shed (overloaded) moves to a
+    replica that has not shed it, then is retried within `retry_budget` (a share of recent
+    requests) and then raises OverloadedError. `spill_over=True` sends every request to the first
+    healthy URL given and only what it sheds or cannot take to the next (zone-local replica first).
     """
 
     _transport_class = SyncTransport

@@ -4,7 +4,9 @@ Shared by the sync and asyncio clients and free of I/O: the clients send, sleep 
 this module decides where each attempt goes and keeps every endpoint's counters.
 
 * An attempt goes to the healthy endpoint with the fewest requests in flight; ties rotate, so
-  equal replicas take turns, and the sub-batches of one long call spread the same way.
+  equal replicas take turns, and the sub-batches of one long call spread the same way. With
+  `spill_over` it goes to the first healthy endpoint in the order given instead (a replica in
+  the caller's own zone first), and the later ones take what it sheds or cannot take.
 * A connection failure (UNAVAILABLE, refused or reset) ejects the endpoint it happened on, and
   the request moves at once to another healthy endpoint. Every move counts against the
   client's RetryPolicy; INVALID_ARGUMENT and other server answers are never retried. Only when
@@ -13,8 +15,11 @@ this module decides where each attempt goes and keeps every endpoint's counters.
 * The clients' health checkers report each probe with `probed`: ready re-admits an endpoint,
   anything else ejects it. A request that succeeds on an ejected endpoint re-admits it too.
 * A request the server shed (overloaded, `OverloadedError`) does not eject its endpoint: the
-  server is up. It moves at once to another healthy endpoint that has not shed it, else waits
-  a jittered backoff; each such retry needs the client's `RetryBudget` to allow it.
+  server is up. It moves at once to another healthy endpoint that has not shed it: that spreads
+  the load without adding any (each replica sees the request at most once, and a full queue's
+  rejection costs the server no compute), so it needs no budget beyond the RetryPolicy's count.
+  Once every healthy endpoint has shed it, it waits a jittered backoff and tries again: that adds
+  load to replicas known to be overloaded, so each such retry needs the client's `RetryBudget`.
 * A request's deadline (its call's `client_timeout`) covers all its attempts: each waits at most
   the time left, and tells the server that time as the request's `timeout` (unless the caller
   set one), so a queue with an admission policy drops the work once nobody waits for it.
@@ -87,8 +92,9 @@ class Endpoint(Generic[T]):
 class EndpointPool(Generic[T]):
     """The client's endpoints, one transport each; thread-safe, usable from asyncio too."""
 
-    def __init__(self, urls: Sequence[str], transport: Callable[[str], T]) -> None:
+    def __init__(self, urls: Sequence[str], transport: Callable[[str], T], spill_over: bool = False) -> None:
         self.endpoints = tuple(Endpoint(url, transport(url)) for url in urls)
+        self.spill_over = spill_over
         self._lock = threading.Lock()  # never held across I/O, so asyncio can share it
         self._turns = itertools.count()
 
@@ -137,12 +143,15 @@ class EndpointPool(Generic[T]):
 
     def _pick(self, avoid: Collection[Endpoint[T]] = ()) -> Endpoint[T]:
         """Fewest in flight among the healthy not in `avoid` (else among the healthy), ties in
-        rotation; all in rotation when none is healthy."""
+        rotation (`spill_over`: the first of them in the order given); all in rotation when none
+        is healthy."""
         start = next(self._turns) % len(self.endpoints)
         ring = self.endpoints[start:] + self.endpoints[:start]
-        healthy = [e for e in ring if e.healthy]
+        healthy = [e for e in (self.endpoints if self.spill_over else ring) if e.healthy]
         fresh = [e for e in healthy if e not in avoid]
-        return min(fresh or healthy, key=lambda e: e.in_flight) if healthy else ring[0]
+        if not healthy:
+            return ring[0]
+        return (fresh or healthy)[0] if self.spill_over else min(fresh or healthy, key=lambda e: e.in_flight)
 
     def has_other(self, avoid: Collection[Endpoint[T]]) -> bool:
         """Is a healthy endpoint left outside `avoid`?"""
@@ -215,8 +224,8 @@ class Attempts:
         left = self.remaining_s()
         if left is not None and wait >= left:
             return False  # the backoff alone would outlast the deadline: report the failure now
-        if shed and self.budget is not None and not self.budget.try_retry():
-            return False
+        if shed and wait and self.budget is not None and not self.budget.try_retry():
+            return False  # a move to a replica that has not shed it is free; a retry that waits is not
         if wait:
             self.waits += 1
         self._next_wait = wait

@@ -13,22 +13,29 @@ from mmrec.layout import CONFIG_FILE, RepositoryLayout
 from .manifest import write_manifest
 from .repository import parse, render
 
+INSTANCES_BEFORE = "instances_before"  # manifest record: each admitted model's instance counts before
 
-def _rewrite(root: Path, change: Callable, record: Callable[[list[str]], dict] | None) -> list[str]:
-    """`change(config)` on every entry model of an exported repository (True: it changed), then
-    the manifest's admission record `record(changed models)` (None removes it) and file hashes;
-    returns the changed models."""
+
+def _rewrite(root: Path, change: Callable, record: Callable[[list[str], dict], dict] | None) -> list[str]:
+    """`change(config, previous record)` on every entry model of an exported repository (True: it
+    changed), then the manifest's admission record `record(changed models, instances before)`
+    (None removes it) and file hashes; returns the changed models."""
     root = Path(root)
     layout = RepositoryLayout(root)
     configs = {p.parent.name: parse(p.read_text()) for p in sorted(root.glob(f"*/{CONFIG_FILE}"))}
-    changed = [name for name in entry_models(configs) if change(configs[name])]
+    manifest = json.loads(layout.manifest_file.read_text())
+    previous = manifest.get(MANIFEST_KEY) or {}
+    # the counts export chose, kept across re-admissions so clearing restores them
+    before = dict(previous.get(INSTANCES_BEFORE, {}))
+    for name in entry_models(configs):
+        before.setdefault(name, [group.count for group in configs[name].instance_group])
+    changed = [name for name in entry_models(configs) if change(configs[name], before.get(name))]
     for name in changed:
         layout.config_file(name).write_text(render(configs[name]))
-    manifest = json.loads(layout.manifest_file.read_text())
     if record is None:
         manifest.pop(MANIFEST_KEY, None)
     else:
-        manifest[MANIFEST_KEY] = record(changed)
+        manifest[MANIFEST_KEY] = record(changed, before)
     write_manifest(root, manifest)
     return changed
 
@@ -36,17 +43,22 @@ def _rewrite(root: Path, change: Callable, record: Callable[[list[str]], dict] |
 def apply_to_repository(root: Path, policy: QueuePolicy, record: dict | None = None) -> list[str]:
     """Rewrite every entry model's config.pbtxt in an exported repository with `policy`, and
     record it (with how it was derived) in the manifest; returns the models it went on."""
-    def change(config) -> bool:
+    def change(config, _counts) -> bool:
         policy.apply(config)
         return True
-    return _rewrite(root, change, lambda models: {"policy": asdict(policy), "models": models, **(record or {})})
+    return _rewrite(root, change, lambda models, before: {"policy": asdict(policy), "models": models,
+                                                          INSTANCES_BEFORE: before, **(record or {})})
 
 
 def clear_repository(root: Path) -> list[str]:
     """Remove the admission policy from an exported repository (Triton then queues without
-    bound again); returns the models it was removed from."""
-    def change(config) -> bool:
+    bound again) and give its models back the instance counts export chose; returns the models
+    it was removed from."""
+    def change(config, counts) -> bool:
         had = config.dynamic_batching.HasField("default_queue_policy")
         config.dynamic_batching.ClearField("default_queue_policy")
+        for group, count in zip(config.instance_group, counts or []):
+            had |= group.count != count
+            group.count = count
         return had
     return _rewrite(root, change, None)

@@ -285,11 +285,14 @@ ORT_RUNNER = ("ort_runner", ("runtime",))  # the portable target's model.py for 
 CATALOG_SCORER_SOURCES = ("catalog_scorer", ("catalog_scan", "runtime"))  # copied by `mmrec index`
 
 
+EVERY_PYTHON_MODEL = ("priority",)  # lib modules every thin model imports
+
+
 def copy_python_model(source: str, libraries: tuple[str, ...], version_dir: Path) -> None:
     """A thin model.py and the library modules it imports, into one version folder."""
     model = source_file(SOURCES.python_model(source))
     shutil.copyfile(model, Path(version_dir) / model.name)
-    for module in libraries:
+    for module in (*EVERY_PYTHON_MODEL, *libraries):
         library = source_file(SOURCES.lib_file(module))
         shutil.copyfile(library, Path(version_dir) / library.name)
 

@@ -54,10 +54,16 @@ def admit_command(
     trials: int = typer.Option(1, min=1, max=9, help="Capacity searches; the lowest counts."),
     step_s: float = typer.Option(4.0, min=0.5, help="Seconds of open-loop load per rate tried."),
     max_steps: int = typer.Option(8, min=2, help="Rates tried per search at most."),
+    clear: bool = typer.Option(False, "--clear", help="Remove the policy and restore the instance counts export chose."),
 ) -> None:
-    """Write a queue policy on every entry model: requests over `capacity x (SLO - service)` in the
-    queue, or waiting longer than `SLO - service`, are rejected at once (the client raises
-    OverloadedError after its retry budget) instead of queued past the SLO."""
+    """Write a queue policy on every entry model: requests over `capacity x (SLO - service) / 2` in
+    the queue are rejected at once, requests waiting longer than `SLO - service` when they time
+    out (the client raises OverloadedError after its retry budget), instead of queued past the
+    SLO; every admitted model gets two instances (mmrec/admission.py says why)."""
+    if clear:
+        removed = clear_repository(repository)
+        console.print(f"admission removed from {', '.join(removed)}" if removed else "no admission policy to remove")
+        return
     record: dict = {"slo_ms": slo_ms}
     if capacity is None or service_ms is None:
         console.print(f"measuring open-loop capacity at p99 <= {slo_ms:g} ms ({payloads}, {trials} trial(s))")
@@ -74,5 +80,5 @@ def admit_command(
         raise typer.Exit(2)
     models = apply_to_repository(repository, policy, record)
     console.print(f"admission on {', '.join(models)}: at most {policy.max_queue_size} waiting, "
-                  f"{policy.timeout_us / 1e3:.1f} ms queue budget (capacity {capacity:.1f}/s, "
+                  f"{policy.timeout_us / 1e3:.1f} ms queue budget, {policy.instances} instances (capacity {capacity:.1f}/s, "
                   f"service {service_ms:.1f} ms, SLO {slo_ms:g} ms); restart or reload the server to apply")

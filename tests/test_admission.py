@@ -16,7 +16,8 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from mmrec import schema
-from mmrec.admission import SHED_MESSAGES, AdmissionError, QueuePolicy, derive, entry_models, policy_of
+from mmrec.admission import (ADMITTED_INSTANCES, SHED_MESSAGES, AdmissionError, QueuePolicy, derive, entry_models,
+                             policy_of)
 from mmrec.client import MMRecClient, OverloadedError, RetryBudget
 from mmrec.client._endpoints import Attempts, EndpointPool
 from mmrec.client._errors import Failure, classify
@@ -37,7 +38,8 @@ def shed(message: str = SHED_MESSAGES[0]) -> InferenceServerException:
 def test_policy_is_littles_law_over_the_wait_budget():
     policy = derive(capacity_rps=80.0, slo_ms=100.0, service_ms=20.0)
     assert policy.timeout_us == 80_000  # SLO - service
-    assert policy.max_queue_size == 6  # floor(80/s x 0.08 s)
+    assert policy.max_queue_size == 3  # floor(80/s x 0.08 s / 2): the batch in service, then its own
+    assert policy.instances == ADMITTED_INSTANCES == 2  # one instance stalls on Triton's missed wake-up
     assert derive(1.0, 100.0, 20.0).max_queue_size == 1  # never unbounded (0 means that to Triton)
     with pytest.raises(AdmissionError, match="leaves no time to queue"):
         derive(80.0, 20.0, 25.0)
@@ -65,17 +67,23 @@ def test_policy_goes_on_entry_models_only_and_round_trips(exported_repository, t
     assert models == entries
     layout = RepositoryLayout(shadow)
     for name in models:
-        assert policy_of(parse(layout.config_file(name).read_text())) == policy
+        assert policy_of(parse(layout.config_file(name).read_text())) == policy  # two instances included
     assert policy_of(parse(layout.config_file(schema.FUSION).read_text())) is None
+    assert [g.count for g in parse(layout.config_file(schema.FUSION).read_text()).instance_group] == \
+        [g.count for g in configs[schema.FUSION].instance_group]  # inner members keep theirs
     manifest = json.loads(layout.manifest_file.read_text())
     assert manifest["admission"]["policy"]["max_queue_size"] == 3 and manifest["admission"]["models"] == models
     listed = {f["path"]: f["sha256"] for f in manifest["files"]}
     assert f"{schema.ITEM_ENCODER}/{CONFIG_FILE}" in listed  # rehashed with the new config
     # the shadow never touched the original
     assert policy_of(parse(RepositoryLayout(exported_repository).config_file(schema.ITEM_ENCODER).read_text())) is None
+    apply_to_repository(shadow, QueuePolicy(max_queue_size=2, timeout_us=50_000), {"derived_by": "again"})
     assert clear_repository(shadow) == models
     assert "admission" not in json.loads(layout.manifest_file.read_text())
-    assert policy_of(parse(layout.config_file(schema.ITEM_ENCODER).read_text())) is None
+    for name in models:  # no policy, and the instance counts export chose (not the first admission's)
+        config = parse(layout.config_file(name).read_text())
+        assert policy_of(config) is None
+        assert [g.count for g in config.instance_group] == [g.count for g in configs[name].instance_group]
 
 
 # ------------------------------------------------------------------------------ the client
@@ -112,6 +120,26 @@ def test_a_shed_moves_to_another_replica_at_once_else_waits_a_jittered_backoff()
         assert single.again(shed(), lone.endpoints[0])
         delays.add(round(single.backoff_s(), 6))
     assert len(delays) > 1 and all(0.2 <= d <= 0.4 for d in delays)  # clients shed together spread out
+
+
+def test_a_move_to_a_replica_that_has_not_shed_is_free_and_spill_over_keeps_the_order():
+    pool = EndpointPool(["a", "b"], transport=lambda url: url, spill_over=True)
+    none_left = RetryBudget(ratio=0.0, min_per_s=0.0)
+    attempts = Attempts(pool, RetryPolicy(retries=3, backoff_s=0.1), none_left)
+    with pool.use() as first:
+        pass
+    assert first.url == "a"  # spill over: the first listed, however many are in flight elsewhere
+    with pool.use(), pool.use() as again:
+        assert again.url == "a"
+    assert attempts.again(shed(), first)  # b has not shed it: moving costs no budget
+    assert attempts.backoff_s() == 0.0
+    with pool.use(attempts.shed_by) as second:
+        assert second.url == "b"
+    assert not attempts.again(shed(), second)  # both shed it: a retry that waits needs the budget
+    assert none_left.denied == 1
+    balanced = EndpointPool(["a", "b"], transport=lambda url: url)
+    with balanced.use() as one, balanced.use() as two:
+        assert {one.url, two.url} == {"a", "b"}  # least in flight by default
 
 
 def test_the_retry_budget_is_a_share_of_recent_requests():
@@ -282,9 +310,13 @@ def test_admit_measures_capacity_and_writes_the_policy(exported_repository, tmp_
     result = runner.invoke(app, ["admit", str(shadow), "--capacity", "40", "--service-ms", "20"])
     assert result.exit_code == 0, result.output
     assert policy_of(parse(RepositoryLayout(shadow).config_file(schema.ITEM_ENCODER).read_text())) == \
-        QueuePolicy(3, 80_000)
+        QueuePolicy(1, 80_000)  # floor(40/s x 0.08 s / 2)
     result = runner.invoke(app, ["admit", str(shadow), "--capacity", "40", "--service-ms", "120"])
     assert result.exit_code == 2 and "leaves no time to queue" in result.output
+    result = runner.invoke(app, ["admit", str(shadow), "--clear"])
+    assert result.exit_code == 0 and "admission removed" in result.output
+    config = parse(RepositoryLayout(shadow).config_file(schema.ITEM_ENCODER).read_text())
+    assert policy_of(config) is None and [g.count for g in config.instance_group] == [1]
 
 
 def test_overload_rounds_are_sorted_by_outcome_and_recovery_is_the_last_late_answer():
@@ -332,3 +364,64 @@ def test_overload_targets_are_judged_on_their_intervals():
     assert any("REJECTED 50" in line for line in lines) and any(line.startswith("| 2×") for line in lines)
     del results["sections"]["overload"]
     assert all(t["verdict"] == "not measured" for t in targets.evaluate(results) if t["id"].startswith("overload."))
+
+
+def _thread_nice_values(pid: int) -> set[int]:
+    """The nice value of every thread of a process (Linux keeps nice per thread)."""
+    from pathlib import Path
+
+    values = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        values.add(int(fields[16]))  # field 19 of stat; the split starts at field 3 (state)
+    return values
+
+
+@pytest.mark.server
+@pytest.mark.timeout(120)
+def test_python_stubs_yield_the_cpu_to_the_server_and_admitted_models_run_two_instances(tight_server):
+    """Every python stub runs all its threads at the compute nice value, the server process at
+    its own; the admitted item_encoder has two stubs."""
+    import psutil
+
+    from mmrec.model_repository.lib.priority import COMPUTE_NICE
+
+    server = psutil.Process(tight_server.pid)
+    tritonserver = [p for p in [server, *server.children(recursive=True)] if p.name() == "tritonserver"]
+    stubs = [p for p in server.children(recursive=True) if "triton_python_backend_stub" in p.name()]
+    assert tritonserver and stubs
+    for stub in stubs:
+        assert _thread_nice_values(stub.pid) == {COMPUTE_NICE}, (stub.cmdline(), _thread_nice_values(stub.pid))
+    assert _thread_nice_values(tritonserver[0].pid) == {0}
+    item_stubs = [s for s in stubs if any(f"/{schema.ITEM_ENCODER}/" in part or part.endswith(f"/{schema.ITEM_ENCODER}")
+                                          for part in s.cmdline())]
+    assert len(item_stubs) == ADMITTED_INSTANCES, [s.cmdline() for s in stubs]
+
+
+def test_yield_to_server_renices_threads_started_before_and_after(tmp_path):
+    """In a child process (a nice value cannot be lowered again): threads that already run get
+    the value, threads started later inherit it, and a lower target never lowers it."""
+    import subprocess
+    import sys
+
+    from mmrec.model_repository.lib import priority
+
+    script = f"""
+import sys, threading, time, os
+sys.path.insert(0, {str(__import__('pathlib').Path(priority.__file__).parent)!r})
+import priority
+stop = threading.Event()
+early = threading.Thread(target=stop.wait); early.start()
+assert priority.yield_to_server(7) == 7
+late = threading.Thread(target=stop.wait); late.start()
+values = {{os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir('/proc/self/task')}}
+assert priority.yield_to_server(3) == 7
+stop.set(); early.join(); late.join()
+print(sorted(values))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[7]"

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import priority  # lib/priority.py, copied beside this file by export
 import runtime  # copies of model_repository/lib/{catalog_scan,runtime}.py, put beside this file by `mmrec index`
 from catalog_scan import BadRequest, CatalogScan
 
@@ -29,6 +30,7 @@ class TritonPythonModel:
     """Batches users across requests into one scan; each request gets its own K."""
 
     def initialize(self, args: dict) -> None:
+        priority.yield_to_server()  # Triton's own threads first (lib/priority.py)
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.version = args["model_version"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import priority  # lib/priority.py, copied beside this file by export
 from image_preprocessing import ImageDecoder, InvalidImage
 from served_contract import ServedContract
 
@@ -24,6 +25,7 @@ class TritonPythonModel:
     """Decodes every image of every request, then normalizes the whole batch at once."""
 
     def initialize(self, args: dict) -> None:
+        priority.yield_to_server()  # Triton's own threads first (lib/priority.py)
         config = json.loads(args["model_config"])
         self.decoder = ImageDecoder.for_contract(ServedContract.from_parameters(config.get("parameters", {})))
         self.output_dtype = pb_utils.triton_string_to_numpy(

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import priority  # lib/priority.py, copied beside this file by export
 import runtime  # copies of model_repository/lib/*.py that export puts beside this file
 from image_preprocessing import ImageDecoder
 from served_contract import TOKENIZER_FILE, ServedContract
@@ -59,6 +60,7 @@ class TritonPythonModel:
     """Preprocess, both encoders (side by side) and fusion for every request of a dynamic batch."""
 
     def initialize(self, args: dict) -> None:
+        priority.yield_to_server()  # Triton's own threads first (lib/priority.py)
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         contract = ServedContract.from_parameters(parameters)

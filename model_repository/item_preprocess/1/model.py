@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import priority  # lib/priority.py, copied beside this file by export
 from image_preprocessing import ImageDecoder, check_pixels
 from served_contract import TOKENIZER_FILE, ServedContract
 from text_preprocessing import TextTokenizer
@@ -33,6 +34,7 @@ class TritonPythonModel:
     """Validates and preprocesses every item of every request; errors fail only their request."""
 
     def initialize(self, args: dict) -> None:
+        priority.yield_to_server()  # Triton's own threads first (lib/priority.py)
         config = json.loads(args["model_config"])
         contract = ServedContract.from_parameters(config.get("parameters", {}))
         model_dir = Path(args["model_repository"]) / args["model_version"]

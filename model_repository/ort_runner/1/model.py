@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+import priority  # lib/priority.py, copied beside this file by export
 import runtime  # the copy of model_repository/lib/runtime.py that export puts beside this file
 
 try:  # only present inside Triton
@@ -45,6 +46,7 @@ class TritonPythonModel:
     """One session (ONNX Runtime or OpenVINO, from the `runtime` parameter); one run per batch."""
 
     def initialize(self, args: dict) -> None:
+        priority.yield_to_server()  # Triton's own threads first (lib/priority.py)
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model_dir = Path(args["model_repository"]) / args["model_version"]

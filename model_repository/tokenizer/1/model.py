@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import priority  # lib/priority.py, copied beside this file by export
 from served_contract import TOKENIZER_FILE, ServedContract
 from text_preprocessing import InvalidText, TextTokenizer
 
@@ -26,6 +27,7 @@ class TritonPythonModel:
     """Tokenizes every request of a batch with one encode_batch call."""
 
     def initialize(self, args: dict) -> None:
+        priority.yield_to_server()  # Triton's own threads first (lib/priority.py)
         config = json.loads(args["model_config"])
         contract = ServedContract.from_parameters(config.get("parameters", {}))
         model_dir = Path(args["model_repository"]) / args["model_version"]
