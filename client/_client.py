@@ -280,7 +280,8 @@ class MMRecClient(ClientBase):
 
     def _send(self, request: InferRequest, options: CallOptions) -> dict[str, np.ndarray]:
         """One request on some endpoint, failing over within the retry budget; typed errors."""
-        attempts = Attempts(self._pool, self.retry, self.retry_budget, self._deadline_s(options))
+        attempts = Attempts(self._pool, self.retry, self.retry_budget, self._deadline_s(options),
+                            queue_budget_us=self._info.queue_budget_us if self._info else None)
         while True:
             wait = attempts.backoff_s()
             if wait:

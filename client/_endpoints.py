@@ -22,7 +22,9 @@ this module decides where each attempt goes and keeps every endpoint's counters.
   load to replicas known to be overloaded, so each such retry needs the client's `RetryBudget`.
 * A request's deadline (its call's `client_timeout`) covers all its attempts: each waits at most
   the time left, and tells the server that time as the request's `timeout` (unless the caller
-  set one), so a queue with an admission policy drops the work once nobody waits for it.
+  set one), so a queue with an admission policy drops the work once nobody waits for it. Triton
+  lets that `timeout` replace the policy's queue budget even when it is longer, so it is capped
+  at the budget the server's configs declare (`queue_budget_us`).
 """
 from __future__ import annotations
 
@@ -186,8 +188,10 @@ class Attempts:
     """One request's attempts across the pool (see the module docstring)."""
 
     def __init__(self, pool: EndpointPool, policy: RetryPolicy, budget: RetryBudget | None = None,
-                 deadline_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 deadline_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 queue_budget_us: int | None = None) -> None:
         self.pool = pool
+        self.queue_budget_us = queue_budget_us
         self.policy = policy
         self.budget = budget
         self.failed = 0
@@ -209,8 +213,11 @@ class Attempts:
         if left is None:
             return options
         left = max(left, 1e-3)
+        timeout = max(1, int(left * 1e6))
+        if self.queue_budget_us:
+            timeout = min(timeout, self.queue_budget_us)
         return replace(options, client_timeout=left,
-                       timeout=options.timeout if options.timeout is not None else max(1, int(left * 1e6)))
+                       timeout=options.timeout if options.timeout is not None else timeout)
 
     def again(self, exc: Exception, endpoint: Endpoint | None = None) -> bool:
         """After a failed attempt: is another one allowed? It also fixes the wait before it

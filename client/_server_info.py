@@ -56,6 +56,9 @@ class ServerInfo:
     categories: tuple[str, ...]
     item_dim: int
     preprocess: PreprocessConfig
+    # the shortest queue budget of an admission policy on the models read (None: no policy);
+    # a request's own `timeout` replaces it at the server, so the client never sends a longer one
+    queue_budget_us: int | None = None
 
     @property
     def limits(self) -> Limits:
@@ -107,4 +110,16 @@ def server_info(url: str, protocol: str, configs: dict[str, dict], names: ModelN
         raise MMRecError(f"max_batch_size must be at least 1, got {max_batch_size}")
     preprocess = replace(contract, max_batch_size=server_batch)
     return ServerInfo(url=url, protocol=protocol, max_batch_size=batch, categories=contract.categories,
-                      item_dim=contract.item_dim, preprocess=preprocess)
+                      item_dim=contract.item_dim, preprocess=preprocess, queue_budget_us=queue_budget_us(configs))
+
+
+def queue_budget_us(configs: dict[str, dict]) -> int | None:
+    """The shortest queue timeout among the configs' admission policies that let a request's own
+    timeout override it (mmrec.admission), in microseconds; None when none has one."""
+    budgets = []
+    for config in configs.values():
+        policy = (config.get("dynamic_batching") or {}).get("default_queue_policy") or {}
+        timeout = int(policy.get("default_timeout_microseconds", 0) or 0)
+        if timeout > 0 and policy.get("allow_timeout_override"):
+            budgets.append(timeout)
+    return min(budgets) if budgets else None

@@ -171,6 +171,8 @@ def test_a_denied_budget_or_a_passed_deadline_ends_the_retries():
     assert not down.again(refused)  # a dead server's backoff past the deadline: its error, not a 1 ms try
     options = attempts.options(CallOptions())
     assert options.client_timeout == pytest.approx(0.3) and options.timeout == 300_000  # sent to the server
+    capped = Attempts(pool, RetryPolicy(), deadline_s=5.0, clock=lambda: now[0], queue_budget_us=84_000)
+    assert capped.options(CallOptions()).timeout == 84_000  # never longer than the server's own budget
     now[0] = 0.2
     assert attempts.options(CallOptions(timeout=7)).timeout == 7  # the caller's own timeout stays
     assert attempts.options(CallOptions()).client_timeout == pytest.approx(0.1)
@@ -278,6 +280,8 @@ def test_the_retry_budget_holds_under_a_shed_storm(tight_server, sample_items):
             list(pool.map(one, range(calls)))
         attempts = client.endpoints[0].requests
         shed_count = client.endpoints[0].shed
+        # the server's queue budget caps the timeout the client sends (a longer one would replace it)
+        assert client.server_info.queue_budget_us == 5_000_000
     assert len(answered) + len(overloaded) == calls
     assert overloaded and shed_count, "the storm must overflow a queue of one"
     assert "overloaded" in str(overloaded[0])
