@@ -38,24 +38,29 @@ SHED_ANSWER_MS = 5.0  # a shed request must learn it at once (no waiting in a qu
 GOODPUT_SHARE = 0.9  # goodput at overload >= this share of capacity
 RECOVERY_S = 2.0  # p99 back under the SLO within this long after the overload stops
 RECOVERY_LOAD = 0.5  # the load after the overload, as a share of capacity
+SOAK_GROWTH = 0.02  # RSS of the server's process tree may grow at most this share over the soak
+SOAK_SAMPLE_S = 5.0  # RSS sampling period during the soak
 
 
-class RecordingTarget(Target):
-    """A Target that times each sample from its issue and sorts it: ok, shed or error."""
+class Recording:
+    """Mixed into a Target: times each sample from its issue and sorts it (ok, shed or error)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
         self.records: list[tuple[float, float, str]] = []  # (issued at, latency ms, outcome)
 
+    def outcome(self, error: BaseException | None) -> str:
+        """Triton's own shed words (tritonclient raises them as they come)."""
+        return "ok" if error is None else ("shed" if is_shed_message(str(error)) else "error")
+
     def send(self, index: int, callback, timeout_s: float) -> None:
         issued = time.perf_counter()
 
         def done(result=None, error=None) -> None:
             latency = (time.perf_counter() - issued) * 1e3
-            outcome = "ok" if error is None else ("shed" if is_shed_message(str(error)) else "error")
             with self._lock:
-                self.records.append((issued, latency, outcome))
+                self.records.append((issued, latency, self.outcome(error)))
             callback(result=result, error=error)
 
         super().send(index, done, timeout_s)
@@ -64,6 +69,10 @@ class RecordingTarget(Target):
         with self._lock:
             records, self.records = self.records, []
         return records
+
+
+class RecordingTarget(Recording, Target):
+    """The tritonclient Target, recording."""
 
 
 def shadow_repository(root: Path, dest: Path) -> Path:
@@ -147,10 +156,10 @@ def process_tree_rss_mb(pid: int) -> float | None:
 
 
 def run_overload(url: str, payloads, capacity_rps: float, slo_ms: float, *, factors: Sequence[float],
-                 rounds: int, round_s: float, recovery_s: float, server_pid: int | None = None,
+                 rounds: int, round_s: float, recovery_s: float, soak_s: float = 0.0, server_pid: int | None = None,
                  progress: Progress = print) -> dict:
     """`rounds` LoadGen trials of `round_s` at each factor x capacity against an admitted server
-    at `url`, then the recovery run; per-round summaries, intervals and RSS."""
+    at `url`, then the recovery run, then the soak; per-round summaries, intervals and RSS."""
     target = RecordingTarget(url, payloads)
     try:
         warm_up(target)
@@ -188,11 +197,50 @@ def run_overload(url: str, payloads, capacity_rps: float, slo_ms: float, *, fact
                            "recovery_s": recovered, "bound_s": RECOVERY_S}
         progress(f"recovery at {RECOVERY_LOAD:g}x capacity: "
                  + (f"{recovered:.2f} s" if recovered is not None else f"not within {recovery_s:g} s"))
+        if soak_s > 0:
+            out["soak"] = soak(target, max(factors) * capacity_rps, soak_s, slo_ms, server_pid, progress)
         rss_after = process_tree_rss_mb(server_pid) if server_pid else None
         out["rss_mb"] = {"before": rss_before, "after": rss_after}
         return out
     finally:
         target.close()
+
+
+def soak(target: Target, qps: float, seconds: float, slo_ms: float, server_pid: int | None,
+         progress: Progress) -> dict:
+    """`seconds` of overload at `qps` in one LoadGen run, the server's process-tree RSS sampled
+    every SOAK_SAMPLE_S: growth from the soak's start (the server already through the rounds
+    above, so warm-up growth is behind it) to its end, and the answers' summary."""
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def sample() -> None:
+        while True:
+            rss = process_tree_rss_mb(server_pid) if server_pid else None
+            if rss is not None:
+                samples.append((round(time.perf_counter() - start, 2), round(rss, 1)))
+            if stop.wait(SOAK_SAMPLE_S):
+                return
+
+    sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+    sampler.start()
+    target.take()
+    try:
+        run_rate(target, None, qps, seconds, slo_ms, seed=777, max_error_rate=1.0, drain=True,
+                 timeout_s=max(1.0, 5 * slo_ms / 1e3))
+    finally:
+        stop.set()
+        sampler.join()
+    end = process_tree_rss_mb(server_pid) if server_pid else None
+    if end is not None:
+        samples.append((round(time.perf_counter() - start, 2), round(end, 1)))
+    summary = summarize(target.take(), slo_ms, seconds)
+    first, last = (samples[0][1], samples[-1][1]) if samples else (None, None)
+    growth = (last - first) / first if first else None
+    progress(f"soak {seconds:g} s at {qps:.1f}/s: RSS {first} -> {last} MB, goodput {summary['goodput_rps']:.1f}/s")
+    return {"offered_rps": qps, "seconds": seconds, "rss_mb": {"start": first, "end": last, "series": samples},
+            "growth": growth, "bound": SOAK_GROWTH, "summary": summary}
 
 
 def warm_up(target: Target, attempts: int = 20) -> None:
@@ -227,9 +275,10 @@ def judge(per_round: Sequence[dict], capacity_rps: float, slo_ms: float) -> dict
 
 def overload_section(repository: Path, capacity: dict, slo_ms: float, payloads, workdir: Path, *,
                      factors: Sequence[float], rounds: int, round_s: float, recovery_s: float,
-                     running_server, progress: Progress) -> dict:
+                     running_server, progress: Progress, soak_s: float = 0.0, pair: dict | None = None) -> dict:
     """The bench section: derive the policy from the capacity section's first set, serve the
-    shadow repository with it, run `run_overload`."""
+    shadow repository with it, run `run_overload`; then the spill-over pair
+    (benchmarks/spill_over.py) with `pair` as its settings (None: skipped)."""
     capacity_rps = capacity.get("interval", {}).get("low") or capacity.get("median_qps")
     service_ms = (capacity.get("search") or {}).get("idle_latency_ms")
     if not capacity_rps or not service_ms:
@@ -243,8 +292,14 @@ def overload_section(repository: Path, capacity: dict, slo_ms: float, payloads, 
     with running_server(shadow, workdir / "tritonserver_admitted.log") as server:
         before = failures_by_reason(server.urls["metrics"])
         result = run_overload(server.urls["grpc"], payloads, capacity_rps, slo_ms, factors=factors, rounds=rounds,
-                              round_s=round_s, recovery_s=recovery_s, server_pid=server.pid, progress=progress)
+                              round_s=round_s, recovery_s=recovery_s, soak_s=soak_s, server_pid=server.pid,
+                              progress=progress)
         after = failures_by_reason(server.urls["metrics"])
+    if pair:
+        from .spill_over import run_pair
+
+        result["pair"] = run_pair(repository, payloads, slo_ms, workdir, running_server=running_server,
+                                  progress=progress, **pair)
     result["prometheus_failures"] = {reason: after[reason] - before.get(reason, 0.0) for reason in after}
     result[MANIFEST_KEY] = {"policy": asdict(policy),
                             "models": models, "service_ms": service_ms}

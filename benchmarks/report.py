@@ -505,7 +505,34 @@ def overload_detail(results: dict) -> list[str]:
         "- Triton's `nv_inference_request_failure` over the section, by reason (2.51 counts queue-timeout "
         "rejections under REJECTED, not queue-full ones): " + (", ".join(
             f"{reason} {count:.0f}" for reason, count in sorted((section.get("prometheus_failures") or {}).items()))
-            or "none")]
+            or "none")] + _soak_lines(section.get("soak")) + _pair_lines(section.get("pair"))
+
+
+def _soak_lines(soak: dict | None) -> list[str]:
+    if not soak:
+        return []
+    rss, summary = soak["rss_mb"], soak["summary"]
+    return [f"- soak: {soak['seconds']:g} s at {_f(soak['offered_rps'])}/s: server RSS {_f(rss['start'])} -> "
+            f"{_f(rss['end'])} MB ({100 * (soak['growth'] or 0):+.1f} %, sampled {len(rss['series'])} times); "
+            f"goodput {_f(summary['goodput_rps'])}/s, admitted p99 {_f(summary['admitted_ms'].get('p99'))} ms, "
+            f"{100 * summary['shed_share']:.0f} % shed, {summary['errors']} other errors"]
+
+
+def _pair_lines(pair: dict | None) -> list[str]:
+    if not pair:
+        return []
+    replicas = "; ".join(f"cores {r['cores']}: {_f(r['capacity_rps'])}/s, idle {_f(r['service_ms'])} ms, "
+                         f"queue {r['policy']['max_queue_size']}" for r in pair["replicas"])
+    rounds = pair["rounds"]
+    moved = sum(next(iter(r["endpoints"].values()), {}).get("shed", 0) for r in rounds)
+    first = sum(next(iter(r["endpoints"].values()), {}).get("requests", 0) for r in rounds)
+    goodput = sorted(r["goodput_rps"] for r in rounds)[len(rounds) // 2]
+    return [f"- spill-over pair (two replicas, each on its own cores; {replicas}): their sum "
+            f"{_f(pair['capacity_sum_rps'])}/s offered to the first through `AsyncMMRecClient(spill_over=True)` in "
+            f"{len(rounds)} rounds of {pair['round_s']:g} s: goodput {_f(goodput)}/s (median), "
+            f"{_iv(pair['goodput_over_capacity_sum'])} of the sum; the first replica shed {moved} of {first} "
+            f"attempts, moved to the second; {sum(r['shed'] for r in rounds)} shed by both, "
+            f"{sum(r['errors'] for r in rounds)} other errors"]
 
 
 def executed_text_batches(results: dict) -> list[int]:

@@ -82,6 +82,15 @@ class Settings:
     overload_rounds: int = 5
     overload_round_s: float = 6.0
     overload_recovery_s: float = 5.0
+    # then `overload_soak_s` at the highest factor, the server's RSS sampled throughout (0: skip)
+    overload_soak_s: float = 300.0
+    # two replicas on their own cores behind the spill-over client (benchmarks/spill_over.py):
+    # each one's capacity searched alone (steps of `..._search_step_s`), then their sum offered
+    # in `overload_pair_rounds` rounds of `overload_pair_round_s` (0 rounds: skip)
+    overload_pair_rounds: int = 5
+    overload_pair_round_s: float = 6.0
+    overload_pair_search_step_s: float = 3.0
+    overload_pair_search_steps: int = 8
     # quality drift: simulated users per category and items per user
     users_per_category: int = 4
     items_per_user: int = 5
@@ -147,6 +156,11 @@ QUICK = Settings(
     overload_rounds=3,
     overload_round_s=1.5,
     overload_recovery_s=2.0,
+    overload_soak_s=3.0,
+    overload_pair_rounds=2,
+    overload_pair_round_s=1.5,
+    overload_pair_search_step_s=0.5,
+    overload_pair_search_steps=3,
     users_per_category=2,
     items_per_user=3,
     quality_items=48,

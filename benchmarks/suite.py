@@ -253,20 +253,26 @@ def overload_section(options: BenchOptions, results: dict, step: Step) -> dict:
         raise SectionSkipped("needs the capacity section (the policy and the load derive from it)")
     name = settings.capacity_sets[0]
     tick = step(f"overload: {', '.join(f'{f:g}x' for f in settings.overload_factors)} capacity ({name}) with "
-                "admission", len(settings.overload_factors) * settings.overload_rounds + 1)
+                "admission, soak, spill-over pair", len(settings.overload_factors) * settings.overload_rounds + 2
+                + (settings.overload_pair_rounds + 2 if settings.overload_pair_rounds else 0))
     lines: list[str] = []
 
     def progress(line: str) -> None:
         lines.append(line)
-        if "round" in line or line.startswith("recovery"):
+        if "round" in line or line.startswith(("recovery", "soak", "replica")):
             tick(1)
+
+    pair = {"rounds": settings.overload_pair_rounds, "round_s": settings.overload_pair_round_s,
+            "search_step_s": settings.overload_pair_search_step_s,
+            "search_steps": settings.overload_pair_search_steps} if settings.overload_pair_rounds else None
 
     with tempfile.TemporaryDirectory(prefix="mmrec-overload-") as workdir:
         data = overload.overload_section(
             Path(options.repository), capacity["sets"][name], settings.slo_ms,
             open_loop.payload_sets(Path(options.repository))[name], Path(workdir),
             factors=settings.overload_factors, rounds=settings.overload_rounds, round_s=settings.overload_round_s,
-            recovery_s=settings.overload_recovery_s, running_server=serving.running_server, progress=progress)
+            recovery_s=settings.overload_recovery_s, running_server=serving.running_server, progress=progress,
+            soak_s=settings.overload_soak_s, pair=pair)
     data["payloads"] = name
     data["log"] = lines
     return data

@@ -394,6 +394,35 @@ def _recovery(results: dict, tid: str, description: str) -> TargetResult:
                         observed)
 
 
+@target("overload.memory", "No memory growth over a 5-minute overload (RSS of the server's process tree)")
+def _soak(results: dict, tid: str, description: str) -> TargetResult:
+    section = _overload(results)
+    soak = (section or {}).get("soak")
+    if not soak or soak.get("growth") is None:
+        return _not_measured(tid, description, "≤ +2 %", "overload section or its soak not run")
+    growth, bound, rss = soak["growth"], soak["bound"], soak["rss_mb"]
+    short = f" (a {soak['seconds']:g} s soak, not 5 minutes)" if soak["seconds"] < 300 else ""
+    return TargetResult(tid, description, f"≤ +{100 * bound:g} %", f"{100 * growth:+.1f} %",
+                        MET if growth <= bound else MISSED,
+                        f"{rss['start']:.0f} -> {rss['end']:.0f} MB over {soak['seconds']:g} s at "
+                        f"{soak['offered_rps']:.1f}/s, sampled every few seconds (one run, no interval){short}")
+
+
+@target("overload.spill_over", "Two replicas behind the failover client, one overloaded: goodput of the pair "
+        "≥ 0.9× the sum of their capacities")
+def _spill_over(results: dict, tid: str, description: str) -> TargetResult:
+    section = _overload(results)
+    pair = (section or {}).get("pair")
+    if not pair:
+        return _not_measured(tid, description, "≥ 0.9× capacity sum", "overload section or its pair not run")
+    verdict, note = _judge(pair["goodput_over_capacity_sum"], pair["bound"], "above")
+    capacities = " + ".join(f"{r['capacity_rps']:.1f}" for r in pair["replicas"])
+    return TargetResult(tid, description, f"≥ {pair['bound']:g}× capacity sum",
+                        f"{pair['goodput_over_capacity_sum']['point']:.2f}×", verdict,
+                        f"{note}; capacities {capacities}/s, each replica on its own cores",
+                        interval=pair["goodput_over_capacity_sum"])
+
+
 def evaluate(results: dict) -> list[dict]:
     """Every target's verdict. A judge that raises fails its target (met False, `error` names the
     exception) while the others are still judged, so the run's numbers are reported either way."""

@@ -343,8 +343,9 @@ def test_overload_rounds_are_sorted_by_outcome_and_recovery_is_the_last_late_ans
 
 
 def test_overload_targets_are_judged_on_their_intervals():
+    from mmrec import stats
     from mmrec.benchmarks import report, targets
-    from mmrec.benchmarks.overload import judge
+    from mmrec.benchmarks.overload import judge, summarize
 
     def rounds(p99s, goodputs):
         return [{"admitted_ms": {"p99": p}, "goodput_rps": g, "shed_ms": {"p99": 1.0 + i / 10}, "shed": 5, "ok": 50,
@@ -358,14 +359,31 @@ def test_overload_targets_are_judged_on_their_intervals():
                "recovery": {"load_rps": 40.0, "observed_s": 5.0, "recovery_s": 0.4, "bound_s": 2.0},
                "rss_mb": {"before": 900.0, "after": 905.0}, "prometheus_failures": {"REJECTED": 50.0},
                "admission": {"policy": {"max_queue_size": 6, "timeout_us": 80000}, "models": ["item_encoder"]}}
+    section["soak"] = {"offered_rps": 160.0, "seconds": 300.0, "growth": 0.031, "bound": 0.02,
+                       "rss_mb": {"start": 1500.0, "end": 1546.5, "series": [[0, 1500.0], [300, 1546.5]]},
+                       "summary": summarize([(0.0, 20.0, "ok"), (0.1, 1.0, "shed")], 100.0, 1.0)}
+    pair_rounds = [{**summarize([(0.0, 20.0, "ok")] * 70, 100.0, 1.0), "endpoints": {"a": {"requests": 90, "shed": 20},
+                                                                                    "b": {"requests": 20, "shed": 0}}}
+                   for _ in range(5)]
+    section["pair"] = {"replicas": [{"cores": [0], "capacity_rps": 36.0, "service_ms": 17.0,
+                                     "policy": {"max_queue_size": 1}},
+                                    {"cores": [1], "capacity_rps": 38.0, "service_ms": 16.0,
+                                     "policy": {"max_queue_size": 1}}],
+                       "capacity_sum_rps": 74.0, "offered_rps": 74.0, "slo_ms": 100.0, "round_s": 6.0,
+                       "rounds": pair_rounds, "bound": 0.9,
+                       "goodput_over_capacity_sum": stats.paired_ratio([70, 72, 69, 71, 70], [74] * 5).to_dict()}
     results = {"sections": {"overload": section}}
     judged = {t["id"]: t for t in targets.evaluate(results) if t["id"].startswith("overload.")}
+    assert judged["overload.memory"]["verdict"] == "missed" and judged["overload.memory"]["measured"] == "+3.1 %"
+    assert judged["overload.spill_over"]["verdict"] == "met", judged["overload.spill_over"]
     assert judged["overload.admitted_p99"]["verdict"] == "not conclusive"  # 2x straddles the SLO
     assert judged["overload.goodput"]["verdict"] == "missed"  # 2x lies wholly under 0.9x capacity
     assert judged["overload.shed_answer"]["verdict"] == "met"
     assert judged["overload.recovery"]["verdict"] == "met" and "no interval" in judged["overload.recovery"]["detail"]
     lines = report.overload_detail(results)
     assert any("REJECTED 50" in line for line in lines) and any(line.startswith("| 2×") for line in lines)
+    assert any(line.startswith("- soak: 300 s") and "+3.1 %" in line for line in lines)
+    assert any(line.startswith("- spill-over pair") and "shed 100 of 450" in line for line in lines)
     del results["sections"]["overload"]
     assert all(t["verdict"] == "not measured" for t in targets.evaluate(results) if t["id"].startswith("overload."))
 
