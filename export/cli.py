@@ -1,4 +1,7 @@
-"""`mmrec export`: the command a release pipeline runs."""
+"""`mmrec export` and `mmrec tune`: the commands a release pipeline runs.
+
+Imports stay light (export/choices.py says why): the pipeline and the tuner load when a command
+runs."""
 from __future__ import annotations
 
 import time
@@ -14,11 +17,9 @@ from mmrec import schema
 from mmrec.preprocess import (DEFAULT_IMAGE_FIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGE_BYTES,
                               DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_TEXT_BYTES,
                               DEFAULT_SEQ_BUCKETS, ContractError, parse_buckets)
+from mmrec.export_defaults import DEFAULT_REPOSITORY as DEFAULT_OUTPUT
+from .choices import DEFAULT_IMAGE_ENCODER, DEFAULT_SEEDS, DEFAULT_TUNE_ROUNDS, PRECISIONS, Reporter, Target
 from .errors import ExportError
-from .models.image import DEFAULT_IMAGE_ENCODER
-from .pipeline import DEFAULT_OUTPUT, DEFAULT_SEEDS, PRECISIONS, ExportOptions, Exporter, Reporter, default_runtimes
-from .repository import Target
-from .tuning import DEFAULT_ROUNDS
 
 console = Console(stderr=True)
 
@@ -66,7 +67,7 @@ def export_command(
     fusion_checkpoint: Optional[Path] = typer.Option(None, help="Use this fusion head (.safetensors from a previous export) instead of training one."),
     precision: list[str] = typer.Option(list(PRECISIONS), "--precision", "-p", help="Variants to build and gate: fp32 (always), int8, fp16."),
     serve_variant: list[str] = typer.Option([], help="Serve this variant, e.g. text_encoder=int8 or image_encoder=openvino-int8 (repeatable; overrides tuning for that member)."),
-    runtime: list[str] = typer.Option(list(default_runtimes()), "--runtime", help="CPU runtimes whose variants are built, gated and tuned: onnxruntime (always), openvino (repeatable)."),
+    runtime: list[str] = typer.Option([], "--runtime", help="CPU runtimes whose variants are built, gated and tuned: onnxruntime (always), openvino (repeatable; default: every one installed here)."),
     tune: bool = typer.Option(True, help="Time the admitted CPU variants on this machine and serve the fastest (see `mmrec tune`)."),
     max_batch_size: int = typer.Option(DEFAULT_MAX_BATCH_SIZE, help="Triton max_batch_size of every model (and TensorRT profile max)."),
     max_seq_len: int = typer.Option(DEFAULT_MAX_SEQ_LEN, help="Texts are truncated to this many tokens."),
@@ -82,6 +83,8 @@ def export_command(
     """Export the text encoder, image encoder and fusion head to validated ONNX (plus INT8/FP16
     variants that pass their quality gates) and write a Triton model repository with a release
     manifest. With no options it builds the default models for the portable target."""
+    from .pipeline import ExportOptions, Exporter, default_runtimes
+
     options = ExportOptions(
         output=output, target=target, text_model=text_model, image_encoder=image_encoder,
         image_weights=image_weights, fusion_checkpoint=fusion_checkpoint,
@@ -89,7 +92,7 @@ def export_command(
         serve_variants=_parse_serve_variants(serve_variant), max_batch_size=max_batch_size,
         max_seq_len=max_seq_len, seq_buckets=_parse_seq_buckets(seq_buckets), max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels, max_text_bytes=max_text_bytes, atol=atol, image_fit=image_fit, seeds=seeds,
-        gpu=gpu, runtimes=tuple(dict.fromkeys(["onnxruntime", *runtime])), tune=tune)
+        gpu=gpu, runtimes=tuple(dict.fromkeys(["onnxruntime", *(runtime or default_runtimes())])), tune=tune)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console) as progress:
@@ -154,16 +157,17 @@ def _gate_cell(gate: dict | None) -> str:
 
 def tune_command(
     repository: Path = typer.Argument(DEFAULT_OUTPUT, help="Repository written by `mmrec export`."),
-    runtime: list[str] = typer.Option(list(default_runtimes()), "--runtime", help="Runtimes to consider (repeatable)."),
-    rounds: int = typer.Option(DEFAULT_ROUNDS, min=3, max=100, help="Interleaved timing rounds per case."),
+    runtime: list[str] = typer.Option([], "--runtime", help="Runtimes to consider (repeatable; default: every one installed here)."),
+    rounds: int = typer.Option(DEFAULT_TUNE_ROUNDS, min=3, max=100, help="Interleaved timing rounds per case."),
 ) -> None:
     """Time every admitted CPU variant of the encoders on this machine (ORT FP32/INT8, OpenVINO
     FP32/BF16/INT8) and serve the fastest pair that passed its gates; the manifest records the
     machine, the numbers and the choice. Run it on the serving machine after copying a repository."""
+    from .pipeline import default_runtimes
     from .tuning import TuneError, tune_repository
 
     try:
-        tuning = tune_repository(repository, tuple(runtime), rounds, progress=lambda m: console.print(m))
+        tuning = tune_repository(repository, tuple(runtime or default_runtimes()), rounds, progress=lambda m: console.print(m))
     except TuneError as err:
         console.print(f"[red]tune failed:[/red] {escape(str(err))}")
         raise typer.Exit(2)

@@ -28,6 +28,7 @@ from mmrec.model_repository.lib import runtime
 from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
 from mmrec.reference import torch_member
 from . import variants as var
+from .choices import DEFAULT_SEEDS, PRECISIONS, Reporter  # noqa: F401 - re-exported
 from .data import Item, categories_of, dataset_fingerprint, image_hash, load_items, split
 from .errors import ExportError, ModelSourceError, QualityGateError
 from .features import EncodedDataset, ItemFeatures, encode_dataset
@@ -43,12 +44,10 @@ from .text_int8 import calibration_texts, quantize_text_int8
 from .train import evaluate_fusion, seed_spread, train_fusion
 from .tuning import tune_repository
 
-PRECISIONS = ("fp32", "int8", "fp16")
 QUANTIZABLE = tuple(name for name, recipe in RECIPES.items() if recipe.quantizable)
 CALIBRATION_IMAGES = CALIBRATION_ITEMS
 CHECKPOINT_METADATA_KEY = "mmrec_fusion"
 DEFAULT_OUTPUT = DEFAULT_REPOSITORY
-DEFAULT_SEEDS = 5  # training seeds behind the reported mean +- std
 
 
 @dataclass
@@ -150,16 +149,6 @@ class ExportOptions:
 def default_runtimes() -> tuple[str, ...]:
     """Every CPU runtime installed here (ONNX Runtime always; OpenVINO when importable)."""
     return tuple(name for name in runtime.RUNTIMES if runtime.unavailable_reason(name) is None)
-
-
-class Reporter:
-    """Progress sink; the CLI passes a rich-based one, tests a silent one."""
-
-    def step(self, title: str, total: int | None = None) -> Callable[[int], None]:
-        return lambda n=1: None
-
-    def done(self, message: str) -> None:
-        pass
 
 
 @dataclass

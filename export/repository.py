@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -26,12 +25,7 @@ from mmrec.layout import CONFIG_FILE, MODEL_FILES, SOURCES, VERSION, RepositoryL
 from mmrec.preprocess import ServedContract
 from mmrec.schema import EnsembleSpec, ModelSpec, TensorSpec
 
-
-class Target(str, Enum):
-    portable = "portable"
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
-    tensorrt = "tensorrt"
+from .choices import Target  # noqa: F401 - re-exported (the CLI reads it from choices)
 
 
 MODEL_KIND = {Target.portable: "onnx", Target.onnxruntime: "onnx", Target.openvino: "onnx",

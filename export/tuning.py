@@ -33,6 +33,7 @@ from mmrec import schema
 from mmrec.machine import cpu_info
 from mmrec.stats import MET, Interval, aa_check, pooled_ratio
 from mmrec.model_repository.lib import runtime
+from .choices import DEFAULT_TUNE_ROUNDS
 from .errors import ExportError
 from .manifest import MANIFEST_FILE, package_versions, write_manifest
 from mmrec.layout import RepositoryLayout
@@ -41,7 +42,7 @@ from .variants import VARIANTS
 
 TUNED_MEMBERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
 CASES = {schema.TEXT_ENCODER: ((1, 16), (32, 64)), schema.IMAGE_ENCODER: ((1,), (32,))}
-DEFAULT_ROUNDS = 10  # rounds, not calls, are the independent repeats (mmrec.stats): ≥ 10 of them
+DEFAULT_ROUNDS = DEFAULT_TUNE_ROUNDS
 SLOT_S = 0.05  # an arm's calls in one round last about this long: rounds stay short and many
 MAX_CALLS_PER_ROUND = 3  # a round's median of 3 calls shrugs off one slow call
 TARGET_RUNTIMES = {Target.portable: runtime.RUNTIMES, Target.onnxruntime: ("onnxruntime",),

@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hard_dependencies import require
+
 from mmrec import schema
 from mmrec.export.repository import RepositoryPlan, Target, all_configs
 from mmrec.preprocess import PreprocessConfig
@@ -269,7 +271,7 @@ def test_helm_lint_strict(helm, name):
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_manifests_validate_against_kubernetes_schemas(helm, name, kube_version):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate = require("kubernetes_validate")
     s = SCENARIOS[name]
     docs = render(helm, s.values, s.sets, kube_version)
     checked = 0

@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-pytest.importorskip("mlperf_loadgen")
+from hard_dependencies import require
+
+require("mlperf_loadgen")
 
 from mmrec.benchmarks import open_loop  # noqa: E402
 from mmrec.server import free_ports  # noqa: E402

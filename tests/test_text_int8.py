@@ -12,7 +12,9 @@ import numpy as np
 import onnx
 import pytest
 
-pytest.importorskip("nncf")
+from hard_dependencies import require
+
+require("nncf")
 
 from mmrec import schema  # noqa: E402
 from mmrec.layout import RepositoryLayout  # noqa: E402
@@ -79,9 +81,7 @@ def test_graph_is_static_int8_with_fp32_embeddings(int8_model):
 
 @pytest.mark.parametrize("runtime_name", runtime.RUNTIMES)
 def test_int8_text_encoder_passes_gate(gate_inputs, int8_model, runtime_name):
-    reason = runtime.unavailable_reason(runtime_name)
-    if reason:
-        pytest.skip(reason)
+    skip_unless(runtime.unavailable_reason(runtime_name))
     g = gate_inputs
     fp32 = cpu_session(RepositoryLayout(g["root"]).model_file(schema.TEXT_ENCODER))
     reference, long_reference = _run(fp32, g["feeds"]), _run(fp32, g["long_feeds"])

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..choices import DEFAULT_IMAGE_ENCODER
 from ..errors import ModelSourceError
 
 
@@ -129,7 +130,6 @@ for _i, (_size, _dim) in enumerate([(224, 1280), (240, 1280), (260, 1408), (300,
     register_image_encoder(f"efficientnet-b{_i}", ImageEncoderEntry(
         _efficientnet_builder(f"efficientnet-b{_i}"), _dim, _size, **_IMAGENET))
 
-DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
 
 
 def load_image_encoder(name: str = DEFAULT_IMAGE_ENCODER,
