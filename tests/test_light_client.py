@@ -60,7 +60,9 @@ def test_the_base_install_ranks_items_without_the_heavy_packages(light_venv, tri
     candidates = _write_items(tmp_path, sample_items[4:12], "candidates")
     command = ["score", "--history", str(history), "--items", str(candidates), "--url", triton_server.urls["grpc"],
                "--format", "jsonl"]
-    light = subprocess.run([str(light_venv / "bin" / "mmrec"), *command], capture_output=True, text=True, timeout=300)
+    # cwd outside the checkout: its mmrec/ folder must not shadow the installed package
+    light = subprocess.run([str(light_venv / "bin" / "mmrec"), *command], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
     assert light.returncode == 0, light.stdout[-2000:] + light.stderr[-4000:]
     full = subprocess.run([sys.executable, "-m", "mmrec.cli", *command], capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-4000:]
@@ -75,5 +77,5 @@ def test_the_base_install_ranks_items_without_the_heavy_packages(light_venv, tri
     # the command starts without the export stack: no torch import on the way to `score`
     probe = subprocess.run([str(python), "-c", "import mmrec.cli, sys; "
                             "print(sorted(m for m in ('torch', 'onnx', 'openvino') if m in sys.modules))"],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stdout + probe.stderr

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
-import onnxruntime as ort
+
+if TYPE_CHECKING:  # the session comes from the caller's factory (runtime.make_session)
+    import onnxruntime as ort
 
 INDEX_FILE = "index.json"
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
