@@ -298,8 +298,11 @@ def overload_section(repository: Path, capacity: dict, slo_ms: float, payloads, 
     if pair:
         from .spill_over import run_pair
 
-        result["pair"] = run_pair(repository, payloads, slo_ms, workdir, running_server=running_server,
-                                  progress=progress, **pair)
+        if len(os.sched_getaffinity(0)) < 2:
+            result["pair"] = {"skipped": "two replicas on their own cores need at least 2 usable cores"}
+        else:
+            result["pair"] = run_pair(repository, payloads, slo_ms, workdir, running_server=running_server,
+                                      progress=progress, **pair)
     result["prometheus_failures"] = {reason: after[reason] - before.get(reason, 0.0) for reason in after}
     result[MANIFEST_KEY] = {"policy": asdict(policy),
                             "models": models, "service_ms": service_ms}

@@ -519,8 +519,8 @@ def _soak_lines(soak: dict | None) -> list[str]:
 
 
 def _pair_lines(pair: dict | None) -> list[str]:
-    if not pair:
-        return []
+    if not pair or "rounds" not in pair:
+        return [f"- spill-over pair: not run ({pair['skipped']})"] if pair and pair.get("skipped") else []
     replicas = "; ".join(f"cores {r['cores']}: {_f(r['capacity_rps'])}/s, idle {_f(r['service_ms'])} ms, "
                          f"queue {r['policy']['max_queue_size']}" for r in pair["replicas"])
     rounds = pair["rounds"]

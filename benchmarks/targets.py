@@ -413,8 +413,9 @@ def _soak(results: dict, tid: str, description: str) -> TargetResult:
 def _spill_over(results: dict, tid: str, description: str) -> TargetResult:
     section = _overload(results)
     pair = (section or {}).get("pair")
-    if not pair:
-        return _not_measured(tid, description, "≥ 0.9× capacity sum", "overload section or its pair not run")
+    if not pair or "goodput_over_capacity_sum" not in pair:
+        return _not_measured(tid, description, "≥ 0.9× capacity sum",
+                             (pair or {}).get("skipped") or "overload section or its pair not run")
     verdict, note = _judge(pair["goodput_over_capacity_sum"], pair["bound"], "above")
     capacities = " + ".join(f"{r['capacity_rps']:.1f}" for r in pair["replicas"])
     return TargetResult(tid, description, f"≥ {pair['bound']:g}× capacity sum",
