@@ -77,7 +77,7 @@ def small_server(small_repository, tmp_path_factory):
 def test_export_cli_passes_limit_options(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    import mmrec.export.cli as export_cli
+    import mmrec.export.pipeline as export_pipeline
     from mmrec.cli import app
 
     captured = {}
@@ -89,7 +89,7 @@ def test_export_cli_passes_limit_options(monkeypatch, tmp_path):
         def run(self):
             raise ExportError("stopped by the test before any work")
 
-    monkeypatch.setattr(export_cli, "Exporter", StopExporter)
+    monkeypatch.setattr(export_pipeline, "Exporter", StopExporter)  # the command imports it when it runs
     result = CliRunner().invoke(app, ["export", "-o", str(tmp_path / "repo"), "--max-image-bytes", "12000",
                                       "--max-image-pixels", "4096", "--max-text-bytes", "64",
                                       "--max-batch-size", "4"])

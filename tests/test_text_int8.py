@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from hard_dependencies import require
+from hard_dependencies import require, skip_unless
 
 require("nncf")
 
