@@ -70,7 +70,11 @@ class ClientTarget(Target):
         self._thread = threading.Thread(target=self.loop.run_forever, name="spill-over-client", daemon=True)
         self._thread.start()
         self.client = AsyncMMRecClient(list(urls), spill_over=spill_over, client_timeout=timeout_s)
-        self._wait(self.client.connect())
+        try:
+            self._wait(self.client.connect())
+        except BaseException:
+            self._stop_loop()
+            raise
 
     def _wait(self, coroutine, timeout_s: float = 120.0):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
@@ -80,7 +84,7 @@ class ClientTarget(Target):
             self.client.encode_items([self.requests[index % len(self.requests)]], client_timeout=timeout_s), self.loop)
 
         def done(f) -> None:
-            error = f.exception()
+            error = asyncio.CancelledError("cancelled") if f.cancelled() else f.exception()
             callback(result=None if error else f.result(), error=error)
 
         future.add_done_callback(done)
@@ -98,8 +102,13 @@ class ClientTarget(Target):
         try:
             self._wait(self.client.close(), 30)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 class RecordingClientTarget(Recording, ClientTarget):

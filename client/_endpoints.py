@@ -231,8 +231,9 @@ class Attempts:
         left = self.remaining_s()
         if left is not None and wait >= left:
             return False  # the backoff alone would outlast the deadline: report the failure now
-        if shed and wait and self.budget is not None and not self.budget.try_retry():
-            return False  # a move to a replica that has not shed it is free; a retry that waits is not
+        moving = shed and self.pool.has_other(self.shed_by)  # to a replica that has not shed it: free
+        if shed and not moving and self.budget is not None and not self.budget.try_retry():
+            return False  # back to replicas that shed it (after a backoff, or none configured): budgeted
         if wait:
             self.waits += 1
         self._next_wait = wait

@@ -57,6 +57,9 @@ def clear_repository(root: Path) -> list[str]:
     def change(config, counts) -> bool:
         had = config.dynamic_batching.HasField("default_queue_policy")
         config.dynamic_batching.ClearField("default_queue_policy")
+        if counts is not None and not counts and config.instance_group:
+            config.ClearField("instance_group")  # export wrote none: the one admission added goes
+            return True
         for group, count in zip(config.instance_group, counts or []):
             had |= group.count != count
             group.count = count

@@ -133,6 +133,6 @@ def policy_of(config) -> QueuePolicy | None:
     if not config.HasField("dynamic_batching") or not config.dynamic_batching.HasField("default_queue_policy"):
         return None
     queue = config.dynamic_batching.default_queue_policy
-    instances = min((group.count for group in config.instance_group), default=1)
+    instances = min((max(1, group.count) for group in config.instance_group), default=1)  # 0 means 1 to Triton
     return QueuePolicy(queue.max_queue_size, queue.default_timeout_microseconds, queue.allow_timeout_override,
                        instances)

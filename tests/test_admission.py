@@ -7,6 +7,7 @@ configs rewritten with a tiny queue) so a storm of concurrent requests overflows
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -415,9 +416,11 @@ def test_python_stubs_yield_the_cpu_to_the_server_and_admitted_models_run_two_in
     tritonserver = [p for p in [server, *server.children(recursive=True)] if p.name() == "tritonserver"]
     stubs = [p for p in server.children(recursive=True) if "triton_python_backend_stub" in p.name()]
     assert tritonserver and stubs
+    own = os.getpriority(os.PRIO_PROCESS, 0)  # a runner may itself run under nice
     for stub in stubs:
-        assert _thread_nice_values(stub.pid) == {COMPUTE_NICE}, (stub.cmdline(), _thread_nice_values(stub.pid))
-    assert _thread_nice_values(tritonserver[0].pid) == {0}
+        assert _thread_nice_values(stub.pid) == {max(COMPUTE_NICE, own)}, (stub.cmdline(),
+                                                                          _thread_nice_values(stub.pid))
+    assert _thread_nice_values(tritonserver[0].pid) == {own}
     item_stubs = [s for s in stubs if any(f"/{schema.ITEM_ENCODER}/" in part or part.endswith(f"/{schema.ITEM_ENCODER}")
                                           for part in s.cmdline())]
     assert len(item_stubs) == ADMITTED_INSTANCES, [s.cmdline() for s in stubs]

@@ -8,6 +8,7 @@ load it the same way, from an exported repository.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -31,4 +32,8 @@ def load_served_model(repository: Path, model: str) -> ModuleType:
         for name in siblings:  # the next model folder imports its own copies
             sys.modules.pop(name, None)
         sys.modules.update(saved)
+    if hasattr(module, "priority"):
+        # in-process, initialize() must not renice the test process: every server it starts
+        # later would inherit the nice value (lib/priority.py never lowers one again)
+        module.priority.yield_to_server = lambda nice=None: os.getpriority(os.PRIO_PROCESS, 0)
     return module

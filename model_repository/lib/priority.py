@@ -23,7 +23,12 @@ def yield_to_server(nice: int | None = None) -> int:
     every thread it has; threads it starts later inherit it. Linux keeps nice per thread, so
     one call on the calling thread would miss the stub's others. Never lowers a nice value
     (that needs privileges); returns the value in effect."""
-    target = nice if nice is not None else int(os.environ.get(NICE_ENV, COMPUTE_NICE) or 0)
+    if nice is None:
+        try:
+            nice = int(os.environ.get(NICE_ENV, COMPUTE_NICE) or 0)
+        except ValueError:  # a typo in the environment must not stop the model from loading
+            nice = COMPUTE_NICE
+    target = nice
     if not hasattr(os, "setpriority"):  # pragma: no cover - not Linux/Unix
         return 0
     try:
