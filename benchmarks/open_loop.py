@@ -311,6 +311,11 @@ class _Counters:
                 self.first_error = text.strip()[:500]
 
 
+def default_timeout_s(slo_ms: float) -> float:
+    """A sample's client deadline: well past the SLO, so a timed-out sample counts as over it."""
+    return max(1.0, 5 * slo_ms / 1e3)
+
+
 def run_rate(url: str | Target, payloads, qps: float, duration_s: float, slo_ms: float = DEFAULT_SLO_MS, *,
              min_queries: int = 1, timeout_s: float | None = None, seed: int = 0, max_error_rate: float = 0.0,
              drain: bool = True, drain_max_s: float = 30.0, log_dir: Path | None = None) -> dict:
@@ -326,7 +331,7 @@ def run_rate(url: str | Target, payloads, qps: float, duration_s: float, slo_ms:
         raise ValueError("qps and duration_s must be positive")
     own = not isinstance(url, Target)
     target = Target(url, payloads) if own else url
-    timeout_s = timeout_s if timeout_s is not None else max(1.0, 5 * slo_ms / 1e3)
+    timeout_s = timeout_s if timeout_s is not None else default_timeout_s(slo_ms)
     if timeout_s * 1e3 <= slo_ms:
         raise ValueError("timeout_s must exceed the SLO (a timed-out sample must count as over it)")
     counters = _Counters()

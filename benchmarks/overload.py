@@ -173,7 +173,7 @@ def run_overload(url: str, payloads, capacity_rps: float, slo_ms: float, *, fact
                 target.take()
                 last = i == len(factors) - 1 and r == rounds - 1
                 run_rate(target, None, qps, round_s, slo_ms, seed=100 * i + r, max_error_rate=1.0,
-                         drain=not last, timeout_s=max(1.0, 5 * slo_ms / 1e3))
+                         drain=not last)
                 records = target.take()
                 issued = [rec[0] for rec in records]
                 # per second of issuing (not of waiting for the last answers after it)
@@ -227,8 +227,7 @@ def soak(target: Target, qps: float, seconds: float, slo_ms: float, server_pid: 
     sampler.start()
     target.take()
     try:
-        run_rate(target, None, qps, seconds, slo_ms, seed=777, max_error_rate=1.0, drain=True,
-                 timeout_s=max(1.0, 5 * slo_ms / 1e3))
+        run_rate(target, None, qps, seconds, slo_ms, seed=777, max_error_rate=1.0, drain=True)
     finally:
         stop.set()
         sampler.join()

@@ -27,7 +27,7 @@ from mmrec import schema, stats
 from mmrec.admission import derive
 from mmrec.export.admission import apply_to_repository, clear_repository
 
-from .open_loop import Target, _as_payloads, describe_payloads, find_capacity, run_rate
+from .open_loop import Target, _as_payloads, default_timeout_s, describe_payloads, find_capacity, run_rate
 from .overload import GOODPUT_SHARE, Recording, shadow_repository, summarize, warm_up
 
 Progress = Callable[[str], None]
@@ -161,12 +161,11 @@ def run_pair(repository: Path, payloads, slo_ms: float, workdir: Path, *, rounds
             urls.append(server.urls["grpc"])
             with Target(server.urls["grpc"], payloads) as direct:  # each replica warm, not only the first
                 warm_up(direct)
-        target = stack.enter_context(RecordingClientTarget(urls, payloads, timeout_s=max(1.0, 5 * slo_ms / 1e3)))
+        target = stack.enter_context(RecordingClientTarget(urls, payloads, timeout_s=default_timeout_s(slo_ms)))
         for r in range(rounds):
             target.take()
             before = target.endpoint_counts()
-            run_rate(target, None, total, round_s, slo_ms, seed=500 + r, max_error_rate=1.0,
-                     timeout_s=max(1.0, 5 * slo_ms / 1e3))
+            run_rate(target, None, total, round_s, slo_ms, seed=500 + r, max_error_rate=1.0)
             records = target.take()
             issued = [rec[0] for rec in records]
             span = max(issued) - min(issued) if len(issued) > 1 else round_s
