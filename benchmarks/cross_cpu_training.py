@@ -32,13 +32,13 @@ def dump(path: str) -> None:
     from mmrec.export.features import encode_dataset
     from mmrec.export.models.image import load_image_encoder
     from mmrec.export.models.text import load_text_encoder, text_hidden_size
-    from mmrec.preprocess import TOKENIZER_FILE, PreprocessConfig
+    from mmrec.preprocess import TOKENIZER_FILE, ServedContract
 
     text_model, folder = load_text_encoder()
     image_model, entry, _ = load_image_encoder()
     items = load_items()
     parts = split(items, [image_hash(i) for i in items])
-    config = PreprocessConfig(image_size=entry.image_size, image_mean=entry.mean, image_std=entry.std,
+    config = ServedContract(image_size=entry.image_size, image_mean=entry.mean, image_std=entry.std,
                               categories=categories_of(items), text_dim=text_hidden_size(text_model),
                               image_dim=entry.feature_dim)
     dataset = encode_dataset(text_model, image_model, config, folder / TOKENIZER_FILE, items)

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from mmrec import schema
+from mmrec.export.repository import parse, render, runner_settings, set_runner_settings
 from mmrec.layout import SOURCES, RepositoryLayout
+from mmrec.model_repository.lib.runner_settings import RunnerSettings
 
 from .settings import FULL, Budget
 from .timing import time_calls
@@ -101,13 +102,16 @@ def repository_variant(base: Path, name: str, root: Path) -> Path:
     unknown = changes - {"nospin", "nodelay", "intra1"}
     if unknown:
         raise SystemExit(f"unknown variant part(s) {sorted(unknown)}; use nospin, nodelay, intra1")
-    for config in RepositoryLayout(target).config_files():
-        text = config.read_text()
-        if "nodelay" in changes:
-            text = re.sub(r"max_queue_delay_microseconds: \d+", "max_queue_delay_microseconds: 0", text)
-        if "intra1" in changes and config.parent.name in RUNNER_MODELS:  # also a merged item_encoder's <member>.*
-            text = re.sub(r'(key: "(?:\w+\.)?intra_op_threads"\s*value \{\s*string_value: )"\d+"', r'\1"1"', text)
-        config.write_text(text)
+    for config_file in RepositoryLayout(target).config_files():
+        config = parse(config_file.read_text())
+        if "nodelay" in changes and config.HasField("dynamic_batching"):
+            config.dynamic_batching.max_queue_delay_microseconds = 0
+        if "intra1" in changes and config.name in RUNNER_MODELS:
+            for member in (None, *ORT_MEMBERS):  # its own runner, or a merged item_encoder's <member>.*
+                if member is None or any(key in config.parameters for key in RunnerSettings.keys(member)):
+                    set_runner_settings(config, runner_settings(config, member).with_(intra_op_threads=1), member)
+        config_file.unlink()  # copytree may have linked it: never write through to the source
+        config_file.write_text(render(config))
     if "nospin" in changes:
         copies = [RepositoryLayout(target).version_dir(m) / SOURCES.lib_file("runtime").name for m in RUNNER_MODELS]
         for runner in (c for c in copies if c.is_file()):

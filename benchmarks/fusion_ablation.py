@@ -22,7 +22,7 @@ from mmrec.export.models.fusion import FusionConfig
 from mmrec.export.models.image import load_image_encoder
 from mmrec.export.models.text import load_text_encoder, text_hidden_size
 from mmrec.export.train import seed_spread
-from mmrec.preprocess import TOKENIZER_FILE, PreprocessConfig
+from mmrec.preprocess import TOKENIZER_FILE, ServedContract
 from .machine import RunStart, cpu_info, write_results
 
 ARMS = {"swish-pad": ("swish", "pad"), "relu6-pad": ("relu6", "pad"), "relu6-crop": ("relu6", "crop")}
@@ -37,7 +37,7 @@ def run(seeds: int = 5) -> dict:
         image_model, entry, _ = load_image_encoder()
         if activation == "swish":
             image_model.net.set_swish(memory_efficient=False)  # reproduces the pre-fix graph
-        config = PreprocessConfig(image_size=entry.image_size, image_mean=entry.mean, image_std=entry.std,
+        config = ServedContract(image_size=entry.image_size, image_mean=entry.mean, image_std=entry.std,
                                   image_fit=fit, categories=categories_of(items),
                                   text_dim=text_hidden_size(text_model), image_dim=entry.feature_dim)
         print(f"[{arm}] encoding {len(items)} items", file=sys.stderr, flush=True)

@@ -227,13 +227,13 @@ def padded_copy(repository: Path, into: Path) -> Path:
     import os
     import shutil
 
-    from mmrec.export.repository import CONFIG_FILE, parse, render
+    from mmrec.export.repository import CONFIG_FILE, parse, render, runner_settings, set_runner_settings
 
     copy = into / "padded"
     shutil.copytree(repository, copy, copy_function=os.symlink)
     config_file = copy / schema.TEXT_ENCODER / CONFIG_FILE
     config = parse(config_file.read_text())
-    del config.parameters["seq_buckets"]
+    set_runner_settings(config, runner_settings(config).with_(seq_buckets=(), length_input=""))
     config_file.unlink()
     config_file.write_text(render(config))
     return copy

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from mmrec import schema
+from mmrec.model_repository.lib.runner_settings import CatalogSettings
 
 from ._errors import InvalidItemError, MMRecError
 from ._requests import InferRequest, chunk_slices
@@ -34,10 +35,10 @@ class CatalogInfo:
 
 def catalog_info(config: dict, model: str) -> CatalogInfo:
     """Parse the catalog_scorer config (JSON form, as tritonclient returns it)."""
-    parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
     dims = next((t["dims"] for t in config.get("input", []) if t["name"] == schema.USER_EMBEDDING), None)
     try:
-        return CatalogInfo(model, int(dims[0]), int(parameters["max_k"]), int(parameters["default_k"]),
+        settings = CatalogSettings.from_parameters(config.get("parameters", {}))
+        return CatalogInfo(model, int(dims[0]), settings.max_k, settings.default_k,
                            int(config.get("max_batch_size", 0)) or 1)
     except (TypeError, KeyError, ValueError, IndexError):
         raise MMRecError(f"model {model!r} is not an mmrec catalog_scorer (config lacks {schema.USER_EMBEDDING} "

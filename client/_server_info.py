@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from mmrec import schema
-from mmrec.preprocess import ContractError, PreprocessConfig
+from mmrec.preprocess import ContractError, ServedContract
 
 from ._errors import MMRecError
 from ._items import Limits
@@ -55,7 +55,7 @@ class ServerInfo:
     max_batch_size: int
     categories: tuple[str, ...]
     item_dim: int
-    preprocess: PreprocessConfig
+    preprocess: ServedContract
     # the shortest queue budget of an admission policy on the models read (None: no policy);
     # a request's own `timeout` replaces it at the server, so the client never sends a longer one
     queue_budget_us: int | None = None
@@ -72,18 +72,18 @@ def _output_dims(config: dict, model: str, name: str) -> tuple[int, ...]:
     raise MMRecError(f"model {model!r} has no output {name!r}; is this an mmrec repository?")
 
 
-def _contract(configs: dict[str, dict], names: ModelNames) -> tuple[str, PreprocessConfig]:
+def _contract(configs: dict[str, dict], names: ModelNames) -> tuple[str, ServedContract]:
     model = next((m for m in (names.item_preprocess, names.item_preprocess_pixels) if m in configs), None)
     if model is None:
         raise MMRecError(f"none of {names.item_preprocess!r}, {names.item_preprocess_pixels!r} was read; "
                          "the client reads the served contract from one of them")
     try:
-        return model, PreprocessConfig.from_parameters(configs[model].get("parameters", {}))
+        return model, ServedContract.from_parameters(configs[model].get("parameters", {}))
     except ContractError as err:
         raise MMRecError(f"model {model!r}: {err}") from None
 
 
-def _check_outputs(contract: PreprocessConfig, configs: dict[str, dict], names: ModelNames) -> None:
+def _check_outputs(contract: ServedContract, configs: dict[str, dict], names: ModelNames) -> None:
     """The called ensemble's outputs must have the contract's widths (a mixed-up deployment)."""
     ensemble = next((m for m in (names.item_encoder, names.item_encoder_pixels) if m in configs), None)
     if ensemble is None:

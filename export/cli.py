@@ -192,6 +192,11 @@ def summarize_tuning(tuning: dict) -> None:
         aa = measured.get("aa") or {}
         console.print(f"{member}: {escape(aa.get('why', 'no A/A arm'))}; "
                       f"{escape(tuning.get('decisions', {}).get(member, ''))}")
+    gated = tuning.get("gates", {})
+    for member, verdicts in gated.get("members", {}).items():
+        refused = {v: g["reasons"] for v, g in verdicts.items() if not g["passed"]}
+        console.print(f"{member}: {len(verdicts) - len(refused)} of {len(verdicts)} variants pass their gate on this machine"
+                      + "".join(f"; {v} refused ({escape('; '.join(r))})" for v, r in refused.items()))
 
 
 def _interval_cell(interval: dict) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from mmrec.model_repository.lib.image_preprocessing import ImageDecoder
 from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
-from mmrec.preprocess import PreprocessConfig
+from mmrec.preprocess import ServedContract
 from .data import Item
 
 Progress = Callable[[int], None]
@@ -97,7 +97,7 @@ def encode_pixels(model: torch.nn.Module, pixels: np.ndarray, batch_size: int = 
     return np.concatenate(out)
 
 
-def encode_dataset(text_model, image_model, config: PreprocessConfig, tokenizer_file,
+def encode_dataset(text_model, image_model, config: ServedContract, tokenizer_file,
                    items: list[Item], progress: Progress | None = None,
                    tokenizer: TextTokenizer | None = None) -> EncodedDataset:
     """Tokenize, decode and encode every item once (fixed thread count, batch order by id);

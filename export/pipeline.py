@@ -6,7 +6,6 @@ every gate passed, so a failed export never leaves a half-written repository beh
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from mmrec.export_defaults import DEFAULT_REPOSITORY
 from mmrec.layout import FUSION_CHECKPOINT, RepositoryLayout  # noqa: F401 - FUSION_CHECKPOINT re-exported
 from mmrec.preprocess import (DEFAULT_IMAGE_FIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGE_BYTES,
                               DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_TEXT_BYTES,
-                              DEFAULT_SEQ_BUCKETS, IMAGE_FITS, TOKENIZER_FILE, PreprocessConfig)
+                              DEFAULT_SEQ_BUCKETS, IMAGE_FITS, TOKENIZER_FILE, ServedContract)
 from mmrec.model_repository.lib import runtime
 from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
 from mmrec.reference import torch_member
@@ -32,6 +31,7 @@ from .choices import DEFAULT_SEEDS, PRECISIONS, Reporter  # noqa: F401 - re-expo
 from .data import Item, categories_of, dataset_fingerprint, image_hash, load_items, split
 from .errors import ExportError, ModelSourceError, QualityGateError
 from .features import EncodedDataset, ItemFeatures, encode_dataset
+from .gates import Fuse, GateSet, VariantGates, gate_set_file, variant_outputs
 from .manifest import file_entry, package_versions, sha256_file, sha256_tree, write_manifest
 from .models.fusion import FusionConfig, FusionHead
 from .models.image import DEFAULT_IMAGE_ENCODER, IMAGE_ENCODERS, load_image_encoder
@@ -157,7 +157,7 @@ class Sources:
     text_folder: Path
     image_model: torch.nn.Module
     image_weights: Path
-    preprocess: PreprocessConfig
+    preprocess: ServedContract
     items: list[Item]
     train: list[Item]
     validation: list[Item]
@@ -188,7 +188,7 @@ def load_sources(options: ExportOptions) -> Sources:
     image_model, entry, weights = load_image_encoder(options.image_encoder, options.image_weights)
     items = load_items()
     parts = split(items, [image_hash(item) for item in items])
-    preprocess = PreprocessConfig(
+    preprocess = ServedContract(
         max_seq_len=options.max_seq_len, seq_buckets=options.seq_buckets,
         image_size=entry.image_size, image_mean=entry.mean, image_std=entry.std,
         image_fit=options.image_fit, categories=categories_of(items), max_batch_size=options.max_batch_size,
@@ -200,7 +200,7 @@ def load_sources(options: ExportOptions) -> Sources:
                    parts.validation, parts.held_out, options.image_encoder)
 
 
-def load_fusion_checkpoint(path: Path, preprocess: PreprocessConfig) -> FusionHead:
+def load_fusion_checkpoint(path: Path, preprocess: ServedContract) -> FusionHead:
     """A user's fusion head: safetensors with its FusionConfig and categories in the metadata."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -246,12 +246,6 @@ def ort_outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarr
     return np.concatenate([session.run(None, feed)[0] for feed in feeds])
 
 
-def variant_outputs(path: Path, variant: var.Variant, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """Run feeds through a variant's runtime at its precision, concatenating the first output."""
-    session = runtime.open_session(path, variant.runtime, 0, variant.precision)
-    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
-
-
 def _variant_fields(variant: var.Variant) -> dict:
     return {"graph": variant.graph, "runtime": variant.runtime, "precision": variant.precision}
 
@@ -293,7 +287,7 @@ class Exporter:
             if options.tune and options.target is not Target.tensorrt and not options.gpu:
                 tick = self.reporter.step("tuning: timing the admitted CPU variants on this machine")
                 tuning = tune_repository(root, options.runtimes, progress=self.reporter.done,
-                                         fixed=options.serve_variants)
+                                         fixed=options.serve_variants, regate_here=False)
                 tick()
                 manifest = RepositoryLayout(root).read_manifest()
                 self.reporter.done("serving " + ", ".join(f"{m}={v}" for m, v in tuning["chosen"].items()))
@@ -362,8 +356,8 @@ class Exporter:
         # TensorRT plans are gated one by one against FP32 in _tensorrt; the ONNX mix is not served
         combination = None
         if gates and o.target is not Target.tensorrt:
-            combination = gates.served_combination(o.serve_variants)
-            manifest_combinations = gates.all_combinations(models)
+            combination = served_combination(gates, o.serve_variants)
+            manifest_combinations = all_combinations(gates, models)
         else:
             manifest_combinations = []
 
@@ -433,13 +427,18 @@ class Exporter:
         if not wanted and o.runtimes == ("onnxruntime",):
             return None
         feeds, long_feeds = self._gate_feeds(sources, dataset, tokenizer)
-        gates = VariantGates(fusion, held_f, len(p.categories), p.categories)
+        gates = VariantGates(torch_fuse(fusion), {schema.TEXT_ENCODER: held_f.text, schema.IMAGE_ENCODER: held_f.image},
+                             held_f.labels, len(p.categories))
         for name in QUANTIZABLE:
             if name not in fp32:
                 continue
             gates.reference[name] = ort_outputs(fp32[name]["file"], feeds[name])
         long_reference = (ort_outputs(fp32[schema.TEXT_ENCODER]["file"], long_feeds)
                           if schema.TEXT_ENCODER in fp32 else None)
+        # the same inputs travel with the repository: `mmrec tune` gates again where it serves
+        GateSet({m: feeds[m] for m in gates.reference}, long_feeds if long_reference is not None else [],
+                held_f.labels, gates.fallback).save(gate_set_file(staging.parent),
+                                                    pixels_u8=dataset.pixels[dataset.rows(sources.held_out)])
         for name in list(gates.reference):
             graphs = {"fp32": fp32[name]["file"]}
             for graph in wanted:
@@ -531,79 +530,35 @@ class Exporter:
         return recipe.calibration_feed(self._inputs)
 
 
-class VariantGates:
-    """Held-out FP32 references, and the gates of single variants and of the served mix.
-
-    A member's variant is judged with the other member at FP32; the combination actually
-    served (e.g. text int8 + image fp16) is judged again as a whole on the fused item
-    embedding and interest predictions, because errors of two variants add up.
-    """
-
-    def __init__(self, fusion: FusionHead, held_f: ItemFeatures, num_categories: int,
-                 categories: tuple[str, ...]) -> None:
-        self.fusion = fusion
-        self.held_f = held_f
-        self.num_categories = num_categories
-        self.categories = categories
-        self.reference: dict[str, np.ndarray] = {}
-        self.variant_outputs: dict[tuple[str, str], np.ndarray] = {}
-
-    def _features(self, chosen: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        text = chosen.get(schema.TEXT_ENCODER, self.reference.get(schema.TEXT_ENCODER, self.held_f.text))
-        image = chosen.get(schema.IMAGE_ENCODER, self.reference.get(schema.IMAGE_ENCODER, self.held_f.image))
-        return text, image
-
-    def _fuse(self, text: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def torch_fuse(fusion: FusionHead) -> Fuse:
+    """The trained PyTorch fusion head as the gates' fusion (export's own; tune uses the graph)."""
+    def fuse(text: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            item, probs, _ = self.fusion(torch.from_numpy(text), torch.from_numpy(image))
+            item, probs, _ = fusion(torch.from_numpy(text), torch.from_numpy(image))
         return item.numpy(), probs.numpy().argmax(1)
 
-    def gate_member(self, name: str, variant: str, embeddings: np.ndarray,
-                    long_pair: tuple[np.ndarray, np.ndarray] | None) -> var.GateResult:
-        self.variant_outputs[(name, variant)] = embeddings
-        _, ref_pred = self._fuse(*self._features({}))
-        _, var_pred = self._fuse(*self._features({name: embeddings}))
-        return var.quality_gate(variant, self.reference[name], embeddings, self.held_f.labels, ref_pred,
-                                var_pred, self.num_categories, long_inputs=long_pair)
+    return fuse
 
-    def combination_gate(self, chosen: dict[str, str]) -> var.GateResult:
-        """Gate of the fused outputs when the chosen member variants are served together."""
-        ref_item, ref_pred = self._fuse(*self._features({}))
-        var_item, var_pred = self._fuse(*self._features(
-            {m: self.variant_outputs[(m, v)] for m, v in chosen.items()}))
-        label = "+".join(f"{m}={v}" for m, v in sorted(chosen.items()))
-        return var.quality_gate(label, ref_item, var_item, self.held_f.labels, ref_pred, var_pred,
-                                self.num_categories)
 
-    def served_combination(self, serve_variants: dict[str, str]) -> dict | None:
-        """Gate of the fused outputs of every non-FP32 member served together, or None."""
-        chosen = {m: v for m, v in serve_variants.items() if v != "fp32" and (m, v) in self.variant_outputs}
-        if not chosen:
-            return None
-        gate = self.combination_gate(chosen)
-        if not gate.passed:
-            raise QualityGateError(f"the served combination {gate.variant} fails its gate on the fused "
-                                   "item embedding: " + "; ".join(gate.reasons))
-        return {"variants": chosen, "gate": gate.to_dict()}
+def served_combination(gates: VariantGates, serve_variants: dict[str, str]) -> dict | None:
+    """Gate of the fused outputs of every non-FP32 member served together, or None."""
+    chosen = {m: v for m, v in serve_variants.items() if v != "fp32" and (m, v) in gates.variant_outputs}
+    if not chosen:
+        return None
+    gate = gates.combination_gate(chosen)
+    if not gate.passed:
+        raise QualityGateError(f"the served combination {gate.variant} fails its gate on the fused "
+                               "item embedding: " + "; ".join(gate.reasons))
+    return {"variants": chosen, "gate": gate.to_dict()}
 
-    def all_combinations(self, models: dict) -> list[dict]:
-        """The combination gate of every pair of admitted CPU variants of the two encoders, so
-        `mmrec tune` can serve the fastest pair that passes without the held-out data."""
-        admitted = {name: ["fp32"] + [v for v, e in models[name]["variants"].items()
+
+def all_combinations(gates: VariantGates, models: dict) -> list[dict]:
+    """The combination gate of every pair of admitted CPU variants of the two encoders, so
+    `mmrec tune` can serve the fastest pair that passes (it gates them again on its machine)."""
+    return gates.combinations({name: [v for v, e in models[name]["variants"].items()
                                       if e.get("written") and v != "fp32" and var.VARIANTS[v].cpu
-                                      and (name, v) in self.variant_outputs]
-                    for name in self.reference}
-        names = sorted(admitted)
-        pairs = [dict(zip(names, choice)) for choice in itertools.product(*(admitted[n] for n in names))]
-        results = []
-        for pair in pairs:
-            chosen = {m: v for m, v in pair.items() if v != "fp32"}
-            if not chosen:
-                continue
-            gate = self.combination_gate(chosen)
-            results.append({"variants": pair, "passed": gate.passed, "mean_cosine": round(gate.mean_cosine, 6),
-                            "neighbour_agreement": round(gate.neighbour_agreement, 4), "reasons": gate.reasons})
-        return results
+                                      and (name, v) in gates.variant_outputs]
+                               for name in gates.reference})
 
 
 def source_identity(path: Path, sha256: str) -> dict:

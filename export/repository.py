@@ -22,6 +22,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from mmrec import schema
 from mmrec.layout import CONFIG_FILE, MODEL_FILES, SOURCES, VERSION, RepositoryLayout, source_file  # noqa: F401
+from mmrec.model_repository.lib.runner_settings import OPENVINO_BF16_KEY, RunnerSettings
 from mmrec.preprocess import ServedContract
 from mmrec.schema import EnsembleSpec, ModelSpec, TensorSpec
 
@@ -164,42 +165,46 @@ def member_config(spec: ModelSpec, plan: RepositoryPlan) -> mc.ModelConfig:
     if spec.kind == "python":  # every python model carries the whole contract (client reads one)
         _set_parameters(config, contract)
     elif plan.target is Target.portable:
-        _set_parameters(config, member_runtime_parameters(spec.name, plan))
-        if spec.name == schema.TEXT_ENCODER:  # the runner computes each row at its length bucket
-            _set_parameters(config, {"seq_buckets": contract["seq_buckets"], "length_input": schema.ATTENTION_MASK})
+        _set_parameters(config, member_runner_settings(spec.name, plan).to_parameters())
     elif plan.target is Target.openvino and spec.kind == "onnx":
-        _set_parameters(config, openvino_parameters(spec.name, plan))
+        # the backend sizes threads to the container unless pinned: no single-thread members here
+        settings = member_runner_settings(spec.name, plan).with_(intra_op_threads=plan.intra_op_threads)
+        _set_parameters(config, settings.to_openvino_backend())
     if spec.name == schema.FUSION:  # kept for clients older than the contract parameters
         _set_parameters(config, {"categories": contract["categories"]})
     return config
 
 
-# The OpenVINO backend passes on only INFERENCE_NUM_THREADS, COMPILATION_NUM_THREADS, HINT_BF16
-# (YES), NUM_STREAMS and PERFORMANCE_HINT; any other key (e.g. INFERENCE_PRECISION_HINT) is dropped.
-OPENVINO_BF16_KEY = "HINT_BF16"
-
-
-def openvino_parameters(name: str, plan: RepositoryPlan) -> dict[str, str]:
-    """The OpenVINO backend's properties: one latency stream, BF16 when that variant was chosen,
-    threads only where pinned (else the backend sizes them to the container).
-
-    The backend cannot force FP32: on a CPU with native BF16 OpenVINO runs BF16 by default, so
-    export refuses the openvino target's FP32 variants on such a machine (see ExportOptions)."""
-    _, precision = plan.member_runtimes.get(name, ("openvino", "fp32"))
-    parameters = {"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
-    if precision == "bf16":
-        parameters[OPENVINO_BF16_KEY] = "YES"
-    if plan.intra_op_threads:
-        parameters["INFERENCE_NUM_THREADS"] = str(plan.intra_op_threads)
-    return parameters
-
-
-def member_runtime_parameters(member: str, plan: RepositoryPlan) -> dict[str, str]:
-    """How the portable runner runs one ONNX member: threads, runtime, precision, core share."""
-    threads = 1 if member in SINGLE_THREAD_MEMBERS and not plan.intra_op_threads else plan.intra_op_threads
+def member_runner_settings(member: str, plan: RepositoryPlan) -> RunnerSettings:
+    """How one ONNX member is run: the runtime and precision chosen for it, its share of the
+    cores, and (text encoder) its rows at their length bucket."""
     runtime, precision = plan.member_runtimes.get(member, ("onnxruntime", "fp32"))
-    return {"intra_op_threads": str(threads), "runtime": runtime, "precision": precision,
-            "cpu_share": str(CPU_SHARES.get(member, 1))}
+    single = member in SINGLE_THREAD_MEMBERS and not plan.intra_op_threads
+    buckets = plan.contract.seq_buckets if member == schema.TEXT_ENCODER else ()
+    return RunnerSettings(runtime=runtime, precision=precision, intra_op_threads=1 if single else plan.intra_op_threads,
+                          cpu_share=CPU_SHARES.get(member, 1), seq_buckets=buckets,
+                          length_input=schema.ATTENTION_MASK if buckets else "")
+
+
+def runner_settings(config: mc.ModelConfig, member: str | None = None) -> RunnerSettings:
+    """The runner settings a config holds (`member`: a merged model's `<member>.` keys); the
+    OpenVINO backend's keys on the openvino target."""
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
+    if config.backend == "openvino":
+        return RunnerSettings.from_openvino_backend(parameters)
+    return RunnerSettings.from_parameters(parameters, member)
+
+
+def set_runner_settings(config: mc.ModelConfig, settings: RunnerSettings, member: str | None = None) -> None:
+    """Replace the runner settings in a config (the OpenVINO backend's keys on the openvino target)."""
+    if config.backend == "openvino":
+        for key in (OPENVINO_BF16_KEY, *settings.to_openvino_backend()):
+            config.parameters.pop(key, None)
+        _set_parameters(config, settings.to_openvino_backend())
+        return
+    for key in RunnerSettings.keys(member):
+        config.parameters.pop(key, None)
+    _set_parameters(config, settings.to_parameters(member))
 
 
 def merged_item_encoder_config(ensemble: EnsembleSpec, plan: RepositoryPlan) -> mc.ModelConfig:
@@ -216,21 +221,22 @@ def merged_item_encoder_config(ensemble: EnsembleSpec, plan: RepositoryPlan) -> 
     _set_parameters(config, plan.contract.to_parameters())
     layout = RepositoryLayout(Path("."))
     for member in ITEM_PIPELINE_MEMBERS:
-        settings = member_runtime_parameters(member, plan)
-        settings["cpu_share"] = str(ITEM_PIPELINE_CPU_SHARES.get(member, 1))
-        # relative to this model's folder: the member's served graph, whatever tune swaps into it
-        settings["model_file"] = Path("..", layout.model_file(member)).as_posix()
-        _set_parameters(config, {f"{member}.{key}": value for key, value in settings.items()})
+        settings = member_runner_settings(member, plan).with_(
+            cpu_share=ITEM_PIPELINE_CPU_SHARES.get(member, 1),
+            # relative to this model's folder: the member's served graph, whatever tune swaps into it
+            model_file=Path("..", layout.model_file(member)).as_posix(),
+            seq_buckets=(), length_input="")  # the merged model reads the buckets from its contract
+        _set_parameters(config, settings.to_parameters(member))
     return config
 
 
 def set_member_runtime(config: mc.ModelConfig, member: str, runtime: str, precision: str) -> None:
-    """Record a member's runtime and precision in a runner config (the member's own, or a merged
-    model's `<member>.` keys where it has them)."""
-    for prefix in ("", member + "."):
-        if prefix + "runtime" in config.parameters:
-            config.parameters[prefix + "runtime"].string_value = runtime
-            config.parameters[prefix + "precision"].string_value = precision
+    """Record a member's runtime and precision in a config that runs it: the member's own, a
+    merged model's `<member>.` keys where it has them, or the OpenVINO backend's."""
+    scope = None if config.name == member else member
+    if scope and not any(key in config.parameters for key in RunnerSettings.keys(scope)):
+        return  # a merged model that does not run this member
+    set_runner_settings(config, runner_settings(config, scope).with_(runtime=runtime, precision=precision), scope)
 
 
 def ensemble_config(ensemble: EnsembleSpec, max_batch_size: int) -> mc.ModelConfig:
@@ -273,20 +279,40 @@ PYTHON_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     schema.ITEM_PREPROCESS_PIXELS: ("item_preprocess",
                                     ("served_contract", "text_preprocessing", "image_preprocessing")),
 }
-ITEM_PIPELINE = ("item_pipeline", ("served_contract", "text_preprocessing", "image_preprocessing", "runtime"))
+ITEM_PIPELINE = ("item_pipeline", ("served_contract", "text_preprocessing", "image_preprocessing", "runtime",
+                                   "runner_settings"))
 TOKENIZER_USERS = (schema.TOKENIZER, schema.ITEM_PREPROCESS, schema.ITEM_PREPROCESS_PIXELS, schema.ITEM_ENCODER)
-ORT_RUNNER = ("ort_runner", ("runtime",))  # the portable target's model.py for every ONNX member
-CATALOG_SCORER_SOURCES = ("catalog_scorer", ("catalog_scan", "runtime"))  # copied by `mmrec index`
+ORT_RUNNER = ("ort_runner", ("runtime", "runner_settings"))  # the portable target's model.py for every ONNX member
+CATALOG_SCORER_SOURCES = ("catalog_scorer", ("catalog_scan", "runtime", "runner_settings"))  # copied by `mmrec index`
 
 
-EVERY_PYTHON_MODEL = ("priority",)  # lib modules every thin model imports
+EVERY_PYTHON_MODEL = ("priority", "tensor_names")  # lib modules every thin model imports
+# lib modules that import a sibling (`from . import x`, flat `import x` in the stub): copied with it.
+# tests/test_python_models.py checks this against the modules' own imports.
+LIB_IMPORTS: dict[str, tuple[str, ...]] = {
+    "runtime": ("runner_settings",),
+    "catalog_scan": ("runner_settings",),
+    "image_preprocessing": ("served_contract",),
+}
+
+
+def with_lib_imports(libraries: tuple[str, ...]) -> tuple[str, ...]:
+    """`libraries` and every sibling they import, in first-seen order."""
+    found: list[str] = []
+    pending = list(libraries)
+    while pending:
+        module = pending.pop(0)
+        if module not in found:
+            found.append(module)
+            pending.extend(LIB_IMPORTS.get(module, ()))
+    return tuple(found)
 
 
 def copy_python_model(source: str, libraries: tuple[str, ...], version_dir: Path) -> None:
     """A thin model.py and the library modules it imports, into one version folder."""
     model = source_file(SOURCES.python_model(source))
     shutil.copyfile(model, Path(version_dir) / model.name)
-    for module in (*EVERY_PYTHON_MODEL, *libraries):
+    for module in with_lib_imports((*EVERY_PYTHON_MODEL, *libraries)):
         library = source_file(SOURCES.lib_file(module))
         shutil.copyfile(library, Path(version_dir) / library.name)
 

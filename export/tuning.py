@@ -2,8 +2,10 @@
 
 Which of ORT FP32, ORT INT8, OpenVINO FP32/BF16/INT8 is fastest depends on the CPU (AMX, AVX-512
 VNNI/BF16, or plain AVX2) and on the batch size, so it is measured, not assumed. Only variants
-that passed their quality gates at export are candidates, and the pair served together must have
-passed the combination gate the export recorded (`manifest["combinations"]`).
+that passed their quality gates are candidates, and the pair served together must pass the
+combination gate. The gates run again here (`regate`, on the held-out inputs export saved in
+the repository): INT8 and BF16 numerics differ between CPUs, so a variant that passed on the
+export machine is refused where it fails (recorded in the manifest's `tuning.gates`).
 
 Method, per encoder (mmrec.stats): every candidate runs the same inputs at batch 1 and at batch
 32 (text: 16 and 64 tokens) with the thread count it will be served with, in `rounds` short
@@ -25,7 +27,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 
@@ -35,9 +37,10 @@ from mmrec.stats import MET, Interval, aa_check, pooled_ratio
 from mmrec.model_repository.lib import runtime
 from .choices import DEFAULT_TUNE_ROUNDS
 from .errors import ExportError
+from .gates import GateSet, VariantGates, gate_set_file, onnx_fuse, variant_outputs
 from .manifest import MANIFEST_FILE, package_versions, write_manifest
 from mmrec.layout import RepositoryLayout
-from .repository import CPU_SHARES, OPENVINO_BF16_KEY, Target, merged_ensembles, parse, render, set_member_runtime
+from .repository import CPU_SHARES, Target, merged_ensembles, parse, render, set_member_runtime
 from .variants import VARIANTS
 
 TUNED_MEMBERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
@@ -105,24 +108,71 @@ def time_interleaved(sessions: dict[str, runtime.Session], feed: dict[str, np.nd
     return times, calls
 
 
-def candidates_of(manifest: dict, member: str, runtimes: tuple[str, ...]) -> dict[str, dict]:
-    """Admitted CPU variants of a member that can run here, by variant name."""
+def candidates_of(manifest: dict, member: str, runtimes: tuple[str, ...],
+                  refused: Collection[str] = ()) -> dict[str, dict]:
+    """Admitted CPU variants of a member that can run here, by variant name (`refused`: those
+    that failed their gate on this machine)."""
     found = {}
     for name, entry in manifest["models"][member]["variants"].items():
         spec = VARIANTS.get(name)
         if (spec is None or not spec.cpu or spec.runtime not in runtimes or not entry.get("path")
-                or not (entry.get("written") or name == REFERENCE)):
+                or not (entry.get("written") or name == REFERENCE) or name in refused):
             continue
         if runtime.unavailable_reason(spec.runtime, spec.precision) is None:
             found[name] = entry
     return found
 
 
+def regate(root: Path, manifest: dict, runtimes: tuple[str, ...], progress: Callable[[str], None]) -> dict | None:
+    """Every admitted candidate of the encoders gated again on this machine, on the held-out
+    inputs export saved (`gates.GateSet`), and every pair of those that pass; None when the
+    repository has no gate set (written before it existed: export's verdicts stand)."""
+    path = gate_set_file(root)
+    if not path.is_file():
+        return None
+    layout = RepositoryLayout(root)
+    contract = layout.read_contract()
+    gate_set = GateSet.load(path, contract)
+    gates = VariantGates(onnx_fuse(layout.model_file(schema.FUSION)), gate_set.fallback, gate_set.labels,
+                         len(contract.categories))
+    members: dict[str, dict] = {}
+    admitted: dict[str, list[str]] = {}
+    for member in (m for m in TUNED_MEMBERS if m in gate_set.feeds and m in manifest["models"]):
+        candidates = candidates_of(manifest, member, runtimes)
+        if REFERENCE not in candidates:
+            raise TuneError(f"{member}: the FP32 graph is missing from the repository; re-export it")
+        progress(f"{member}: gating {len(candidates) - 1} variants again on this machine")
+        feeds, long_feeds = gate_set.feeds[member], (gate_set.long_feeds if member == schema.TEXT_ENCODER else [])
+        reference_file = root / candidates[REFERENCE]["path"]
+        gates.reference[member] = variant_outputs(reference_file, VARIANTS[REFERENCE], feeds)
+        long_reference = variant_outputs(reference_file, VARIANTS[REFERENCE], long_feeds) if long_feeds else None
+        members[member], admitted[member] = {}, [REFERENCE]
+        for name, entry in candidates.items():
+            if name == REFERENCE:
+                continue
+            spec = VARIANTS[name]
+            embeddings = variant_outputs(root / entry["path"], spec, feeds)
+            long_pair = (long_reference, variant_outputs(root / entry["path"], spec, long_feeds)) if long_feeds else None
+            gate = gates.gate_member(member, name, embeddings, long_pair)
+            gate.evaluated_on = f"{spec.runtime} {spec.precision} on this machine"
+            members[member][name] = gate.to_dict()
+            if gate.passed:
+                admitted[member].append(name)
+            else:
+                progress(f"{member} ({name}) refused on this machine: {'; '.join(gate.reasons)}")
+    return {"members": members, "combinations": gates.combinations(admitted)}
+
+
+def refused_here(gated: dict | None, member: str) -> set[str]:
+    """Variants of `member` that failed their gate on this machine."""
+    return {v for v, g in ((gated or {}).get("members", {}).get(member, {})).items() if not g["passed"]}
+
+
 def measure_member(root: Path, manifest: dict, member: str, runtimes: tuple[str, ...], rounds: int,
-                   progress: Callable[[str], None]) -> dict:
+                   progress: Callable[[str], None], refused: Collection[str] = ()) -> dict:
     """Per-round latency of every candidate of one member and of the A/A arm, and each
     candidate's speed-up over ORT FP32."""
-    candidates = candidates_of(manifest, member, runtimes)
+    candidates = candidates_of(manifest, member, runtimes, refused)
     if REFERENCE not in candidates:
         raise TuneError(f"{member}: the FP32 graph is missing from the repository; re-export it")
     threads = runtime.thread_budget(0, CPU_SHARES.get(member, 1))
@@ -259,13 +309,8 @@ def serve_variant(root: Path, manifest: dict, member: str, variant: str, target:
                 entry["path"] = served_path
     config_file = layout.config_file(member)
     config = parse(config_file.read_text())
-    if target is Target.openvino:
-        if spec.precision == "bf16":
-            config.parameters[OPENVINO_BF16_KEY].string_value = "YES"
-        else:
-            config.parameters.pop(OPENVINO_BF16_KEY, None)
-    elif target is Target.portable:
-        set_member_runtime(config, member, spec.runtime, spec.precision)
+    set_member_runtime(config, member, spec.runtime, spec.precision)
+    if target is Target.portable:
         for merged in merged_ensembles(target):  # a merged item_encoder runs the member too
             merged_file = layout.config_file(merged)
             merged_config = parse(merged_file.read_text())
@@ -277,10 +322,11 @@ def serve_variant(root: Path, manifest: dict, member: str, variant: str, target:
 
 def tune_repository(root: Path, runtimes: tuple[str, ...] | None = None, rounds: int = DEFAULT_ROUNDS,
                     progress: Callable[[str], None] = lambda message: None,
-                    fixed: dict[str, str] | None = None) -> dict:
-    """Measure, choose and serve the fastest admitted variant of each encoder (members in
-    `fixed`, chosen by the user, keep their variant); returns the manifest's `tuning` record
-    (also written into manifest.json)."""
+                    fixed: dict[str, str] | None = None, regate_here: bool = True) -> dict:
+    """Gate again, measure, choose and serve the fastest admitted variant of each encoder
+    (members in `fixed`, chosen by the user, keep their variant); returns the manifest's
+    `tuning` record (also written into manifest.json). `regate_here=False`: the gates export
+    just ran on this same machine stand (export's own tuning)."""
     fixed = dict(fixed or {})
     root = Path(root)
     manifest_file = root / MANIFEST_FILE
@@ -295,15 +341,22 @@ def tune_repository(root: Path, runtimes: tuple[str, ...] | None = None, rounds:
     allowed = tuple(r for r in (runtimes or runtime.RUNTIMES) if r in TARGET_RUNTIMES[target])
     if target is Target.openvino:
         allowed = ("onnxruntime",) + allowed  # the FP32 reference is timed with ORT
+    gated = regate(root, manifest, allowed, progress) if regate_here else None
+    for member, variant in fixed.items():
+        if variant in refused_here(gated, member):
+            raise TuneError(f"{member} [{variant}] was pinned at export but fails its quality gate on this machine: "
+                            + "; ".join(gated["members"][member][variant]["reasons"]))
     members = [m for m in TUNED_MEMBERS if m in manifest["models"] and m not in fixed]
-    measured = {m: measure_member(root, manifest, m, allowed, rounds, progress) for m in members}
+    measured = {m: measure_member(root, manifest, m, allowed, rounds, progress, refused_here(gated, m))
+                for m in members}
     fallback = REFERENCE
     if target is Target.openvino:  # the OpenVINO backend serves OpenVINO variants only
         fallback = "openvino-fp32"
         for m in measured:
             measured[m]["variants"] = {v: r for v, r in measured[m]["variants"].items()
                                        if VARIANTS[v].runtime == "openvino" or v == REFERENCE}
-    choice, combination = choose_pair(measured, manifest.get("combinations", []), fixed, fallback)
+    combinations = gated["combinations"] if gated is not None else manifest.get("combinations", [])
+    choice, combination = choose_pair(measured, combinations, fixed, fallback)
     for member, variant in choice.items():
         if variant != manifest["models"][member]["served_variant"]:
             serve_variant(root, manifest, member, variant, target)
@@ -319,6 +372,8 @@ def tune_repository(root: Path, runtimes: tuple[str, ...] | None = None, rounds:
                     "openvino_capabilities": list(runtime.openvino_capabilities())},
         "versions": {k: v for k, v in package_versions().items() if k in ("onnxruntime", "openvino")},
         "runtimes": list(allowed), "rule": RULE, "members": measured, "chosen": choice,
-        "decisions": {m: decision(measured[m], v, fallback) for m, v in choice.items()}, "fixed_by_user": fixed}
+        "decisions": {m: decision(measured[m], v, fallback) for m, v in choice.items()}, "fixed_by_user": fixed,
+        "gates": gated if gated is not None else {
+            "where": "export machine" if not regate_here else "export machine (no gate set in this repository: re-export)"}}
     write_manifest(root, manifest)
     return manifest["tuning"]

@@ -22,11 +22,10 @@ from . import schema
 from .index_graph import MODEL_FILE, RERANK_MARGIN, write_scan_graph
 from .index_store import CatalogIndexError, IndexStore
 from .layout import RepositoryLayout
-from .model_repository.lib.catalog_scan import INDEX_FILE, PREPACKING_MODES
+from .model_repository.lib.catalog_scan import INDEX_FILE
+from .model_repository.lib.runner_settings import DEFAULT_K, DEFAULT_MAX_K, CatalogSettings  # noqa: F401
 
 STAGING_PREFIX = ".staging-"
-DEFAULT_MAX_K = 1000
-DEFAULT_K = 10
 DEFAULT_KEEP = 2  # versions kept on disk: the served one and one to roll back to
 
 
@@ -34,24 +33,8 @@ class PublishError(CatalogIndexError):
     """A version could not be written, or the server did not load it."""
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    """catalog_scorer config parameters (the same for every version, so a load is a pure swap)."""
-
-    max_k: int = DEFAULT_MAX_K
-    default_k: int = DEFAULT_K
-    intra_op_threads: int = 0
-    prepacking: str = "auto"  # auto | on | off: see lib/catalog_scan.CatalogScan
-
-    def __post_init__(self) -> None:
-        if self.max_k < 1 or not 1 <= self.default_k <= self.max_k:
-            raise ValueError(f"need 1 <= default_k <= max_k, got default_k={self.default_k}, max_k={self.max_k}")
-        if self.prepacking not in PREPACKING_MODES:
-            raise ValueError(f"prepacking must be one of {PREPACKING_MODES}, got {self.prepacking!r}")
-
-    def parameters(self) -> dict[str, str]:
-        return {"max_k": str(self.max_k), "default_k": str(self.default_k),
-                "intra_op_threads": str(self.intra_op_threads), "prepacking": self.prepacking}
+# catalog_scorer's config parameters; their owner is lib/runner_settings.py (the served model reads them there)
+ServeOptions = CatalogSettings
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The served contract under its historical names (`PreprocessConfig`, `DEFAULT_*`).
+"""The served contract's names for mmrec code (`ServedContract`, `DEFAULT_*`).
 
 The contract itself lives in `mmrec.model_repository.lib.served_contract`, the bottom layer, so
 the thin Triton models (which cannot import mmrec) read the very same class.
@@ -11,4 +11,3 @@ from mmrec.model_repository.lib.served_contract import (  # noqa: F401 - re-expo
     TOKENIZER_FILE, ContractError, ServedContract, normalize_buckets, parse_buckets)
 
 PREPROCESS_FILE = CONTRACT_FILE
-PreprocessConfig = ServedContract

@@ -20,6 +20,7 @@ from .layout import RepositoryLayout
 from .model_repository.lib.image_preprocessing import ImageDecoder
 from .model_repository.lib.text_preprocessing import TextTokenizer
 from .model_repository.lib import runtime
+from .model_repository.lib.runner_settings import RunnerSettings
 from .preprocess import ServedContract
 from .schema import user_vector  # noqa: F401 - the reference's name for it
 
@@ -31,20 +32,19 @@ def ort_member(path: Path, intra_op_threads: int = 0) -> Member:
     return session_member(runtime.make_session(path, intra_op_threads))
 
 
-def served_runtime(repository: Path, member: str) -> tuple[str, str]:
-    """(runtime, precision) a member is served with: the portable runner's config parameters,
-    or the OpenVINO backend's (openvino target)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
+def served_settings(repository: Path, member: str) -> RunnerSettings:
+    """The runner settings a member is served with: the portable runner's config parameters, or
+    the OpenVINO backend's (openvino target)."""
+    from mmrec.export.repository import parse, runner_settings
 
     config = RepositoryLayout(repository).config_file(member)
-    parameters = text_format.Parse(config.read_text(), mc.ModelConfig()).parameters if config.is_file() else {}
-    if config.is_file() and text_format.Parse(config.read_text(), mc.ModelConfig()).backend == "openvino":
-        bf16 = "HINT_BF16" in parameters and parameters["HINT_BF16"].string_value.upper() == "YES"
-        return "openvino", "bf16" if bf16 else "fp32"
-    runtime_name = parameters["runtime"].string_value if "runtime" in parameters else "onnxruntime"
-    precision = parameters["precision"].string_value if "precision" in parameters else "fp32"
-    return runtime_name, precision
+    return runner_settings(parse(config.read_text())) if config.is_file() else RunnerSettings()
+
+
+def served_runtime(repository: Path, member: str) -> tuple[str, str]:
+    """(runtime, precision) a member is served with."""
+    settings = served_settings(repository, member)
+    return settings.runtime, settings.precision
 
 
 def session_member(session) -> Member:

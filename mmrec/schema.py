@@ -57,39 +57,12 @@ def _seq(name: str) -> TensorSpec:
     return TensorSpec(name, "INT64", (-1,), {0: SEQUENCE_AXIS})
 
 
-# --- member models -----------------------------------------------------------------------------
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-PIXEL_VALUES = "pixel_values"
-TEXT_EMBEDDING = "text_embedding"
-IMAGE_EMBEDDING = "image_embedding"
-ITEM_EMBEDDING_MEMBER = "item_embedding"
-INTEREST_PROBS_MEMBER = "interest_probs"
-ALIGNMENT_MEMBER = "alignment"
-USER_EMBEDDING_MEMBER = "user_embedding"
-SCORE_MEMBER = "score"
-
-# --- public ensemble tensors (what clients send and receive) -----------------------------------
-TEXT = "TEXT"
-IMAGE = "IMAGE"
-PIXELS = "PIXEL_VALUES"
-USER_EMBEDDING = "USER_EMBEDDING"
-ITEM_EMBEDDING = "ITEM_EMBEDDING"
-INTEREST_PROBS = "INTEREST_PROBS"
-ALIGNMENT = "ALIGNMENT"
-SCORE = "SCORE"
-
-TOKENIZER = "tokenizer"
-IMAGE_PREPROCESS = "image_preprocess"
-ITEM_PREPROCESS = "item_preprocess"
-ITEM_PREPROCESS_PIXELS = "item_preprocess_pixels"
-TEXT_ENCODER = "text_encoder"
-IMAGE_ENCODER = "image_encoder"
-FUSION = "fusion"
-SCORER = "scorer"
-ITEM_ENCODER = "item_encoder"
-ITEM_ENCODER_PIXELS = "item_encoder_pixels"
-INTEREST_SCORER = "interest_scorer"
+# Names shared with the served code live in model_repository/lib/tensor_names.py (one definition).
+from .model_repository.lib.tensor_names import (  # noqa: E402,F401 - re-exported
+    ALIGNMENT, ALIGNMENT_MEMBER, ATTENTION_MASK, FUSION, IMAGE, IMAGE_EMBEDDING, IMAGE_ENCODER, IMAGE_PREPROCESS,
+    INPUT_IDS, INTEREST_PROBS, INTEREST_PROBS_MEMBER, INTEREST_SCORER, ITEM_EMBEDDING, ITEM_EMBEDDING_MEMBER,
+    ITEM_ENCODER, ITEM_ENCODER_PIXELS, ITEM_PREPROCESS, ITEM_PREPROCESS_PIXELS, PIXEL_VALUES, PIXELS, SCORE,
+    SCORE_MEMBER, SCORER, TEXT, TEXT_EMBEDDING, TEXT_ENCODER, TOKENIZER, USER_EMBEDDING, USER_EMBEDDING_MEMBER)
 
 ONNX_MODELS = (TEXT_ENCODER, IMAGE_ENCODER, FUSION, SCORER)
 PYTHON_MODELS = (TOKENIZER, IMAGE_PREPROCESS, ITEM_PREPROCESS, ITEM_PREPROCESS_PIXELS)

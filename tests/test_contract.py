@@ -91,3 +91,111 @@ def test_merged_item_encoder_uses_the_schema_names(exported_repository):
     config = parse(RepositoryLayout(exported_repository).config_file(schema.ITEM_ENCODER).read_text())
     assert module.PUBLIC_OUTPUTS == tuple(o.name for o in config.output)
     assert [i.name for i in config.input] == [schema.TEXT, schema.IMAGE]
+
+
+# ---- runner and catalog settings: one owner (lib/runner_settings.py) --------------------------
+
+def test_runner_settings_round_trip_plain_prefixed_and_triton_forms():
+    from mmrec.model_repository.lib.runner_settings import RunnerSettings
+
+    settings = RunnerSettings(runtime="openvino", precision="bf16", intra_op_threads=2, cpu_share=2,
+                              model_file="../text_encoder/1/model.onnx", seq_buckets=(16, 32),
+                              length_input=schema.ATTENTION_MASK)
+    for member in (None, schema.TEXT_ENCODER):
+        parameters = settings.to_parameters(member)
+        assert set(parameters) <= set(RunnerSettings.keys(member))
+        assert RunnerSettings.from_parameters(parameters, member) == settings
+        triton = {k: {"string_value": v} for k, v in parameters.items()}
+        assert RunnerSettings.from_parameters(triton, member) == settings
+    # a merged model's keys of one member are not another member's, nor the model's own
+    prefixed = settings.to_parameters(schema.TEXT_ENCODER)
+    assert RunnerSettings.from_parameters(prefixed, schema.IMAGE_ENCODER) == RunnerSettings()
+    assert RunnerSettings.from_parameters(prefixed) == RunnerSettings()
+    assert "seq_buckets" not in RunnerSettings().to_parameters()  # empty optional fields are left out
+
+
+def test_runner_settings_refuse_what_no_runner_can_run():
+    from mmrec.model_repository.lib.runner_settings import RunnerSettings, SettingsError
+
+    for bad in ({"runtime": "tensorflow"}, {"precision": "fp8"}, {"cpu_share": "0"}, {"intra_op_threads": "x"}):
+        with pytest.raises(SettingsError, match=next(iter(bad))):
+            RunnerSettings.from_parameters(bad)
+
+
+def test_openvino_backend_keys_are_translated_by_the_same_owner():
+    from mmrec.model_repository.lib.runner_settings import OPENVINO_BF16_KEY, RunnerSettings
+
+    bf16 = RunnerSettings(runtime="openvino", precision="bf16", intra_op_threads=3)
+    keys = bf16.to_openvino_backend()
+    assert keys[OPENVINO_BF16_KEY] == "YES"
+    assert RunnerSettings.from_openvino_backend(keys) == bf16
+    assert OPENVINO_BF16_KEY not in RunnerSettings(runtime="openvino").to_openvino_backend()
+
+
+def test_set_member_runtime_rewrites_own_merged_and_openvino_configs():
+    """What `mmrec tune` changes when it serves another variant, in each kind of config."""
+    from pathlib import Path
+
+    from mmrec.export.choices import Target
+    from mmrec.export.repository import RepositoryPlan, all_configs, runner_settings, set_member_runtime
+
+    def plan(target: Target) -> RepositoryPlan:
+        return RepositoryPlan(target=target, contract=CONTRACT, member_files={}, tokenizer_file=Path("t"))
+
+    portable = all_configs(plan(Target.portable))
+    own, merged = portable[schema.TEXT_ENCODER], portable[schema.ITEM_ENCODER]
+    for config in (own, merged):
+        set_member_runtime(config, schema.TEXT_ENCODER, "openvino", "bf16")
+    assert (runner_settings(own).runtime, runner_settings(own).precision) == ("openvino", "bf16")
+    assert runner_settings(own).seq_buckets == CONTRACT.seq_buckets  # the rest is kept
+    text_in_merged = runner_settings(merged, schema.TEXT_ENCODER)
+    assert (text_in_merged.runtime, text_in_merged.precision) == ("openvino", "bf16")
+    assert text_in_merged.model_file  # kept
+    assert runner_settings(merged, schema.IMAGE_ENCODER).runtime == "onnxruntime"  # untouched
+    set_member_runtime(merged, schema.SCORER, "openvino", "fp32")  # not a merged member: no keys added
+    assert not any(k.startswith(schema.SCORER + ".") for k in merged.parameters)
+
+    openvino = all_configs(plan(Target.openvino))[schema.IMAGE_ENCODER]
+    set_member_runtime(openvino, schema.IMAGE_ENCODER, "openvino", "bf16")
+    assert runner_settings(openvino).precision == "bf16"
+    set_member_runtime(openvino, schema.IMAGE_ENCODER, "openvino", "fp32")
+    assert runner_settings(openvino).precision == "fp32"
+
+
+def test_catalog_settings_are_written_and_read_by_one_owner():
+    from mmrec.client._catalog import catalog_info
+    from mmrec.index_publish import ServeOptions
+    from mmrec.model_repository.lib.runner_settings import CatalogSettings, SettingsError
+
+    settings = CatalogSettings(max_k=50, default_k=5, intra_op_threads=1, prepacking="off")
+    assert ServeOptions is CatalogSettings
+    assert CatalogSettings.from_parameters(settings.to_parameters()) == settings
+    config = {"parameters": {k: {"string_value": v} for k, v in settings.to_parameters().items()},
+              "input": [{"name": schema.USER_EMBEDDING, "dims": [256]}], "max_batch_size": 8}
+    info = catalog_info(config, schema.CATALOG_SCORER)
+    assert (info.max_k, info.default_k, info.dim) == (50, 5, 256)
+    for bad in ({"max_k": "5", "default_k": "6"}, {"default_k": "1"}, {"max_k": "5", "default_k": "1", "prepacking": "x"}):
+        with pytest.raises(SettingsError):
+            CatalogSettings.from_parameters(bad)
+
+
+def test_library_modules_copied_with_the_siblings_they_import():
+    """A lib module that imports a sibling (`from .x`, flat `from x` in Triton's stub) must have
+    that sibling copied beside it: export's LIB_IMPORTS is checked against the code."""
+    import ast
+
+    from mmrec.export.repository import LIB_IMPORTS
+    from mmrec.layout import SOURCES
+
+    lib = SOURCES.lib_file("runtime").parent
+    modules = {p.stem for p in lib.glob("*.py") if p.stem != "__init__"}
+    found = {}
+    for module in modules:
+        tree = ast.parse((lib / f"{module}.py").read_text())
+        siblings = {node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module in modules}
+        siblings |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                     for alias in node.names if alias.name in modules}
+        if siblings:
+            found[module] = tuple(sorted(siblings))
+    assert found == {k: tuple(sorted(v)) for k, v in LIB_IMPORTS.items()}

@@ -36,7 +36,7 @@ from hard_dependencies import require
 
 from mmrec import schema
 from mmrec.export.repository import RepositoryPlan, Target, all_configs
-from mmrec.preprocess import PreprocessConfig
+from mmrec.preprocess import ServedContract
 from mmrec.server import ServerConfig
 from k8s_sim import ServiceProxy, expand_kubelet_vars
 
@@ -128,7 +128,7 @@ def _item_encoder_closure() -> list[str]:
     """item_encoder and the members its ensemble steps call, as the export defines them today
     (on the portable target item_encoder is one python model reading those members' files, so
     they stay part of what an explicit load names)."""
-    layout = RepositoryPlan(Target.onnxruntime, PreprocessConfig(categories=("a", "b")), {}, Path("t.json"))
+    layout = RepositoryPlan(Target.onnxruntime, ServedContract(categories=("a", "b")), {}, Path("t.json"))
     ensemble = all_configs(layout)[schema.ITEM_ENCODER]
     return [schema.ITEM_ENCODER] + sorted({step.model_name for step in ensemble.ensemble_scheduling.step})
 
@@ -252,7 +252,7 @@ def _quantity_bytes(q: str | int) -> int:
 
 
 def _configs(s: Scenario):
-    layout = RepositoryPlan(s.target, PreprocessConfig(categories=("animals", "food", "vehicles"),
+    layout = RepositoryPlan(s.target, ServedContract(categories=("animals", "food", "vehicles"),
                                                          max_batch_size=s.max_batch_size),
                               {}, Path("tokenizer.json"), gpu=s.export_gpu)
     return all_configs(layout)
@@ -486,7 +486,7 @@ def _full_batch_output_bytes(config) -> int:
     for out in config.output:
         size = config.max_batch_size * DTYPE_BYTES.get(mc.DataType.Name(out.data_type), 8)
         for d in out.dims:
-            size *= d if d > 0 else PreprocessConfig().max_seq_len
+            size *= d if d > 0 else ServedContract().max_seq_len
         total += size
     return total
 
@@ -537,7 +537,7 @@ def _written_python_sources(target: Target, tmp_path: Path) -> list[Path]:
     for name in schema.ONNX_MODELS:
         members[name] = tmp_path / f"{name}.bin"
         members[name].write_bytes(b"")
-    layout = RepositoryPlan(target, PreprocessConfig(categories=("a", "b")), members, tokenizer)
+    layout = RepositoryPlan(target, ServedContract(categories=("a", "b")), members, tokenizer)
     out = tmp_path / "repository"
     write_repository(layout, out)
     sources = sorted(out.glob("*/1/*.py"))

@@ -12,7 +12,7 @@ from mmrec.export.data import duplicate_groups, image_hash, load_items, split
 from mmrec.export.errors import QualityGateError
 from mmrec.export.features import ItemFeatures
 from mmrec.export.models.fusion import FusionConfig, FusionHead
-from mmrec.export.pipeline import VariantGates
+from mmrec.export.pipeline import VariantGates, served_combination, torch_fuse
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def _gates(seed: int = 0) -> tuple[VariantGates, ItemFeatures]:
     image = rng.standard_normal((n, 1280)).astype(np.float32)
     fusion = FusionHead(FusionConfig(num_categories=classes)).eval()
     held = ItemFeatures(text, image, labels)
-    gates = VariantGates(fusion, held, classes, tuple("abcd"))
+    gates = VariantGates(torch_fuse(fusion), {schema.TEXT_ENCODER: text, schema.IMAGE_ENCODER: image}, labels, classes)
     gates.reference = {schema.TEXT_ENCODER: text, schema.IMAGE_ENCODER: image}
     return gates, held
 
@@ -117,9 +117,9 @@ def test_served_combination_is_gated_as_a_whole():
              schema.IMAGE_ENCODER: held.image + 0.01 * rng.standard_normal(held.image.shape).astype(np.float32)}
     for name, emb in small.items():
         assert gates.gate_member(name, "int8", emb, None).passed
-    combined = gates.served_combination({schema.TEXT_ENCODER: "int8", schema.IMAGE_ENCODER: "int8"})
+    combined = served_combination(gates, {schema.TEXT_ENCODER: "int8", schema.IMAGE_ENCODER: "int8"})
     assert combined["gate"]["passed"] and set(combined["variants"]) == set(small)
-    assert gates.served_combination({schema.TEXT_ENCODER: "fp32"}) is None
+    assert served_combination(gates, {schema.TEXT_ENCODER: "fp32"}) is None
 
 
 def test_a_combination_that_fails_is_refused():
@@ -128,7 +128,7 @@ def test_a_combination_that_fails_is_refused():
     for name, ref in ((schema.TEXT_ENCODER, held.text), (schema.IMAGE_ENCODER, held.image)):
         gates.gate_member(name, "fp16", ref + 2.0 * rng.standard_normal(ref.shape).astype(np.float32), None)
     with pytest.raises(QualityGateError, match="served combination"):
-        gates.served_combination({schema.TEXT_ENCODER: "fp16", schema.IMAGE_ENCODER: "fp16"})
+        served_combination(gates, {schema.TEXT_ENCODER: "fp16", schema.IMAGE_ENCODER: "fp16"})
 
 
 def test_long_inputs_are_part_of_the_gate():

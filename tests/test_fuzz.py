@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mmrec.preprocess import PreprocessConfig
+from mmrec.preprocess import ServedContract
 from mmrec.model_repository.lib import image_preprocessing, text_preprocessing
 from mmrec.model_repository.lib.image_preprocessing import ImageDecoder
 from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
@@ -77,17 +77,17 @@ class Tally:
 
 @pytest.fixture(scope="module")
 def tokenizer(exported_repository):
-    return TextTokenizer.for_contract(PreprocessConfig.load(exported_repository), RepositoryLayout(exported_repository).tokenizer_file())
+    return TextTokenizer.for_contract(ServedContract.load(exported_repository), RepositoryLayout(exported_repository).tokenizer_file())
 
 
 @lru_cache(maxsize=None)
 def decoder():
-    return ImageDecoder.for_contract(PreprocessConfig())  # the default limits: 16 MiB, 40 M pixels
+    return ImageDecoder.for_contract(ServedContract())  # the default limits: 16 MiB, 40 M pixels
 
 
 # ---- text -------------------------------------------------------------------------------------------
 
-LIMIT = PreprocessConfig().max_text_bytes
+LIMIT = ServedContract().max_text_bytes
 text_items = st.one_of(
     st.binary(max_size=300),
     st.text(st.characters(blacklist_categories=()), max_size=120),  # surrogates included

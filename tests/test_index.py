@@ -293,11 +293,11 @@ def test_scan_checks_width_values_and_k(tmp_path):
 # ---- unit: publishing -----------------------------------------------------------------------------------
 
 def test_publish_writes_atomic_versions_skips_unchanged_and_prunes(tmp_path):
-    from mmrec.preprocess import PreprocessConfig
+    from mmrec.preprocess import ServedContract
 
     repository = tmp_path / "repository"
     repository.mkdir()
-    PreprocessConfig(item_dim=D, max_batch_size=8).save(repository)
+    ServedContract(item_dim=D, max_batch_size=8).save(repository)
     with IndexStore.open(tmp_path / "ix", D) as store:
         build(store, entries(12), HashEncoder(), sync=True)
         first = publish(store, repository)

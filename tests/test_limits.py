@@ -2,7 +2,7 @@
 the server (and checked by the client before sending where it can).
 
 The small-limits repository is written from the default export's ONNX files with
-export.repository.write_repository and a PreprocessConfig carrying small limits, exactly what
+export.repository.write_repository and a ServedContract carrying small limits, exactly what
 `mmrec export --max-image-bytes ... --max-image-pixels ... --max-text-bytes ... --max-batch-size ...`
 produces, without re-running the ~1 min export.
 """
@@ -23,7 +23,7 @@ from mmrec.client import InvalidItemError, InvalidRequestError, MMRecClient
 from mmrec.export.errors import ExportError
 from mmrec.export.pipeline import ExportOptions
 from mmrec.export.repository import CONFIG_FILE, RepositoryPlan, Target, parse, write_repository
-from mmrec.preprocess import TOKENIZER_FILE, PreprocessConfig
+from mmrec.preprocess import TOKENIZER_FILE, ServedContract
 from test_bad_inputs import OUTPUTS, PROTOCOLS, STATUS, TOLERANCE, column, infer
 
 SMALL = dict(max_image_bytes=12_000, max_image_pixels=64 * 64, max_text_bytes=64, max_batch_size=4)
@@ -48,7 +48,7 @@ TEXT_OVER = "é" * 33  # 33 characters, 66 UTF-8 bytes: the limit counts bytes
 
 
 def small_plan(source: Path, **limits) -> RepositoryPlan:
-    preprocess = dataclasses.replace(PreprocessConfig.load(source), **limits)
+    preprocess = dataclasses.replace(ServedContract.load(source), **limits)
     return RepositoryPlan(Target.portable, preprocess,
                             {name: source / name / "1" / "model.onnx" for name in schema.ONNX_MODELS},
                             source / schema.TOKENIZER / "1" / TOKENIZER_FILE)
@@ -117,7 +117,7 @@ def test_export_sources_carry_the_limits_into_preprocess_config():
 
 
 def test_limits_are_written_into_configs_and_preprocess_json(small_repository):
-    assert {k: getattr(PreprocessConfig.load(small_repository), k) for k in SMALL} == SMALL
+    assert {k: getattr(ServedContract.load(small_repository), k) for k in SMALL} == SMALL
     expected = {"max_text_bytes": "64", "max_image_bytes": "12000", "max_image_pixels": "4096"}
     checked = 0
     for path in sorted(small_repository.glob(f"*/{CONFIG_FILE}")):

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmrec.preprocess import PreprocessConfig
+from mmrec.preprocess import ServedContract
 from mmrec.model_repository.lib import image_preprocessing, text_preprocessing
 from mmrec.model_repository.lib.image_preprocessing import ImageDecoder
 from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
 from mmrec.export.models.text import default_text_model_dir
 
-CONFIG = PreprocessConfig(max_image_bytes=200_000, max_image_pixels=1_000_000, max_text_bytes=64)
+CONFIG = ServedContract(max_image_bytes=200_000, max_image_pixels=1_000_000, max_text_bytes=64)
 
 
 @pytest.fixture(scope="module")

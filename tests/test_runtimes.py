@@ -222,6 +222,58 @@ def test_tune_records_the_machine_the_numbers_and_a_consistent_choice(tuned_repo
                 assert sha256_file(tuned_repository / entry["path"]) == entry["sha256"]
 
 
+def test_tune_gates_every_candidate_again_on_this_machine(tuned_repository):
+    """The gate set export saved reproduces export's own gates here (same inputs, same machine),
+    and every pair tune could serve was gated on this machine."""
+    manifest = manifest_of(tuned_repository)
+    gated = manifest["tuning"]["gates"]
+    for member in ENCODERS:
+        here = gated["members"][member]
+        measured = manifest["tuning"]["members"][member]["variants"]
+        assert set(measured) - {REFERENCE} <= set(here), "every timed candidate passed its gate here"
+        for variant, gate in here.items():
+            assert gate["evaluated_on"].endswith("on this machine")
+            at_export = manifest["models"][member]["variants"][variant]["gate"]
+            assert gate["mean_cosine"] == pytest.approx(at_export["mean_cosine"], abs=1e-4), (member, variant)
+            assert gate["neighbour_agreement"] == pytest.approx(at_export["neighbour_agreement"], abs=0.02)
+    served = {m: manifest["models"][m]["served_variant"] for m in ENCODERS}
+    if any(v != REFERENCE for v in served.values()):
+        pair = next(c for c in gated["combinations"] if c["variants"] == served)
+        assert pair["passed"]
+
+
+def _sabotage(graph: Path) -> None:
+    """Negate the graph's output: what a CPU whose INT8 kernels overflow might as well return."""
+    import onnx
+
+    model = onnx.load(str(graph))
+    output = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{output}_raw" if name == output else name for name in node.output]
+    model.graph.node.append(onnx.helper.make_node("Neg", [f"{output}_raw"], [output]))
+    onnx.save(model, str(graph))
+
+
+def test_tune_refuses_a_variant_that_fails_its_gate_on_this_machine(exported_repository, tmp_path):
+    """A candidate export admitted but that fails here is neither timed nor served; pinned, it stops tune."""
+    from mmrec.export.tuning import TuneError
+
+    root = tmp_path / "repository"
+    shutil.copytree(exported_repository, root)
+    manifest = manifest_of(root)
+    int8 = manifest["models"][schema.TEXT_ENCODER]["variants"]["int8"]
+    assert int8["written"], "the session export admitted text INT8 (its gate passed at export)"
+    _sabotage(root / int8["path"])
+    tuning = tune_repository(root, runtimes=("onnxruntime",), rounds=3)
+    verdict = tuning["gates"]["members"][schema.TEXT_ENCODER]["int8"]
+    assert not verdict["passed"] and any("cosine" in r for r in verdict["reasons"])
+    assert "int8" not in tuning["members"][schema.TEXT_ENCODER]["variants"]
+    assert manifest_of(root)["models"][schema.TEXT_ENCODER]["served_variant"] != "int8"
+    assert all(c["variants"][schema.TEXT_ENCODER] != "int8" for c in tuning["gates"]["combinations"])
+    with pytest.raises(TuneError, match="fails its quality gate on this machine"):
+        tune_repository(root, runtimes=("onnxruntime",), rounds=3, fixed={schema.TEXT_ENCODER: "int8"})
+
+
 @needs_openvino
 def test_openvino_variants_serve_through_triton(exported_repository, reference, tmp_path):
     """Serve the text encoder on OpenVINO FP32 and the image encoder on OpenVINO running the INT8
@@ -289,7 +341,7 @@ def test_a_bf16_cpu_gets_bf16_plumbing_and_no_false_fp32_on_the_openvino_target(
     from mmrec.export.errors import ExportError
     from mmrec.export.pipeline import ExportOptions
     from mmrec.export.repository import RepositoryPlan, all_configs, render
-    from mmrec.preprocess import PreprocessConfig
+    from mmrec.preprocess import ServedContract
 
     runtime.openvino_capabilities.cache_clear()
     monkeypatch.setattr(runtime, "openvino_capabilities", lambda: ("FP32", "INT8", "BF16"))
@@ -302,7 +354,7 @@ def test_a_bf16_cpu_gets_bf16_plumbing_and_no_false_fp32_on_the_openvino_target(
     with pytest.raises(ExportError, match="runs openvino only"):
         ExportOptions(output=tmp_path / "r", target=Target.openvino,
                       serve_variants={schema.IMAGE_ENCODER: "int8"}).validate()
-    plan = RepositoryPlan(Target.openvino, PreprocessConfig(categories=("a", "b")), {}, tmp_path / "t.json",
+    plan = RepositoryPlan(Target.openvino, ServedContract(categories=("a", "b")), {}, tmp_path / "t.json",
                           member_runtimes={m: ("openvino", "bf16") for m in ENCODERS})
     configs = all_configs(plan)
     for member in ENCODERS:

@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from mmrec import schema
 from mmrec.export.repository import (CONFIG_FILE, ITEM_PIPELINE_MEMBERS, RepositoryPlan, Target, all_configs,
                                      merged_ensembles, parse, render)
-from mmrec.preprocess import PreprocessConfig
+from mmrec.preprocess import ServedContract
 
 TOLERANCE = 1e-4
 PUBLIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -27,7 +27,7 @@ PROTOCOLS = {"grpc": grpcclient, "http": httpclient}
 
 @pytest.mark.parametrize("target", list(Target))
 def test_every_generated_config_parses_into_model_config(target, tmp_path):
-    layout = RepositoryPlan(target, PreprocessConfig(categories=("a", "b", "c")), {}, tmp_path / "t.json",
+    layout = RepositoryPlan(target, ServedContract(categories=("a", "b", "c")), {}, tmp_path / "t.json",
                               gpu=target is not Target.portable)
     configs = all_configs(layout)
     assert set(configs) == set(schema.PYTHON_MODELS + schema.ONNX_MODELS + schema.ENSEMBLES)

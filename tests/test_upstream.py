@@ -17,7 +17,7 @@ from PIL import Image
 
 from mmrec import metrics, schema
 from mmrec.photos import full_resolution_pixels, known_photos, phone_photo
-from mmrec.preprocess import PreprocessConfig
+from mmrec.preprocess import ServedContract
 from mmrec.layout import RepositoryLayout
 from mmrec.model_repository.lib.image_preprocessing import ImageDecoder
 from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
@@ -49,8 +49,8 @@ def package_pooled(net, pixels: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def preprocess(exported_repository) -> PreprocessConfig:
-    return PreprocessConfig.load(exported_repository)
+def preprocess(exported_repository) -> ServedContract:
+    return ServedContract.load(exported_repository)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,11 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 
+try:  # a sibling library module: `from .` in the package, flat beside model.py in Triton's stub
+    from .runner_settings import PREPACKING_MODES
+except ImportError:
+    from runner_settings import PREPACKING_MODES
+
 if TYPE_CHECKING:  # the session comes from the caller's factory (runtime.make_session)
     import onnxruntime as ort
 
@@ -53,9 +58,6 @@ def certified(kth_logit: np.ndarray, floor: np.ndarray, user_norm: np.ndarray, m
     return (gap > slack) | ((slack == 0) & (gap >= 0))
 
 
-PREPACKING_MODES = ("auto", "on", "off")
-
-
 # Why prepacking is a choice here: MLAS copies the [D, N] matrix into its GEMM panel layout (heap,
 # one copy per session), so a batch of users runs near the sgemm peak, while unpacked every batch
 # > 1 repacks the whole matrix per call (measured 2-3x slower). One user is the exception:
@@ -78,8 +80,8 @@ class CatalogScan:
 
     def __init__(self, folder: Path, make_session: SessionFactory, intra_op_threads: int = 0,
                  prepacking: str | bool = "auto") -> None:
-        """make_session: runtime.make_session (the one ORT session recipe; library modules do not
-        import each other, so the caller passes it). prepacking: "off" (one mmapped copy: least
+        """make_session: runtime.make_session (the one ORT session recipe; a benchmark may pass
+        another). prepacking: "off" (one mmapped copy: least
         memory, batches slower), "on" (one packed heap copy: batches fast, one user slower),
         "auto" (both sessions: one user unpacked, batches packed; the index twice in memory)."""
         folder = Path(folder)

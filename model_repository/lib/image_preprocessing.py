@@ -20,11 +20,15 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+try:  # a sibling library module: `from .` in the package, flat beside model.py in Triton's stub
+    from .served_contract import IMAGE_FITS as FITS
+except ImportError:
+    from served_contract import IMAGE_FITS as FITS
+
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 # Decode and box-reduce no further down than this multiple of the target side, so the final
 # bilinear resize still has real pixels to average (embedding cosine vs full decode >= 0.999).
 DRAFT_OVERSAMPLE = 2
-FITS = ("pad", "crop")  # served_contract.IMAGE_FITS (library modules do not import each other)
 CROP_MARGIN = 32  # "crop": shorter side to S + 32, centre S x S (TF EfficientNet eval recipe)
 
 

@@ -22,8 +22,10 @@ from typing import Protocol
 
 import numpy as np
 
-RUNTIMES = ("onnxruntime", "openvino")
-PRECISIONS = ("fp32", "bf16")  # inference precision of a float graph; int8 lives in the graph
+try:  # a sibling library module: `from .` in the package, flat beside model.py in Triton's stub
+    from .runner_settings import PRECISIONS, RUNTIMES, RunnerSettings
+except ImportError:
+    from runner_settings import PRECISIONS, RUNTIMES, RunnerSettings  # noqa: F401 - re-exported
 THREADS_ENV = "MMREC_ORT_INTRA_OP_THREADS"  # set by the Helm chart from the pod's CPU limit
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 _ORT_TO_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16",
@@ -212,6 +214,12 @@ class OpenVinoSession:
         request.infer(feed)
         # the request reuses its output buffers on the next call: hand out copies
         return [request.get_tensor(name).data.copy() for name in (output_names or self.output_names)]
+
+
+def open_configured(model_path: Path, settings: RunnerSettings) -> Session:
+    """A session as a member's runner settings say: runtime, precision, its share of the cores."""
+    return open_session(model_path, settings.runtime, thread_budget(settings.intra_op_threads, settings.cpu_share),
+                        settings.precision)
 
 
 def open_session(model_path: Path, runtime: str = "onnxruntime", threads: int = 0,

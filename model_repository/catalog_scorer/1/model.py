@@ -19,6 +19,7 @@ import numpy as np
 import priority  # lib/priority.py, copied beside this file by export
 import runtime  # copies of model_repository/lib/{catalog_scan,runtime}.py, put beside this file by `mmrec index`
 from catalog_scan import BadRequest, CatalogScan
+from runner_settings import CatalogSettings
 
 try:  # only present inside Triton
     import triton_python_backend_utils as pb_utils
@@ -32,14 +33,12 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         priority.yield_to_server()  # Triton's own threads first (lib/priority.py)
         config = json.loads(args["model_config"])
-        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        settings = CatalogSettings.from_parameters(config.get("parameters", {}))
         self.version = args["model_version"]
         self.model_name = args.get("model_name", config.get("name", "catalog_scorer"))
         folder = Path(args["model_repository"]) / self.version
-        self.scan = CatalogScan(folder, runtime.make_session, int(parameters.get("intra_op_threads", "0")),
-                                parameters.get("prepacking", "auto"))
-        self.max_k = int(parameters["max_k"])
-        self.default_k = int(parameters["default_k"])
+        self.scan = CatalogScan(folder, runtime.make_session, settings.intra_op_threads, settings.prepacking)
+        self.max_k, self.default_k = settings.max_k, settings.default_k
         self.user_name, self.k_name = (i["name"] for i in config["input"])
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
 

@@ -14,6 +14,7 @@ import numpy as np
 import priority  # lib/priority.py, copied beside this file by export
 from image_preprocessing import ImageDecoder, InvalidImage
 from served_contract import ServedContract
+from tensor_names import IMAGE, PIXEL_VALUES
 
 try:  # only present inside Triton
     import triton_python_backend_utils as pb_utils
@@ -29,13 +30,13 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.decoder = ImageDecoder.for_contract(ServedContract.from_parameters(config.get("parameters", {})))
         self.output_dtype = pb_utils.triton_string_to_numpy(
-            pb_utils.get_output_config_by_name(config, "pixel_values")["data_type"])
+            pb_utils.get_output_config_by_name(config, PIXEL_VALUES)["data_type"])
 
     def execute(self, requests: list) -> list:
         decoded: list[np.ndarray | tuple[str, int]] = []
         for request in requests:
             try:
-                tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
+                tensor = pb_utils.get_input_tensor_by_name(request, IMAGE)
                 if tensor is None:
                     raise InvalidImage("IMAGE input is missing")
                 raw = tensor.as_numpy().reshape(-1)
@@ -56,7 +57,7 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(*item)))
             else:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("pixel_values", next(outputs).astype(self.output_dtype))]))
+                    pb_utils.Tensor(PIXEL_VALUES, next(outputs).astype(self.output_dtype))]))
         return responses
 
     def finalize(self) -> None:

@@ -15,8 +15,8 @@ ensemble (see export/repository.py, `MERGED_ENSEMBLES`).
 
 It runs the members' own graphs (`<repository>/<member>/1/model.onnx`, named by the config's
 `<member>.model_file` parameters, relative to this model's folder) with the runtime and precision
-`mmrec tune` chose for each member (`<member>.runtime`, `<member>.precision`), so it always serves
-exactly what the members serve. Like an ensemble, it needs its members' folders beside it.
+`mmrec tune` chose for each member (the `<member>.` runner settings, lib/runner_settings.py), so it
+always serves exactly what the members serve. Like an ensemble, it needs its members' folders beside it.
 
 Validation is item_preprocess's: every request is checked on its own and a bad one gets
 INVALID_ARG naming what was wrong, without failing the others in the dynamic batch. If the
@@ -33,27 +33,17 @@ import numpy as np
 import priority  # lib/priority.py, copied beside this file by export
 import runtime  # copies of model_repository/lib/*.py that export puts beside this file
 from image_preprocessing import ImageDecoder
+from runner_settings import RunnerSettings
 from served_contract import TOKENIZER_FILE, ServedContract
+from tensor_names import (ATTENTION_MASK, FUSION, FUSION_OUTPUTS, IMAGE, IMAGE_EMBEDDING, IMAGE_ENCODER,
+                          INPUT_IDS, ITEM_OUTPUTS as PUBLIC_OUTPUTS, ITEM_PIPELINE_MEMBERS as MEMBERS,
+                          PIXEL_VALUES, TEXT, TEXT_EMBEDDING, TEXT_ENCODER)
 from text_preprocessing import TextTokenizer
 
 try:  # only present inside Triton
     import triton_python_backend_utils as pb_utils
 except ImportError:  # pragma: no cover - exercised outside the server
     pb_utils = None
-
-# Member tensor names: the same constants as mmrec.schema (tests/test_contract.py checks them).
-TEXT_ENCODER, IMAGE_ENCODER, FUSION = "text_encoder", "image_encoder", "fusion"
-MEMBERS = (TEXT_ENCODER, IMAGE_ENCODER, FUSION)
-INPUT_IDS, ATTENTION_MASK, PIXEL_VALUES = "input_ids", "attention_mask", "pixel_values"
-TEXT_EMBEDDING, IMAGE_EMBEDDING = "text_embedding", "image_embedding"
-FUSION_OUTPUTS = ("item_embedding", "interest_probs", "alignment")
-PUBLIC_OUTPUTS = ("ITEM_EMBEDDING", "INTEREST_PROBS", "ALIGNMENT")
-
-
-def member_settings(parameters: dict[str, str], member: str) -> dict[str, str]:
-    """The `<member>.<key>` parameters of one member, keys without the prefix."""
-    prefix = member + "."
-    return {k[len(prefix):]: v for k, v in parameters.items() if k.startswith(prefix)}
 
 
 class TritonPythonModel:
@@ -69,23 +59,19 @@ class TritonPythonModel:
         self.decoder = ImageDecoder.for_contract(contract)
         self.seq_buckets = contract.seq_buckets
         self.sessions = {}
-        for member in MEMBERS:
-            settings = member_settings(parameters, member)
-            threads = runtime.thread_budget(int(settings.get("intra_op_threads", "0")),
-                                            int(settings.get("cpu_share", "1")))
-            self.sessions[member] = runtime.open_session(
-                (model_dir / settings["model_file"]).resolve(), settings.get("runtime", "onnxruntime"),
-                threads, settings.get("precision", "fp32"))
+        for member in MEMBERS:  # each member's graph, runtime and share of the cores: `<member>.` settings
+            settings = RunnerSettings.from_parameters(parameters, member)
+            self.sessions[member] = runtime.open_configured((model_dir / settings.model_file).resolve(), settings)
         # one worker: the text encoder, while the calling thread decodes and runs the image encoder
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="text-encoder")
         self.output_dtypes = [pb_utils.triton_string_to_numpy(
             pb_utils.get_output_config_by_name(config, name)["data_type"]) for name in PUBLIC_OUTPUTS]
 
     def _texts(self, request) -> list[str]:
-        return self.tokenizer.decode_texts(pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy())
+        return self.tokenizer.decode_texts(pb_utils.get_input_tensor_by_name(request, TEXT).as_numpy())
 
     def _images(self, request) -> list[bytes]:
-        return list(pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1))
+        return list(pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy().reshape(-1))
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """Text embeddings, rows at their own length bucket (as the text_encoder member runs)."""

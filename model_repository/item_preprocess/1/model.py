@@ -22,6 +22,7 @@ import numpy as np
 import priority  # lib/priority.py, copied beside this file by export
 from image_preprocessing import ImageDecoder, check_pixels
 from served_contract import TOKENIZER_FILE, ServedContract
+from tensor_names import ATTENTION_MASK, IMAGE, INPUT_IDS, PIXEL_VALUES, PIXELS, TEXT, TEXT_FEATURES
 from text_preprocessing import TextTokenizer
 
 try:  # only present inside Triton
@@ -40,18 +41,18 @@ class TritonPythonModel:
         model_dir = Path(args["model_repository"]) / args["model_version"]
         self.tokenizer = TextTokenizer.for_contract(contract, model_dir / TOKENIZER_FILE)
         self.decoder = ImageDecoder.for_contract(contract)
-        self.takes_pixels = any(i["name"] == "PIXEL_VALUES" for i in config["input"])
+        self.takes_pixels = any(i["name"] == PIXELS for i in config["input"])
         self.output_dtypes = {
             name: pb_utils.triton_string_to_numpy(pb_utils.get_output_config_by_name(config, name)["data_type"])
-            for name in ("input_ids", "attention_mask", "pixel_values")}
+            for name in (*TEXT_FEATURES, PIXEL_VALUES)}
 
     def _validate(self, request) -> tuple[list[str], np.ndarray]:
         """(texts, pixels uint8 [N,S,S,3] or normalized float [N,3,S,S]) or raise ValueError."""
-        texts = self.tokenizer.decode_texts(pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy())
+        texts = self.tokenizer.decode_texts(pb_utils.get_input_tensor_by_name(request, TEXT).as_numpy())
         if self.takes_pixels:
-            pixels = pb_utils.get_input_tensor_by_name(request, "PIXEL_VALUES").as_numpy()
+            pixels = pb_utils.get_input_tensor_by_name(request, PIXELS).as_numpy()
             return texts, check_pixels(pixels, self.decoder.image_size)
-        raw = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+        raw = pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy().reshape(-1)
         return texts, np.stack([self.decoder.decode(d, i) for i, d in enumerate(raw)])
 
     def execute(self, requests: list) -> list:
@@ -76,9 +77,9 @@ class TritonPythonModel:
             texts, pixels = next(ready)
             ids, mask = self.tokenizer(texts)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("input_ids", ids.astype(self.output_dtypes["input_ids"])),
-                pb_utils.Tensor("attention_mask", mask.astype(self.output_dtypes["attention_mask"])),
-                pb_utils.Tensor("pixel_values", pixels.astype(self.output_dtypes["pixel_values"])),
+                pb_utils.Tensor(INPUT_IDS, ids.astype(self.output_dtypes[INPUT_IDS])),
+                pb_utils.Tensor(ATTENTION_MASK, mask.astype(self.output_dtypes[ATTENTION_MASK])),
+                pb_utils.Tensor(PIXEL_VALUES, pixels.astype(self.output_dtypes[PIXEL_VALUES])),
             ]))
         return responses
 

@@ -2,9 +2,9 @@
 
 The Triton binary bundled by nvidia-pytriton has only the python backend, so the `portable`
 target serves text_encoder, image_encoder, fusion and scorer through this one file (copied into
-each model directory next to its model.onnx, with lib/runtime.py beside it). The config's
-`runtime` parameter picks ONNX Runtime or OpenVINO and `precision` OpenVINO's inference precision
-(chosen per machine by `mmrec tune`). The native `onnxruntime`/`openvino`/`tensorrt` targets do
+each model directory next to its model.onnx, with lib/runtime.py beside it). The config's runner
+settings (lib/runner_settings.py) pick ONNX Runtime or OpenVINO, OpenVINO's inference precision
+(chosen per machine by `mmrec tune`), threads and length buckets. The native `onnxruntime`/`openvino`/`tensorrt` targets do
 not use it.
 
 All requests that the dynamic batcher hands over are concatenated and run as one session call.
@@ -29,6 +29,7 @@ import numpy as np
 
 import priority  # lib/priority.py, copied beside this file by export
 import runtime  # the copy of model_repository/lib/runtime.py that export puts beside this file
+from runner_settings import RunnerSettings
 
 try:  # only present inside Triton
     import triton_python_backend_utils as pb_utils
@@ -48,18 +49,14 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         priority.yield_to_server()  # Triton's own threads first (lib/priority.py)
         config = json.loads(args["model_config"])
-        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model_dir = Path(args["model_repository"]) / args["model_version"]
         self.model_name = args.get("model_name", config.get("name", "model"))
-        threads = thread_budget(int(parameters.get("intra_op_threads", "0")),
-                                int(parameters.get("cpu_share", "1")))
-        self.session = runtime.open_session(model_dir / MODEL_FILE, parameters.get("runtime", "onnxruntime"),
-                                            threads, parameters.get("precision", "fp32"))
+        settings = RunnerSettings.from_parameters(config.get("parameters", {}))
+        self.session = runtime.open_configured(model_dir / MODEL_FILE, settings)
         self.input_names = [i["name"] for i in config["input"]]
         self.input_dtypes = self.session.input_dtypes
         # text encoder: rows of a joined batch run at their own length bucket (see length_groups)
-        self.seq_buckets = tuple(int(b) for b in parameters.get("seq_buckets", "").split(",") if b)
-        self.length_input = parameters.get("length_input", "")
+        self.seq_buckets, self.length_input = settings.seq_buckets, settings.length_input
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"]))
                         for o in config["output"]]
 

@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import priority  # lib/priority.py, copied beside this file by export
 from served_contract import TOKENIZER_FILE, ServedContract
+from tensor_names import TEXT_FEATURES as OUTPUTS
 from text_preprocessing import InvalidText, TextTokenizer
 
 try:  # only present inside Triton
     import triton_python_backend_utils as pb_utils
 except ImportError:  # pragma: no cover - exercised outside the server
     pb_utils = None
-
-OUTPUTS = ("input_ids", "attention_mask")
 
 
 class TritonPythonModel:
