@@ -580,7 +580,8 @@ def test_python_requirements_are_pinned_hashed_and_keep_numpy_1(scenario):
     requirements = _requirements(docs)
     numpy_version = requirements["numpy"][0]
     assert int(numpy_version.split(".")[0]) < 2, "the 24.10 python backend stub needs numpy 1.x"
-    assert ("onnxruntime" in requirements) == (s.target is Target.portable)
+    assert "onnxruntime" in requirements  # every target: catalog_scorer runs ONNX Runtime once an index is published
+    assert ("openvino" in requirements) == (s.target is Target.portable)
     # numpy and tokenizers are exactly what the export ran with (manifest.json records them)
     from mmrec.export.manifest import package_versions
     recorded = package_versions()
@@ -613,7 +614,8 @@ def test_dockerfile_installs_the_chart_requirement_files():
     assert "deploy/helm/mmrec/files/requirements" in text  # its documented build context
     for flag in ("--no-deps", "--require-hashes", "--only-binary=:all:"):
         assert flag in text
-    assert 'ARG REQUIREMENTS="base.txt"' in text and (REQUIREMENTS / "base.txt").is_file()
+    # the default image serves every target's python models, catalog_scorer (ONNX Runtime) included
+    assert 'ARG REQUIREMENTS="base.txt onnxruntime.txt"' in text and (REQUIREMENTS / "base.txt").is_file()
     assert "onnxruntime.txt" in text and (REQUIREMENTS / "onnxruntime.txt").is_file()
 
 

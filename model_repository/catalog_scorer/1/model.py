@@ -37,7 +37,10 @@ class TritonPythonModel:
         self.version = args["model_version"]
         self.model_name = args.get("model_name", config.get("name", "catalog_scorer"))
         folder = Path(args["model_repository"]) / self.version
-        self.scan = CatalogScan(folder, runtime.make_session, settings.intra_op_threads, settings.prepacking)
+        # the pod's thread budget (MMREC_ORT_INTRA_OP_THREADS from the chart, else the usable cores
+        # under the cgroup quota), never ORT's default of every core on the node
+        threads = runtime.thread_budget(settings.intra_op_threads, 1)
+        self.scan = CatalogScan(folder, runtime.make_session, threads, settings.prepacking)
         self.max_k, self.default_k = settings.max_k, settings.default_k
         self.user_name, self.k_name = (i["name"] for i in config["input"])
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]

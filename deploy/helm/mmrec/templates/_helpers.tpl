@@ -133,8 +133,9 @@ mmrec.io/target: {{ .Values.model.target }}
 {{/* The python packages' requirement lines: the chart's hash-pinned files plus extraRequirements. */}}
 {{- define "mmrec.requirements" -}}
 {{- .Files.Get "files/requirements/base.txt" }}
-{{- if eq .Values.model.target "portable" }}
+{{- /* every target: catalog_scorer (a python model wherever an index is published) runs ONNX Runtime */}}
 {{ .Files.Get "files/requirements/onnxruntime.txt" }}
+{{- if eq .Values.model.target "portable" }}
 {{ .Files.Get "files/requirements/openvino.txt" }}
 {{- end }}
 {{- with .Values.pythonDeps.extraRequirements }}
