@@ -233,6 +233,8 @@ def merged_item_encoder_config(ensemble: EnsembleSpec, plan: RepositoryPlan) -> 
 def set_member_runtime(config: mc.ModelConfig, member: str, runtime: str, precision: str) -> None:
     """Record a member's runtime and precision in a config that runs it: the member's own, a
     merged model's `<member>.` keys where it has them, or the OpenVINO backend's."""
+    if config.backend not in ("python", "openvino"):
+        return  # a native backend (onnxruntime, TensorRT): the graph it loads is the whole choice
     scope = None if config.name == member else member
     if scope and not any(key in config.parameters for key in RunnerSettings.keys(scope)):
         return  # a merged model that does not run this member

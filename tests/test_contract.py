@@ -155,6 +155,11 @@ def test_set_member_runtime_rewrites_own_merged_and_openvino_configs():
     set_member_runtime(merged, schema.SCORER, "openvino", "fp32")  # not a merged member: no keys added
     assert not any(k.startswith(schema.SCORER + ".") for k in merged.parameters)
 
+    native = all_configs(plan(Target.onnxruntime))[schema.IMAGE_ENCODER]
+    before = dict(native.parameters)
+    set_member_runtime(native, schema.IMAGE_ENCODER, "onnxruntime", "fp32")
+    assert dict(native.parameters) == before  # the native backend gets no runner keys
+
     openvino = all_configs(plan(Target.openvino))[schema.IMAGE_ENCODER]
     set_member_runtime(openvino, schema.IMAGE_ENCODER, "openvino", "bf16")
     assert runner_settings(openvino).precision == "bf16"
