@@ -107,7 +107,8 @@ def repository_variant(base: Path, name: str, root: Path) -> Path:
         if "nodelay" in changes and config.HasField("dynamic_batching"):
             config.dynamic_batching.max_queue_delay_microseconds = 0
         if "intra1" in changes and config.name in RUNNER_MODELS:
-            for member in (None, *ORT_MEMBERS):  # its own runner, or a merged item_encoder's <member>.*
+            own = config.name in ORT_MEMBERS and config.backend == "python"  # the portable runner's own keys
+            for member in ((None,) if own else ORT_MEMBERS):  # else a merged item_encoder's <member>.* keys
                 if member is None or any(key in config.parameters for key in RunnerSettings.keys(member)):
                     set_runner_settings(config, runner_settings(config, member).with_(intra_op_threads=1), member)
         config_file.unlink()  # copytree may have linked it: never write through to the source

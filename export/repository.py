@@ -22,7 +22,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from mmrec import schema
 from mmrec.layout import CONFIG_FILE, MODEL_FILES, SOURCES, VERSION, RepositoryLayout, source_file  # noqa: F401
-from mmrec.model_repository.lib.runner_settings import OPENVINO_BF16_KEY, RunnerSettings
+from mmrec.model_repository.lib import tensor_names
+from mmrec.model_repository.lib.runner_settings import OPENVINO_BF16_KEY, OPENVINO_THREADS_KEY, RunnerSettings
 from mmrec.preprocess import ServedContract
 from mmrec.schema import EnsembleSpec, ModelSpec, TensorSpec
 
@@ -75,7 +76,7 @@ SINGLE_THREAD_MEMBERS = (schema.FUSION, schema.SCORER)
 # trip through shared memory (measured in issue 11: see benchmarks/results). The members it runs
 # stay served on their own; the other ensembles and every native target keep the ensemble.
 MERGED_ENSEMBLES = {Target.portable: (schema.ITEM_ENCODER,)}
-ITEM_PIPELINE_MEMBERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER, schema.FUSION)
+ITEM_PIPELINE_MEMBERS = tensor_names.ITEM_PIPELINE_MEMBERS  # the members item_pipeline/model.py runs
 # Inside the merged model the text encoder runs on a worker beside the decode and image encoder
 # (half the cores); the image encoder, ~2/3 of the compute, then gets all of them. Measured on
 # 2 cores at concurrency 8: 62-67 items/s vs 54-61 with half the cores each (benchmarks/results).
@@ -198,7 +199,7 @@ def runner_settings(config: mc.ModelConfig, member: str | None = None) -> Runner
 def set_runner_settings(config: mc.ModelConfig, settings: RunnerSettings, member: str | None = None) -> None:
     """Replace the runner settings in a config (the OpenVINO backend's keys on the openvino target)."""
     if config.backend == "openvino":
-        for key in (OPENVINO_BF16_KEY, *settings.to_openvino_backend()):
+        for key in (OPENVINO_BF16_KEY, OPENVINO_THREADS_KEY, *settings.to_openvino_backend()):
             config.parameters.pop(key, None)
         _set_parameters(config, settings.to_openvino_backend())
         return
@@ -290,7 +291,7 @@ CATALOG_SCORER_SOURCES = ("catalog_scorer", ("catalog_scan", "runtime", "runner_
 
 EVERY_PYTHON_MODEL = ("priority", "tensor_names")  # lib modules every thin model imports
 # lib modules that import a sibling (`from . import x`, flat `import x` in the stub): copied with it.
-# tests/test_python_models.py checks this against the modules' own imports.
+# tests/test_contract.py checks this against the modules' own imports.
 LIB_IMPORTS: dict[str, tuple[str, ...]] = {
     "runtime": ("runner_settings",),
     "catalog_scan": ("runner_settings",),

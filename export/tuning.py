@@ -137,15 +137,21 @@ def regate(root: Path, manifest: dict, runtimes: tuple[str, ...], progress: Call
                          len(contract.categories))
     members: dict[str, dict] = {}
     admitted: dict[str, list[str]] = {}
-    for member in (m for m in TUNED_MEMBERS if m in gate_set.feeds and m in manifest["models"]):
-        candidates = candidates_of(manifest, member, runtimes)
+    gated = [m for m in TUNED_MEMBERS if m in gate_set.feeds and m in manifest["models"]]
+    candidates_by_member, long_references = {}, {}
+    for member in gated:  # every member's FP32 reference first: a variant is judged beside the other's FP32
+        candidates = candidates_by_member[member] = candidates_of(manifest, member, runtimes)
         if REFERENCE not in candidates:
             raise TuneError(f"{member}: the FP32 graph is missing from the repository; re-export it")
-        progress(f"{member}: gating {len(candidates) - 1} variants again on this machine")
-        feeds, long_feeds = gate_set.feeds[member], (gate_set.long_feeds if member == schema.TEXT_ENCODER else [])
         reference_file = root / candidates[REFERENCE]["path"]
-        gates.reference[member] = variant_outputs(reference_file, VARIANTS[REFERENCE], feeds)
-        long_reference = variant_outputs(reference_file, VARIANTS[REFERENCE], long_feeds) if long_feeds else None
+        gates.reference[member] = variant_outputs(reference_file, VARIANTS[REFERENCE], gate_set.feeds[member])
+        if member == schema.TEXT_ENCODER and gate_set.long_feeds:
+            long_references[member] = variant_outputs(reference_file, VARIANTS[REFERENCE], gate_set.long_feeds)
+    for member in gated:
+        candidates = candidates_by_member[member]
+        progress(f"{member}: gating {len(candidates) - 1} variants again on this machine")
+        feeds, long_reference = gate_set.feeds[member], long_references.get(member)
+        long_feeds = gate_set.long_feeds if long_reference is not None else []
         members[member], admitted[member] = {}, [REFERENCE]
         for name, entry in candidates.items():
             if name == REFERENCE:
@@ -343,9 +349,14 @@ def tune_repository(root: Path, runtimes: tuple[str, ...] | None = None, rounds:
         allowed = ("onnxruntime",) + allowed  # the FP32 reference is timed with ORT
     gated = regate(root, manifest, allowed, progress) if regate_here else None
     for member, variant in fixed.items():
+        if gated is None or variant == REFERENCE or member not in gated["members"]:
+            continue
         if variant in refused_here(gated, member):
             raise TuneError(f"{member} [{variant}] was pinned at export but fails its quality gate on this machine: "
                             + "; ".join(gated["members"][member][variant]["reasons"]))
+        if variant not in gated["members"][member]:
+            raise TuneError(f"{member} [{variant}] was pinned at export but cannot be gated here (its runtime is "
+                            f"left out or unavailable: runtimes {', '.join(allowed)})")
     members = [m for m in TUNED_MEMBERS if m in manifest["models"] and m not in fixed]
     measured = {m: measure_member(root, manifest, m, allowed, rounds, progress, refused_here(gated, m))
                 for m in members}
@@ -357,6 +368,9 @@ def tune_repository(root: Path, runtimes: tuple[str, ...] | None = None, rounds:
                                        if VARIANTS[v].runtime == "openvino" or v == REFERENCE}
     combinations = gated["combinations"] if gated is not None else manifest.get("combinations", [])
     choice, combination = choose_pair(measured, combinations, fixed, fallback)
+    if gated is not None and combination is None and any(v != REFERENCE for v in fixed.values()):
+        raise TuneError(f"the pinned variants {fixed} pass no combination gate on this machine with any choice "
+                        "for the other members: re-export with other --serve-variant choices")
     for member, variant in choice.items():
         if variant != manifest["models"][member]["served_variant"]:
             serve_variant(root, manifest, member, variant, target)

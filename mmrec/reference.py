@@ -35,10 +35,17 @@ def ort_member(path: Path, intra_op_threads: int = 0) -> Member:
 def served_settings(repository: Path, member: str) -> RunnerSettings:
     """The runner settings a member is served with: the portable runner's config parameters, or
     the OpenVINO backend's (openvino target)."""
-    from mmrec.export.repository import parse, runner_settings
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
 
-    config = RepositoryLayout(repository).config_file(member)
-    return runner_settings(parse(config.read_text())) if config.is_file() else RunnerSettings()
+    path = RepositoryLayout(repository).config_file(member)
+    if not path.is_file():
+        return RunnerSettings()
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
+    if config.backend == "openvino":
+        return RunnerSettings.from_openvino_backend(parameters)
+    return RunnerSettings.from_parameters(parameters)
 
 
 def served_runtime(repository: Path, member: str) -> tuple[str, str]:

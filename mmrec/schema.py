@@ -59,7 +59,7 @@ def _seq(name: str) -> TensorSpec:
 
 # Names shared with the served code live in model_repository/lib/tensor_names.py (one definition).
 from .model_repository.lib.tensor_names import (  # noqa: E402,F401 - re-exported
-    ALIGNMENT, ALIGNMENT_MEMBER, ATTENTION_MASK, FUSION, IMAGE, IMAGE_EMBEDDING, IMAGE_ENCODER, IMAGE_PREPROCESS,
+    ALIGNMENT, ALIGNMENT_MEMBER, ATTENTION_MASK, CATALOG_SCORER, FUSION, IMAGE, IMAGE_EMBEDDING, IMAGE_ENCODER, IMAGE_PREPROCESS,
     INPUT_IDS, INTEREST_PROBS, INTEREST_PROBS_MEMBER, INTEREST_SCORER, ITEM_EMBEDDING, ITEM_EMBEDDING_MEMBER,
     ITEM_ENCODER, ITEM_ENCODER_PIXELS, ITEM_PREPROCESS, ITEM_PREPROCESS_PIXELS, PIXEL_VALUES, PIXELS, SCORE,
     SCORE_MEMBER, SCORER, TEXT, TEXT_EMBEDDING, TEXT_ENCODER, TOKENIZER, USER_EMBEDDING, USER_EMBEDDING_MEMBER)
@@ -180,7 +180,6 @@ def ensemble_specs(members: dict[str, ModelSpec]) -> dict[str, EnsembleSpec]:
 # --- catalog index (`mmrec index`, issue 13) ------------------------------------------------------
 # A served index of item embeddings: one user vector in, the catalog's top-k item ids out. Its
 # versions are written by `mmrec index build/add/remove`, not by `mmrec export`.
-CATALOG_SCORER = "catalog_scorer"
 TOP_K = "K"  # optional per-request top-k (INT32 [1]); the model's default_k parameter otherwise
 ITEM_IDS = "ITEM_IDS"  # BYTES [k]: the catalog ids, best first
 ITEM_ROWS = "ITEM_ROWS"  # INT64 [k]: the same items' rows in the index version that answered

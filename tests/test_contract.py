@@ -75,20 +75,24 @@ def test_export_cli_takes_sequence_buckets(tmp_path):
     assert "--seq-buckets" in CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"}).output
 
 
-def test_merged_item_encoder_uses_the_schema_names(exported_repository):
-    """The portable item_encoder (one python model, item_pipeline/model.py) hard-codes the member
-    tensor names like the other thin models: they must be the schema's."""
+def test_served_models_read_their_names_from_the_one_definition(exported_repository):
+    """Served code spells no model or tensor name: the thin models import lib/tensor_names.py,
+    whose copy in every python model folder is the source file; the names it gives the portable
+    item_encoder are the ones its config and the fusion member's config carry."""
     from mmrec.export.repository import ITEM_PIPELINE_MEMBERS, parse
+    from mmrec.layout import SOURCES
     from triton_models import load_served_model
 
+    layout = RepositoryLayout(exported_repository)
+    source = SOURCES.lib_file("tensor_names").read_bytes()
+    for model_py in sorted(exported_repository.glob("*/1/model.py")):
+        assert (model_py.parent / "tensor_names.py").read_bytes() == source, model_py
     module = load_served_model(exported_repository, schema.ITEM_ENCODER)
     assert module.MEMBERS == ITEM_PIPELINE_MEMBERS
-    assert (module.INPUT_IDS, module.ATTENTION_MASK, module.PIXEL_VALUES, module.TEXT_EMBEDDING,
-            module.IMAGE_EMBEDDING) == (schema.INPUT_IDS, schema.ATTENTION_MASK, schema.PIXEL_VALUES,
-                                        schema.TEXT_EMBEDDING, schema.IMAGE_EMBEDDING)
-    assert module.FUSION_OUTPUTS == (schema.ITEM_EMBEDDING_MEMBER, schema.INTEREST_PROBS_MEMBER,
-                                     schema.ALIGNMENT_MEMBER)
-    config = parse(RepositoryLayout(exported_repository).config_file(schema.ITEM_ENCODER).read_text())
+    fusion = parse(layout.config_file(schema.FUSION).read_text())
+    assert module.FUSION_OUTPUTS == tuple(o.name for o in fusion.output)
+    assert (module.TEXT_EMBEDDING, module.IMAGE_EMBEDDING) == tuple(i.name for i in fusion.input)
+    config = parse(layout.config_file(schema.ITEM_ENCODER).read_text())
     assert module.PUBLIC_OUTPUTS == tuple(o.name for o in config.output)
     assert [i.name for i in config.input] == [schema.TEXT, schema.IMAGE]
 

@@ -40,6 +40,7 @@ SCORER = "scorer"
 ITEM_ENCODER = "item_encoder"
 ITEM_ENCODER_PIXELS = "item_encoder_pixels"
 INTEREST_SCORER = "interest_scorer"
+CATALOG_SCORER = "catalog_scorer"  # written by `mmrec index`, not by export
 
 # the merged item_encoder (portable target): the members it runs, and their outputs in fusion order
 ITEM_PIPELINE_MEMBERS = (TEXT_ENCODER, IMAGE_ENCODER, FUSION)

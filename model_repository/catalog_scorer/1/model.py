@@ -20,6 +20,7 @@ import priority  # lib/priority.py, copied beside this file by export
 import runtime  # copies of model_repository/lib/{catalog_scan,runtime}.py, put beside this file by `mmrec index`
 from catalog_scan import BadRequest, CatalogScan
 from runner_settings import CatalogSettings
+from tensor_names import CATALOG_SCORER
 
 try:  # only present inside Triton
     import triton_python_backend_utils as pb_utils
@@ -35,10 +36,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         settings = CatalogSettings.from_parameters(config.get("parameters", {}))
         self.version = args["model_version"]
-        self.model_name = args.get("model_name", config.get("name", "catalog_scorer"))
+        self.model_name = args.get("model_name", config.get("name", CATALOG_SCORER))
         folder = Path(args["model_repository"]) / self.version
-        # the pod's thread budget (MMREC_ORT_INTRA_OP_THREADS from the chart, else the usable cores
-        # under the cgroup quota), never ORT's default of every core on the node
+        # the pod's thread budget (MMREC_ORT_INTRA_OP_THREADS where the chart sets it, else the usable
+        # cores under the cgroup quota), never ORT's default of every core on the node
         threads = runtime.thread_budget(settings.intra_op_threads, 1)
         self.scan = CatalogScan(folder, runtime.make_session, threads, settings.prepacking)
         self.max_k, self.default_k = settings.max_k, settings.default_k

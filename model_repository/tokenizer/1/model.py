@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import priority  # lib/priority.py, copied beside this file by export
 from served_contract import TOKENIZER_FILE, ServedContract
-from tensor_names import TEXT_FEATURES as OUTPUTS
+from tensor_names import TEXT, TEXT_FEATURES as OUTPUTS
 from text_preprocessing import InvalidText, TextTokenizer
 
 try:  # only present inside Triton
@@ -47,7 +47,7 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
-            raw = pb_utils.get_input_tensor_by_name(request, "TEXT")
+            raw = pb_utils.get_input_tensor_by_name(request, TEXT)
             try:
                 if raw is None:
                     raise InvalidText("TEXT input is missing")
