@@ -517,6 +517,9 @@ class TritonServer:
         if self._proc is None:
             raise ServerError("tritonserver was not started")
         url = f"http://{self.urls['http']}/v2/health/ready"
+        # Triton starts its metrics service after HTTP says ready: a scrape right after ready was
+        # refused (seen in the bench's overload section); ready here means both answer
+        metrics = f"http://{self.urls['metrics']}/metrics"
         deadline = time.monotonic() + timeout_s
         while True:
             if cancel is not None and cancel.is_set():
@@ -524,10 +527,10 @@ class TritonServer:
             code = self.returncode
             if code is not None:
                 self._fail(f"tritonserver exited with code {code} before becoming ready")
-            if _http_ok(url):
+            if _http_ok(url) and _http_ok(metrics):
                 return True
             if time.monotonic() > deadline:
-                self._fail(f"tritonserver was not ready after {timeout_s:.0f} s")
+                self._fail(f"tritonserver was not ready (health and metrics) after {timeout_s:.0f} s")
             time.sleep(0.1)
 
     def _fail(self, why: str) -> None:
