@@ -839,6 +839,10 @@ def test_cpu_pods_size_onnxruntime_threads_from_the_cpu_limit(helm):
     assert not any(v.startswith("onnxruntime,") for v in _args(docs).get("--backend-config", []))
     env = {e["name"]: e.get("value") for e in _triton(docs)["env"]}
     assert env["MMREC_ORT_INTRA_OP_THREADS"] == "$(MMREC_CPU_THREADS)"
+    for name in ("gpu-onnxruntime-s3", "gpu-onnxruntime-tls-digest"):  # catalog_scorer's ORT, every target
+        s = SCENARIOS[name]
+        env = {e["name"]: e.get("value") for e in _triton(render(helm, s.values, s.sets))["env"]}
+        assert env["MMREC_ORT_INTRA_OP_THREADS"] == "$(MMREC_CPU_THREADS)", name
 
 
 def test_ephemeral_storage_requests_cover_the_emptydirs(scenario):
