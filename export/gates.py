@@ -3,7 +3,7 @@
 Why they travel: INT8 and BF16 numerics depend on the CPU (AVX2's u8×s8 products saturate where
 VNNI's do not; BF16 exists only on some CPUs), so a variant that passed on the export machine
 may not pass on the serving one. Export saves the held-out inputs it gated on (`GateSet`, one
-compressed file in the repository) and `mmrec tune` gates every candidate again on the machine
+compressed file in the repository, `RepositoryLayout.gate_set_file`) and `mmrec tune` gates every candidate again on the machine
 it runs on, refusing one that fails there.
 
 `VariantGates` is the gate itself, for export (PyTorch fusion head) and tune (the repository's
@@ -30,12 +30,7 @@ from . import variants as var
 Feed = dict[str, np.ndarray]
 # (text, image) embeddings -> (item embeddings, predicted category per row)
 Fuse = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-GATE_SET_FILE = "gate_set.npz"
 _LONG = "long"  # key part of the text encoder's max_seq_len feeds
-
-
-def gate_set_file(repository: Path) -> Path:
-    return Path(repository) / GATE_SET_FILE
 
 
 @dataclass

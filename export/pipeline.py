@@ -31,7 +31,7 @@ from .choices import DEFAULT_SEEDS, PRECISIONS, Reporter  # noqa: F401 - re-expo
 from .data import Item, categories_of, dataset_fingerprint, image_hash, load_items, split
 from .errors import ExportError, ModelSourceError, QualityGateError
 from .features import EncodedDataset, ItemFeatures, encode_dataset
-from .gates import Fuse, GateSet, VariantGates, gate_set_file, variant_outputs
+from .gates import Fuse, GateSet, VariantGates, run_feeds, variant_outputs
 from .manifest import file_entry, package_versions, sha256_file, sha256_tree, write_manifest
 from .models.fusion import FusionConfig, FusionHead
 from .models.image import DEFAULT_IMAGE_ENCODER, IMAGE_ENCODERS, load_image_encoder
@@ -241,9 +241,8 @@ def save_fusion_checkpoint(model: FusionHead, categories: tuple[str, ...], path:
 # ---- parity cases on real inputs --------------------------------------------------------------
 
 def ort_outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """Run several feeds through one session, concatenating the first output."""
-    session = cpu_session(path)
-    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+    """Run several feeds through one ORT session (parity's options), concatenating the first output."""
+    return run_feeds(cpu_session(path), feeds)
 
 
 def _variant_fields(variant: var.Variant) -> dict:
@@ -437,7 +436,7 @@ class Exporter:
                           if schema.TEXT_ENCODER in fp32 else None)
         # the same inputs travel with the repository: `mmrec tune` gates again where it serves
         GateSet({m: feeds[m] for m in gates.reference}, long_feeds if long_reference is not None else [],
-                held_f.labels, gates.fallback).save(gate_set_file(staging.parent),
+                held_f.labels, gates.fallback).save(RepositoryLayout(staging.parent).gate_set_file,
                                                     pixels_u8=dataset.pixels[dataset.rows(sources.held_out)])
         for name in list(gates.reference):
             graphs = {"fp32": fp32[name]["file"]}

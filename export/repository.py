@@ -190,10 +190,8 @@ def member_runner_settings(member: str, plan: RepositoryPlan) -> RunnerSettings:
 def runner_settings(config: mc.ModelConfig, member: str | None = None) -> RunnerSettings:
     """The runner settings a config holds (`member`: a merged model's `<member>.` keys); the
     OpenVINO backend's keys on the openvino target."""
-    parameters = {k: v.string_value for k, v in config.parameters.items()}
-    if config.backend == "openvino":
-        return RunnerSettings.from_openvino_backend(parameters)
-    return RunnerSettings.from_parameters(parameters, member)
+    return RunnerSettings.from_config(config.backend, {k: v.string_value for k, v in config.parameters.items()},
+                                      member)
 
 
 def set_runner_settings(config: mc.ModelConfig, settings: RunnerSettings, member: str | None = None) -> None:

@@ -37,7 +37,7 @@ from mmrec.stats import MET, Interval, aa_check, pooled_ratio
 from mmrec.model_repository.lib import runtime
 from .choices import DEFAULT_TUNE_ROUNDS
 from .errors import ExportError
-from .gates import GateSet, VariantGates, gate_set_file, onnx_fuse, variant_outputs
+from .gates import GateSet, VariantGates, onnx_fuse, variant_outputs
 from .manifest import MANIFEST_FILE, package_versions, write_manifest
 from mmrec.layout import RepositoryLayout
 from .repository import CPU_SHARES, Target, merged_ensembles, parse, render, set_member_runtime
@@ -127,10 +127,10 @@ def regate(root: Path, manifest: dict, runtimes: tuple[str, ...], progress: Call
     """Every admitted candidate of the encoders gated again on this machine, on the held-out
     inputs export saved (`gates.GateSet`), and every pair of those that pass; None when the
     repository has no gate set (written before it existed: export's verdicts stand)."""
-    path = gate_set_file(root)
+    layout = RepositoryLayout(root)
+    path = layout.gate_set_file
     if not path.is_file():
         return None
-    layout = RepositoryLayout(root)
     contract = layout.read_contract()
     gate_set = GateSet.load(path, contract)
     gates = VariantGates(onnx_fuse(layout.model_file(schema.FUSION)), gate_set.fallback, gate_set.labels,

@@ -80,7 +80,7 @@ def max_norm(vectors: np.ndarray, block: int = 65536) -> float:
 def scorer_config_text(dim: int, max_batch_size: int, options: ServeOptions) -> str:
     from mmrec.export.repository import catalog_scorer_config, render
 
-    return render(catalog_scorer_config(schema.catalog_scorer_spec(dim), max_batch_size, options.parameters()))
+    return render(catalog_scorer_config(schema.catalog_scorer_spec(dim), max_batch_size, options.to_parameters()))
 
 
 def graph_tensors() -> dict[str, str]:

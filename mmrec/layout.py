@@ -22,6 +22,7 @@ PYTHON_MODEL_FILE = "model.py"
 MANIFEST_FILE = "manifest.json"
 VARIANTS_DIR = "variants"
 FUSION_CHECKPOINT = "fusion_head.safetensors"
+GATE_SET_FILE = "gate_set.npz"  # held-out gate inputs export saves for `mmrec tune` (export/gates.py)
 MODEL_FILES = {"onnx": "model.onnx", "plan": "model.plan"}
 LIB_DIR = "lib"
 
@@ -81,6 +82,10 @@ class RepositoryLayout:
     @property
     def manifest_file(self) -> Path:
         return self.root / MANIFEST_FILE
+
+    @property
+    def gate_set_file(self) -> Path:
+        return self.root / GATE_SET_FILE
 
     def config_files(self) -> list[Path]:
         return sorted(self.root.glob(f"*/{CONFIG_FILE}"))

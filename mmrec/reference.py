@@ -42,10 +42,7 @@ def served_settings(repository: Path, member: str) -> RunnerSettings:
     if not path.is_file():
         return RunnerSettings()
     config = text_format.Parse(path.read_text(), mc.ModelConfig())
-    parameters = {k: v.string_value for k, v in config.parameters.items()}
-    if config.backend == "openvino":
-        return RunnerSettings.from_openvino_backend(parameters)
-    return RunnerSettings.from_parameters(parameters)
+    return RunnerSettings.from_config(config.backend, {k: v.string_value for k, v in config.parameters.items()})
 
 
 def served_runtime(repository: Path, member: str) -> tuple[str, str]:

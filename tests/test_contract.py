@@ -60,6 +60,7 @@ def test_layout_owns_every_path(tmp_path):
     assert layout.tokenizer_file() == tmp_path / "tokenizer" / "1" / "tokenizer.json"
     assert layout.fusion_checkpoint == tmp_path / "fusion" / "variants" / "fusion_head.safetensors"
     assert layout.variant_file(schema.IMAGE_ENCODER, "int8") == tmp_path / "image_encoder" / "variants" / "int8.onnx"
+    assert layout.gate_set_file == tmp_path / "gate_set.npz"
     assert layout.read_manifest(required=False) == {}
     layout.write_contract(CONTRACT)
     assert layout.read_contract() == CONTRACT

@@ -88,6 +88,14 @@ class RunnerSettings:
                 raise SettingsError(f"config parameter {prefix + f.name}={text!r} is not valid") from None
         return cls(**values)
 
+    @classmethod
+    def from_config(cls, backend: str, parameters: Mapping[str, object], member: str | None = None) -> "RunnerSettings":
+        """The settings a model config holds: the OpenVINO backend's keys where `backend` is
+        openvino, else the runner's (`member`: a merged model's `<member>.` keys)."""
+        if backend == "openvino":
+            return cls.from_openvino_backend(parameters)
+        return cls.from_parameters(parameters, member)
+
     @staticmethod
     def keys(member: str | None = None) -> tuple[str, ...]:
         """Every parameter key these settings may write (to remove them from a config)."""
@@ -151,9 +159,6 @@ class CatalogSettings:
 
     def to_parameters(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
-
-    def parameters(self) -> dict[str, str]:  # the name ServeOptions had
-        return self.to_parameters()
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, object]) -> "CatalogSettings":
