@@ -32,6 +32,7 @@ import numpy as np
 from mmrec import schema
 from mmrec.export.repository import parse, render, runner_settings, set_runner_settings
 from mmrec.layout import SOURCES, RepositoryLayout
+from mmrec.model_repository.lib import runtime
 from mmrec.model_repository.lib.runner_settings import RunnerSettings
 
 from .settings import FULL, Budget
@@ -49,8 +50,6 @@ RUNNER_MODELS = ORT_MEMBERS + (schema.ITEM_ENCODER,)
 def _session(path: Path, threads: int, spinning: bool):
     """The runner's own session; with spinning=False the one config entry added."""
     import onnxruntime as ort
-
-    from mmrec.model_repository.lib import runtime
 
     if spinning:
         return runtime.make_session(path, threads)
@@ -164,8 +163,9 @@ def serving_targets(repository: Path, variants: list[str], concurrency: list[int
                 copy = repository_variant(repository, name, Path(tmp) / f"r{rnd}")
                 pipeline = ReferencePipeline(repository, intra_op_threads=threads)
                 if "nospin" in name:
-                    pipeline.sessions = {m: _session(RepositoryLayout(repository).model_file(m), threads, False)
-                                         for m in pipeline.sessions}
+                    files = {m: RepositoryLayout(repository).model_file(m) for m in pipeline.sessions}
+                    pipeline.sessions.update({  # in place: the engine holds this dict
+                        m: runtime.OrtSession(path, session=_session(path, threads, False)) for m, path in files.items()})
                 with running_server(copy, Path(tmp) / f"{name}-{rnd}.log") as server:
                     for c in concurrency:
                         ref = reference_level(pipeline, workload, settings, c)

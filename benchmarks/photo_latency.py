@@ -29,9 +29,11 @@ CAPTION = "A Chinese palace with a red roof."
 LATENCY_PHOTO = "palace"  # 640 x 427 JPEG (scikit-learn's china.jpg)
 PHONE_ORIENTATION = 6  # stored sideways: rotate 90° clockwise to view
 ARMS = ("jpeg_640x427", "jpeg_12mp_exif6")
+QUARTER_DECODE = "decode/jpeg_12mp_quarter_scale"  # libjpeg's 1/4-scale DCT decode of the same 12 MP file
 AA_REFERENCE = f"triton/{ARMS[0]}"
 AA_ARM = f"{AA_REFERENCE} (A/A)"
 Tick = Callable[[int], None]
+EXTRA_OVER_DECODE = 1.25  # issue 21: a 12 MP photo may add at most 1.25x its 1/4-scale decode
 
 
 def _triton_caller(url: str):
@@ -49,6 +51,18 @@ def _triton_caller(url: str):
         return result.as_numpy(schema.ITEM_EMBEDDING)
 
     return client, call
+
+
+def quarter_scale_decode(data: bytes) -> None:
+    """The floor for a phone photo's cost: libjpeg-turbo decoding the file at 1/4 scale (DCT
+    scaling), nothing else (no rotation, resize or normalization)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (image.width // 4, image.height // 4))
+    image.load()
 
 
 def photo_quality(pipeline, contract, triton_call, photos) -> dict:
@@ -87,6 +101,7 @@ def run_photos(workload: Workload, settings: Settings, threads: int, step: Calla
         arms[AA_ARM] = arms[AA_REFERENCE]
         arms.update({f"in_process/{n}": (lambda d=d: pipeline.encode_items([CAPTION], [d]))
                      for n, d in payloads.items()})
+        arms[QUARTER_DECODE] = lambda: quarter_scale_decode(payloads[ARMS[1]])
         for call in arms.values():  # warm-up: sessions, arenas, python stubs
             for _ in range(settings.photo_warmup):
                 call()
@@ -118,9 +133,17 @@ def run_photos(workload: Workload, settings: Settings, threads: int, step: Calla
         interval = paired_ratio(round_p50[a], round_p50[b])
         ratios[key] = {"p50_ratio": interval.point, "interval": interval.to_dict()}
     diff = paired_difference(round_p50["triton/jpeg_640x427"], round_p50["in_process/jpeg_640x427"])
+    # what a 12 MP photo adds over a 640x427 one, against the 1/4-scale decode of the same file
+    extra = [a - b for a, b in zip(round_p50["triton/jpeg_12mp_exif6"], round_p50["triton/jpeg_640x427"])]
+    floor = round_p50[QUARTER_DECODE]
+    over_floor = paired_difference(extra, [EXTRA_OVER_DECODE * f for f in floor])
+    extra_over_decode = {"point": float(np.mean(extra) / np.mean(floor)), "extra_ms_per_round": extra,
+                         "quarter_decode_ms_per_round": floor, "allowed": EXTRA_OVER_DECODE,
+                         f"extra_minus_{EXTRA_OVER_DECODE:g}x_decode_ms": over_floor.to_dict(3)}
     aa = {**aa_check(paired_ratio(round_p50[AA_REFERENCE], round_p50[AA_ARM])), "arm": f"{AA_REFERENCE} twice per round"}
     return {"caption": CAPTION, "photo": LATENCY_PHOTO, "payload_bytes": {k: len(v) for k, v in payloads.items()},
             "rounds": rounds, "per_round": settings.photo_per_round,
             "samples_per_arm": {k: sum(map(len, v)) for k, v in samples.items()},
             "p50_ms": p50, "p50_ms_per_round": round_p50, "aa": aa, "ratios": ratios, "triton_minus_in_process_p50_ms_640": diff.to_dict(3),
+            "extra_12mp_over_quarter_decode": extra_over_decode,
             "cosine": quality, "reference_threads": threads}

@@ -43,7 +43,7 @@ from mmrec.stats import Interval, aa_check, paired_ratio, pooled_ratio, round_me
 from mmrec.layout import RepositoryLayout  # noqa: E402
 from mmrec.export.variants import VARIANTS  # noqa: E402
 from mmrec.model_repository.lib import runtime  # noqa: E402
-from mmrec.photos import known_photos  # noqa: E402
+from .served_engine import real_items  # noqa: E402
 from mmrec.reference import ReferencePipeline  # noqa: E402
 from .machine import RunStart, cpu_share, git_commit, loadavg, machine_info, write_results  # noqa: E402
 from .targets import NOT_JUDGED  # noqa: E402
@@ -80,15 +80,8 @@ def _ms(seconds: list[float]) -> list[float]:
 
 
 def _inputs(reference: ReferencePipeline, batch: int) -> tuple[list[str], list[bytes]]:
-    """`batch` real items: held-out captions (every 4th joined to ~max length) and real images."""
-    from mmrec.export.data import load_items
-
-    items = load_items()[:batch]
-    texts = [" ".join(i.caption for i in items[j:j + 30]) if j % 4 == 0 else items[j].caption
-             for j in range(batch)]
-    photos = [p.read_bytes() for p in known_photos()]
-    images = [photos[j % len(photos)] if j % 2 else items[j].image_bytes() for j in range(batch)]
-    return texts, images
+    """`batch` real items (served_engine.real_items: the engine section's request)."""
+    return real_items(batch)
 
 
 class TorchRunner:

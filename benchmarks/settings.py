@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from mmrec.admission import DEFAULT_SLO_MS  # the p99 bound of capacity (`mmrec bench --slo-ms`)
 
-SECTIONS = ("offline", "roofline", "serving", "perf_analyzer", "photos", "capacity", "overload", "quality")
+SECTIONS = ("offline", "roofline", "serving", "perf_analyzer", "photos", "engine", "capacity", "overload", "quality")
 MODELS = ("text_encoder", "image_encoder", "fusion", "pipeline")
 PROTOCOLS = ("grpc", "http")
 
@@ -66,6 +66,11 @@ class Settings:
     photo_per_round: int = 12
     photo_warmup: int = 5
     photo_cosine_all: bool = True
+    # engine: a batch-32 request through `mmrec serve` vs the same engine in-process (rounds x per
+    # round samples per arm), and the served process tree's memory after `engine_warmup` requests
+    engine_rounds: int = 10
+    engine_per_round: int = 3
+    engine_warmup: int = 3
     # capacity: open-loop Poisson load (MLPerf LoadGen Server scenario) on the served item_encoder;
     # the highest rate whose p99 stays under `slo_ms`, searched `capacity_trials` times per payload set
     slo_ms: float = DEFAULT_SLO_MS
@@ -113,9 +118,8 @@ FULL = Settings(
     seq_lens=(16, 64, 128),
     # >= 100 samples (and >= 1 s) or >= 5 s per case, over all rounds (issue 11's method)
     offline=Budget(warmup_s=0.3, measure_s=1.0, min_reps=100, max_s=5.0, min_warmup_reps=0, floor_reps=10),
-    # 10 rounds x 6 series per level: four levels keep the run near 20 minutes (1 and 8 are
-    # targets, 32 is saturation); `-c` adds levels
-    concurrency=(1, 4, 8, 32),
+    # 10 rounds x 6 series per level (1, 2, 4 and 8 are targets, 32 is saturation); `-c` adds levels
+    concurrency=(1, 2, 4, 8, 32),
     level_warmup_s=1.0,
     level_s=6.0,
     pa_concurrency=(1, 4, 8, 32),
@@ -148,6 +152,9 @@ QUICK = Settings(
     photo_per_round=3,
     photo_warmup=1,
     photo_cosine_all=False,
+    engine_rounds=3,
+    engine_per_round=1,
+    engine_warmup=1,
     capacity_sets=("jpeg_640x427",),
     capacity_trials=1,
     capacity_step_s=1.5,

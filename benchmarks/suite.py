@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import machine, perf_analyzer, photo_latency, plots, quality, report, roofline, serving, targets
+from . import machine, perf_analyzer, photo_latency, plots, quality, report, roofline, served_engine, serving, targets
 from .offline import add_ratios, run_offline
 from .settings import SECTIONS, Settings
 from .workload import Workload
@@ -97,7 +97,7 @@ def _run_section(results: dict, name: str, selected: tuple[str, ...], fn: Callab
 SERVER_SECTIONS = ("serving", "perf_analyzer", "photos", "capacity")  # run with our own tritonserver up
 # sections whose load average counts their own servers and load (the overload section starts
 # its own, and its soak ends with two cores saturated): they cannot speak for other work
-SELF_LOADED_SECTIONS = (*SERVER_SECTIONS, "overload")
+SELF_LOADED_SECTIONS = (*SERVER_SECTIONS, "engine", "overload")
 
 
 def _contended(results: dict) -> bool:
@@ -208,6 +208,7 @@ def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
         _run_section(results, "perf_analyzer", selected, pa_section)
         _run_section(results, "photos", selected, lambda: photo_latency.run_photos(
             workload, settings, options.threads, step, server))
+        _run_section(results, "engine", selected, lambda: served_engine.run_engine(workload, settings, output, step))
         _run_section(results, "capacity", selected, lambda: capacity_section(options, server, step))
         _run_section(results, "overload", selected, lambda: overload_section(options, results, step))
 

@@ -18,6 +18,8 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import numpy as np
+
 from mmrec import schema
 from mmrec.stats import MET, MISSED, NOT_CONCLUSIVE, Interval
 
@@ -203,6 +205,33 @@ def _c8(results: dict, tid: str, description: str) -> TargetResult:
                                                      interval=ci))
 
 
+def _throughput_vs_pool(concurrency: int, bar: float):
+    """Issue 21: the served engine keeps up with an in-process thread pool running the same engine."""
+    def judge(results: dict, tid: str, description: str) -> TargetResult:
+        threshold = f"≥ {bar:.2f}×"
+        serving = _serving(results)
+        triton = _level(serving.get("triton", {}).get("grpc"), concurrency)
+        ref = _level(serving.get("reference"), concurrency)
+        if not (triton and ref):
+            return _not_measured(tid, description, threshold, f"concurrency {concurrency} not measured")
+        ci = _interval_of(serving, concurrency).get("throughput_ratio")
+        verdict, note = _judge(ci, bar, "above")
+        ratio = ci["point"] if ci else triton["throughput_items_s"] / ref["throughput_items_s"]
+        return _aa_gate(results, "serving", TargetResult(
+            tid, description, threshold, f"{ratio:.2f}×", verdict,
+            f"Triton gRPC {triton['throughput_items_s']:.1f} vs in-process ({concurrency} threads, the same "
+            f"engine) {ref['throughput_items_s']:.1f} items/s; throughput ratio per round (closed loop), "
+            f"geometric mean {ratio:.2f}×: {note}", interval=ci))
+    return judge
+
+
+POOL_RATIO = 1.0
+for _c in (2, 4):
+    target(f"triton_vs_inprocess.throughput.c{_c}",
+           f"Triton item_encoder throughput at concurrency {_c} ≥ {POOL_RATIO:g}× an in-process thread pool "
+           "running the same engine")(_throughput_vs_pool(_c, POOL_RATIO))
+
+
 @target("triton_vs_inprocess.p50.c1", f"Triton p50 at concurrency 1 ≤ in-process p50 + {C1_SLACK_MS:g} ms")
 def _c1(results: dict, tid: str, description: str) -> TargetResult:
     threshold = f"≤ +{C1_SLACK_MS:.1f} ms"
@@ -270,6 +299,67 @@ def _photos(results: dict, tid: str, description: str) -> TargetResult:
     return _aa_gate(results, "photos", TargetResult(
         tid, description, threshold, f"{ratio['p50_ratio']:.2f}×, cos {worst:.4f}" if worst is not None
         else f"{ratio['p50_ratio']:.2f}×", verdict, detail, interval=ci))
+
+
+@target("photos.12mp_extra_vs_quarter_decode",
+        "What a 12 MP phone JPEG adds over a 640×427 one through Triton ≤ 1.25× the 1/4-scale JPEG decode "
+        "of the same file, measured in the same run")
+def _photo_decode_floor(results: dict, tid: str, description: str) -> TargetResult:
+    section = results["sections"].get("photos") or {}
+    extra = section.get("extra_12mp_over_quarter_decode")
+    if not extra:
+        return _not_measured(tid, description, "≤ 1.25×", section.get("reason") or section.get("error")
+                             or "photos section not run (or run before the decode arm existed)")
+    allowed = extra["allowed"]
+    interval = extra[f"extra_minus_{allowed:g}x_decode_ms"]
+    verdict, note = _judge(interval, 0.0, "below", " ms", 2)
+    extra_ms, floor_ms = np.mean(extra["extra_ms_per_round"]), np.mean(extra["quarter_decode_ms_per_round"])
+    return _aa_gate(results, "photos", TargetResult(
+        tid, description, f"≤ {allowed:g}×", f"{extra['point']:.2f}×", verdict,
+        f"12 MP adds {extra_ms:.1f} ms over 640×427 (Triton p50 per round); 1/4-scale decode of the file "
+        f"{floor_ms:.1f} ms; per round extra − {allowed:g}× decode, mean {interval['point']:+.2f} ms: {note}",
+        interval=interval))
+
+
+ENGINE_SPEED = 0.85
+SERVED_RSS_MB = 800
+
+
+def _engine(results: dict) -> dict:
+    return results["sections"].get("engine") or {}
+
+
+@target("engine.served_vs_in_process.b32",
+        f"A batch-32 request of real items through `mmrec serve` ≥ {ENGINE_SPEED}× the speed of the same engine "
+        "in-process on the same bytes (decode included)")
+def _engine_speed(results: dict, tid: str, description: str) -> TargetResult:
+    section = _engine(results)
+    speed = section.get("served_speed_vs_in_process")
+    if not speed:
+        return _not_measured(tid, description, f"≥ {ENGINE_SPEED}×", section.get("reason") or section.get("error")
+                             or "engine section not run")
+    verdict, note = _judge(speed["interval"], ENGINE_SPEED, "above")
+    p50 = section["p50_ms"]
+    return _aa_gate(results, "engine", TargetResult(
+        tid, description, f"≥ {ENGINE_SPEED}×", f"{speed['point']:.2f}×", verdict,
+        f"p50 {p50['triton']:.0f} ms served vs {p50['in_process']:.0f} ms in-process (in-process / served latency "
+        f"per round): {note}; max |served − in-process| item embedding {section['max_abs_diff_item_embedding']:.1e}",
+        interval=speed["interval"]))
+
+
+@target("engine.served_rss", f"Resident memory of `mmrec serve` on the default export, whole process tree, idle "
+        f"after warm-up ≤ {SERVED_RSS_MB} MB")
+def _served_rss(results: dict, tid: str, description: str) -> TargetResult:
+    section = _engine(results)
+    rss = section.get("rss_mb")
+    if not rss:
+        return _not_measured(tid, description, f"≤ {SERVED_RSS_MB} MB", section.get("reason") or section.get("error")
+                             or "engine section not run")
+    largest = sorted(rss["processes"].items(), key=lambda kv: -kv[1])
+    return TargetResult(tid, description, f"≤ {SERVED_RSS_MB} MB", f"{rss['total']:.0f} MB",
+                        MET if rss["total"] <= SERVED_RSS_MB else MISSED,
+                        f"{len(largest)} processes after {rss['after']} and {rss['idle_s_before']:g} s idle: "
+                        + ", ".join(f"{name} {mb:.0f}" for name, mb in largest) + " MB (one reading, no interval)")
 
 
 def _roofline(model: str):

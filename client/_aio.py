@@ -98,6 +98,12 @@ class AsyncMMRecClient(ClientBase):
                 raise
             except Exception as exc:
                 raise self._error(exc, model, endpoint.url) from exc
+        source = self.models.contract_model(configs, self.local_preprocessing)
+        if source not in configs:  # an ensemble's first step: ready whenever the ensemble is
+            try:
+                configs[source] = await t.get_model_config(source)
+            except Exception as exc:
+                raise self._error(exc, source, endpoint.url) from exc
         return configs
 
     async def _check_health(self) -> None:

@@ -3,8 +3,10 @@
 Read over the wire (never from the repository folder), so a client on another machine sees
 exactly what the server runs. Export writes the whole contract (widths, batch limit, sequence
 buckets, limits, categories, image recipe) into every python model's config; the client reads it
-from the first step of the ensemble it calls (`item_preprocess`, or `item_preprocess_pixels`
-with local preprocessing), so `tokenizer`, `image_preprocess` and `fusion` need not be served.
+from the item model it calls (`item_encoder`, or `item_encoder_pixels` with local preprocessing)
+where that is a python model (the portable target's item engine), else from the first step of
+that ensemble (`item_preprocess` / `item_preprocess_pixels`, or the item engine). Only the models
+the client calls need to be loaded.
 """
 from __future__ import annotations
 
@@ -32,15 +34,22 @@ class ModelNames:
     item_preprocess: str = schema.ITEM_PREPROCESS
     item_preprocess_pixels: str = schema.ITEM_PREPROCESS_PIXELS
 
-    def contract_model(self, local_preprocessing: bool) -> str:
-        """The model whose config the client reads: the first step of the ensemble it calls."""
-        return self.item_preprocess_pixels if local_preprocessing else self.item_preprocess
+    def item_model(self, local_preprocessing: bool) -> str:
+        """The item model the client calls: encoded images, or pixels it preprocessed itself."""
+        return self.item_encoder_pixels if local_preprocessing else self.item_encoder
 
     def needed(self, local_preprocessing: bool) -> tuple[str, ...]:
-        """Models that must be ready: the ones called, plus the one whose config is read."""
-        called = ((self.item_encoder_pixels, self.scorer) if local_preprocessing
-                  else (self.item_encoder, self.interest_scorer, self.scorer))
-        return called + (self.contract_model(local_preprocessing),)
+        """Models that must be ready: the ones called."""
+        return ((self.item_encoder_pixels, self.scorer) if local_preprocessing
+                else (self.item_encoder, self.interest_scorer, self.scorer))
+
+    def contract_model(self, configs: dict[str, dict], local_preprocessing: bool) -> str:
+        """The model whose config holds the served contract: the called item model itself, or
+        the first step of that ensemble (`configs` holds the called models' configs)."""
+        called = self.item_model(local_preprocessing)
+        config = configs.get(called) or {}
+        steps = (config.get("ensemble_scheduling") or {}).get("step") or []
+        return steps[0]["model_name"] if config.get("platform") == "ensemble" and steps else called
 
     def all(self) -> tuple[str, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
@@ -73,10 +82,12 @@ def _output_dims(config: dict, model: str, name: str) -> tuple[int, ...]:
 
 
 def _contract(configs: dict[str, dict], names: ModelNames) -> tuple[str, ServedContract]:
-    model = next((m for m in (names.item_preprocess, names.item_preprocess_pixels) if m in configs), None)
+    """The contract from the first read config that carries one (contract_model's)."""
+    readers = [m for m in configs if "max_batch_size" in (configs[m].get("parameters") or {})]
+    model = next(iter(readers), None)
     if model is None:
-        raise MMRecError(f"none of {names.item_preprocess!r}, {names.item_preprocess_pixels!r} was read; "
-                         "the client reads the served contract from one of them")
+        raise MMRecError(f"none of the models read ({', '.join(configs)}) carries the served contract; "
+                         f"the client reads it from {names.item_encoder!r} or the first step of that ensemble")
     try:
         return model, ServedContract.from_parameters(configs[model].get("parameters", {}))
     except ContractError as err:

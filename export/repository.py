@@ -71,10 +71,12 @@ CPU_SHARES = {schema.TEXT_ENCODER: 2, schema.IMAGE_ENCODER: 2}
 SINGLE_THREAD_MEMBERS = (schema.FUSION, schema.SCORER)
 
 
-# Public ensembles served as one python model on the portable target (item_pipeline/model.py):
-# there every step is a python model, and each hop between two stub processes costs a round
-# trip through shared memory (measured in issue 11: see benchmarks/results). The members it runs
-# stay served on their own; the other ensembles and every native target keep the ensemble.
+# Public ensembles served as one python model on the portable target (item_pipeline/model.py, the
+# item engine): there every step is a python model, and each hop between two stub processes
+# costs a round trip through shared memory (measured in issue 11: see benchmarks/results). The
+# other public ensembles route through it (schema.engine_ensemble_specs), so each graph is loaded
+# once; the member configs stay in the repository (tune, the reference pipeline and `--load-model`
+# read them) but no entry model loads them. Every native target keeps the ensembles.
 MERGED_ENSEMBLES = {Target.portable: (schema.ITEM_ENCODER,)}
 ITEM_PIPELINE_MEMBERS = tensor_names.ITEM_PIPELINE_MEMBERS  # the members item_pipeline/model.py runs
 # Inside the merged model the text encoder runs on a worker beside the decode and image encoder
@@ -264,8 +266,10 @@ def parse(text: str) -> mc.ModelConfig:
 def all_configs(plan: RepositoryPlan) -> dict[str, mc.ModelConfig]:
     members = schema.member_specs_for(plan.contract)
     configs = {name: member_config(spec, plan) for name, spec in members.items()}
-    for name, ensemble in schema.ensemble_specs(members).items():
-        configs[name] = (merged_item_encoder_config(ensemble, plan) if name in merged_ensembles(plan.target)
+    merged = merged_ensembles(plan.target)
+    ensembles = schema.engine_ensemble_specs(members) if merged else schema.ensemble_specs(members)
+    for name, ensemble in ensembles.items():
+        configs[name] = (merged_item_encoder_config(ensemble, plan) if name in merged
                          else ensemble_config(ensemble, plan.max_batch_size))
     return configs
 
@@ -280,10 +284,9 @@ PYTHON_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     schema.ITEM_PREPROCESS_PIXELS: ("item_preprocess",
                                     ("served_contract", "text_preprocessing", "image_preprocessing")),
 }
-ITEM_PIPELINE = ("item_pipeline", ("served_contract", "text_preprocessing", "image_preprocessing", "runtime",
-                                   "runner_settings"))
+ITEM_PIPELINE = ("item_pipeline", ("item_engine", "batching"))
 TOKENIZER_USERS = (schema.TOKENIZER, schema.ITEM_PREPROCESS, schema.ITEM_PREPROCESS_PIXELS, schema.ITEM_ENCODER)
-ORT_RUNNER = ("ort_runner", ("runtime", "runner_settings"))  # the portable target's model.py for every ONNX member
+ORT_RUNNER = ("ort_runner", ("runtime", "runner_settings", "batching"))  # the portable target's model.py for every ONNX member
 CATALOG_SCORER_SOURCES = ("catalog_scorer", ("catalog_scan", "runtime", "runner_settings"))  # copied by `mmrec index`
 
 
@@ -294,6 +297,8 @@ LIB_IMPORTS: dict[str, tuple[str, ...]] = {
     "runtime": ("runner_settings",),
     "catalog_scan": ("runner_settings",),
     "image_preprocessing": ("served_contract",),
+    "item_engine": ("runtime", "batching", "image_preprocessing", "runner_settings", "served_contract", "tensor_names",
+                    "text_preprocessing"),
 }
 
 

@@ -107,10 +107,28 @@ def derive(capacity_rps: float, slo_ms: float, service_ms: float) -> QueuePolicy
 DIRECT_MEMBERS = (schema.SCORER,)
 
 
+def served_models(configs: Mapping[str, object]) -> set[str]:
+    """What `mmrec serve` loads (explicit model control): the entry models present
+    (schema.ENTRY_MODELS) and every model their ensembles compose; every model when none is present."""
+    pending = [name for name in schema.ENTRY_MODELS if name in configs]
+    if not pending:
+        return set(configs)
+    served: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in served or name not in configs:
+            continue
+        served.add(name)
+        if configs[name].platform == "ensemble":
+            pending.extend(step.model_name for step in configs[name].ensemble_scheduling.step)
+    return served
+
+
 def entry_models(configs: Mapping[str, object], direct: tuple[str, ...] = DIRECT_MEMBERS) -> list[str]:
-    """Batched models a request meets first: every dynamically batched model that is not only a
-    later step of an ensemble (first steps read the ensemble's own inputs), and the members
-    clients call directly."""
+    """Batched models a request meets first, among those served: every dynamically batched model
+    that is not only a later step of an ensemble (first steps read the ensemble's own inputs), and
+    the members clients call directly."""
+    served = served_models(configs)
     inner: set[str] = set()
     first: set[str] = set()
     for config in configs.values():
@@ -120,7 +138,7 @@ def entry_models(configs: Mapping[str, object], direct: tuple[str, ...] = DIRECT
         for step in config.ensemble_scheduling.step:
             (first if set(step.input_map.values()) <= outside else inner).add(step.model_name)
     return sorted(name for name, config in configs.items()
-                  if config.platform != "ensemble" and config.HasField("dynamic_batching")
+                  if name in served and config.platform != "ensemble" and config.HasField("dynamic_batching")
                   and (name in first or name not in inner or name in direct))
 
 

@@ -90,6 +90,11 @@ class RepositoryLayout:
     def config_files(self) -> list[Path]:
         return sorted(self.root.glob(f"*/{CONFIG_FILE}"))
 
+    def entry_models(self) -> tuple[str, ...]:
+        """The models clients call that this repository has (schema.ENTRY_MODELS): loading them
+        loads what their ensembles compose and nothing else."""
+        return tuple(m for m in schema.ENTRY_MODELS if self.config_file(m).is_file())
+
     def has_models(self) -> bool:
         return any(self.config_files())
 

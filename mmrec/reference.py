@@ -18,12 +18,14 @@ import numpy as np
 from . import schema
 from .layout import RepositoryLayout
 from .model_repository.lib.image_preprocessing import ImageDecoder
+from .model_repository.lib.item_engine import ItemEngine
 from .model_repository.lib.text_preprocessing import TextTokenizer
 from .model_repository.lib import runtime
 from .model_repository.lib.runner_settings import RunnerSettings
 from .preprocess import ServedContract
 from .schema import user_vector  # noqa: F401 - the reference's name for it
 
+REFERENCE_TEXT_WORKERS = 16  # more than any benchmarked concurrency: callers never queue for a text branch
 Member = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feed -> outputs, in graph order
 
 
@@ -143,6 +145,21 @@ class ReferencePipeline(ItemPipeline):
             self.sessions[name] = runtime.open_session(path, runtime_name, intra_op_threads, precision)
         super().__init__(contract, TextTokenizer.for_contract(contract, layout.tokenizer_file()),
                          ImageDecoder.for_contract(contract), {})
+        # the served item path itself (lib/item_engine.py), over these sessions; concurrent callers
+        # (the benchmarks' in-process thread pool) each get a text branch of their own
+        self.engine = ItemEngine(self.tokenizer, self.decoder, self.sessions, contract.seq_buckets,
+                                 text_workers=REFERENCE_TEXT_WORKERS)
+
+    def encode_items(self, texts: list[str], images: list[bytes]) -> dict[str, np.ndarray]:
+        """Same outputs as the `item_encoder` ensemble, computed by the served engine."""
+        return self.engine.encode(texts, images)
+
+    def encode_items_pixels(self, texts: list[str], pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """Same outputs as the `item_encoder_pixels` ensemble, computed by the served engine."""
+        return self.engine.encode(texts, pixels=np.asarray(pixels, dtype=np.float32))
+
+    def close(self) -> None:
+        self.engine.close()
 
     def _run(self, model: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         # through `sessions`, which a benchmark may swap for differently configured ones

@@ -6,7 +6,7 @@ or a width is written exactly once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Axis vocabulary shared by every exported graph (HF Optimum style).
 BATCH_AXIS = "batch_size"
@@ -175,6 +175,34 @@ def ensemble_specs(members: dict[str, ModelSpec]) -> dict[str, EnsembleSpec]:
                       public_outputs + (TensorSpec(SCORE, "FP32", (1,)),)),
             (preprocess, encode_text, encode_image, fuse, score)),
     }
+
+
+def engine_ensemble_specs(members: dict[str, ModelSpec]) -> dict[str, EnsembleSpec]:
+    """The ensembles where `item_encoder` is the item engine, one python model (portable target,
+    lib/item_engine.py): it takes IMAGE or PIXEL_VALUES, and the other public ensembles route
+    through it, so every item graph is loaded once and no member model needs to be served."""
+    specs = ensemble_specs(members)
+    engine = specs[ITEM_ENCODER].spec
+    pixels_in = specs[ITEM_ENCODER_PIXELS].spec.inputs[1]
+    text_in, image_in = engine.inputs
+    outputs = {t.name: t.name for t in engine.outputs}
+    score = specs[INTEREST_SCORER].steps[-1]
+    return {
+        ITEM_ENCODER: EnsembleSpec(
+            ModelSpec(ITEM_ENCODER, "python", (text_in, replace(image_in, optional=True),
+                                               replace(pixels_in, optional=True)), engine.outputs), ()),
+        ITEM_ENCODER_PIXELS: EnsembleSpec(specs[ITEM_ENCODER_PIXELS].spec, (
+            EnsembleStep(ITEM_ENCODER, {TEXT: TEXT, PIXELS: PIXELS}, outputs),)),
+        INTEREST_SCORER: EnsembleSpec(specs[INTEREST_SCORER].spec, (
+            EnsembleStep(ITEM_ENCODER, {TEXT: TEXT, IMAGE: IMAGE}, outputs), score)),
+    }
+
+
+# The models a client calls; loading them (Triton explicit model control) loads whatever their
+# ensembles compose, and nothing else. tokenizer and image_preprocess stay served for callers
+# that use them on their own; catalog_scorer is loaded where `mmrec index` published one.
+ENTRY_MODELS = (ITEM_ENCODER, ITEM_ENCODER_PIXELS, INTEREST_SCORER, SCORER, TOKENIZER, IMAGE_PREPROCESS,
+                CATALOG_SCORER)
 
 
 # --- catalog index (`mmrec index`, issue 13) ------------------------------------------------------

@@ -29,7 +29,12 @@ def serve_command(
     http_port: int = typer.Option(8000, help="HTTP/REST port."),
     grpc_port: int = typer.Option(8001, help="gRPC port."),
     metrics_port: int = typer.Option(8002, help="Prometheus metrics port."),
-    model_control: str = typer.Option("none", help="none | poll | explicit (Triton model control mode)."),
+    model_control: str = typer.Option("explicit", help="explicit | none | poll (Triton model control mode). "
+                                      "explicit loads --load-model; none and poll load every model."),
+    load_model: Optional[list[str]] = typer.Option(
+        None, "--load-model", help="explicit mode: a model to load at start (repeat it; '*' for all). "
+        "Default: the models clients call (item_encoder, item_encoder_pixels, interest_scorer, scorer, "
+        "tokenizer, image_preprocess, catalog_scorer where published) and what their ensembles compose."),
     log_verbose: int = typer.Option(0, help="Triton --log-verbose level."),
     ready_timeout: float = typer.Option(180.0, help="Seconds to wait for readiness."),
     grpc_tls_cert: Optional[Path] = typer.Option(None, help="PEM server certificate: serve gRPC over TLS (needs --grpc-tls-key). HTTP stays plaintext."),
@@ -43,6 +48,7 @@ def serve_command(
         config = ServerConfig(repository=repository, host=host, http_port=http_port,
                               grpc_port=grpc_port, metrics_port=metrics_port,
                               model_control=model_control, log_verbose=log_verbose,
+                              load_models=tuple(load_model) if load_model else None,
                               grpc_tls_cert=grpc_tls_cert, grpc_tls_key=grpc_tls_key,
                               grpc_tls_root_cert=grpc_tls_root_cert)
         code = serve_forever(config, print_endpoints, ready_timeout_s=ready_timeout)

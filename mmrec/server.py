@@ -262,7 +262,13 @@ class ServerConfig:
     grpc_port: int = 8001
     metrics_port: int = 8002
     log_verbose: int = 0
-    model_control: str = "none"
+    # explicit: load the models a client calls (and what their ensembles compose) and nothing else;
+    # on the portable target that leaves the member models unloaded (the item engine runs their
+    # graphs): half the memory. "none" loads every model in the repository.
+    model_control: str = "explicit"
+    # explicit mode's models to load at start: None for the repository's entry models
+    # (RepositoryLayout.entry_models), ("*",) for all of them
+    load_models: tuple[str, ...] | None = None
     extra_args: list[str] = field(default_factory=list)
     # Triton's default drain timeout (30 s) outlives TritonServer.stop()'s SIGKILL deadline.
     exit_timeout_s: int = 10
@@ -334,7 +340,8 @@ def host_port(host: str, port: int) -> str:
 def build_command(
     install: TritonInstall, backend_dir: Path, repository: Path, config: ServerConfig, shm_prefix: str
 ) -> list[str]:
-    """The tritonserver argv. Explicit mode loads every model unless extra_args says otherwise."""
+    """The tritonserver argv. Explicit mode loads `load_models` (default: the repository's entry
+    models, or every model of a repository that has none) unless extra_args says otherwise."""
     cmd = [
         str(install.binary),
         f"--model-repository={repository}",
@@ -355,7 +362,8 @@ def build_command(
     if install.caches_dir is not None:
         cmd.append(f"--cache-directory={install.caches_dir}")
     if config.model_control == "explicit" and not any(a.startswith("--load-model") for a in config.extra_args):
-        cmd.append("--load-model=*")
+        models = config.load_models or RepositoryLayout(repository).entry_models() or ("*",)
+        cmd += [f"--load-model={model}" for model in models]
     return cmd + list(config.extra_args)
 
 

@@ -89,13 +89,15 @@ def test_served_models_read_their_names_from_the_one_definition(exported_reposit
     for model_py in sorted(exported_repository.glob("*/1/model.py")):
         assert (model_py.parent / "tensor_names.py").read_bytes() == source, model_py
     module = load_served_model(exported_repository, schema.ITEM_ENCODER)
-    assert module.MEMBERS == ITEM_PIPELINE_MEMBERS
+    engine = module.ItemEngine.__init__.__globals__  # the copy of lib/item_engine.py beside model.py
+    assert engine["__file__"] == str(layout.version_dir(schema.ITEM_ENCODER) / "item_engine.py")
+    assert engine["ITEM_PIPELINE_MEMBERS"] == ITEM_PIPELINE_MEMBERS
     fusion = parse(layout.config_file(schema.FUSION).read_text())
-    assert module.FUSION_OUTPUTS == tuple(o.name for o in fusion.output)
-    assert (module.TEXT_EMBEDDING, module.IMAGE_EMBEDDING) == tuple(i.name for i in fusion.input)
+    assert engine["FUSION_OUTPUTS"] == tuple(o.name for o in fusion.output)
+    assert (engine["TEXT_EMBEDDING"], engine["IMAGE_EMBEDDING"]) == tuple(i.name for i in fusion.input)
     config = parse(layout.config_file(schema.ITEM_ENCODER).read_text())
-    assert module.PUBLIC_OUTPUTS == tuple(o.name for o in config.output)
-    assert [i.name for i in config.input] == [schema.TEXT, schema.IMAGE]
+    assert module.ITEM_OUTPUTS == engine["ITEM_OUTPUTS"] == tuple(o.name for o in config.output)
+    assert [i.name for i in config.input] == [schema.TEXT, schema.IMAGE, schema.PIXELS]
 
 
 # ---- runner and catalog settings: one owner (lib/runner_settings.py) --------------------------

@@ -173,8 +173,8 @@ def test_new_model_version_loads_under_load_without_failed_requests(explicit_ser
     server = explicit_server
     repository = Path(server.config.repository)
     text, image, _ = sample_items[0]
-    # interest_scorer is an ensemble over the members on every target, so its requests run the
-    # fusion member whose new version loads (the portable item_encoder is one python model)
+    # interest_scorer is an ensemble ending in the scorer member on every target, so its requests
+    # run the member whose new version loads (fusion runs inside the portable item engine)
     user = np.full((1, reference.encode_items([text], [image])[schema.ITEM_EMBEDDING].shape[1]), 0.05, np.float32)
     want = reference.score_items([text], [image], user[0])
     tensors = {schema.TEXT: (column([text.encode()]), "BYTES"), schema.IMAGE: (column([image]), "BYTES"),
@@ -207,28 +207,28 @@ def test_new_model_version_loads_under_load_without_failed_requests(explicit_ser
         while len(outcomes) < 20 and time.monotonic() < deadline:
             time.sleep(0.2)
         before_load = len(outcomes)
-        version2 = repository / schema.FUSION / "2"
-        shutil.copytree(repository / schema.FUSION / "1", version2, symlinks=True)
+        version2 = repository / schema.SCORER / "2"
+        shutil.copytree(repository / schema.SCORER / "1", version2, symlinks=True)
         control = grpcclient.InferenceServerClient(server.urls["grpc"])
         started = time.monotonic()
-        control.load_model(schema.FUSION)  # version policy "latest 1": serves 2, retires 1
+        control.load_model(schema.SCORER)  # version policy "latest 1": serves 2, retires 1
         load_s = time.monotonic() - started
         during = len(outcomes) - before_load
         while len(outcomes) < before_load + during + 40 and time.monotonic() < deadline:
             time.sleep(0.2)
-        versions = list(control.get_model_metadata(schema.FUSION).versions)
-        stats = control.get_inference_statistics(schema.FUSION, "2").model_stats
+        versions = list(control.get_model_metadata(schema.SCORER).versions)
+        stats = control.get_inference_statistics(schema.SCORER, "2").model_stats
         v2_inferences = sum(s.inference_count for s in stats)
-        ready = (control.is_model_ready(schema.FUSION, "2"), control.is_model_ready(schema.FUSION, "1"))
+        ready = (control.is_model_ready(schema.SCORER, "2"), control.is_model_ready(schema.SCORER, "1"))
         control.close()
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=120)
     failures = [o for o in outcomes if o != "ok"]
-    report("load fusion version 2 under load (explicit model control)", requests=len(outcomes),
+    report("load scorer version 2 under load (explicit model control)", requests=len(outcomes),
            failed=len(failures), load_model_s=round(load_s, 1), requests_during_load=during,
-           fusion_versions=versions, v2_inferences=v2_inferences)
+           scorer_versions=versions, v2_inferences=v2_inferences)
     assert not failures, failures[:5]
     assert versions == ["2"] and ready == (True, False)
     assert v2_inferences > 0

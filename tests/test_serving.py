@@ -54,8 +54,10 @@ def test_every_generated_config_parses_into_model_config(target, tmp_path):
     for name in set(schema.ENSEMBLES) - set(merged):
         ensemble = configs[name]
         assert ensemble.platform == "ensemble" and not ensemble.HasField("dynamic_batching")
-        for step in ensemble.ensemble_scheduling.step:
-            assert ensemble.max_batch_size <= members[step.model_name].max_batch_size
+        for step in ensemble.ensemble_scheduling.step:  # a member, or (portable) the item engine
+            assert ensemble.max_batch_size <= configs[step.model_name].max_batch_size
+            if merged:  # each graph loaded once: the public ensembles route through the engine
+                assert step.model_name in (*merged, schema.SCORER), (name, step.model_name)
     for name in schema.ONNX_MODELS:
         member = configs[name]
         assert member.HasField("dynamic_batching")

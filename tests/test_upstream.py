@@ -8,6 +8,7 @@ test was green, because the reference carried the same error.
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import onnx
@@ -102,7 +103,17 @@ def test_served_image_encoder_equals_package_network(triton_server, package_lite
     client = grpcclient.InferenceServerClient(triton_server.urls["grpc"])
     tensor = grpcclient.InferInput(schema.PIXEL_VALUES, list(photo_pixels.shape), "FP32")
     tensor.set_data_from_numpy(photo_pixels.astype(np.float32))
-    got = client.infer(schema.IMAGE_ENCODER, [tensor]).as_numpy(schema.IMAGE_EMBEDDING)
+    loaded_here = not client.is_model_ready(schema.IMAGE_ENCODER)  # portable: the item engine runs it
+    if loaded_here:
+        client.load_model(schema.IMAGE_ENCODER)
+    try:
+        got = client.infer(schema.IMAGE_ENCODER, [tensor]).as_numpy(schema.IMAGE_EMBEDDING)
+    finally:
+        if loaded_here:  # leave the shared server as `mmrec serve` starts it
+            client.unload_model(schema.IMAGE_ENCODER)
+            deadline = time.monotonic() + 60
+            while client.is_model_ready(schema.IMAGE_ENCODER) and time.monotonic() < deadline:
+                time.sleep(0.2)
     cosine = metrics.row_cosine(got, package_pooled(package_lite0, photo_pixels))
     assert cosine.min() >= FEATURE_MIN_COSINE
 

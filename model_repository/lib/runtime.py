@@ -142,8 +142,9 @@ class OrtSession:
 
     runtime = "onnxruntime"
 
-    def __init__(self, model_path: Path, threads: int = 0) -> None:
-        self.session = make_session(model_path, threads)
+    def __init__(self, model_path: Path, threads: int = 0, session=None) -> None:
+        """`session`: an InferenceSession opened elsewhere (an experiment's own options)."""
+        self.session = session if session is not None else make_session(model_path, threads)
         self.input_dtypes = {i.name: np.dtype(_ORT_TO_NUMPY[i.type]) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+import batching  # lib/batching.py: join, run, split, errors per request
 import priority  # lib/priority.py, copied beside this file by export
 import runtime  # the copy of model_repository/lib/runtime.py that export puts beside this file
 from runner_settings import RunnerSettings
@@ -91,27 +92,18 @@ class TritonPythonModel:
     def _error(message: str):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
 
+    def _read(self, request) -> list[np.ndarray]:
+        arrays = [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names]
+        problem = self.check(arrays)
+        if problem is not None:
+            raise ValueError(problem)
+        return arrays
+
     def execute(self, requests: list) -> list:
-        batches = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names]
-                   for r in requests]
-        problems = [self.check(b) for b in batches]
-        responses: list = [self._error(p) if p is not None else None for p in problems]
-        good = [j for j, problem in enumerate(problems) if problem is None]
-        if not good:
-            return responses
-        try:
-            for j, outputs in zip(good, self.run([batches[j] for j in good])):
-                responses[j] = self._response(outputs)
-        except Exception as err:  # shape/dtype problems surface here: isolate the bad request(s)
-            if len(good) == 1:
-                responses[good[0]] = self._error(f"{self.model_name}: {type(err).__name__}: {err}")
-                return responses
-            for j in good:
-                try:
-                    responses[j] = self._response(self.run([batches[j]])[0])
-                except Exception as alone:
-                    responses[j] = self._error(f"{self.model_name}: {type(alone).__name__}: {alone}")
-        return responses
+        # shape/dtype problems surface as runtime errors of the joined run: INVALID_ARG, each alone
+        results = batching.run_joined(batching.read_each(requests, self._read), self.run, self.model_name,
+                                      runtime_fault_is_internal=False)
+        return [self._error(r.message) if isinstance(r, batching.Failure) else self._response(r) for r in results]
 
     def finalize(self) -> None:
         self.session = None

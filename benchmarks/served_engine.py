@@ -1,0 +1,171 @@
+"""The suite's "engine" section: the served item engine against itself in-process, and its memory.
+
+`mmrec serve` is started the way a user starts it (its own process, the default model control:
+the models clients call and what their ensembles compose) on the repository under test. Then:
+- **memory**: after warm-up with batch-32 requests and a short idle, the resident memory of the
+  launcher's whole process tree (launcher, tritonserver, every python stub), per process too;
+- **speed**: one request of 32 real items (held-out captions, every 4th joined to the maximum
+  length; real photos and drawings as encoded bytes) over gRPC, against the same bytes through the
+  same engine in this process (`ReferencePipeline.encode_items` runs lib/item_engine.py), decode
+  included in both, in alternating rounds; the Triton arm runs twice per round as the A/A arm.
+
+Run it alone with `mmrec bench --only engine`.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mmrec import schema
+from mmrec.server import free_ports
+from mmrec.stats import aa_check, paired_ratio, round_medians
+
+from .settings import Settings
+from .workload import Workload
+
+BATCH = 32
+TRITON, IN_PROCESS = "triton", "in_process"
+AA_ARM = f"{TRITON} (A/A)"
+IDLE_BEFORE_RSS_S = 2.0
+Tick = Callable[[int], None]
+
+
+def real_items(batch: int) -> tuple[list[str], list[bytes]]:
+    """`batch` real items: held-out captions (every 4th joined up to the maximum length) and, in
+    turn, real photos and the dataset's own drawings, as encoded bytes."""
+    from mmrec.export.data import load_items
+    from mmrec.photos import known_photos
+
+    items = load_items()[:batch]
+    texts = [" ".join(i.caption for i in items[j:j + 30]) if j % 4 == 0 else items[j].caption for j in range(batch)]
+    photos = [p.read_bytes() for p in known_photos()]
+    images = [photos[j % len(photos)] if j % 2 else items[j].image_bytes() for j in range(batch)]
+    return texts, images
+
+
+def process_rss_mb(pid: int) -> dict[str, float]:
+    """Resident memory of a process and its descendants, MB, keyed by a short name (the model a
+    python stub serves, else the executable)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    sizes: dict[str, float] = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            cmdline = process.cmdline()
+            rss = process.memory_info().rss / 2 ** 20
+        except psutil.Error:
+            continue
+        stub = [a for a in cmdline if a.endswith("_0_0")]
+        name = stub[0][:-4] if stub else ("mmrec serve" if process.pid == pid else Path(cmdline[0]).name)
+        while name in sizes:
+            name += "'"
+        sizes[name] = round(rss, 1)
+    return sizes
+
+
+class ServeProcess:
+    """`mmrec serve --repository R` on free loopback ports, as its own process."""
+
+    def __init__(self, repository: Path, log_path: Path, ready_timeout_s: float = 240.0) -> None:
+        self.http, self.grpc, self.metrics = free_ports(3)
+        self.log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mmrec.cli", "serve", "--repository", str(repository),
+             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_timeout_s
+        while not self._ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"`mmrec serve` did not become ready (see {log_path})")
+            time.sleep(0.5)
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def run_engine(workload: Workload, settings: Settings, output: Path, step: Callable[[str, int], Tick]) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    from mmrec.reference import ReferencePipeline
+
+    rounds, per_round = settings.engine_rounds, settings.engine_per_round
+    tick = step(f"engine: batch-{BATCH} request of real items, `mmrec serve` vs the same engine in-process, "
+                f"{rounds} rounds x {per_round}; served memory", rounds + 2)
+    texts, images = real_items(BATCH)
+    server = ServeProcess(workload.repository, Path(output) / "engine-serve.log")
+    pipeline = ReferencePipeline(workload.repository)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        def request() -> list:
+            text = grpcclient.InferInput(schema.TEXT, [BATCH, 1], "BYTES")
+            text.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
+            picture = grpcclient.InferInput(schema.IMAGE, [BATCH, 1], "BYTES")
+            picture.set_data_from_numpy(np.array([[i] for i in images], dtype=object))
+            return [text, picture]
+
+        served = client.infer(schema.ITEM_ENCODER, request()).as_numpy(schema.ITEM_EMBEDDING)
+        for _ in range(settings.engine_warmup):
+            client.infer(schema.ITEM_ENCODER, request())
+        time.sleep(IDLE_BEFORE_RSS_S)
+        rss = process_rss_mb(server.process.pid)
+        tick(1)
+        in_process = pipeline.encode_items(texts, images)[schema.ITEM_EMBEDDING]
+        max_diff = float(np.abs(served - in_process).max())
+        arms = {TRITON: lambda: client.infer(schema.ITEM_ENCODER, request()),
+                IN_PROCESS: lambda: pipeline.encode_items(texts, images)}
+        arms[AA_ARM] = arms[TRITON]
+        for _ in range(settings.engine_warmup):
+            arms[IN_PROCESS]()
+        samples: dict[str, list[list[float]]] = {name: [] for name in arms}
+        order = list(arms.items())
+        for r in range(rounds):  # alternate the order: A B C, then C B A
+            for name, call in (order if r % 2 == 0 else order[::-1]):
+                timed = []
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    call()
+                    timed.append(1000 * (time.perf_counter() - t0))
+                samples[name].append(timed)
+            tick(1)
+    finally:
+        client.close()
+        pipeline.close()
+        server.stop()
+    tick(1)
+    per_round_p50 = {k: round_medians(v) for k, v in samples.items()}
+    # speed of the served request relative to in-process: in-process latency / served latency
+    speed = paired_ratio(per_round_p50[IN_PROCESS], per_round_p50[TRITON])
+    aa = {**aa_check(paired_ratio(per_round_p50[TRITON], per_round_p50[AA_ARM])), "arm": f"{TRITON} twice per round"}
+    return {"batch": BATCH, "rounds": rounds, "per_round": per_round,
+            "p50_ms": {k: float(np.median([x for r in v for x in r])) for k, v in samples.items()},
+            "p50_ms_per_round": per_round_p50, "aa": aa,
+            "served_speed_vs_in_process": {"point": speed.point, "interval": speed.to_dict()},
+            "max_abs_diff_item_embedding": max_diff,
+            "rss_mb": {"total": round(sum(rss.values()), 1), "processes": rss,
+                       "idle_s_before": IDLE_BEFORE_RSS_S, "after": f"{1 + settings.engine_warmup} batch-{BATCH} requests"}}
