@@ -13,6 +13,8 @@ Run it alone with `mmrec bench --only engine`.
 """
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +35,7 @@ BATCH = 32
 TRITON, IN_PROCESS = "triton", "in_process"
 AA_ARM = f"{TRITON} (A/A)"
 IDLE_BEFORE_RSS_S = 2.0
+STUB_INSTANCE = re.compile(r"^\w+_\d+_\d+$")  # a python stub's argument naming its model instance
 Tick = Callable[[int], None]
 
 
@@ -49,24 +52,26 @@ def real_items(batch: int) -> tuple[list[str], list[bytes]]:
     return texts, images
 
 
-def process_rss_mb(pid: int) -> dict[str, float]:
-    """Resident memory of a process and its descendants, MB, keyed by a short name (the model a
-    python stub serves, else the executable)."""
+def process_memory_mb(pid: int) -> dict[str, dict[str, float]]:
+    """Resident (RSS) and proportional (PSS: shared pages split between their users) memory of a
+    process and its descendants, MB, keyed by a short name (the model instance a python stub
+    serves, else the executable). The RSS sum counts a page shared by k processes k times: the
+    conservative figure a target is judged on; the PSS sum is what the tree really occupies."""
     import psutil
 
     root = psutil.Process(pid)
-    sizes: dict[str, float] = {}
+    sizes: dict[str, dict[str, float]] = {}
     for process in [root, *root.children(recursive=True)]:
         try:
             cmdline = process.cmdline()
-            rss = process.memory_info().rss / 2 ** 20
+            info = process.memory_full_info()
         except psutil.Error:
             continue
-        stub = [a for a in cmdline if a.endswith("_0_0")]
-        name = stub[0][:-4] if stub else ("mmrec serve" if process.pid == pid else Path(cmdline[0]).name)
+        stub = [a for a in cmdline if STUB_INSTANCE.search(a)]
+        name = stub[0] if stub else ("mmrec serve" if process.pid == pid else Path(cmdline[0]).name)
         while name in sizes:
             name += "'"
-        sizes[name] = round(rss, 1)
+        sizes[name] = {"rss": round(info.rss / 2 ** 20, 1), "pss": round(getattr(info, "pss", info.rss) / 2 ** 20, 1)}
     return sizes
 
 
@@ -80,12 +85,15 @@ class ServeProcess:
             [sys.executable, "-m", "mmrec.cli", "serve", "--repository", str(repository),
              "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)],
             stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + ready_timeout_s
-        while not self._ready():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"`mmrec serve` did not become ready (see {log_path})")
-            time.sleep(0.5)
+        try:
+            deadline = time.monotonic() + ready_timeout_s
+            while not self._ready():
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"`mmrec serve` did not become ready (see {log_path})")
+                time.sleep(0.5)
+        except BaseException:
+            self.stop()
+            raise
 
     def _ready(self) -> bool:
         try:
@@ -99,29 +107,45 @@ class ServeProcess:
         return f"127.0.0.1:{self.grpc}"
 
     def stop(self) -> None:
+        """SIGINT, as Ctrl-C would (the launcher stops tritonserver and its stubs); if it hangs,
+        kill the launcher and every process it started (tritonserver runs in its own session)."""
+        import psutil
+
         if self.process.poll() is None:
-            self.process.terminate()
             try:
-                self.process.wait(timeout=30)
+                descendants = psutil.Process(self.process.pid).children(recursive=True)
+            except psutil.Error:
+                descendants = []
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            for child in descendants:
+                try:
+                    child.kill()
+                except psutil.Error:
+                    pass
         self.log.close()
 
 
 def run_engine(workload: Workload, settings: Settings, output: Path, step: Callable[[str, int], Tick]) -> dict:
     import tritonclient.grpc as grpcclient
 
-    from mmrec.reference import ReferencePipeline
+    from mmrec.reference import in_process_engine
 
     rounds, per_round = settings.engine_rounds, settings.engine_per_round
     tick = step(f"engine: batch-{BATCH} request of real items, `mmrec serve` vs the same engine in-process, "
                 f"{rounds} rounds x {per_round}; served memory", rounds + 2)
     texts, images = real_items(BATCH)
     server = ServeProcess(workload.repository, Path(output) / "engine-serve.log")
-    pipeline = ReferencePipeline(workload.repository)
-    client = grpcclient.InferenceServerClient(server.grpc_url)
+    engine = None
+    client = None
     try:
+        engine = in_process_engine(workload.repository)  # opened from item_encoder's config, as Triton does
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+
         def request() -> list:
             text = grpcclient.InferInput(schema.TEXT, [BATCH, 1], "BYTES")
             text.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
@@ -133,12 +157,12 @@ def run_engine(workload: Workload, settings: Settings, output: Path, step: Calla
         for _ in range(settings.engine_warmup):
             client.infer(schema.ITEM_ENCODER, request())
         time.sleep(IDLE_BEFORE_RSS_S)
-        rss = process_rss_mb(server.process.pid)
+        memory = process_memory_mb(server.process.pid)
         tick(1)
-        in_process = pipeline.encode_items(texts, images)[schema.ITEM_EMBEDDING]
+        in_process = engine.encode(texts, images)[schema.ITEM_EMBEDDING]
         max_diff = float(np.abs(served - in_process).max())
         arms = {TRITON: lambda: client.infer(schema.ITEM_ENCODER, request()),
-                IN_PROCESS: lambda: pipeline.encode_items(texts, images)}
+                IN_PROCESS: lambda: engine.encode(texts, images)}
         arms[AA_ARM] = arms[TRITON]
         for _ in range(settings.engine_warmup):
             arms[IN_PROCESS]()
@@ -154,8 +178,10 @@ def run_engine(workload: Workload, settings: Settings, output: Path, step: Calla
                 samples[name].append(timed)
             tick(1)
     finally:
-        client.close()
-        pipeline.close()
+        if client is not None:
+            client.close()
+        if engine is not None:
+            engine.close()
         server.stop()
     tick(1)
     per_round_p50 = {k: round_medians(v) for k, v in samples.items()}
@@ -167,5 +193,8 @@ def run_engine(workload: Workload, settings: Settings, output: Path, step: Calla
             "p50_ms_per_round": per_round_p50, "aa": aa,
             "served_speed_vs_in_process": {"point": speed.point, "interval": speed.to_dict()},
             "max_abs_diff_item_embedding": max_diff,
-            "rss_mb": {"total": round(sum(rss.values()), 1), "processes": rss,
+            "rss_mb": {"total": round(sum(m["rss"] for m in memory.values()), 1),
+                       "pss_total": round(sum(m["pss"] for m in memory.values()), 1),
+                       "processes": {name: m["rss"] for name, m in memory.items()},
+                       "processes_pss": {name: m["pss"] for name, m in memory.items()},
                        "idle_s_before": IDLE_BEFORE_RSS_S, "after": f"{1 + settings.engine_warmup} batch-{BATCH} requests"}}

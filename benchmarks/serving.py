@@ -210,7 +210,8 @@ def _threaded_loop(call, cursor: Cursor, concurrency: int, seconds: float) -> di
 
 def reference_level(pipeline, workload: Workload, settings: Settings, concurrency: int,
                     batched: bool = False) -> dict:
-    """The same closed loop against ReferencePipeline in this process.
+    """The same closed loop in this process: `pipeline.encode_items` (mmrec.reference's
+    in-process encoder: the served item engine on the portable target).
 
     batched=False: `concurrency` threads each encode one request's items (what Triton sees);
     batched=True: one caller encodes `concurrency` requests' items in one call, the ideal
@@ -295,12 +296,23 @@ def run_serving(workload: Workload, settings: Settings, threads: int, step: Call
     in `serving_rounds` rounds of alternating order with the level's time split between them,
     so the numbers compared at one concurrency were taken within the same minute, under the
     same background load. The server idles while the in-process pipeline runs."""
-    from mmrec.reference import ReferencePipeline
+    from mmrec.reference import in_process_encoder
 
     tick = step("serving: starting tritonserver", 1)
     srv = server()
     tick(1)
-    pipeline = ReferencePipeline(workload.repository, intra_op_threads=threads)
+    # each caller thread gets its own text branch: an in-process thread pool over the same engine
+    pipeline = in_process_encoder(workload.repository, text_workers=max(settings.concurrency),
+                                  intra_op_threads=threads)
+    try:
+        out = _serving_levels(pipeline, workload, settings, step, srv, threads, per_level)
+    finally:
+        pipeline.close()
+    return out
+
+
+def _serving_levels(pipeline, workload: Workload, settings: Settings, step: Callable[[str, int], Tick],
+                    srv: TritonServer, threads: int, per_level: PerLevelHook | None) -> dict:
     series = ["in-process", "in-process batched", *[f"Triton {p}" for p in settings.protocols], "Triton A/A"]
     if settings.raw_client_baseline:
         series.append("raw tritonclient")
@@ -351,5 +363,5 @@ def run_serving(workload: Workload, settings: Settings, threads: int, step: Call
             "level_s": settings.level_s, "level_warmup_s": settings.level_warmup_s,
             "round_warmup_s": settings.round_warmup_s, "rounds": rounds, "aa_protocol": aa_protocol,
             "client": "mmrec.client.AsyncMMRecClient (retries=0, concurrency=level)",
-            "order_per_level": series, "reference_threads": threads, **out,
+            "order_per_level": series, "reference_threads": threads, "in_process": pipeline.kind, **out,
             "server": {"urls": srv.urls, "log": str(srv.log_path)}}

@@ -208,10 +208,11 @@ def run_bench(options: BenchOptions, step: Step = silent_step) -> dict:
         _run_section(results, "perf_analyzer", selected, pa_section)
         _run_section(results, "photos", selected, lambda: photo_latency.run_photos(
             workload, settings, options.threads, step, server))
-        _run_section(results, "engine", selected, lambda: served_engine.run_engine(workload, settings, output, step))
         _run_section(results, "capacity", selected, lambda: capacity_section(options, server, step))
         _run_section(results, "overload", selected, lambda: overload_section(options, results, step))
 
+    # after the suite's server is gone: `mmrec serve` of its own, alone on the cores
+    _run_section(results, "engine", selected, lambda: served_engine.run_engine(workload, settings, output, step))
     results["machine"]["loadavg_end"] = machine.loadavg()
     results["machine"]["cpu_share_end"] = machine.cpu_share()
     results["contended"] = _contended(results)

@@ -82,9 +82,10 @@ def _output_dims(config: dict, model: str, name: str) -> tuple[int, ...]:
 
 
 def _contract(configs: dict[str, dict], names: ModelNames) -> tuple[str, ServedContract]:
-    """The contract from the first read config that carries one (contract_model's)."""
-    readers = [m for m in configs if "max_batch_size" in (configs[m].get("parameters") or {})]
-    model = next(iter(readers), None)
+    """The contract from the config of ModelNames.contract_model (of whichever item model was read)."""
+    sources = [names.contract_model(configs, local) for local in (False, True)
+               if names.item_model(local) in configs]
+    model = next((m for m in sources if m in configs and (configs[m].get("parameters") or {})), None)
     if model is None:
         raise MMRecError(f"none of the models read ({', '.join(configs)}) carries the served contract; "
                          f"the client reads it from {names.item_encoder!r} or the first step of that ensemble")

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from mmrec import schema
+from mmrec.layout import served_models
 
 DEFAULT_SLO_MS = 100.0  # the p99 bound of capacity and admission (`--slo-ms`)
 ADMITTED_INSTANCES = 2  # instances of an admitted model: one stalls on Triton's missed wake-up (above)
@@ -107,28 +108,11 @@ def derive(capacity_rps: float, slo_ms: float, service_ms: float) -> QueuePolicy
 DIRECT_MEMBERS = (schema.SCORER,)
 
 
-def served_models(configs: Mapping[str, object]) -> set[str]:
-    """What `mmrec serve` loads (explicit model control): the entry models present
-    (schema.ENTRY_MODELS) and every model their ensembles compose; every model when none is present."""
-    pending = [name for name in schema.ENTRY_MODELS if name in configs]
-    if not pending:
-        return set(configs)
-    served: set[str] = set()
-    while pending:
-        name = pending.pop()
-        if name in served or name not in configs:
-            continue
-        served.add(name)
-        if configs[name].platform == "ensemble":
-            pending.extend(step.model_name for step in configs[name].ensemble_scheduling.step)
-    return served
-
-
 def entry_models(configs: Mapping[str, object], direct: tuple[str, ...] = DIRECT_MEMBERS) -> list[str]:
     """Batched models a request meets first, among those served: every dynamically batched model
     that is not only a later step of an ensemble (first steps read the ensemble's own inputs), and
     the members clients call directly."""
-    served = served_models(configs)
+    served = served_models(configs) or set(configs)  # what `mmrec serve` loads
     inner: set[str] = set()
     first: set[str] = set()
     for config in configs.values():

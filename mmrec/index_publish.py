@@ -154,20 +154,27 @@ def prune(repository: Path, keep: int = DEFAULT_KEEP) -> list[int]:
     return old
 
 
+
 def load_on_server(url: str, version: int, timeout_s: float = 600.0) -> None:
     """Ask Triton (explicit model control) to load catalog_scorer; check `version` is what serves."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
+    from .server import ADMIN_HEADER, ADMIN_KEY_ENV
+
     client = grpcclient.InferenceServerClient(url)
+    key = os.environ.get(ADMIN_KEY_ENV)  # a server that restricts load/unload (mmrec serve --admin-key, the chart)
+    headers = {f"triton-grpc-protocol-{ADMIN_HEADER}": key} if key else None
     try:
         try:
-            client.load_model(schema.CATALOG_SCORER, client_timeout=timeout_s)
+            client.load_model(schema.CATALOG_SCORER, headers=headers, client_timeout=timeout_s)
         except InferenceServerException as err:
             message = err.message() or str(err)
-            hint = (" Live swaps need explicit model control: start the server with "
-                    "`mmrec serve --model-control explicit`." if "explicit" in message.lower()
-                    or "not allowed" in message.lower() else "")
+            lowered = message.lower()
+            hint = (" Live swaps need explicit model control (`mmrec serve`'s default; not --model-control "
+                    "none or poll)." if "explicit" in lowered or "not allowed" in lowered else
+                    f" The server restricts load/unload: set {ADMIN_KEY_ENV} to its admin key."
+                    if "restricted" in lowered or "unavailable" in lowered and "protocol" in lowered else "")
             raise PublishError(f"wrote catalog_scorer version {version}, but {url} did not load it: "
                                f"{message}.{hint}") from None
         if not client.is_model_ready(schema.CATALOG_SCORER, str(version)):

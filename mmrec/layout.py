@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import mmrec.model_repository as _sources
 from mmrec.model_repository.lib.served_contract import CONTRACT_FILE, TOKENIZER_FILE, ServedContract
@@ -90,10 +91,18 @@ class RepositoryLayout:
     def config_files(self) -> list[Path]:
         return sorted(self.root.glob(f"*/{CONFIG_FILE}"))
 
-    def entry_models(self) -> tuple[str, ...]:
-        """The models clients call that this repository has (schema.ENTRY_MODELS): loading them
-        loads what their ensembles compose and nothing else."""
-        return tuple(m for m in schema.ENTRY_MODELS if self.config_file(m).is_file())
+    def served_models(self) -> tuple[str, ...]:
+        """What `mmrec serve` loads (explicit model control): the models clients call that this
+        repository has (schema.ENTRY_MODELS) and every model their ensembles compose; () for a
+        repository without any of them."""
+        return tuple(sorted(served_models(self.read_configs())))
+
+    def read_configs(self) -> dict:
+        """Every model's config.pbtxt, parsed (model name -> ModelConfig)."""
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2 as mc
+
+        return {path.parent.name: text_format.Parse(path.read_text(), mc.ModelConfig()) for path in self.config_files()}
 
     def has_models(self) -> bool:
         return any(self.config_files())
@@ -119,6 +128,22 @@ class RepositoryLayout:
 
 
 SOURCES = RepositoryLayout(Path(_sources.__file__).resolve().parent)
+
+
+def served_models(configs: Mapping[str, object]) -> set[str]:
+    """The entry models among `configs` (schema.ENTRY_MODELS) and every model their ensembles
+    compose, transitively: what explicit model control must load for every entry to be servable
+    (empty when no entry model is there)."""
+    pending = [name for name in schema.ENTRY_MODELS if name in configs]
+    served: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in served or name not in configs:
+            continue
+        served.add(name)
+        if configs[name].platform == "ensemble":
+            pending.extend(step.model_name for step in configs[name].ensemble_scheduling.step)
+    return served
 
 
 def source_file(path: Path) -> Path:

@@ -10,13 +10,14 @@ runner's runtime (ONNX Runtime or OpenVINO, as each member's config says) and se
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 
 from . import schema
-from .layout import RepositoryLayout
+from .layout import VERSION, RepositoryLayout
 from .model_repository.lib.image_preprocessing import ImageDecoder
 from .model_repository.lib.item_engine import ItemEngine
 from .model_repository.lib.text_preprocessing import TextTokenizer
@@ -25,7 +26,6 @@ from .model_repository.lib.runner_settings import RunnerSettings
 from .preprocess import ServedContract
 from .schema import user_vector  # noqa: F401 - the reference's name for it
 
-REFERENCE_TEXT_WORKERS = 16  # more than any benchmarked concurrency: callers never queue for a text branch
 Member = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feed -> outputs, in graph order
 
 
@@ -145,21 +145,6 @@ class ReferencePipeline(ItemPipeline):
             self.sessions[name] = runtime.open_session(path, runtime_name, intra_op_threads, precision)
         super().__init__(contract, TextTokenizer.for_contract(contract, layout.tokenizer_file()),
                          ImageDecoder.for_contract(contract), {})
-        # the served item path itself (lib/item_engine.py), over these sessions; concurrent callers
-        # (the benchmarks' in-process thread pool) each get a text branch of their own
-        self.engine = ItemEngine(self.tokenizer, self.decoder, self.sessions, contract.seq_buckets,
-                                 text_workers=REFERENCE_TEXT_WORKERS)
-
-    def encode_items(self, texts: list[str], images: list[bytes]) -> dict[str, np.ndarray]:
-        """Same outputs as the `item_encoder` ensemble, computed by the served engine."""
-        return self.engine.encode(texts, images)
-
-    def encode_items_pixels(self, texts: list[str], pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """Same outputs as the `item_encoder_pixels` ensemble, computed by the served engine."""
-        return self.engine.encode(texts, pixels=np.asarray(pixels, dtype=np.float32))
-
-    def close(self) -> None:
-        self.engine.close()
 
     def _run(self, model: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         # through `sessions`, which a benchmark may swap for differently configured ones
@@ -170,3 +155,40 @@ class ReferencePipeline(ItemPipeline):
         return runtime.run_by_length(self.sessions[schema.TEXT_ENCODER], None,
                                      {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: mask},
                                      schema.ATTENTION_MASK, self.preprocess.seq_buckets)[0]
+
+
+def in_process_engine(repository: Path, text_workers: int = 1) -> ItemEngine:
+    """The served item engine (lib/item_engine.py) in this process, opened from `item_encoder`'s
+    own config exactly as Triton opens it: the same graphs, runtimes, precisions and shares of the
+    cores. `text_workers` > 1 lets that many concurrent callers each run a text branch (an
+    in-process thread pool); the served model runs one batch at a time. Portable target only."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    layout = RepositoryLayout(Path(repository))
+    config = text_format.Parse(layout.config_file(schema.ITEM_ENCODER).read_text(), mc.ModelConfig())
+    if config.backend != "python":
+        raise ValueError(f"{repository}: item_encoder is not the item engine (an ensemble of a native target); "
+                         "in_process_engine needs a portable repository")
+    return ItemEngine.for_model({k: v.string_value for k, v in config.parameters.items()},
+                                layout.model_dir(schema.ITEM_ENCODER), VERSION, text_workers=text_workers)
+
+
+@dataclass(frozen=True)
+class InProcessEncoder:
+    """What a benchmark's in-process arm runs: `encode_items(texts, images)` -> public outputs."""
+
+    encode_items: Callable[[list[str], list[bytes]], dict[str, np.ndarray]]
+    close: Callable[[], None]
+    kind: str
+
+
+def in_process_encoder(repository: Path, text_workers: int = 1, intra_op_threads: int = 0) -> InProcessEncoder:
+    """The served item engine in-process where the repository serves one (portable), else the
+    reference pipeline (native targets: Triton runs the ensemble's steps, as the pipeline does)."""
+    try:
+        engine = in_process_engine(repository, text_workers)
+    except ValueError:
+        pipeline = ReferencePipeline(repository, intra_op_threads)
+        return InProcessEncoder(pipeline.encode_items, lambda: None, "reference pipeline (steps in sequence)")
+    return InProcessEncoder(engine.encode, engine.close, "item engine as served (lib/item_engine.py)")

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .export_defaults import DEFAULT_REPOSITORY
-from .server import ServerConfig, ServerError, TritonServer, serve_forever, validate_repository
+from .server import ADMIN_KEY_ENV, ServerConfig, ServerError, TritonServer, serve_forever, validate_repository
 
 console = Console(stderr=True)
 
@@ -40,6 +40,9 @@ def serve_command(
     grpc_tls_cert: Optional[Path] = typer.Option(None, help="PEM server certificate: serve gRPC over TLS (needs --grpc-tls-key). HTTP stays plaintext."),
     grpc_tls_key: Optional[Path] = typer.Option(None, help="PEM private key of --grpc-tls-cert."),
     grpc_tls_root_cert: Optional[Path] = typer.Option(None, help="PEM CA certificate: require client certificates signed by it (mutual TLS)."),
+    admin_key: Optional[str] = typer.Option(None, envvar=ADMIN_KEY_ENV, help="Key callers must send (header "
+                                            "mmrec-admin-key) to load or unload models. Without it, a non-loopback "
+                                            "--host closes that API; 127.0.0.1 leaves it open to local tools."),
 ) -> None:
     """Serve a model repository with the tritonserver bundled in nvidia-pytriton; logs are
     forwarded here and SIGINT/SIGTERM shut it down cleanly."""
@@ -50,7 +53,7 @@ def serve_command(
                               model_control=model_control, log_verbose=log_verbose,
                               load_models=tuple(load_model) if load_model else None,
                               grpc_tls_cert=grpc_tls_cert, grpc_tls_key=grpc_tls_key,
-                              grpc_tls_root_cert=grpc_tls_root_cert)
+                              grpc_tls_root_cert=grpc_tls_root_cert, admin_key=admin_key)
         code = serve_forever(config, print_endpoints, ready_timeout_s=ready_timeout)
     except (ServerError, ValueError) as err:
         console.print(f"[red]serve failed:[/red] {escape(str(err))}")

@@ -21,6 +21,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import site
@@ -252,6 +253,11 @@ def validate_repository(path: Path | str) -> Path:
 # --------------------------------------------------------------------------- config & command
 
 
+ADMIN_HEADER = "mmrec-admin-key"  # the chart's header (gRPC metadata: triton-grpc-protocol-mmrec-admin-key)
+ADMIN_KEY_ENV = "MMREC_ADMIN_KEY"  # `mmrec serve --admin-key`'s variable; `mmrec index` sends it when set
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 @dataclass
 class ServerConfig:
     """What `mmrec serve` can tune; everything else goes through extra_args verbatim."""
@@ -266,8 +272,8 @@ class ServerConfig:
     # on the portable target that leaves the member models unloaded (the item engine runs their
     # graphs): half the memory. "none" loads every model in the repository.
     model_control: str = "explicit"
-    # explicit mode's models to load at start: None for the repository's entry models
-    # (RepositoryLayout.entry_models), ("*",) for all of them
+    # explicit mode's models to load at start: None for the repository's entry models and what
+    # their ensembles compose (RepositoryLayout.served_models), ("*",) for all of them
     load_models: tuple[str, ...] | None = None
     extra_args: list[str] = field(default_factory=list)
     # Triton's default drain timeout (30 s) outlives TritonServer.stop()'s SIGKILL deadline.
@@ -277,11 +283,22 @@ class ServerConfig:
     grpc_tls_cert: Path | None = None
     grpc_tls_key: Path | None = None
     grpc_tls_root_cert: Path | None = None
+    # explicit model control opens load/unload to whoever reaches the ports: on a non-loopback
+    # bind the model-repository API needs this key (header ADMIN_HEADER); without one it is closed
+    admin_key: str | None = None
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository)
         if self.model_control not in MODEL_CONTROL_MODES:
             raise ServerError(f"model_control must be one of {MODEL_CONTROL_MODES}, got {self.model_control!r}")
+        if self.load_models is not None:
+            self.load_models = tuple(self.load_models)
+            if self.model_control != "explicit":
+                raise ServerError(f"models to load name what explicit model control loads; with "
+                                  f"{self.model_control!r} Triton loads every model (got {list(self.load_models)})")
+            if "*" in self.load_models and len(self.load_models) > 1:
+                raise ServerError("'*' (every model) must be the only model to load; tritonserver rejects it "
+                                  "combined with names")
         ports = self.ports
         if len(set(ports)) != len(ports):
             raise ServerError(f"http, grpc and metrics ports must differ, got {ports}")
@@ -309,6 +326,15 @@ class ServerConfig:
                            ("--grpc-tls-root-cert", self.grpc_tls_root_cert)):
             if path is not None and not path.is_file():
                 raise ServerError(f"{flag} {path} is not a readable file")
+
+    def restricted_api_args(self) -> list[str]:
+        """Close the model-repository API (load/unload) on a non-loopback bind in explicit mode
+        unless callers send the admin key; a loopback bind keeps it open to local tools."""
+        if self.model_control != "explicit" or (self.host in LOOPBACK and not self.admin_key):
+            return []
+        key = self.admin_key or secrets.token_hex(16)  # no key given: nobody may load or unload
+        return [f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={key}",
+                f"--http-restricted-api=model-repository:{ADMIN_HEADER}={key}"]
 
     def tls_args(self) -> list[str]:
         """tritonserver flags for gRPC TLS (empty without a certificate)."""
@@ -341,7 +367,8 @@ def build_command(
     install: TritonInstall, backend_dir: Path, repository: Path, config: ServerConfig, shm_prefix: str
 ) -> list[str]:
     """The tritonserver argv. Explicit mode loads `load_models` (default: the repository's entry
-    models, or every model of a repository that has none) unless extra_args says otherwise."""
+    models and what they compose, or every model of a repository that has none) unless
+    extra_args says otherwise."""
     cmd = [
         str(install.binary),
         f"--model-repository={repository}",
@@ -358,11 +385,11 @@ def build_command(
         # Named shm regions let stop() clean up after a SIGKILL (stubs can't, once killed).
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
     ]
-    cmd += config.tls_args()
+    cmd += config.tls_args() + config.restricted_api_args()
     if install.caches_dir is not None:
         cmd.append(f"--cache-directory={install.caches_dir}")
     if config.model_control == "explicit" and not any(a.startswith("--load-model") for a in config.extra_args):
-        models = config.load_models or RepositoryLayout(repository).entry_models() or ("*",)
+        models = config.load_models or RepositoryLayout(repository).served_models() or ("*",)
         cmd += [f"--load-model={model}" for model in models]
     return cmd + list(config.extra_args)
 

@@ -76,6 +76,8 @@ def test_engine_reads_either_images_or_pixels(reference):
             engine.items(texts, images=np.array([[b"x"]], dtype=object), pixels=np.zeros((1, 3, 2, 2), np.float32))
         with pytest.raises(ValueError, match="1 TEXT rows but 2 IMAGE rows"):
             engine.items(texts, images=np.array([[b"x"], [b"y"]], dtype=object))
+        with pytest.raises(ValueError, match="TEXT is empty"):
+            engine.encode([], [])
     finally:
         engine.close()
 
@@ -92,7 +94,7 @@ def test_portable_server_loads_each_graph_once(triton_server, exported_repositor
     ready = {m.name for m in client.get_model_repository_index().models if m.state == "READY"}
     engine_config = client.get_model_config(schema.ITEM_ENCODER).config
     assert engine_config.backend == "python"  # the suite's export is the portable target
-    assert ready == set(RepositoryLayout(exported_repository).entry_models())
+    assert ready == set(RepositoryLayout(exported_repository).served_models())
     assert not ready & {schema.TEXT_ENCODER, schema.IMAGE_ENCODER, schema.FUSION, schema.ITEM_PREPROCESS,
                         schema.ITEM_PREPROCESS_PIXELS}
     steps = {name: [s.model_name for s in client.get_model_config(name).config.ensemble_scheduling.step]
@@ -117,6 +119,6 @@ def test_served_engine_refuses_images_and_pixels_together(triton_server, referen
     with pytest.raises(InferenceServerException, match="not both") as err:
         client.infer(schema.ITEM_ENCODER, inputs)
     assert "INVALID_ARG" in str(err.value.status())
-    del tensors[schema.IMAGE]  # pixels alone: the engine's pixel path, as item_encoder_pixels routes it
-    got = client.infer(schema.ITEM_ENCODER, inputs[::2]).as_numpy(schema.ITEM_EMBEDDING)
+    text_and_pixels = [inputs[0], inputs[2]]  # pixels alone: the engine's pixel path, as item_encoder_pixels routes it
+    got = client.infer(schema.ITEM_ENCODER, text_and_pixels).as_numpy(schema.ITEM_EMBEDDING)
     np.testing.assert_allclose(got, reference.encode_items(texts, images)[schema.ITEM_EMBEDDING], atol=TOLERANCE)

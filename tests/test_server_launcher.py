@@ -115,11 +115,49 @@ def test_command_binds_configured_host(repo: Path) -> None:
     assert "--load-model=*" in cmd and cmd[-1] == "--strict-readiness=false"
 
 
+def test_explicit_mode_loads_what_clients_call_and_what_it_composes(exported_repository: Path) -> None:
+    """The default (explicit) loads the entry models and, named one by one, every model their
+    ensembles compose; on the portable target no member model is among them."""
+    from mmrec import schema
+    from mmrec.layout import RepositoryLayout
+
+    install = srv.find_tritonserver()
+    cmd = srv.build_command(install, Path("/b"), exported_repository, ServerConfig(repository=exported_repository), "p_")
+    loaded = {a.split("=", 1)[1] for a in cmd if a.startswith("--load-model=")}
+    assert "--model-control-mode=explicit" in cmd and loaded == set(RepositoryLayout(exported_repository).served_models())
+    assert {schema.ITEM_ENCODER, schema.ITEM_ENCODER_PIXELS, schema.INTEREST_SCORER, schema.SCORER} <= loaded
+    assert not loaded & {schema.TEXT_ENCODER, schema.IMAGE_ENCODER, schema.FUSION}  # the item engine runs them
+    named = ServerConfig(repository=exported_repository, load_models=("*",))
+    assert [a for a in srv.build_command(install, Path("/b"), exported_repository, named, "p_")
+            if a.startswith("--load-model")] == ["--load-model=*"]
+
+
+def test_load_and_unload_need_the_admin_key_off_loopback(repo: Path) -> None:
+    install = srv.find_tritonserver()
+
+    def restricted(**options) -> list[str]:
+        cmd = srv.build_command(install, Path("/b"), repo, ServerConfig(repository=repo, **options), "p_")
+        return [a for a in cmd if "restricted" in a]
+
+    assert restricted() == []  # 127.0.0.1: local tools (mmrec index publish) load and unload
+    assert restricted(model_control="none") == restricted(host="0.0.0.0", model_control="none") == []
+    closed = restricted(host="0.0.0.0")
+    assert len(closed) == 2 and all(a.split(":", 1)[1].startswith("mmrec-admin-key=") for a in closed)
+    assert closed != restricted(host="0.0.0.0")  # no key given: a random one, nobody may load or unload
+    assert restricted(host="0.0.0.0", admin_key="k3y") == [
+        "--grpc-restricted-protocol=model-repository:mmrec-admin-key=k3y",
+        "--http-restricted-api=model-repository:mmrec-admin-key=k3y"]
+
+
 def test_config_rejects_bad_values(repo: Path) -> None:
     with pytest.raises(ServerError, match="model_control"):
         ServerConfig(repository=repo, model_control="auto")
     with pytest.raises(ServerError, match="differ"):
         ServerConfig(repository=repo, http_port=9000, grpc_port=9000)
+    with pytest.raises(ServerError, match="explicit model control loads"):
+        ServerConfig(repository=repo, model_control="none", load_models=("item_encoder",))
+    with pytest.raises(ServerError, match="must be the only model"):
+        ServerConfig(repository=repo, load_models=("*", "item_encoder"))
 
 
 # --------------------------------------------------------------------------- refusals before launch

@@ -138,7 +138,9 @@ def main() -> None:
     ratio_models = hpa_models(hpa, "triton_queue_compute_ratio", [schema.TEXT_ENCODER, schema.IMAGE_ENCODER])
     item_models = hpa_models(hpa, "triton_items_per_second", [schema.ITEM_ENCODER])
     http, grpc, metrics = free_ports(3)
+    mode = next((a.split("=", 1)[1] for a in args if a.startswith("--model-control-mode=")), "none")
     config = ServerConfig(repository=opts.repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                          model_control=mode,  # the chart's, not the launcher's default
                           extra_args=[a for a in args if a.split("=", 1)[0] not in HANDLED])
     parts = split(load_items())
     held_out = parts.held_out if hasattr(parts, "held_out") else parts[1]

@@ -66,11 +66,3 @@ def run_joined(parsed: Sequence[Union[Parsed, Failure]],
 def _fault(model: str, err: Exception, internal: bool) -> Failure:
     return Failure(f"{model}: {type(err).__name__}: {err}", internal=internal)
 
-
-def split_rows(arrays: Sequence, sizes: Sequence[int]) -> list[list]:
-    """Per request, each array's rows: `sizes` rows for the first request, then the next..."""
-    bounds, start = [], 0
-    for size in sizes:
-        bounds.append((start, start + size))
-        start += size
-    return [[array[a:b] for array in arrays] for a, b in bounds]

@@ -37,6 +37,11 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
 
+# Pillow's bomb warning is an error here, set once for the process: decoding runs on a thread pool
+# (lib/item_engine.py), and warnings.catch_warnings() is not thread-safe.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
 class InvalidImage(ValueError):
     """An image cannot be decoded or breaks a limit; the message says which item and why."""
 
@@ -81,15 +86,13 @@ class ImageDecoder:
             raise InvalidImage(f"IMAGE[{index}] is {len(data)} bytes, over the limit of "
                                f"{self.max_image_bytes} bytes")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-                width, height = image.size
-                if width <= 0 or height <= 0 or width * height > self.max_image_pixels:
-                    raise InvalidImage(
-                        f"IMAGE[{index}] is {width}x{height} pixels, over the limit of "
-                        f"{self.max_image_pixels} pixels")
-                return self._to_square_rgb(image)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = image.size
+            if width <= 0 or height <= 0 or width * height > self.max_image_pixels:
+                raise InvalidImage(
+                    f"IMAGE[{index}] is {width}x{height} pixels, over the limit of "
+                    f"{self.max_image_pixels} pixels")
+            return self._to_square_rgb(image)
         except InvalidImage:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -116,7 +119,7 @@ class ImageDecoder:
         a full-resolution canvas.
         """
         if image.format == "JPEG":
-            scale = self._needed_scale(image.size)
+            scale = self.needed_scale(image.size)
             if scale < 1:  # DCT scaling: each side stays >= what the fit reads from it
                 image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
         try:
@@ -129,7 +132,7 @@ class ImageDecoder:
             flat = Image.new("RGBA", image.size, self.background + (255,))
             flat.alpha_composite(image)
             image = flat.convert("RGB")
-        factor = int(1 / self._needed_scale(image.size))
+        factor = int(1 / self.needed_scale(image.size))
         if factor >= 2:
             image = image.reduce(factor)
         size = self.image_size
@@ -144,7 +147,7 @@ class ImageDecoder:
         canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
         return np.asarray(canvas.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
-    def _needed_scale(self, size: tuple[int, int]) -> float:
+    def needed_scale(self, size: tuple[int, int]) -> float:
         """Smallest scale of the picture at which the part the fit reads still has
         DRAFT_OVERSAMPLE x S pixels across: the crop's square (min side * S / (S + 32)) or
         the letterboxed long side."""

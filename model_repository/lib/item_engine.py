@@ -1,15 +1,18 @@
 """The item path, implemented once: texts + images -> item embedding, interest probs, alignment.
 
-The served `item_encoder` (portable target), the reference pipeline that tests hold the server
-to, index builds and the benchmarks' in-process arm all run this class, so served equals
-reference by construction and a schedule change lands everywhere at once.
+The served `item_encoder` (portable target) and the benchmarks' in-process arm
+(`mmrec.reference.in_process_engine`, configured from the same config) run this class; index
+builds call the server. The reference pipeline deliberately does not: it runs the same library
+pieces one after another, the ground truth this schedule is checked against (tests/test_item_engine.py
+in-process, the serving tests through Triton).
 
 The schedule fills the cores instead of running the steps one after another:
 - the texts of the whole batch are tokenized and encoded on a worker thread (the text encoder's
   share of the cores, `<text_encoder>.cpu_share`), rows at their own length bucket;
-- meanwhile every image is decoded in a small pool (Pillow releases the GIL while it decodes and
-  resizes), and the image encoder starts on the first IMAGE_CHUNK decoded images while the pool
-  decodes the next ones, so decode is no longer a serial step in front of the image encoder;
+- meanwhile every image of the batch is submitted to a small decode pool (Pillow releases the GIL
+  while it decodes and resizes), and the image encoder runs on every IMAGE_CHUNK images as soon
+  as they are decoded, in batch order, while the pool decodes the next ones: decode is no longer
+  a serial step in front of the image encoder;
 - fusion runs once on the whole batch when both branches are done.
 Running the image encoder in chunks also bounds its activation memory: ONNX Runtime's arena keeps
 its peak, and a CNN's activations at batch 32 are several hundred MB (measured in issue 21).
@@ -21,14 +24,14 @@ Plain numpy + the sibling library modules: this file runs inside Triton's python
 """
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-try:  # sibling library modules: `from .` in the package, flat beside model.py in Triton's stub
+if __package__:  # sibling library modules: `from .` in the package, flat beside model.py in Triton's stub
     from .runtime import Session, open_configured, run_by_length, usable_cores
     from .batching import Failure
     from .image_preprocessing import ImageDecoder, InvalidImage, check_pixels
@@ -38,7 +41,7 @@ try:  # sibling library modules: `from .` in the package, flat beside model.py i
                                IMAGE, ITEM_OUTPUTS, ITEM_PIPELINE_MEMBERS, PIXEL_VALUES, PIXELS, TEXT,
                                TEXT_EMBEDDING, TEXT_ENCODER)
     from .text_preprocessing import TextTokenizer
-except ImportError:
+else:
     from runtime import Session, open_configured, run_by_length, usable_cores
     from batching import Failure
     from image_preprocessing import ImageDecoder, InvalidImage, check_pixels
@@ -63,6 +66,11 @@ class Items:
     pixels: np.ndarray | None = None  # float [N, 3, S, S], already checked
 
     def __post_init__(self) -> None:
+        if (self.images is None) == (self.pixels is None):
+            raise ValueError(f"send either {IMAGE} (encoded bytes) or {PIXELS} (preprocessed) with {TEXT}, "
+                             f"not {'both' if self.images is not None else 'neither'}")
+        if not self.texts:
+            raise ValueError(f"{TEXT} is empty: send one text and one image per item")
         rows = len(self.images) if self.images is not None else len(self.pixels)
         if rows != len(self.texts):
             what = "IMAGE" if self.images is not None else "PIXEL_VALUES"
@@ -84,24 +92,24 @@ class ItemEngine:
         self.decode_pool = ThreadPoolExecutor(decode_threads or usable_cores(), thread_name_prefix="decode")
 
     @classmethod
-    def for_model(cls, parameters: Mapping[str, object], model_dir: Path, version: str) -> "ItemEngine":
+    def for_model(cls, parameters: Mapping[str, object], model_dir: Path, version: str, **options) -> "ItemEngine":
         """The served engine: the contract and each member's `<member>.` runner settings from the
-        model's config parameters; graph paths relative to the model's folder."""
+        model's config parameters; graph paths relative to the model's folder. `options`: the
+        constructor's keyword options (an in-process thread pool gives each caller a text branch)."""
         contract = ServedContract.from_parameters(parameters)
         sessions = {}
         for member in ITEM_PIPELINE_MEMBERS:
             settings = RunnerSettings.from_parameters(parameters, member)
             sessions[member] = open_configured((Path(model_dir) / settings.model_file).resolve(), settings)
         return cls(TextTokenizer.for_contract(contract, Path(model_dir) / version / TOKENIZER_FILE),
-                   ImageDecoder.for_contract(contract), sessions, contract.seq_buckets)
+                   ImageDecoder.for_contract(contract), sessions, contract.seq_buckets, **options)
 
     # ---- reading a request (ValueError: the request's own fault)
     def items(self, raw_texts: np.ndarray, images: np.ndarray | None = None,
               pixels: np.ndarray | None = None) -> Items:
         """Validate one request's tensors: BYTES texts, and BYTES images or FP32 pixels."""
-        if (images is None) == (pixels is None):
-            raise ValueError(f"send either {IMAGE} (encoded bytes) or {PIXELS} (preprocessed) with {TEXT}, "
-                             f"not {'both' if images is not None else 'neither'}")
+        if (images is None) == (pixels is None):  # before decoding the texts: the cheaper message first
+            Items([""], images=images, pixels=pixels)
         texts = self.tokenizer.decode_texts(raw_texts)
         if pixels is not None:
             return Items(texts, pixels=check_pixels(pixels, self.decoder.image_size))
@@ -127,51 +135,63 @@ class ItemEngine:
         return self.sessions[FUSION].run(list(FUSION_OUTPUTS), {TEXT_EMBEDDING: text_embedding,
                                                                 IMAGE_EMBEDDING: image_embedding})
 
-    def _decoded(self, futures: list[Future]) -> np.ndarray:
-        """One request's decoded images, or InvalidImage for its first bad one."""
-        return np.stack([f.result() for f in futures])
-
-    def _image_embeddings(self, batch: list[Items]) -> tuple[list[int], np.ndarray | None, dict[int, Failure]]:
-        """Decode every image in the pool and run the image encoder on chunks as they are ready.
-        Returns the requests whose images all decoded (in order), their embeddings, and failures."""
+    def _rows(self, batch: list[Items]):
+        """(request, normalized pixel row [3, S, S]) in batch order, each image as soon as the pool
+        has decoded it; an InvalidImage stands in for a request's first bad image (its later
+        images are skipped). Every image is submitted to the pool first, so decoding runs ahead."""
         decoding = [[self.decode_pool.submit(self.decoder.decode, data, i) for i, data in enumerate(items.images)]
                     if items.pixels is None else None for items in batch]
-        good: list[int] = []
-        failures: dict[int, Failure] = {}
-        pending: list[np.ndarray] = []  # normalized pixels not yet encoded
-        done: list[np.ndarray] = []
         for j, (items, futures) in enumerate(zip(batch, decoding)):
             if futures is None:
-                pending.append(items.pixels)
-            else:
+                yield from ((j, row) for row in items.pixels)
+                continue
+            for k, future in enumerate(futures):
                 try:
-                    pending.append(self.decoder.normalize(self._decoded(futures)))
+                    yield j, self.decoder.normalize(future.result()[None])[0]
                 except InvalidImage as err:
-                    failures[j] = Failure(str(err))
-                    continue
-            good.append(j)
-            while sum(len(p) for p in pending) >= self.image_chunk:
-                chunk = np.concatenate(pending)
-                done.append(self.encode_pixels(chunk[:self.image_chunk]))
-                pending = [chunk[self.image_chunk:]] if len(chunk) > self.image_chunk else []
+                    for rest in futures[k + 1:]:
+                        rest.cancel()
+                    yield j, err
+                    break
+
+    def _image_embeddings(self, batch: list[Items]) -> tuple[np.ndarray, np.ndarray, dict[int, Failure]]:
+        """Image embeddings of every image row (batch order) and the request each row belongs to,
+        the encoder run on every IMAGE_CHUNK rows as soon as they are decoded (chunks cross request
+        borders); rows of a request that turns out bad are encoded and dropped by the caller."""
+        failures: dict[int, Failure] = {}
+        pending: list[np.ndarray] = []
+        owners: list[int] = []
+        embeddings: list[np.ndarray] = []
+        for j, row in self._rows(batch):
+            if isinstance(row, InvalidImage):
+                failures[j] = Failure(str(row))
+                continue
+            pending.append(row)
+            owners.append(j)
+            if len(pending) == self.image_chunk:
+                embeddings.append(self.encode_pixels(np.stack(pending)))
+                pending = []
         if pending:
-            done.append(self.encode_pixels(np.concatenate(pending)))
-        return good, (np.concatenate(done) if done else None), failures
+            embeddings.append(self.encode_pixels(np.stack(pending)))
+        encoded = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
+        return encoded, np.asarray(owners, dtype=np.int64), failures
 
     # ---- a whole dynamic batch
     def encode_batch(self, batch: list[Items]) -> list[list[np.ndarray] | Failure]:
         """Per request: its FUSION_OUTPUTS arrays, or the Failure of its first bad image."""
         text_future = self.text_worker.submit(self.encode_text, [t for items in batch for t in items.texts])
         try:
-            good, image_embedding, failures = self._image_embeddings(batch)
+            image_embedding, owners, failures = self._image_embeddings(batch)
             text_embedding = text_future.result()
         except BaseException:
             text_future.cancel()
             raise
+        good = [j for j in range(len(batch)) if j not in failures]
         if not good:
             return [failures[j] for j in range(len(batch))]
-        kept = np.concatenate([np.full(len(items.texts), j not in failures) for j, items in enumerate(batch)])
-        outputs = self.fuse(text_embedding[kept], image_embedding)
+        text_owners = np.repeat(np.arange(len(batch)), [len(items.texts) for items in batch])
+        outputs = self.fuse(text_embedding[~np.isin(text_owners, list(failures))],
+                            image_embedding[~np.isin(owners, list(failures))])
         sizes = [len(batch[j].texts) for j in good]
         per_request = iter(zip(*[np.split(o, np.cumsum(sizes)[:-1]) for o in outputs]))
         return [failures[j] if j in failures else list(next(per_request)) for j in range(len(batch))]
