@@ -13,7 +13,6 @@ Run it alone with `mmrec bench --only photos`.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import numpy as np
@@ -23,6 +22,7 @@ from mmrec.photos import full_resolution_pixels, known_photos, phone_photo
 from mmrec.stats import aa_check, paired_difference, paired_ratio, round_medians
 
 from .settings import Settings
+from .timing import interleaved_rounds
 from .workload import Workload
 
 CAPTION = "A Chinese palace with a red roof."
@@ -111,17 +111,7 @@ def run_photos(workload: Workload, settings: Settings, threads: int, step: Calla
             for _ in range(settings.photo_warmup):
                 call()
         tick(1)
-        samples: dict[str, list[list[float]]] = {name: [] for name in arms}
-        order = list(arms.items())
-        for r in range(rounds):  # alternate the order: A B C D, then D C B A
-            for name, call in (order if r % 2 == 0 else order[::-1]):
-                timed = []
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    call()
-                    timed.append(1000 * (time.perf_counter() - t0))
-                samples[name].append(timed)
-            tick(1)
+        samples = interleaved_rounds(arms, rounds, per_round, tick)
         photos = known_photos() if settings.photo_cosine_all else [palace]
         quality = photo_quality(pipeline, workload.preprocess, triton_call, photos)
         tick(1)

@@ -214,6 +214,19 @@ def speedups(per_round: dict[str, list[float]], outputs: dict[str, np.ndarray], 
     return found
 
 
+SHARE_GOAL = 0.9  # issue 21: served tuned-over-FP32 speed-up >= 90 % of the pipeline's
+
+
+def served_share(pipeline_view: dict, served_view: dict, pair: str = "tuned_over_ort-fp32") -> dict:
+    """How much of the tuned variants' gain over bucketed ORT FP32 survives serving: the served
+    speed-up over the pipeline's (pre-decoded pixels), both from this run. Served requests also
+    decode their images, the same work in both arms, so the share is at most what that leaves."""
+    offline, online = pipeline_view["speedups"][pair]["speedup"], served_view["speedups"][pair]["speedup"]
+    return {"pair": pair, "pipeline_speedup": offline, "served_speedup": online,
+            "share_of_gain": round((online - 1) / (offline - 1), 3) if offline > 1 else None,
+            "speedup_ratio": round(online / offline, 3), "goal": SHARE_GOAL}
+
+
 def padded_copy(repository: Path, into: Path) -> Path:
     """The repository with the text runner's length grouping off (the behaviour before it): files
     symlinked, only text_encoder/config.pbtxt rewritten."""
@@ -343,6 +356,7 @@ def main(fp32: Path = typer.Option(..., help="Repository serving ORT FP32 (expor
               "pipeline": pipeline(fp32_pipe, tuned_pipe, texts, images, rounds)}
     if not skip_served:
         report["served"] = served(fp32, tuned, texts, images, rounds)
+        report["served_share_of_pipeline_gain"] = served_share(report["pipeline"], report["served"])
     report["end"] = {"loadavg": loadavg(), "cpu_share": cpu_share()}
     save(output, report, run_start)
     plot(report, output / "runtimes.png")

@@ -29,6 +29,7 @@ from mmrec.server import free_ports
 from mmrec.stats import aa_check, paired_ratio, round_medians
 
 from .settings import Settings
+from .timing import interleaved_rounds
 from .workload import Workload
 
 BATCH = 32
@@ -166,17 +167,7 @@ def run_engine(workload: Workload, settings: Settings, output: Path, step: Calla
         arms[AA_ARM] = arms[TRITON]
         for _ in range(settings.engine_warmup):
             arms[IN_PROCESS]()
-        samples: dict[str, list[list[float]]] = {name: [] for name in arms}
-        order = list(arms.items())
-        for r in range(rounds):  # alternate the order: A B C, then C B A
-            for name, call in (order if r % 2 == 0 else order[::-1]):
-                timed = []
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    call()
-                    timed.append(1000 * (time.perf_counter() - t0))
-                samples[name].append(timed)
-            tick(1)
+        samples = interleaved_rounds(arms, rounds, per_round, tick)
     finally:
         if client is not None:
             client.close()

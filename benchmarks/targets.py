@@ -303,6 +303,11 @@ def _photos(results: dict, tid: str, description: str) -> TargetResult:
         else f"{ratio['p50_ratio']:.2f}×", verdict, detail, interval=ci))
 
 
+def _why_missing(section: dict, default: str) -> str:
+    """Why a section has no number to judge: its skip reason, its error, else `default`."""
+    return section.get("reason") or section.get("error") or default
+
+
 @target("photos.12mp_extra_vs_dct_decode",
         f"What a 12 MP phone JPEG adds over a 640×427 one through Triton ≤ {EXTRA_OVER_DECODE:g}× the DCT-scaled "
         "(1/4) JPEG decode of the same file, measured in the same run")
@@ -311,8 +316,8 @@ def _photo_decode_floor(results: dict, tid: str, description: str) -> TargetResu
     extra = section.get("extra_12mp_over_dct_decode")
     threshold = f"≤ {EXTRA_OVER_DECODE:g}×"
     if not extra:
-        return _not_measured(tid, description, threshold, section.get("reason") or section.get("error")
-                             or "photos section not run (or run before the decode arm existed)")
+        return _not_measured(tid, description, threshold,
+                             _why_missing(section, "photos section not run (or run before the decode arm existed)"))
     interval = extra[f"extra_minus_{EXTRA_OVER_DECODE:g}x_decode_ms"]
     verdict, note = _judge(interval, 0.0, "below", " ms", 2)
     extra_ms, floor_ms = np.mean(extra["extra_ms_per_round"]), np.mean(extra["dct_decode_ms_per_round"])
@@ -339,8 +344,7 @@ def _engine_speed(results: dict, tid: str, description: str) -> TargetResult:
     section = _engine(results)
     speed = section.get("served_speed_vs_in_process")
     if not speed:
-        return _not_measured(tid, description, f"≥ {ENGINE_SPEED}×", section.get("reason") or section.get("error")
-                             or "engine section not run")
+        return _not_measured(tid, description, f"≥ {ENGINE_SPEED}×", _why_missing(section, "engine section not run"))
     verdict, note = _judge(speed["interval"], ENGINE_SPEED, "above")
     p50 = section["p50_ms"]
     return _aa_gate(results, "engine", TargetResult(
@@ -356,8 +360,7 @@ def _served_rss(results: dict, tid: str, description: str) -> TargetResult:
     section = _engine(results)
     rss = section.get("rss_mb")
     if not rss:
-        return _not_measured(tid, description, f"≤ {SERVED_RSS_MB} MB", section.get("reason") or section.get("error")
-                             or "engine section not run")
+        return _not_measured(tid, description, f"≤ {SERVED_RSS_MB} MB", _why_missing(section, "engine section not run"))
     largest = sorted(rss["processes"].items(), key=lambda kv: -kv[1])
     return TargetResult(tid, description, f"≤ {SERVED_RSS_MB} MB", f"{rss['total']:.0f} MB",
                         MET if rss["total"] <= SERVED_RSS_MB else MISSED,

@@ -150,3 +150,22 @@ class PeakRSS:
         delta = (self.peak_mb - self.start_mb) if self.peak_mb is not None and self.start_mb is not None else None
         return {"peak_rss_mb": self.peak_mb, "rss_before_mb": self.start_mb, "rss_rise_mb": delta,
                 "hwm_reset": self.reset}
+
+
+def interleaved_rounds(arms: dict[str, Callable[[], object]], rounds: int, per_round: int,
+                       after_round: Callable[[int], None] = lambda _: None) -> dict[str, list[list[float]]]:
+    """Latencies (ms) of every arm, `per_round` calls per arm per round, the arms in alternating
+    order (A B C, then C B A, ...) so drift hits every arm alike; one list per round and arm, for
+    the per-round intervals of mmrec.stats."""
+    samples: dict[str, list[list[float]]] = {name: [] for name in arms}
+    order = list(arms.items())
+    for r in range(rounds):
+        for name, call in (order if r % 2 == 0 else order[::-1]):
+            timed = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                call()
+                timed.append(1000 * (time.perf_counter() - t0))
+            samples[name].append(timed)
+        after_round(1)
+    return samples
