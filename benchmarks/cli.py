@@ -83,7 +83,7 @@ def bench_command(
     skip: list[str] = typer.Option([], "--skip", help="Skip these sections."),
     model: list[str] = typer.Option([], "--model", help=f"Offline models to compare: {', '.join(MODELS)} (default all)."),
     protocol: list[str] = typer.Option([], "--protocol", help="Serving protocols: grpc, http (default both)."),
-    concurrency: list[int] = typer.Option([], "--concurrency", "-c", help="Serving concurrency levels (default 1 4 8 32; quick 1 4)."),
+    concurrency: list[int] = typer.Option([], "--concurrency", "-c", help="Serving concurrency levels (default 1 2 4 8 32; quick 1 4)."),
     level_seconds: Optional[float] = typer.Option(None, help="Measured seconds per serving level (default 6; quick 0.8)."),
     slo_ms: Optional[float] = typer.Option(None, "--slo-ms", help="p99 bound (ms) for the open-loop capacity section "
                                            "(default 100)."),

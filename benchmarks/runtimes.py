@@ -43,6 +43,7 @@ from mmrec.stats import Interval, aa_check, paired_ratio, pooled_ratio, round_me
 from mmrec.layout import RepositoryLayout  # noqa: E402
 from mmrec.export.variants import VARIANTS  # noqa: E402
 from mmrec.model_repository.lib import runtime  # noqa: E402
+from mmrec.model_repository.lib.runner_settings import RunnerSettings  # noqa: E402
 from .served_engine import real_items  # noqa: E402
 from mmrec.reference import ReferencePipeline  # noqa: E402
 from .machine import RunStart, cpu_share, git_commit, loadavg, machine_info, write_results  # noqa: E402
@@ -229,7 +230,8 @@ def served_share(pipeline_view: dict, served_view: dict, pair: str = "tuned_over
 
 def padded_copy(repository: Path, into: Path) -> Path:
     """The repository with the text runner's length grouping off (the behaviour before it): files
-    symlinked, only text_encoder/config.pbtxt rewritten."""
+    symlinked, only the configs that run the text encoder rewritten (its own; on the portable
+    target also item_encoder's `text_encoder.` settings, which the item engine runs)."""
     import os
     import shutil
 
@@ -237,11 +239,15 @@ def padded_copy(repository: Path, into: Path) -> Path:
 
     copy = into / "padded"
     shutil.copytree(repository, copy, copy_function=os.symlink)
-    config_file = copy / schema.TEXT_ENCODER / CONFIG_FILE
-    config = parse(config_file.read_text())
-    set_runner_settings(config, runner_settings(config).with_(seq_buckets=(), length_input=""))
-    config_file.unlink()
-    config_file.write_text(render(config))
+    for model in (schema.TEXT_ENCODER, schema.ITEM_ENCODER):  # the member, and the item engine's text branch
+        config_file = copy / model / CONFIG_FILE
+        config = parse(config_file.read_text())
+        scope = None if model == schema.TEXT_ENCODER else schema.TEXT_ENCODER
+        if config.backend != "python" or not any(k in config.parameters for k in RunnerSettings.keys(scope)):
+            continue  # an ensemble (native targets): its text_encoder step is the member above
+        set_runner_settings(config, runner_settings(config, scope).with_(seq_buckets=(), length_input=""), scope)
+        config_file.unlink()
+        config_file.write_text(render(config))
     return copy
 
 

@@ -225,8 +225,7 @@ def merged_item_encoder_config(ensemble: EnsembleSpec, plan: RepositoryPlan) -> 
         settings = member_runner_settings(member, plan).with_(
             cpu_share=ITEM_PIPELINE_CPU_SHARES.get(member, 1),
             # relative to this model's folder: the member's served graph, whatever tune swaps into it
-            model_file=Path("..", layout.model_file(member)).as_posix(),
-            seq_buckets=(), length_input="")  # the merged model reads the buckets from its contract
+            model_file=Path("..", layout.model_file(member)).as_posix())
         _set_parameters(config, settings.to_parameters(member))
     return config
 

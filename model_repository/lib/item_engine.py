@@ -97,12 +97,11 @@ class ItemEngine:
         model's config parameters; graph paths relative to the model's folder. `options`: the
         constructor's keyword options (an in-process thread pool gives each caller a text branch)."""
         contract = ServedContract.from_parameters(parameters)
-        sessions = {}
-        for member in ITEM_PIPELINE_MEMBERS:
-            settings = RunnerSettings.from_parameters(parameters, member)
-            sessions[member] = open_configured((Path(model_dir) / settings.model_file).resolve(), settings)
+        settings = {member: RunnerSettings.from_parameters(parameters, member) for member in ITEM_PIPELINE_MEMBERS}
+        sessions = {member: open_configured((Path(model_dir) / s.model_file).resolve(), s) for member, s in settings.items()}
+        # the text rows' length buckets are the text encoder's runner setting, as for the member itself
         return cls(TextTokenizer.for_contract(contract, Path(model_dir) / version / TOKENIZER_FILE),
-                   ImageDecoder.for_contract(contract), sessions, contract.seq_buckets, **options)
+                   ImageDecoder.for_contract(contract), sessions, settings[TEXT_ENCODER].seq_buckets, **options)
 
     # ---- reading a request (ValueError: the request's own fault)
     def items(self, raw_texts: np.ndarray, images: np.ndarray | None = None,
