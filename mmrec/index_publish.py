@@ -173,7 +173,8 @@ def load_on_server(url: str, version: int, timeout_s: float = 600.0) -> None:
             lowered = message.lower()
             hint = (" Live swaps need explicit model control (`mmrec serve`'s default; not --model-control "
                     "none or poll)." if "explicit" in lowered or "not allowed" in lowered else
-                    f" The server restricts load/unload: set {ADMIN_KEY_ENV} to its admin key."
+                    f" The server restricts load/unload: set {ADMIN_KEY_ENV} to the key it was started with "
+                    "(`mmrec serve --admin-key`; a non-loopback server started without one allows no load at all)."
                     if "restricted" in lowered or "unavailable" in lowered and "protocol" in lowered else "")
             raise PublishError(f"wrote catalog_scorer version {version}, but {url} did not load it: "
                                f"{message}.{hint}") from None

@@ -157,6 +157,10 @@ class ReferencePipeline(ItemPipeline):
                                      schema.ATTENTION_MASK, self.preprocess.seq_buckets)[0]
 
 
+class NotAnEngineRepository(ValueError):
+    """The repository's item_encoder is an ensemble (a native target), not the item engine."""
+
+
 def in_process_engine(repository: Path, text_workers: int = 1) -> ItemEngine:
     """The served item engine (lib/item_engine.py) in this process, opened from `item_encoder`'s
     own config exactly as Triton opens it: the same graphs, runtimes, precisions and shares of the
@@ -168,7 +172,7 @@ def in_process_engine(repository: Path, text_workers: int = 1) -> ItemEngine:
     layout = RepositoryLayout(Path(repository))
     config = text_format.Parse(layout.config_file(schema.ITEM_ENCODER).read_text(), mc.ModelConfig())
     if config.backend != "python":
-        raise ValueError(f"{repository}: item_encoder is not the item engine (an ensemble of a native target); "
+        raise NotAnEngineRepository(f"{repository}: item_encoder is not the item engine (an ensemble of a native target); "
                          "in_process_engine needs a portable repository")
     return ItemEngine.for_model({k: v.string_value for k, v in config.parameters.items()},
                                 layout.model_dir(schema.ITEM_ENCODER), VERSION, text_workers=text_workers)
@@ -188,7 +192,7 @@ def in_process_encoder(repository: Path, text_workers: int = 1, intra_op_threads
     reference pipeline (native targets: Triton runs the ensemble's steps, as the pipeline does)."""
     try:
         engine = in_process_engine(repository, text_workers)
-    except ValueError:
+    except NotAnEngineRepository:
         pipeline = ReferencePipeline(repository, intra_op_threads)
         return InProcessEncoder(pipeline.encode_items, lambda: None, "reference pipeline (steps in sequence)")
     return InProcessEncoder(engine.encode, engine.close, "item engine as served (lib/item_engine.py)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,10 +35,6 @@ def _has_alpha(image: Image.Image) -> bool:
     """An alpha channel, or a colour key (PNG tRNS on P, L or RGB images)."""
     return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
-
-# Pillow's bomb warning is an error here, set once for the process: decoding runs on a thread pool
-# (lib/item_engine.py), and warnings.catch_warnings() is not thread-safe.
-warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 class InvalidImage(ValueError):

@@ -2,7 +2,7 @@
 
 The served `item_encoder` (portable target) and the benchmarks' in-process arm
 (`mmrec.reference.in_process_engine`, configured from the same config) run this class; index
-builds call the server. The reference pipeline deliberately does not: it runs the same library
+builds through a server run it there. The reference pipeline deliberately does not: it runs the same library
 pieces one after another, the ground truth this schedule is checked against (tests/test_item_engine.py
 in-process, the serving tests through Triton).
 
@@ -35,7 +35,7 @@ if __package__:  # sibling library modules: `from .` in the package, flat beside
     from .runtime import Session, open_configured, run_by_length, usable_cores
     from .batching import Failure
     from .image_preprocessing import ImageDecoder, InvalidImage, check_pixels
-    from .runner_settings import RunnerSettings
+    from .runner_settings import MEMBER_SEPARATOR, RunnerSettings
     from .served_contract import TOKENIZER_FILE, ServedContract
     from .tensor_names import (ATTENTION_MASK, FUSION, FUSION_OUTPUTS, IMAGE_EMBEDDING, IMAGE_ENCODER, INPUT_IDS,
                                IMAGE, ITEM_OUTPUTS, ITEM_PIPELINE_MEMBERS, PIXEL_VALUES, PIXELS, TEXT,
@@ -45,7 +45,7 @@ else:
     from runtime import Session, open_configured, run_by_length, usable_cores
     from batching import Failure
     from image_preprocessing import ImageDecoder, InvalidImage, check_pixels
-    from runner_settings import RunnerSettings
+    from runner_settings import MEMBER_SEPARATOR, RunnerSettings
     from served_contract import TOKENIZER_FILE, ServedContract
     from tensor_names import (ATTENTION_MASK, FUSION, FUSION_OUTPUTS, IMAGE_EMBEDDING, IMAGE_ENCODER, INPUT_IDS,
                               IMAGE, ITEM_OUTPUTS, ITEM_PIPELINE_MEMBERS, PIXEL_VALUES, PIXELS, TEXT,
@@ -99,9 +99,12 @@ class ItemEngine:
         contract = ServedContract.from_parameters(parameters)
         settings = {member: RunnerSettings.from_parameters(parameters, member) for member in ITEM_PIPELINE_MEMBERS}
         sessions = {member: open_configured((Path(model_dir) / s.model_file).resolve(), s) for member, s in settings.items()}
-        # the text rows' length buckets are the text encoder's runner setting, as for the member itself
+        # the text rows' length buckets: the text encoder's runner setting, as for the member itself
+        # (repositories written before it was recorded there: the contract's)
+        recorded = f"{TEXT_ENCODER}{MEMBER_SEPARATOR}seq_buckets" in parameters
+        buckets = settings[TEXT_ENCODER].seq_buckets if recorded else contract.seq_buckets
         return cls(TextTokenizer.for_contract(contract, Path(model_dir) / version / TOKENIZER_FILE),
-                   ImageDecoder.for_contract(contract), sessions, settings[TEXT_ENCODER].seq_buckets, **options)
+                   ImageDecoder.for_contract(contract), sessions, buckets, **options)
 
     # ---- reading a request (ValueError: the request's own fault)
     def items(self, raw_texts: np.ndarray, images: np.ndarray | None = None,
@@ -140,18 +143,23 @@ class ItemEngine:
         images are skipped). Every image is submitted to the pool first, so decoding runs ahead."""
         decoding = [[self.decode_pool.submit(self.decoder.decode, data, i) for i, data in enumerate(items.images)]
                     if items.pixels is None else None for items in batch]
-        for j, (items, futures) in enumerate(zip(batch, decoding)):
-            if futures is None:
-                yield from ((j, row) for row in items.pixels)
-                continue
-            for k, future in enumerate(futures):
-                try:
-                    yield j, self.decoder.normalize(future.result()[None])[0]
-                except InvalidImage as err:
-                    for rest in futures[k + 1:]:
-                        rest.cancel()
-                    yield j, err
-                    break
+        try:
+            for j, (items, futures) in enumerate(zip(batch, decoding)):
+                if futures is None:
+                    yield from ((j, row) for row in items.pixels)
+                    continue
+                for k, future in enumerate(futures):
+                    try:
+                        yield j, self.decoder.normalize(future.result()[None])[0]
+                    except InvalidImage as err:
+                        for rest in futures[k + 1:]:
+                            rest.cancel()
+                        yield j, err
+                        break
+        finally:  # the encoder failed (or we are done): no decode of this batch is left queued
+            for futures in decoding:
+                for future in futures or ():
+                    future.cancel()
 
     def _image_embeddings(self, batch: list[Items]) -> tuple[np.ndarray, np.ndarray, dict[int, Failure]]:
         """Image embeddings of every image row (batch order) and the request each row belongs to,
@@ -161,15 +169,19 @@ class ItemEngine:
         pending: list[np.ndarray] = []
         owners: list[int] = []
         embeddings: list[np.ndarray] = []
-        for j, row in self._rows(batch):
-            if isinstance(row, InvalidImage):
-                failures[j] = Failure(str(row))
-                continue
-            pending.append(row)
-            owners.append(j)
-            if len(pending) == self.image_chunk:
-                embeddings.append(self.encode_pixels(np.stack(pending)))
-                pending = []
+        rows = self._rows(batch)
+        try:
+            for j, row in rows:
+                if isinstance(row, InvalidImage):
+                    failures[j] = Failure(str(row))
+                    continue
+                pending.append(row)
+                owners.append(j)
+                if len(pending) == self.image_chunk:
+                    embeddings.append(self.encode_pixels(np.stack(pending)))
+                    pending = []
+        finally:
+            rows.close()  # cancels whatever decode is still queued (an encoder failure, say)
         if pending:
             embeddings.append(self.encode_pixels(np.stack(pending)))
         encoded = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)

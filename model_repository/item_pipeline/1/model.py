@@ -6,7 +6,7 @@ TEXT + IMAGE (encoded bytes) or PIXEL_VALUES (client-preprocessed)
 Why one step: on the portable target every ensemble step is a python model, and every hop between
 two of them costs a round trip through shared memory to another stub process (measured in issue
 11). The work itself is lib/item_engine.py, the one implementation of the item path (the
-reference pipeline runs it too): decode in a pool overlapping the image encoder, text encoder on
+benchmarks' in-process arm runs it too): decode in a pool overlapping the image encoder, text encoder on
 a worker, fusion once per batch, each member's graph, runtime and share of the cores as the
 config's `<member>.` runner settings say (lib/runner_settings.py). This file only reads requests
 and writes responses; lib/batching.py gives each request its own error. `item_encoder_pixels`
