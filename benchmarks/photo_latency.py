@@ -58,13 +58,11 @@ def dct_scaled_decode(data: bytes, decoder) -> tuple[int, int]:
     served decoder asks for (`ImageDecoder.needed_scale`: 1/4 for a 12 MP photo and the crop
     fit), nothing else (no rotation, resize or normalization). Returns the decoded size."""
     import io
-    import math
 
     from PIL import Image
 
     image = Image.open(io.BytesIO(data))
-    scale = decoder.needed_scale(image.size)
-    image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+    decoder.draft(image)  # the served decoder's own choice of scale
     image.load()
     return image.size
 

@@ -239,14 +239,14 @@ def padded_copy(repository: Path, into: Path) -> Path:
 
     copy = into / "padded"
     shutil.copytree(repository, copy, copy_function=os.symlink)
+    # one bucket, the longest: every row at the batch's width (an empty setting would mean "unrecorded")
+    padded = (RepositoryLayout(repository).read_contract().max_seq_len,)
     for model in (schema.TEXT_ENCODER, schema.ITEM_ENCODER):  # the member, and the item engine's text branch
         config_file = copy / model / CONFIG_FILE
         config = parse(config_file.read_text())
         scope = None if model == schema.TEXT_ENCODER else schema.TEXT_ENCODER
         if config.backend != "python" or not any(k in config.parameters for k in RunnerSettings.keys(scope)):
             continue  # an ensemble (native targets): its text_encoder step is the member above
-        # one bucket, the longest: every row at the batch's width (an empty setting would mean "unrecorded")
-        padded = (RepositoryLayout(repository).read_contract().max_seq_len,)
         set_runner_settings(config, runner_settings(config, scope).with_(seq_buckets=padded), scope)
         config_file.unlink()
         config_file.write_text(render(config))

@@ -18,14 +18,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from mmrec import schema
-from mmrec.server import free_ports
+from mmrec.server import _http_ok, free_ports
 from mmrec.stats import aa_check, paired_ratio, round_medians
 
 from .settings import Settings
@@ -97,11 +96,7 @@ class ServeProcess:
             raise
 
     def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return _http_ok(f"http://127.0.0.1:{self.http}/v2/health/ready")  # the launcher's probe: no proxy
 
     @property
     def grpc_url(self) -> str:

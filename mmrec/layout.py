@@ -97,12 +97,16 @@ class RepositoryLayout:
         repository without any of them."""
         return tuple(sorted(served_models(self.read_configs())))
 
-    def read_configs(self) -> dict:
-        """Every model's config.pbtxt, parsed (model name -> ModelConfig)."""
+    def read_config(self, model: str):
+        """One model's config.pbtxt as a tritonclient ModelConfig message."""
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2 as mc
 
-        return {path.parent.name: text_format.Parse(path.read_text(), mc.ModelConfig()) for path in self.config_files()}
+        return text_format.Parse(self.config_file(model).read_text(), mc.ModelConfig())
+
+    def read_configs(self) -> dict:
+        """Every model's config.pbtxt, parsed (model name -> ModelConfig)."""
+        return {path.parent.name: self.read_config(path.parent.name) for path in self.config_files()}
 
     def has_models(self) -> bool:
         return any(self.config_files())

@@ -37,13 +37,10 @@ def ort_member(path: Path, intra_op_threads: int = 0) -> Member:
 def served_settings(repository: Path, member: str) -> RunnerSettings:
     """The runner settings a member is served with: the portable runner's config parameters, or
     the OpenVINO backend's (openvino target)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    path = RepositoryLayout(repository).config_file(member)
-    if not path.is_file():
+    layout = RepositoryLayout(repository)
+    if not layout.config_file(member).is_file():
         return RunnerSettings()
-    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    config = layout.read_config(member)
     return RunnerSettings.from_config(config.backend, {k: v.string_value for k, v in config.parameters.items()})
 
 
@@ -166,14 +163,11 @@ def in_process_engine(repository: Path, text_workers: int = 1) -> ItemEngine:
     own config exactly as Triton opens it: the same graphs, runtimes, precisions and shares of the
     cores. `text_workers` > 1 lets that many concurrent callers each run a text branch (an
     in-process thread pool); the served model runs one batch at a time. Portable target only."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
-
     layout = RepositoryLayout(Path(repository))
-    config = text_format.Parse(layout.config_file(schema.ITEM_ENCODER).read_text(), mc.ModelConfig())
+    config = layout.read_config(schema.ITEM_ENCODER)
     if config.backend != "python":
-        raise NotAnEngineRepository(f"{repository}: item_encoder is not the item engine (an ensemble of a native target); "
-                         "in_process_engine needs a portable repository")
+        raise NotAnEngineRepository(f"{repository}: item_encoder is not the item engine (an ensemble of a "
+                                    "native target); in_process_engine needs a portable repository")
     return ItemEngine.for_model({k: v.string_value for k, v in config.parameters.items()},
                                 layout.model_dir(schema.ITEM_ENCODER), VERSION, text_workers=text_workers)
 

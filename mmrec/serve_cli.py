@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .export_defaults import DEFAULT_REPOSITORY
-from .server import ADMIN_KEY_ENV, LOOPBACK, ServerConfig, ServerError, TritonServer, serve_forever, validate_repository
+from .server import ADMIN_KEY_ENV, ServerConfig, ServerError, TritonServer, serve_forever, validate_repository
 
 console = Console(stderr=True)
 
@@ -20,8 +20,7 @@ def print_endpoints(server: TritonServer) -> None:
     tls = " (TLS)" if server.config.grpc_tls else ""
     console.print(f"  gRPC     {urls['grpc']}{tls}\n  HTTP     http://{urls['http']}\n"
                   f"  metrics  http://{urls['metrics']}/metrics")
-    config = server.config
-    if config.model_control == "explicit" and config.host not in LOOPBACK and not config.admin_key:
+    if server.config.repository_api_closed:
         console.print(f"  load/unload closed: a non-loopback host without --admin-key (or {ADMIN_KEY_ENV})")
     console.print("Ctrl-C stops it.")
 

@@ -327,6 +327,11 @@ class ServerConfig:
             if path is not None and not path.is_file():
                 raise ServerError(f"{flag} {path} is not a readable file")
 
+    @property
+    def repository_api_closed(self) -> bool:
+        """Explicit mode on a non-loopback bind without an admin key: nobody may load or unload."""
+        return self.model_control == "explicit" and self.host not in LOOPBACK and not self.admin_key
+
     def restricted_api_args(self) -> list[str]:
         """Close the model-repository API (load/unload) on a non-loopback bind in explicit mode
         unless callers send the admin key; a loopback bind keeps it open to local tools."""

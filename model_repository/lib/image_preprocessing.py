@@ -113,10 +113,7 @@ class ImageDecoder:
         integer box filter, and only then padded or cropped. A 12 MP phone photo never becomes
         a full-resolution canvas.
         """
-        if image.format == "JPEG":
-            scale = self.needed_scale(image.size)
-            if scale < 1:  # DCT scaling: each side stays >= what the fit reads from it
-                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+        self.draft(image)
         try:
             image = ImageOps.exif_transpose(image)  # phones store sideways pixels + a rotation tag
         except (TypeError, ValueError, KeyError, SyntaxError):
@@ -141,6 +138,14 @@ class ImageDecoder:
         canvas = Image.new("RGB", (side, side), self.background)
         canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
         return np.asarray(canvas.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+    def draft(self, image: Image.Image) -> None:
+        """Let libjpeg decode a JPEG at reduced scale (DCT scaling) before it is loaded: each side
+        stays >= what the fit reads from it. Other formats decode at full size."""
+        if image.format == "JPEG":
+            scale = self.needed_scale(image.size)
+            if scale < 1:
+                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
 
     def needed_scale(self, size: tuple[int, int]) -> float:
         """Smallest scale of the picture at which the part the fit reads still has

@@ -57,6 +57,13 @@ else:
 IMAGE_CHUNK = 8
 
 
+def check_one_image_input(images: object | None, pixels: object | None) -> None:
+    """An item comes with encoded images or preprocessed pixels, exactly one of them."""
+    if (images is None) == (pixels is None):
+        raise ValueError(f"send either {IMAGE} (encoded bytes) or {PIXELS} (preprocessed) with {TEXT}, "
+                         f"not {'both' if images is not None else 'neither'}")
+
+
 @dataclass(frozen=True)
 class Items:
     """One request's items: captions, and either encoded images or client-normalized pixels."""
@@ -66,9 +73,7 @@ class Items:
     pixels: np.ndarray | None = None  # float [N, 3, S, S], already checked
 
     def __post_init__(self) -> None:
-        if (self.images is None) == (self.pixels is None):
-            raise ValueError(f"send either {IMAGE} (encoded bytes) or {PIXELS} (preprocessed) with {TEXT}, "
-                             f"not {'both' if self.images is not None else 'neither'}")
+        check_one_image_input(self.images, self.pixels)
         if not self.texts:
             raise ValueError(f"{TEXT} is empty: send one text and one image per item")
         rows = len(self.images) if self.images is not None else len(self.pixels)
@@ -110,8 +115,7 @@ class ItemEngine:
     def items(self, raw_texts: np.ndarray, images: np.ndarray | None = None,
               pixels: np.ndarray | None = None) -> Items:
         """Validate one request's tensors: BYTES texts, and BYTES images or FP32 pixels."""
-        if (images is None) == (pixels is None):  # before decoding the texts: the cheaper message first
-            Items([""], images=images, pixels=pixels)
+        check_one_image_input(images, pixels)  # before decoding the texts: the cheaper message first
         texts = self.tokenizer.decode_texts(raw_texts)
         if pixels is not None:
             return Items(texts, pixels=check_pixels(pixels, self.decoder.image_size))
