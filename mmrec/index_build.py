@@ -7,9 +7,9 @@ the next one starts, so a stop — requested (Ctrl-C, SIGTERM: the batch in flig
 first) or not (SIGKILL: that batch is lost and re-encoded) — resumes exactly where it left off.
 
 Two encoders, same vectors: `ServerEncoder` sends items to a running server's `item_encoder`
-through the mmrec client; `LocalEncoder` runs the repository's ONNX models in-process (the
-reference pipeline). Bad items (unreadable image, empty text, rejected by the server) are
-reported by id and skipped; an id that had a good version keeps it.
+through the mmrec client; `LocalEncoder` runs the served item engine in-process (the
+reference pipeline's steps on a native target). Bad items (unreadable image, empty text,
+rejected by the server) are reported by id and skipped; an id that had a good version keeps it.
 """
 from __future__ import annotations
 
@@ -49,17 +49,52 @@ def _short_error(message: str) -> str:
 
 
 class LocalEncoder:
-    """The repository's ONNX models in-process: the server's preprocessing code, ORT sessions."""
+    """The repository's item path in-process, as the server runs it: the served item engine
+    (lib/item_engine.py: decode pool, text ∥ image, one fusion) on a portable repository, the
+    reference pipeline's steps on a native target (where Triton runs the ensemble's steps)."""
 
     def __init__(self, repository: Path, batch_size: int = 32, intra_op_threads: int = 0) -> None:
-        from .reference import ReferencePipeline
+        from .layout import RepositoryLayout
+        from .reference import NotAnEngineRepository, ReferencePipeline, in_process_engine
 
-        self.pipeline = ReferencePipeline(repository, intra_op_threads)
-        self.dim = self.pipeline.preprocess.item_dim
+        self.dim = RepositoryLayout(Path(repository)).read_contract().item_dim
         self.batch_size = batch_size
         self.items_sent = 0
+        self.engine, self.pipeline = None, None
+        try:
+            self.engine = in_process_engine(repository)
+        except NotAnEngineRepository:
+            self.pipeline = ReferencePipeline(repository, intra_op_threads)
 
     def encode(self, texts: Sequence[str], images: Sequence[bytes]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        if self.engine is None:
+            return self._encode_steps(texts, images)
+        from .model_repository.lib.batching import Failure
+
+        errors: dict[int, str] = {}
+        requests: dict[int, object] = {}
+        for i, (text, image) in enumerate(zip(texts, images)):
+            try:  # the served model's own checks: same limits and messages as the server
+                requests[i] = self.engine.items(np.array([[text.encode("utf-8")]], dtype=object),
+                                                np.array([[image]], dtype=object))
+            except ValueError as err:
+                errors[i] = _short_error(str(err))
+        good = sorted(requests)
+        vectors: dict[int, np.ndarray] = {}
+        embedding = schema.ITEM_OUTPUTS.index(schema.ITEM_EMBEDDING)
+        for start in range(0, len(good), self.batch_size):
+            chunk = good[start:start + self.batch_size]
+            # one request per item, as the server batches them: a bad image fails only its own row
+            results = self.engine.encode_batch([requests[i] for i in chunk])
+            self.items_sent += len(chunk)
+            for i, result in zip(chunk, results):
+                if isinstance(result, Failure):
+                    errors[i] = _short_error(result.message)
+                else:
+                    vectors[i] = result[embedding][0]
+        return vectors, errors
+
+    def _encode_steps(self, texts: Sequence[str], images: Sequence[bytes]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
         errors: dict[int, str] = {}
         frames: dict[int, np.ndarray] = {}
         for i, (text, image) in enumerate(zip(texts, images)):
@@ -80,7 +115,9 @@ class LocalEncoder:
         return vectors, errors
 
     def close(self) -> None:
-        self.pipeline = None
+        if self.engine is not None:
+            self.engine.close()
+        self.engine, self.pipeline = None, None
 
 
 class ServerEncoder:
