@@ -122,3 +122,21 @@ def test_served_engine_refuses_images_and_pixels_together(triton_server, referen
     text_and_pixels = [inputs[0], inputs[2]]  # pixels alone: the engine's pixel path, as item_encoder_pixels routes it
     got = client.infer(schema.ITEM_ENCODER, text_and_pixels).as_numpy(schema.ITEM_EMBEDDING)
     np.testing.assert_allclose(got, reference.encode_items(texts, images)[schema.ITEM_EMBEDDING], atol=TOLERANCE)
+
+
+def test_a_bad_request_loses_its_rows_still_waiting_for_a_chunk(reference, sample_items):
+    """With one chunk for the whole batch, the good image of a request whose next image is bad is
+    never encoded: the image encoder sees only the rows of the requests that get an answer."""
+    engine = _engine(reference, image_chunk=8)
+    encoded_rows: list[int] = []
+    encode_pixels = engine.encode_pixels
+    engine.encode_pixels = lambda pixels: encoded_rows.append(len(pixels)) or encode_pixels(pixels)
+    (t1, i1), (t3, i3) = _items(sample_items, 0, 3), _items(sample_items, 3, 2)
+    batch = [Items(t1, images=i1), Items(["a cat", "a dog"], images=[i1[0], b"not an image"]), Items(t3, images=i3)]
+    try:
+        results = engine.encode_batch(batch)
+    finally:
+        engine.close()
+    assert isinstance(results[1], Failure)
+    assert sum(encoded_rows) == len(i1) + len(i3), encoded_rows
+    assert [len(results[j][0]) for j in (0, 2)] == [len(i1), len(i3)]

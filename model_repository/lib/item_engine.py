@@ -168,26 +168,32 @@ class ItemEngine:
     def _image_embeddings(self, batch: list[Items]) -> tuple[np.ndarray, np.ndarray, dict[int, Failure]]:
         """Image embeddings of every image row (batch order) and the request each row belongs to,
         the encoder run on every IMAGE_CHUNK rows as soon as they are decoded (chunks cross request
-        borders); rows of a request that turns out bad are encoded and dropped by the caller."""
+        borders). A request that turns out bad loses its rows still waiting for a chunk; rows
+        already encoded are dropped by the caller."""
         failures: dict[int, Failure] = {}
-        pending: list[np.ndarray] = []
+        pending: list[tuple[int, np.ndarray]] = []  # (request, row) not yet encoded
         owners: list[int] = []
         embeddings: list[np.ndarray] = []
         rows = self._rows(batch)
+
+        def encode_pending() -> None:
+            embeddings.append(self.encode_pixels(np.stack([row for _, row in pending])))
+            owners.extend(j for j, _ in pending)
+            pending.clear()
+
         try:
             for j, row in rows:
                 if isinstance(row, InvalidImage):
                     failures[j] = Failure(str(row))
+                    pending[:] = [(o, r) for o, r in pending if o != j]
                     continue
-                pending.append(row)
-                owners.append(j)
+                pending.append((j, row))
                 if len(pending) == self.image_chunk:
-                    embeddings.append(self.encode_pixels(np.stack(pending)))
-                    pending = []
+                    encode_pending()
         finally:
             rows.close()  # cancels whatever decode is still queued (an encoder failure, say)
         if pending:
-            embeddings.append(self.encode_pixels(np.stack(pending)))
+            encode_pending()
         encoded = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
         return encoded, np.asarray(owners, dtype=np.int64), failures
 
