@@ -43,7 +43,12 @@ serve: $(STAMP)
 $(VENV)/bin/helm: deploy/tools/install_helm.py | $(STAMP)
 	$(PY) deploy/tools/install_helm.py --dest $(VENV)/bin/helm
 
-test: $(STAMP) $(VENV)/bin/helm
+# promtool evaluates the chart's alert/dashboard PromQL and the adapter rules in tests; it comes
+# out of Debian's `prometheus` package without installing it (no users, no service).
+$(VENV)/bin/promtool: deploy/tools/install_promtool.py | $(STAMP)
+	$(PY) deploy/tools/install_promtool.py --dest $(VENV)/bin/promtool
+
+test: $(STAMP) $(VENV)/bin/helm $(VENV)/bin/promtool
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # perf_analyzer comes from the tritonclient 2.50.0 wheel (+ Debian libb64, pip libcudart).

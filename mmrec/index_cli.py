@@ -1,8 +1,9 @@
-"""`mmrec index build|add|remove|status`: the catalog index from the shell.
+"""`mmrec index build|add|remove|load|rollback|status`: the catalog index from the shell.
 
 Exit codes: 0 done (bad items are listed, not fatal), 2 bad arguments or an unusable index or
-catalog, 3 the server is unavailable or did not load the new version, 130 interrupted (run the
-same command again to continue).
+catalog, 3 a server is unavailable or did not load the new version (the rollout stopped there;
+the table says which replica serves which version), 130 interrupted (run the same command again
+to continue).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shutil
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Iterator, List, Optional
 
@@ -23,9 +25,10 @@ from mmrec.client import MMRecError
 
 from .export_defaults import DEFAULT_REPOSITORY
 from .index_build import DEFAULT_BATCH_SIZE, BuildReport, LocalEncoder, ServerEncoder, build, remove
-from .index_publish import (DEFAULT_K, DEFAULT_KEEP, DEFAULT_MAX_K, PublishError, Published, ServeOptions,
-                            load_on_server, publish, versions)
-from .index_store import CatalogIndexError, IndexStore, count_lines, default_build_dir, read_catalog
+from .index_publish import (DEFAULT_K, DEFAULT_KEEP, DEFAULT_MAX_K, PublishError, Published, ReplicaState, Rollout,
+                            RolloutStopped, ServeOptions, check_replicas, publish, replica_urls, republish, roll_out,
+                            versions)
+from .index_store import META_FILE, CatalogIndexError, IndexStore, count_lines, default_build_dir, read_catalog
 
 EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 2, 3, 130
 console = Console(stderr=True)
@@ -38,9 +41,17 @@ BuildDirOpt = Annotated[Optional[Path], typer.Option(
     "--build-dir", help="Where vectors and the resume journal live (default: <repository>.index beside it).")]
 ItemsOpt = Annotated[Path, typer.Option(
     "--items", help='JSON lines {"text": ..., "image": path, "id": ...}, as for `mmrec score --items`.')]
-UrlOpt = Annotated[Optional[str], typer.Option(
-    "--url", help="gRPC host:port of a server serving this repository: items are encoded there and the "
-                  "new version is loaded there (needs `mmrec serve --model-control explicit`).")]
+UrlOpt = Annotated[Optional[List[str]], typer.Option(
+    "--url", help="gRPC host:port of a server serving this repository; repeat it for each replica. Items are "
+                  "encoded on the first; the new version is loaded on each in turn, each checked to serve it "
+                  "before the next (needs explicit model control; MMREC_ADMIN_KEY if the servers restrict "
+                  "load/unload).")]
+ReplicasOpt = Annotated[Optional[List[str]], typer.Option(
+    "--replicas", help="NAME:PORT resolving to every replica, e.g. a Kubernetes headless Service "
+                       "(mmrec-headless:8001): each address counts as one more --url.")]
+LoadOpt = Annotated[bool, typer.Option(
+    "--load/--no-load", help="Load the new version on the servers. --no-load only encodes on the first one "
+                             "(publish, upload the repository, then `mmrec index load`).")]
 LocalOpt = Annotated[bool, typer.Option("--local", help="Encode in-process even when --url is given.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Items per committed batch.")]
 PublishOpt = Annotated[bool, typer.Option("--publish/--no-publish", help="Write a new catalog_scorer version.")]
@@ -111,13 +122,64 @@ def _print_bad(report: BuildReport) -> None:
     console.print(table)
 
 
-def _summary(report: BuildReport, published: Published | None, loaded: bool) -> None:
+def _summary(report: BuildReport, published: Published | None, rollout: Rollout | None) -> None:
     console.print(f"encoded {report.encoded}, reused {report.reused}, unchanged {report.unchanged}, "
                   f"removed {report.removed}, bad {len(report.bad)} -> {report.items} items in the index")
     if published is not None:
         state = "unchanged, still" if published.unchanged else "wrote"
         console.print(f"{state} catalog_scorer version {published.version} ({published.items} items) in "
-                      f"{published.folder.parent}" + (" — loaded by the server" if loaded else ""))
+                      f"{published.folder.parent}" + _loaded_by(rollout))
+
+
+def _loaded_by(rollout: Rollout | None) -> str:
+    if rollout is None:
+        return ""
+    count = len(rollout.replicas)
+    return " — served by " + (rollout.replicas[0].url if count == 1 else f"all {count} replicas")
+
+
+def _print_replicas(states: tuple[ReplicaState, ...] | list[ReplicaState], version: int | None = None) -> None:
+    title = f"catalog_scorer version {version} rollout" if version is not None else "catalog_scorer replicas"
+    table = Table("replica", "serves version", "this run", "error", title=title)
+    for state in states:
+        serves = ", ".join(map(str, state.serves)) or "-"
+        table.add_row(escape(state.url), serves, state.outcome, escape(" ".join(state.error.split())[:200]))
+    console.print(table)
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """The servers to load on (each --url, each address of each --replicas name), and the
+    arguments that named them, repeated in the rollback command a stopped rollout suggests."""
+
+    urls: tuple[str, ...] = ()
+    args: str = ""
+
+
+def _targets(urls: list[str] | None, replicas: list[str] | None) -> _Targets:
+    try:
+        found = replica_urls(urls or (), replicas or ())
+    except PublishError as err:
+        raise _fail(str(err), EXIT_BAD_INPUT) from None
+    return _Targets(tuple(found), " ".join([*(f"--url {u}" for u in urls or ()),
+                                            *(f"--replicas {r}" for r in replicas or ())]))
+
+
+def _roll_out(targets: _Targets, version: int, repository: Path) -> Rollout:
+    """Load `version` replica by replica; on a failure print who serves what, say how to go on, exit 3."""
+    try:
+        rollout = roll_out(targets.urls, version)
+    except RolloutStopped as err:
+        _print_replicas(err.rollout.replicas, version)
+        raise _fail(f"{err} The replicas marked loaded or already serving serve version {version}; the others keep "
+                    f"the version shown. Fix that replica and run the same command again (replicas on version "
+                    f"{version} are left alone), or put every replica back on the previous catalog: "
+                    f"`mmrec index rollback --repository {repository} {targets.args}`", EXIT_UNAVAILABLE) from None
+    except PublishError as err:
+        raise _fail(str(err), EXIT_UNAVAILABLE) from None
+    if len(targets.urls) > 1:
+        _print_replicas(rollout.replicas, version)
+    return rollout
 
 
 def _write_report(path: Path | None, report: BuildReport, published: Published | None) -> None:
@@ -129,22 +191,20 @@ def _write_report(path: Path | None, report: BuildReport, published: Published |
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def _publish_and_load(store: IndexStore, repository: Path, url: str | None, options: ServeOptions,
-                      keep: int) -> tuple[Published, bool]:
+def _publish_and_load(store: IndexStore, repository: Path, targets: _Targets, options: ServeOptions,
+                      keep: int) -> tuple[Published, Rollout | None]:
+    """Publish, then roll out to every target, an unchanged catalog too: running a stopped
+    rollout's command again finishes it (replicas already serving the version are left alone)."""
     try:
         published = publish(store, repository, options, keep=keep)
     except (PublishError, FileNotFoundError, ValueError) as err:
         raise _fail(str(err), EXIT_BAD_INPUT) from None
-    if url is None or published.unchanged:
-        return published, False
-    try:
-        load_on_server(url, published.version)
-    except PublishError as err:
-        raise _fail(str(err), EXIT_UNAVAILABLE) from None
-    return published, True
+    if not targets.urls:
+        return published, None
+    return published, _roll_out(targets, published.version, repository)
 
 
-def _run_build(items: Path, repository: Path, build_dir: Path | None, url: str | None, local: bool,
+def _run_build(items: Path, repository: Path, build_dir: Path | None, targets: _Targets, load: bool, local: bool,
                batch_size: int, do_publish: bool, options: ServeOptions, keep: int, report_path: Path | None,
                sync: bool, rebuild: bool) -> None:
     folder = build_dir or default_build_dir(repository)
@@ -152,7 +212,7 @@ def _run_build(items: Path, repository: Path, build_dir: Path | None, url: str |
         raise _fail(f"--items {items} is not a readable file", EXIT_BAD_INPUT)
     if rebuild and folder.exists():
         shutil.rmtree(folder)
-    encoder = _encoder(repository, url, local)
+    encoder = _encoder(repository, targets.urls[0] if targets.urls else None, local)  # one server encodes
     try:
         with IndexStore.open(folder, encoder.dim) as store, _graceful_stop() as stop, _progress() as bar:
             task = bar.add_task("encoding catalog", total=count_lines(items))
@@ -161,14 +221,14 @@ def _run_build(items: Path, repository: Path, build_dir: Path | None, url: str |
             bar.stop()
             _print_bad(report)
             if report.interrupted:
-                _summary(report, None, False)
+                _summary(report, None, None)
                 _write_report(report_path, report, None)
                 console.print(f"[yellow]interrupted[/yellow]: {report.seen} catalog lines done and committed; "
                               "run the same command again to continue")
                 raise typer.Exit(EXIT_INTERRUPTED)
-            published, loaded = (_publish_and_load(store, repository, url, options, keep) if do_publish
-                                 else (None, False))
-            _summary(report, published, loaded)
+            published, rollout = (_publish_and_load(store, repository, targets if load else _Targets(), options, keep)
+                                  if do_publish else (None, None))
+            _summary(report, published, rollout)
             _write_report(report_path, report, published)
     except CatalogIndexError as err:
         raise _fail(str(err), EXIT_BAD_INPUT) from None
@@ -183,25 +243,27 @@ def _run_build(items: Path, repository: Path, build_dir: Path | None, url: str |
 
 @index_app.command("build")
 def build_command(items: ItemsOpt, repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None,
-                  url: UrlOpt = None, local: LocalOpt = False, batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+                  url: UrlOpt = None, replicas: ReplicasOpt = None, load: LoadOpt = True, local: LocalOpt = False,
+                  batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
                   do_publish: PublishOpt = True, max_k: MaxKOpt = DEFAULT_MAX_K, default_k: DefaultKOpt = DEFAULT_K,
                   keep: KeepOpt = DEFAULT_KEEP, report: ReportOpt = None, prepacking: PrepackOpt = "auto",
                   rebuild: Annotated[bool, typer.Option("--rebuild", help="Forget stored vectors and "
                                                         "re-encode everything (after re-exporting models).")] = False,
                   ) -> None:
     """Make the index hold exactly this catalog: encode new/changed items (resumable, each content
-    once), drop ids not in it, publish a new catalog_scorer version and load it on --url."""
-    _run_build(items, repository, build_dir, url, local, batch_size, do_publish,
+    once), drop ids not in it, publish a new catalog_scorer version and load it on each --url/--replicas."""
+    _run_build(items, repository, build_dir, _targets(url, replicas), load, local, batch_size, do_publish,
                _options(max_k, default_k, prepacking), keep, report, sync=True, rebuild=rebuild)
 
 
 @index_app.command("add")
 def add_command(items: ItemsOpt, repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None,
-                url: UrlOpt = None, local: LocalOpt = False, batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+                url: UrlOpt = None, replicas: ReplicasOpt = None, load: LoadOpt = True, local: LocalOpt = False,
+                batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
                 do_publish: PublishOpt = True, max_k: MaxKOpt = DEFAULT_MAX_K, default_k: DefaultKOpt = DEFAULT_K,
                 keep: KeepOpt = DEFAULT_KEEP, report: ReportOpt = None, prepacking: PrepackOpt = "auto") -> None:
     """Add or update these items (others stay), publish and load a new version."""
-    _run_build(items, repository, build_dir, url, local, batch_size, do_publish,
+    _run_build(items, repository, build_dir, _targets(url, replicas), load, local, batch_size, do_publish,
                _options(max_k, default_k, prepacking), keep, report, sync=False, rebuild=False)
 
 
@@ -209,11 +271,12 @@ def add_command(items: ItemsOpt, repository: RepositoryOpt = DEFAULT_REPOSITORY,
 def remove_command(ids: Annotated[Optional[List[str]], typer.Option("--id", help="An item id (repeatable).")] = None,
                    ids_file: Annotated[Optional[Path], typer.Option("--ids-file", help="One id per line.")] = None,
                    repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None, url: UrlOpt = None,
-                   do_publish: PublishOpt = True, max_k: MaxKOpt = DEFAULT_MAX_K,
-                   default_k: DefaultKOpt = DEFAULT_K, keep: KeepOpt = DEFAULT_KEEP,
+                   replicas: ReplicasOpt = None, load: LoadOpt = True, do_publish: PublishOpt = True,
+                   max_k: MaxKOpt = DEFAULT_MAX_K, default_k: DefaultKOpt = DEFAULT_K, keep: KeepOpt = DEFAULT_KEEP,
                    prepacking: PrepackOpt = "auto") -> None:
     """Remove items by id, publish and load a new version."""
     wanted = list(ids or [])
+    targets = _targets(url, replicas) if load else _Targets()
     try:
         if ids_file is not None:
             wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -226,19 +289,67 @@ def remove_command(ids: Annotated[Optional[List[str]], typer.Option("--id", help
                               + (f" (+{len(unknown) - 20})" if len(unknown) > 20 else ""))
             console.print(f"removed {len(removed)} -> {len(store.items)} items in the index")
             if do_publish and removed:
-                published, loaded = _publish_and_load(store, repository, url,
-                                                      _options(max_k, default_k, prepacking), keep)
-                _summary(BuildReport(removed=len(removed), items=len(store.items)), published, loaded)
+                published, rollout = _publish_and_load(store, repository, targets,
+                                                       _options(max_k, default_k, prepacking), keep)
+                _summary(BuildReport(removed=len(removed), items=len(store.items)), published, rollout)
     except (CatalogIndexError, FileNotFoundError) as err:
         raise _fail(str(err), EXIT_BAD_INPUT) from None
     except OSError as err:
         raise _fail(f"{err.filename or ''}: {err.strerror or err}", EXIT_BAD_INPUT) from None
 
 
-@index_app.command("status")
-def status_command(repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None) -> None:
-    """Items, stored vectors, bad items and published versions (JSON on stdout)."""
+@index_app.command("load")
+def load_command(repository: RepositoryOpt = DEFAULT_REPOSITORY, url: UrlOpt = None,
+                 replicas: ReplicasOpt = None) -> None:
+    """Load the newest catalog_scorer version on disk on each replica, one at a time: after
+    uploading a published (or rolled-back) repository to the bucket the replicas read, or to
+    finish a rollout that stopped."""
+    targets = _targets(url, replicas)
+    on_disk = versions(repository)
+    if not on_disk:
+        raise _fail(f"{repository} holds no catalog_scorer version: publish one with `mmrec index build`",
+                    EXIT_BAD_INPUT)
+    _roll_out(targets, on_disk[-1], repository)
+    console.print(f"catalog_scorer version {on_disk[-1]} is served by {len(targets.urls)} replica(s)")
+
+
+@index_app.command("rollback")
+def rollback_command(repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None,
+                     to: Annotated[Optional[int], typer.Option("--to", min=1, help="Version to serve again "
+                                                               "(default: the one before the newest).")] = None,
+                     url: UrlOpt = None, replicas: ReplicasOpt = None, keep: KeepOpt = DEFAULT_KEEP) -> None:
+    """Serve an older version again: copy it as the next version (versions only grow, so restarted
+    replicas and bucket syncs agree) and load that on each --url/--replicas."""
+    targets = _targets(url, replicas)
     folder = build_dir or default_build_dir(repository)
+    try:
+        # hold the build folder's lock (when there is one) so no publish races for the version number
+        store = IndexStore.open(folder) if (folder / META_FILE).is_file() else None
+        try:
+            published, source = republish(repository, to, keep)
+            if store is not None:
+                store.record_publish({"version": published.version, "items": published.items,
+                                      "fingerprint": published.fingerprint, "rollback_of": source,
+                                      "repository": str(Path(repository).resolve())})
+        finally:
+            if store is not None:
+                store.close()
+    except (CatalogIndexError, FileNotFoundError, ValueError) as err:
+        raise _fail(str(err), EXIT_BAD_INPUT) from None
+    except OSError as err:
+        raise _fail(f"{err.filename or ''}: {err.strerror or err}", EXIT_BAD_INPUT) from None
+    rollout = _roll_out(targets, published.version, repository) if targets.urls else None
+    console.print(f"wrote catalog_scorer version {published.version}, a copy of version {source} "
+                  f"({published.items} items), in {published.folder.parent}" + _loaded_by(rollout))
+
+
+@index_app.command("status")
+def status_command(repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None,
+                   url: UrlOpt = None, replicas: ReplicasOpt = None) -> None:
+    """Items, stored vectors, bad items and published versions (JSON on stdout); with
+    --url/--replicas also the version each replica serves."""
+    folder = build_dir or default_build_dir(repository)
+    targets = _targets(url, replicas)
     try:
         with IndexStore.open(folder) as store:
             data = {"build_dir": str(folder), "items": len(store.items), "vectors": store.vector_rows,
@@ -246,6 +357,9 @@ def status_command(repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: Bu
                     "published": store.published[-5:], "versions_on_disk": versions(repository)}
     except (CatalogIndexError, FileNotFoundError) as err:
         raise _fail(str(err), EXIT_BAD_INPUT) from None
+    if targets.urls:
+        data["replicas"] = [{"url": s.url, "serves": list(s.serves), "error": s.error}
+                            for s in check_replicas(targets.urls)]
     typer.echo(json.dumps(data, indent=1))
 
 

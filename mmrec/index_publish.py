@@ -5,16 +5,26 @@ place, so Triton (or a poller, or an object-store sync) never sees half a versio
 model control, `load_model` makes Triton load the new version while the old one keeps answering;
 `version_policy: latest 1` then retires the old one after its in-flight requests. Each response
 comes from one version (one model instance runs the whole scan).
+
+Several replicas each load from their own copy of the repository (a pod's copy of the bucket):
+`roll_out` loads a version on each in turn, checks each serves it, and stops at the first that
+does not, reporting which replica serves which version. Stopping (not undoing) is deliberate: a
+half-rolled fleet still answers, each response from one version, and the person decides whether
+to finish (run the same command again: a replica already on the version loads nothing new) or
+roll back (`republish` an older version as the next one, then roll that out).
 """
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -116,8 +126,10 @@ def publish(store: IndexStore, repository: Path, options: ServeOptions = ServeOp
     fp = fingerprint(ids, vectors)
     existing = versions(repository)
     last = store.published[-1] if store.published else None
-    if (not force and last is not None and last.get("fingerprint") == fp
-            and last.get("version") in existing and Path(last.get("repository", "")) == repository.resolve()):
+    # unchanged only while the last publish is still the newest version: after a rollback
+    # (`republish`) the same catalog must be published again to be served again
+    if (not force and last is not None and last.get("fingerprint") == fp and existing
+            and last.get("version") == existing[-1] and Path(last.get("repository", "")) == repository.resolve()):
         return Published(last["version"], model_dir(repository) / str(last["version"]), len(ids), fp, True)
     layout = RepositoryLayout(repository)
     preprocess = layout.read_contract()
@@ -128,20 +140,61 @@ def publish(store: IndexStore, repository: Path, options: ServeOptions = ServeOp
     folder.mkdir(parents=True, exist_ok=True)
     _write_if_changed(layout.config_file(schema.CATALOG_SCORER), scorer_config_text(store.dim, preprocess.max_batch_size, options))
     version = (existing[-1] if existing else 0) + 1
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
-    try:
-        staging.chmod(0o755)
-        write_version_files(staging, ids, vectors, fp)
-        _fsync_tree(staging)
-        target = folder / str(version)
-        os.rename(staging, target)  # atomic: a version folder is complete or absent
-        _fsync_dir(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    target = _install_version(folder, version, lambda staging: write_version_files(staging, ids, vectors, fp))
     store.record_publish({"version": version, "items": len(ids), "fingerprint": fp,
                           "repository": str(repository.resolve())})
     prune(repository, keep)
     return Published(version, target, len(ids), fp)
+
+
+def republish(repository: Path, source: int | None = None, keep: int = DEFAULT_KEEP) -> tuple[Published, int]:
+    """Roll back by rolling forward: copy version `source` (default: the one before the newest)
+    as the next version. Versions only grow, so `version_policy: latest 1`, a restarted replica,
+    a poller and a bucket sync all serve the copy, with no per-server override to remember.
+    Returns the new version and the version it copies."""
+    repository = Path(repository)
+    existing = versions(repository)
+    if source is None:
+        if len(existing) < 2:
+            raise PublishError(f"{model_dir(repository)} holds version(s) {existing}: nothing older to roll back "
+                               "to (`--keep` sets how many versions publishing leaves on disk)")
+        source = existing[-2]
+    if source not in existing:
+        raise PublishError(f"catalog_scorer has no version {source} on disk (it holds {existing}); "
+                           "`mmrec index status` lists them")
+    folder = model_dir(repository)
+    meta = json.loads((folder / str(source) / INDEX_FILE).read_text())
+    version = existing[-1] + 1
+    target = _install_version(folder, version, lambda staging: _link_tree(folder / str(source), staging))
+    prune(repository, keep)
+    return Published(version, target, int(meta["items"]), str(meta["fingerprint"])), source
+
+
+def _install_version(folder: Path, version: int, fill: Callable[[Path], None]) -> Path:
+    """Fill a hidden staging folder, fsync it, rename it to `<folder>/<version>`: a version
+    folder is complete or absent, for Triton, a poller or an object-store sync."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    try:
+        staging.chmod(0o755)
+        fill(staging)
+        _fsync_tree(staging)
+        target = folder / str(version)
+        os.rename(staging, target)
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard-link a published version's files (never written again once published) into
+    `target`, copying where links are impossible (another file system)."""
+    for path in source.iterdir():
+        if path.is_file():
+            try:
+                os.link(path, target / path.name)
+            except OSError:
+                shutil.copy2(path, target / path.name)
 
 
 def prune(repository: Path, keep: int = DEFAULT_KEEP) -> list[int]:
@@ -176,14 +229,121 @@ def load_on_server(url: str, version: int, timeout_s: float = 600.0) -> None:
                     f" The server restricts load/unload: set {ADMIN_KEY_ENV} to the key it was started with "
                     "(`mmrec serve --admin-key`; a non-loopback server started without one allows no load at all)."
                     if "restricted" in lowered or "unavailable" in lowered and "protocol" in lowered else "")
-            raise PublishError(f"wrote catalog_scorer version {version}, but {url} did not load it: "
-                               f"{message}.{hint}") from None
+            raise PublishError(f"{url} did not load catalog_scorer version {version}: {message}.{hint}") from None
         if not client.is_model_ready(schema.CATALOG_SCORER, str(version)):
             served = list(client.get_model_metadata(schema.CATALOG_SCORER).versions)
             raise PublishError(f"{url} loaded catalog_scorer but serves version(s) {served}, not {version}: "
                                "is it serving this repository?")
     finally:
         client.close()
+
+
+# ---- several replicas ------------------------------------------------------------------------------
+
+PROBE_TIMEOUT_S = 10.0  # asking a replica which version it serves; a dead one must not stall the report
+
+
+def resolve_replicas(address: str) -> list[str]:
+    """'name:port' -> 'ip:port' for every address the name resolves to: a Kubernetes headless
+    Service (`<fullname>-headless`) resolves to each ready pod, which a load must reach one by one
+    (through the normal Service it would reach a random pod). One address family only (IPv4 when
+    there is any): a dual-stack pod has one address of each, and is one replica."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise PublishError(f"--replicas {address!r} is not NAME:PORT (e.g. mmrec-headless.mmrec.svc:8001)")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise PublishError(f"--replicas {address}: {host!r} does not resolve ({err}); a headless Service's name "
+                           "resolves inside the cluster only: run this from a pod or a Job there") from None
+    addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}
+    family = 4 if any(a.version == 4 for a in addresses) else 6
+    chosen = sorted(a for a in addresses if a.version == family)
+    return [f"[{a}]:{port}" if a.version == 6 else f"{a}:{port}" for a in chosen]
+
+
+def replica_urls(urls: Iterable[str] = (), replicas: Iterable[str] = ()) -> list[str]:
+    """Every server to load on, in order: the given URLs, then each resolved replica; once each."""
+    found: list[str] = []
+    for url in [*urls, *(u for name in replicas for u in resolve_replicas(name))]:
+        if not url or not url.strip():
+            raise PublishError("an empty --url: give host:port")
+        if url.strip() not in found:
+            found.append(url.strip())
+    return found
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """One replica after a rollout: the catalog_scorer versions it serves and what happened."""
+
+    url: str
+    serves: tuple[int, ...]  # ready versions; () when it serves none or could not be asked
+    outcome: str  # "loaded" | "already serving" | "failed" | "not tried" | "checked"
+    error: str = ""  # why its versions could not be read
+
+
+@dataclass(frozen=True)
+class Rollout:
+    version: int
+    replicas: tuple[ReplicaState, ...]
+
+
+class RolloutStopped(PublishError):
+    """A replica did not load the version: the rollout stopped there; `rollout` says who serves what."""
+
+    def __init__(self, message: str, rollout: Rollout) -> None:
+        super().__init__(message)
+        self.rollout = rollout
+
+
+def served_versions(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[tuple[int, ...], str]:
+    """The catalog_scorer versions `url` serves now (ready ones), or () and why not."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        metadata = client.get_model_metadata(schema.CATALOG_SCORER, client_timeout=timeout_s)
+        return tuple(sorted(int(v) for v in metadata.versions)), ""
+    except InferenceServerException as err:
+        return (), " ".join((err.message() or str(err)).split())
+    finally:
+        client.close()
+
+
+def roll_out(urls: Sequence[str], version: int) -> Rollout:
+    """Load `version` on each replica in turn (each checked to serve it before the next is asked).
+    A replica already serving exactly `version` is left alone (Triton would load it again, seen in
+    its log), so running a stopped rollout again only loads the rest. The first failure stops the
+    rollout: RolloutStopped, with every replica's versions."""
+    if not urls:
+        raise PublishError("no replica to load on: give --url HOST:PORT (repeatable) or --replicas NAME:PORT")
+    done: list[ReplicaState] = []
+    for position, url in enumerate(urls):
+        if served_versions(url)[0] == (version,):
+            done.append(ReplicaState(url, (version,), "already serving"))
+            continue
+        try:
+            load_on_server(url, version)
+        except PublishError as err:
+            rest = [_state(u, "not tried") for u in urls[position + 1:]]
+            rollout = Rollout(version, (*done, _state(url, "failed"), *rest))
+            raise RolloutStopped(f"{err} The rollout stopped at replica {position + 1} of {len(urls)}.",
+                                 rollout) from None
+        done.append(ReplicaState(url, (version,), "loaded"))
+    return Rollout(version, tuple(done))
+
+
+def check_replicas(urls: Sequence[str]) -> list[ReplicaState]:
+    """Which version each replica serves (`mmrec index status --url/--replicas`)."""
+    return [_state(url, "checked") for url in urls]
+
+
+def _state(url: str, outcome: str) -> ReplicaState:
+    serves, why = served_versions(url)
+    return ReplicaState(url, serves, outcome, why)
 
 
 def _write_if_changed(path: Path, text: str) -> None:

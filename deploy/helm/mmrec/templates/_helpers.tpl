@@ -21,6 +21,14 @@ app.kubernetes.io/name: {{ include "mmrec.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The `helm test` pod's labels: never the selector labels (the Service would route clients
+     to it); the NetworkPolicy admits callers with these. */}}
+{{- define "mmrec.helmTestLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: helm-test
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
 {{- define "mmrec.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{ include "mmrec.selectorLabels" . }}
@@ -48,9 +56,29 @@ mmrec.io/target: {{ .Values.model.target }}
 {{- end }}
 {{- end }}
 
-{{/* The image reference: repository:tag, pinned to a digest when image.digest is set. */}}
+{{/* The NGC Triton image the chart is checked against and deploy/docker/Dockerfile builds on
+     (Chart.yaml annotation mmrec.io/triton-image), as [repository, tag]. */}}
+{{- define "mmrec.ngcImage" -}}
+{{- $ref := index .Chart.Annotations "mmrec.io/triton-image" }}
+{{- $repository := regexReplaceAll ":[^:/]+$" $ref "" }}
+{{- list $repository (trimPrefix (printf "%s:" $repository) $ref) | toJson }}
+{{- end }}
+
+{{/* The image reference: repository:tag, pinned to a digest when image.digest is set. The bare
+     NGC image lacks the python models' packages: it is accepted only with the pip init container
+     (pythonDeps.install). image.tag "" = the NGC tag for the NGC image, else the tag the docs
+     build deploy/docker/Dockerfile under for this target (<NGC tag>-mmrec, -mmrec-portable). */}}
 {{- define "mmrec.image" -}}
-{{- $image := printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- $ngc := include "mmrec.ngcImage" . | fromJsonArray }}
+{{- $bare := eq .Values.image.repository (index $ngc 0) }}
+{{- if and $bare (not .Values.pythonDeps.install) }}
+{{- fail (printf "image.repository=%s is the bare NGC Triton image: it lacks the packages the python models import (tokenizers, pillow, onnxruntime ...). Build deploy/docker/Dockerfile (NGC Triton + the chart's hash-pinned files/requirements/), push it and set image.repository to it (docs/deployment.md, \"Install\"); or, for development with a route to PyPI, opt in to the pip init container with pythonDeps.install=true" (index $ngc 0)) }}
+{{- end }}
+{{- $tag := .Values.image.tag }}
+{{- if not $tag }}
+{{- $tag = ternary (index $ngc 1) (printf "%s-mmrec%s" (index $ngc 1) (ternary "-portable" "" (eq .Values.model.target "portable"))) $bare }}
+{{- end }}
+{{- $image := printf "%s:%s" .Values.image.repository $tag }}
 {{- with .Values.image.digest }}
 {{- if not (regexMatch "^sha256:[0-9a-f]{64}$" .) }}
 {{- fail (printf "image.digest %q: expected sha256:<64 hex digits>" .) }}
@@ -70,6 +98,57 @@ mmrec.io/target: {{ .Values.model.target }}
 {{- fail (printf "unsupported size %q: use an integer with Ki, Mi, Gi, Ti, k, M, G or T" $q) }}
 {{- end }}
 {{- mul (int64 $num) (get $mult $unit) }}
+{{- end }}
+
+{{/* Millicores in a CPU quantity ("4", 4, "500m", "2.5"; "" = 0), rounded up to whole
+     millicores as Kubernetes does; fails on anything else. */}}
+{{- define "mmrec.millicores" -}}
+{{- $q := toString . }}
+{{- if eq $q "" }}0
+{{- else if regexMatch "^[0-9]+m$" $q }}{{ trimSuffix "m" $q | int64 }}
+{{- else if regexMatch "^[0-9]+(\\.[0-9]+)?$" $q }}
+{{- $parts := splitList "." $q }}
+{{- $frac := printf "%s000" (ternary (last $parts) "" (eq (len $parts) 2)) }}
+{{- $extra := ternary 1 0 (regexMatch "[1-9]" (substr 3 (len $frac) $frac)) }}
+{{- /* leading zeros stripped: int64 would read "050" as octal */}}
+{{- $milli := substr 0 3 $frac | trimPrefix "0" | trimPrefix "0" | default "0" | int64 }}
+{{- add (mul (int64 (first $parts)) 1000) $milli $extra }}
+{{- else }}{{ fail (printf "unsupported CPU quantity %q: use cores (\"4\", \"2.5\") or millicores (\"500m\")" $q) }}
+{{- end }}
+{{- end }}
+
+{{/* The Triton container's CPU request in millicores: resources.requests.cpu, else
+     resources.limits.cpu (Kubernetes copies a limit into an unset request); 0 = neither set. */}}
+{{- define "mmrec.cpuRequestMillis" -}}
+{{- $resources := .Values.resources | default dict }}
+{{- $requests := get $resources "requests" | default dict }}
+{{- $limits := get $resources "limits" | default dict }}
+{{- include "mmrec.millicores" (ternary (get $requests "cpu") (get $limits "cpu") (hasKey $requests "cpu")) }}
+{{- end }}
+
+{{/* "true" when the cluster serves the Prometheus Operator's CRDs (monitoring.coreos.com/v1),
+     else "". Gates every Prometheus Operator object (ServiceMonitor, PrometheusRule, ...), so
+     `helm install` works on a cluster without them; `helm template` needs
+     --api-versions monitoring.coreos.com/v1/ServiceMonitor to render them. */}}
+{{- define "mmrec.hasPrometheusOperator" -}}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor" }}true{{ end }}
+{{- end }}
+
+{{/* The Triton container's start script (`sh -c`, after NVIDIA's entrypoint). It clears what a
+     previous run of this container left in the emptyDirs (the drain marker; the repository copy,
+     as Triton wants an empty TRITON_*_MOUNT_DIRECTORY) and execs tritonserver with the chart's
+     args ("$@"), so tritonserver is the process that receives SIGTERM. With restricted APIs it
+     adds their flags with the admin key: the one of triton.restrictedApis.existingSecret
+     ($MMREC_ADMIN_KEY), else 32 random bytes drawn here for this container alone, so no
+     rendering holds a key (GitOps renders stay identical) and nobody can use the locked APIs. */}}
+{{- define "mmrec.startScript" -}}
+{{- $exec := printf "rm -f %s && find %s -mindepth 1 -delete && " (include "mmrec.drainMarker" .) (include "mmrec.repositoryCache" .) }}
+{{- with .Values.triton.restrictedApis.apis }}
+{{- $apis := printf "%s:%s" (join "," .) $.Values.triton.restrictedApis.header }}
+{{- $exec }}key="${MMREC_ADMIN_KEY:-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')}" && [ -n "$key" ] && exec /opt/tritonserver/bin/tritonserver "$@" "--grpc-restricted-protocol={{ $apis }}=$key" "--http-restricted-api={{ $apis }}=$key"
+{{- else }}
+{{- $exec }}exec /opt/tritonserver/bin/tritonserver "$@"
+{{- end }}
 {{- end }}
 
 {{/* Shortest preStop (s) that outlasts every gRPC connection a client can hold: one opened just
@@ -112,6 +191,9 @@ mmrec.io/target: {{ .Values.model.target }}
 {{/* Marker the preStop hook creates; the readiness probe fails while it exists. In the /tmp
      emptyDir, which outlives a container restart, so the start command removes it. */}}
 {{- define "mmrec.drainMarker" -}}/tmp/mmrec-draining{{- end }}
+
+{{/* The emptyDir Triton copies the remote repository into (TRITON_*_MOUNT_DIRECTORY). */}}
+{{- define "mmrec.repositoryCache" -}}/var/cache/mmrec/repository{{- end }}
 
 {{/* Readiness: not while draining, else Triton's own readiness over HTTP. python3 -I -S:
      stdlib only, no PYTHONPATH packages, no proxy. A non-2xx answer raises (exit 1). */}}
@@ -203,6 +285,21 @@ mmrec.io/target: {{ .Values.model.target }}
 {{- if and (has "*" .Values.triton.loadModels) (gt (len .Values.triton.loadModels) 1) }}
 {{- fail "triton.loadModels: \"*\" must be the only entry (tritonserver rejects it combined with names)" }}
 {{- end }}
+{{- if and .Values.pythonDeps.extraRequirements (not .Values.pythonDeps.install) }}
+{{- fail "pythonDeps.extraRequirements are installed by the pip init container only (pythonDeps.install=true): with the image of deploy/docker/Dockerfile, put them into a requirement file of its build context and name it in --build-arg REQUIREMENTS" }}
+{{- end }}
+{{- $restricted := .Values.triton.restrictedApis }}
+{{- if and (eq .Values.triton.modelControlMode "explicit") (has "model-repository" ($restricted.apis | default list)) (not $restricted.existingSecret) }}
+{{- fail (printf "triton.modelControlMode=explicit needs triton.restrictedApis.existingSecret: loading and unloading models (live swaps, `mmrec index publish --url`, which sends $MMREC_ADMIN_KEY) takes the admin key, and without a Secret each pod draws a random key nobody holds. Create one, e.g. `kubectl -n %s create secret generic %s-admin --from-literal=admin-key=$(openssl rand -hex 32)` (or through External Secrets / Sealed Secrets), and set triton.restrictedApis.existingSecret=%s-admin" .Release.Namespace (include "mmrec.fullname" .) (include "mmrec.fullname" .)) }}
+{{- end }}
+{{- if and (not (int .Values.triton.onnxruntime.intraOpThreads)) (eq (include "mmrec.cpuRequestMillis" . | int64) 0) }}
+{{- fail "resources.requests.cpu (or resources.limits.cpu) is not set or 0: ONNX Runtime's thread pools are sized from the container's CPU request (downward API requests.cpu), which would read 0 and make ORT start one thread per core of the node. Set resources.requests.cpu, or triton.onnxruntime.intraOpThreads to a fixed count" }}
+{{- end }}
+{{- with .Values.rollingUpdate }}
+{{- if and (eq (toString .maxSurge) "0") (eq (toString .maxUnavailable) "0") }}
+{{- fail "rollingUpdate.maxSurge and rollingUpdate.maxUnavailable cannot both be 0: a rollout could then never replace a pod" }}
+{{- end }}
+{{- end }}
 {{- $_ := include "mmrec.terminationGracePeriodSeconds" . }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
@@ -250,13 +347,10 @@ mmrec.io/target: {{ .Values.model.target }}
 - --grpc-root-cert=/var/run/secrets/mmrec-tls/ca.crt
 {{- end }}
 {{- end }}
-{{- with .Values.triton.restrictedApis.apis }}
-{{- /* $(MMREC_ADMIN_KEY): expanded by the kubelet from the Secret, so the key is not in the pod spec */}}
-- --grpc-restricted-protocol={{ join "," . }}:{{ $.Values.triton.restrictedApis.header }}=$(MMREC_ADMIN_KEY)
-- --http-restricted-api={{ join "," . }}:{{ $.Values.triton.restrictedApis.header }}=$(MMREC_ADMIN_KEY)
-{{- end }}
+{{- /* the restricted-API flags carry the admin key: the start script adds them (mmrec.startScript) */}}
 {{- if and (eq .Values.model.target "onnxruntime") .Values.triton.onnxruntime.globalThreadPool }}
-{{- /* one ORT pool for all sessions, sized to the pod: $(MMREC_CPU_THREADS) = CPU limit (downward API) */}}
+{{- /* one ORT pool for all sessions, sized to the pod: $(MMREC_CPU_THREADS) = CPU request (downward API).
+     Triton 2.51's backend gives the global pool no spin control (ORT's default: spinning on). */}}
 - --backend-config=onnxruntime,enable-global-threadpool=1
 - --backend-config=onnxruntime,intra_op_thread_count={{ if .Values.triton.onnxruntime.intraOpThreads }}{{ .Values.triton.onnxruntime.intraOpThreads | int }}{{ else }}$(MMREC_CPU_THREADS){{ end }}
 - --backend-config=onnxruntime,inter_op_thread_count={{ .Values.triton.onnxruntime.interOpThreads | int }}

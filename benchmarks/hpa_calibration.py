@@ -1,0 +1,427 @@
+"""Calibrate the chart's HPA targets on ONE running replica of any target (portable,
+onnxruntime, tensorrt; CPU or GPU), reached over the network: nothing is started here.
+
+1. Asks the replica what it serves (its /metrics lists the loaded models; `item_encoder`'s and
+   `text_encoder`'s configs tell the repository target) and renders the chart's HPA for that
+   target with the real `helm` (the podsMetrics entries and their model selectors).
+2. Finds X, the open-loop capacity at the p99 bound, with the benchmark's own machinery
+   (benchmarks/open_loop.py: `find_capacity` over `payload_sets`, MLPerf LoadGen Server
+   scenario), and plans on the low end of its interval over trials (the median with one);
+   or takes X measured before (`--capacity-qps`, or `--capacity-from` a bench.json).
+3. Holds Poisson load at a few fractions of X (by default 0.3, 0.5, u and 1.0) and computes,
+   from two scrapes of /metrics inside each hold, every adapter signal the HPA reads
+   (benchmarks/hpa_signals.py), plus the idle value before any load.
+4. Prints the chart values to set, each podsMetrics entry's averageValue with the numbers it
+   came from, and writes a JSON results file with the machine, the commit and the model list.
+
+    python -m mmrec.benchmarks.hpa_calibration --url HOST:8001 --metrics-url http://HOST:8002/metrics \\
+        --repository LOCAL_COPY_OF_THE_EXPORT [--values deploy/helm/mmrec/values-cpu.yaml] \\
+        --output hpa_calibration.json
+
+`--repository` is read only for the request payloads (captions tokenized by the export's own
+tokenizer); the replica may run anywhere. `--serve` starts a local pip tritonserver over it
+instead of `--url`, for a quick look on a laptop. How each target follows from the numbers:
+docs/deployment.md, "Autoscaling".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+from mmrec import schema
+
+from . import doc_blocks, hpa_signals, open_loop, triton_stats
+from .doc_blocks import headroom
+from .machine import REPO_ROOT, RunStart, write_results
+from .settings import DEFAULT_SLO_MS
+
+CHART = REPO_ROOT / "deploy" / "helm" / "mmrec"
+GPU_VALUES = CHART / "values.yaml"
+DEFAULT_FRACTIONS = (0.3, 0.5, 1.0)  # u is added: the busy target is read at u·X itself
+BACKSTOP_FLOOR = 1.0  # queue:compute past 1: requests wait longer than a batch computes (overload)
+HPA_TOLERANCE = 0.1  # the controller acts only past ±10 % of a target (kube-controller-manager default)
+UNUSED_URI = "s3://calibration/unused"  # the chart needs a repository URI to render; not used here
+UNUSED_GPU = "calibration-unused"  # nor a GPU model for model.target=tensorrt
+# The committed reference run: one portable-target replica of the default export on the bench
+# machine. The charts' busy-fraction target and tests/test_autoscaling.py's replica model read it.
+REFERENCE_JSON = doc_blocks.HPA_CALIBRATION_JSON
+REFERENCE_COMMAND = doc_blocks.RESULTS_FILES[REFERENCE_JSON]
+
+
+class CalibrationError(RuntimeError):
+    """The replica or the chart cannot give what a calibration needs; the message says what to fix."""
+
+
+# ------------------------------------------------------------------------------ the replica
+
+
+def served_target(url: str) -> str:
+    """portable / onnxruntime / tensorrt from the replica's configs (the model-config API, which
+    the chart leaves open): item_encoder is one python model on portable, an ensemble elsewhere,
+    and text_encoder is a TensorRT plan on tensorrt."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        item = client.get_model_config(schema.ITEM_ENCODER).config
+        if item.platform != "ensemble":
+            return "portable"
+        try:
+            text = client.get_model_config(schema.TEXT_ENCODER).config
+        except InferenceServerException:
+            return "onnxruntime"
+        return "tensorrt" if text.platform == "tensorrt_plan" else "onnxruntime"
+    except InferenceServerException as err:
+        raise CalibrationError(f"{url}: cannot read {schema.ITEM_ENCODER}'s config ({err.message()}); "
+                               "is it an mmrec replica with item_encoder loaded?") from err
+    finally:
+        client.close()
+
+
+# -------------------------------------------------------------------------------- the chart
+
+
+def find_helm() -> str:
+    helm = os.environ.get("MMREC_HELM") or shutil.which(
+        "helm", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if not helm:
+        raise CalibrationError("helm not found: python deploy/tools/install_helm.py (or set MMREC_HELM)")
+    return helm
+
+
+@dataclass(frozen=True)
+class PodsMetric:
+    """One podsMetrics entry as the rendered HPA has it."""
+
+    name: str
+    models: tuple[str, ...]
+    average_value: str
+
+
+def render_hpa(values: Sequence[Path], sets: Sequence[str], target: str, chart: Path = CHART) -> list[PodsMetric]:
+    """The Pods metrics of the chart's HPA for `target`, rendered by helm (selectors resolved)."""
+    cmd = [find_helm(), "template", "mmrec", str(chart), "--set", f"modelRepository.uri={UNUSED_URI}",
+           "--set", f"model.target={target}"]
+    if target == "tensorrt":  # the chart pins TensorRT pods to a GPU model; which one does not change the HPA
+        cmd += ["--set", f"gpu.products={{{UNUSED_GPU}}}"]
+    for v in values:
+        cmd += ["-f", str(v)]
+    for s in sets:
+        cmd += ["--set", s]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CalibrationError(f"helm template failed: {done.stderr.strip()}")
+    hpa = next((d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "HorizontalPodAutoscaler"), None)
+    if hpa is None:
+        raise CalibrationError("the rendered chart has no HPA (autoscaling.enabled=false?)")
+    out = []
+    for m in hpa["spec"]["metrics"]:
+        if m["type"] != "Pods":
+            continue
+        exprs = m["pods"]["metric"].get("selector", {}).get("matchExpressions", [])
+        models = tuple(v for e in exprs if e["key"] == "model" for v in e["values"])
+        out.append(PodsMetric(m["pods"]["metric"]["name"], models, str(m["pods"]["target"]["averageValue"])))
+    return out
+
+
+def parse_quantity(text: str) -> float:
+    """A Kubernetes quantity as the HPA reads averageValue ("800m", "1", "32", "1.5k")."""
+    suffixes = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}
+    text = str(text).strip()
+    if text and text[-1] in suffixes:
+        return float(text[:-1]) * suffixes[text[-1]]
+    return float(text)
+
+
+def quantity(value: float) -> str:
+    """A target as a quantity: whole units from 10 up, milli-units below (the HPA's precision)."""
+    if value < 0 or not math.isfinite(value):
+        raise ValueError(f"a target must be a finite non-negative number, got {value}")
+    if value >= 10 or abs(value - round(value)) < 1e-9:
+        return str(round(value))
+    return f"{max(1, round(value * 1000))}m"
+
+
+# ------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Window:
+    """Counters of one replica at both ends of a window, from /metrics and (where the API is
+    open) the statistics API."""
+
+    before: hpa_signals.Snapshot
+    after: hpa_signals.Snapshot
+    stats_before: dict | None
+    stats_after: dict | None
+
+    def signals(self, entries: Sequence[PodsMetric]) -> dict[str, float]:
+        return {e.name: hpa_signals.evaluate(e.name, self.before, self.after, e.models)
+                for e in entries if e.name in hpa_signals.SIGNALS}
+
+    def busy_per_model(self, models: Sequence[str]) -> dict[str, dict]:
+        seconds = self.after.at - self.before.at
+        out = {}
+        for m in models:
+            exact = (hpa_signals.exact_busy(self.stats_before, self.stats_after, m, seconds)
+                     if self.stats_after is not None else None)
+            charged = hpa_signals.charged_ms_per_request(self.before, self.after, m)
+            out[m] = {"adapter": round(hpa_signals.model_busy(self.before, self.after, m), 4),
+                      "exact": None if exact is None else round(exact, 4),
+                      "charged_ms_per_request": None if charged is None else round(charged, 3)}
+        return out
+
+
+def _statistics(url: str) -> dict | None:
+    try:
+        return triton_stats.snapshot(url)
+    except Exception:  # noqa: BLE001 - a restricted statistics API only costs the exact column
+        return None
+
+
+def measure_window(url: str, metrics_url: str, seconds: float) -> Window:
+    before, stats_before = hpa_signals.scrape(metrics_url), _statistics(url)
+    time.sleep(seconds)
+    after, stats_after = hpa_signals.scrape(metrics_url), _statistics(url)
+    return Window(before, after, stats_before, stats_after)
+
+
+def hold(target: open_loop.Target, metrics_url: str, qps: float, warm_s: float, hold_s: float,
+         slo_ms: float, seed: int) -> tuple[Window, dict]:
+    """Poisson load at `qps` (LoadGen, in a thread) for warm_s + hold_s; the window is the
+    hold_s in steady state after the warm-up. Returns it with the LoadGen record of the run."""
+    result: dict = {}
+
+    def run() -> None:
+        result.update(open_loop.run_rate(target, None, qps, warm_s + hold_s + 1.0, slo_ms, seed=seed, drain=False))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    time.sleep(warm_s)
+    window = measure_window(target.url, metrics_url, hold_s)
+    thread.join()
+    target.drain()
+    return window, result
+
+
+# ------------------------------------------------------------------------- recommendations
+
+
+def interpolate(points: Sequence[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear value at x through (x, y) points (held flat beyond the ends)."""
+    pts = sorted(points)
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return pts[-1][1]
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One signal over the held fractions of X, with what a target is derived from."""
+
+    points: list[tuple[float, float]]  # (fraction of X, signal)
+    capacity: float  # X, items/s
+    u: float
+
+    @property
+    def at_u(self) -> float:
+        return interpolate(self.points, self.u)
+
+    @property
+    def largest(self) -> tuple[float, float]:
+        return max(self.points)
+
+
+Recommender = Callable[[Curve], tuple[float, str]]
+RECOMMENDERS: dict[str, Recommender] = {
+    "triton_items_per_second": lambda c: (c.u * c.capacity, f"u · X = {c.u:.2f} × {c.capacity:.1f} items/s"),
+    "triton_busy_fraction": lambda c: (c.at_u, f"the busiest selected model's busy fraction at u · X (u = {c.u:.2f})"),
+    "triton_queue_compute_ratio": lambda c: (
+        max(BACKSTOP_FLOOR, (1 + HPA_TOLERANCE) * c.largest[1]),
+        f"backstop: max({BACKSTOP_FLOOR:g}, (1 + tolerance) × its value at {c.largest[0]:g}·X): never acts "
+        "below capacity, acts once queues outgrow a batch"),
+}
+NOT_CALIBRATED = "not calibrated here (a policy, not a load signal): keep the chart's value"
+
+
+def recommend(entry: PodsMetric, idle: float, rows: list[dict], capacity: float, u: float) -> dict:
+    """The averageValue to set for one podsMetrics entry (RECOMMENDERS; others keep the chart's), and why."""
+    points = [(r["fraction"], r["signals"][entry.name]) for r in rows if entry.name in r["signals"]]
+    curve = Curve(points, capacity, u) if points else None
+    rule = RECOMMENDERS.get(entry.name)
+    value, why = rule(curve) if rule and curve else (None, NOT_CALIBRATED)
+    ordered = sorted(points)
+    return {"name": entry.name, "models": list(entry.models), "chart_value": entry.average_value,
+            "chart_value_number": parse_quantity(entry.average_value),
+            "recommended": None if value is None else quantity(value), "recommended_number": value, "why": why,
+            "idle": idle, "at_u": curve.at_u if curve else None, "at_max_fraction": curve.largest[1] if curve else None,
+            "rising": len(ordered) >= 2 and all(b[1] > a[1] for a, b in zip(ordered, ordered[1:]))}
+
+
+def committed_capacity(path: Path, payload_set: str) -> tuple[float, dict]:
+    """X from a committed `mmrec bench` run (its open-loop capacity section): the same low end
+    of the interval the capacity model plans on, measured on a quiet machine."""
+    planned = doc_blocks.planning_capacity(json.loads(Path(path).read_text()), payload_set)
+    if planned is None:
+        raise CalibrationError(f"{path} has no open-loop capacity for {payload_set}")
+    x, result = planned
+    return x, {"from": str(path), "planned_qps": x, "capacity_qps": result["capacity_qps"],
+               "interval": result.get("interval"), "slo_ms": result.get("slo_ms")}
+
+
+def planned_capacity(result: dict) -> float:
+    """X: the low end of the interval over trials, the median with one trial."""
+    low = (result.get("interval") or {}).get("low")
+    x = low if low is not None and (result.get("interval") or {}).get("n", 0) > 1 else result.get("median_qps")
+    if not x:
+        raise CalibrationError("no rate passed the p99 bound: the replica cannot serve this SLO at any rate tried "
+                               "(raise --slo-ms, or check the replica)")
+    return float(x)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def calibrate(opts: argparse.Namespace, url: str, metrics_url: str, say=print) -> dict:
+    target_name = opts.target or served_target(url)
+    entries = render_hpa(opts.values, opts.set, target_name)
+    idle_snapshot = hpa_signals.scrape(metrics_url)
+    served = sorted(idle_snapshot.models())
+    say(f"replica {url}: target {target_name}; models {served}")
+    say("HPA podsMetrics: " + "; ".join(f"{e.name} over {list(e.models)} = {e.average_value}" for e in entries))
+    u = opts.headroom if opts.headroom is not None else headroom()
+    payloads = open_loop.payload_sets(opts.repository)[opts.payload_set]
+    with open_loop.Target(url, payloads) as target:
+        target.warm_up(1)
+        idle = measure_window(url, metrics_url, opts.idle_s)
+        if opts.capacity_qps:
+            capacity_record = {"given_qps": opts.capacity_qps}
+            capacity = float(opts.capacity_qps)
+        elif opts.capacity_from:
+            capacity, capacity_record = committed_capacity(opts.capacity_from, opts.payload_set)
+        else:
+            capacity_record = open_loop.find_capacity(
+                target, None, opts.slo_ms, opts.trials, step_s=opts.step_s, max_steps=opts.max_steps,
+                progress=lambda line: say("  " + line))
+            capacity = planned_capacity(capacity_record)
+        say(f"X = {capacity:.1f} items/s at p99 <= {opts.slo_ms:g} ms; u = {u:.2f}")
+        fractions = sorted(set(opts.fractions) | {round(u, 4)})
+        rows = []
+        busy_models = sorted({m for e in entries if e.name == "triton_busy_fraction" for m in e.models})
+        for i, f in enumerate(fractions):
+            window, run = hold(target, metrics_url, f * capacity, opts.warm_s, opts.hold_s, opts.slo_ms, seed=100 + i)
+            row = {"fraction": f, "offered_qps": f * capacity, "signals": window.signals(entries),
+                   "busy_per_model": window.busy_per_model(busy_models),
+                   "achieved_qps": run.get("achieved_qps"), "latency_ms": run.get("latency_ms"),
+                   "errors": run.get("errors"), "window_s": round(window.after.at - window.before.at, 3)}
+            rows.append(row)
+            say(f"  {f:.2f}·X = {f * capacity:6.1f}/s  p99 {row['latency_ms'].get('p99', float('nan')):7.1f} ms  "
+                + "  ".join(f"{k} {v:.3f}" for k, v in row["signals"].items()))
+    idle_signals = idle.signals(entries)
+    recommendations = [recommend(e, idle_signals.get(e.name, 0.0), rows, capacity, u) for e in entries]
+    return {"replica": {"url": url, "metrics_url": metrics_url, "target": target_name, "models": served},
+            "chart": {"values": [str(v) for v in opts.values], "set": list(opts.set)},
+            "slo_ms": opts.slo_ms, "payload_set": opts.payload_set, "headroom_u": u,
+            "capacity_qps": capacity, "capacity": capacity_record,
+            "idle": {"signals": idle_signals, "busy_per_model": idle.busy_per_model(busy_models)},
+            "fractions": rows, "recommendations": recommendations}
+
+
+def chart_values_text(record: dict) -> str:
+    """What to put in autoscaling.podsMetrics, with the numbers each value came from."""
+    lines = [f"# autoscaling.podsMetrics for model.target={record['replica']['target']}: X = "
+             f"{record['capacity_qps']:.1f} items/s at p99 <= {record['slo_ms']:g} ms, u = {record['headroom_u']:.2f}",
+             "podsMetrics:"]
+    for r in record["recommendations"]:
+        value = r["recommended"] or r["chart_value"]
+        at_u = "n/a" if r["at_u"] is None else f"{r['at_u']:.3f}"
+        at_max = "n/a" if r["at_max_fraction"] is None else f"{r['at_max_fraction']:.3f}"
+        lines += [f"  # {r['why']}; idle {r['idle']:.3f}, at u·X {at_u}, at the largest fraction {at_max}"
+                  f" (chart now: {r['chart_value']})",
+                  f"  - name: {r['name']}", f"    models: [{', '.join(r['models'])}]", f'    averageValue: "{value}"']
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="the replica's gRPC endpoint, HOST:PORT (Triton's 8001)")
+    where.add_argument("--serve", action="store_true", help="start a local pip tritonserver over --repository instead")
+    p.add_argument("--metrics-url", help="the same replica's http://HOST:8002/metrics (required with --url)")
+    p.add_argument("--repository", type=Path, required=True,
+                   help="a local copy of the export the replica serves (read for the payloads only)")
+    p.add_argument("--values", type=Path, nargs="*", default=[GPU_VALUES], help="chart values files (helm -f)")
+    p.add_argument("--set", nargs="*", default=[], help="chart values (helm --set)")
+    p.add_argument("--target", choices=("portable", "onnxruntime", "tensorrt"), help="default: asked from the replica")
+    p.add_argument("--slo-ms", type=float, default=DEFAULT_SLO_MS, help="the p99 bound of capacity")
+    p.add_argument("--payload-set", default=open_loop.PAYLOAD_SETS[0], choices=open_loop.PAYLOAD_SETS)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--step-s", type=float, default=5.0, help="seconds of load per rate the capacity search tries")
+    p.add_argument("--max-steps", type=int, default=12)
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--capacity-qps", type=float, help="skip the search: X measured before (items/s)")
+    given.add_argument("--capacity-from", type=Path,
+                       help="skip the search: X from a committed `mmrec bench` run (bench.json's capacity section)")
+    p.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS),
+                   help="fractions of X to hold (u is always added)")
+    p.add_argument("--headroom", type=float, help="u (default: the capacity model's, docs/deployment.md)")
+    p.add_argument("--warm-s", type=float, default=10.0, help="load before each window (queues reach steady state)")
+    p.add_argument("--hold-s", type=float, default=60.0, help="window per fraction (the adapter's rate window)")
+    p.add_argument("--idle-s", type=float, default=5.0, help="idle window before any load")
+    p.add_argument("--output", type=Path, help="write the results JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    if opts.url and not opts.metrics_url:
+        parser.error("--url needs --metrics-url (the same replica's metrics endpoint)")
+    if not all(0 < f <= 2 for f in opts.fractions):
+        parser.error("--fractions must lie in (0, 2]")
+    start = RunStart.now()
+    with ExitStack() as stack:
+        url, metrics_url = opts.url, opts.metrics_url
+        if opts.serve:
+            from .serving import running_server
+
+            log = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hpa_calibration_"))) / "tritonserver.log"
+            began = time.monotonic()
+            server = stack.enter_context(running_server(opts.repository, log))
+            ready_s = time.monotonic() - began  # T_load of the capacity model: start -> models loaded
+            url, metrics_url = server.urls["grpc"], f"http://{server.urls['metrics']}/metrics"
+        try:
+            record = calibrate(opts, url, metrics_url)
+            if opts.serve:
+                record["replica"]["started_here"] = {"repository": str(opts.repository), "ready_s": round(ready_s, 2)}
+        except (CalibrationError, hpa_signals.MetricsError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    print()
+    print(chart_values_text(record))
+    if opts.output:
+        out = write_results(opts.output, json.loads(json.dumps(record, default=str)), start)
+        print(f"\nwrote {out} (provenance: commit, machine, load before and after)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
