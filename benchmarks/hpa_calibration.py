@@ -4,15 +4,21 @@ onnxruntime, tensorrt; CPU or GPU), reached over the network: nothing is started
 1. Asks the replica what it serves (its /metrics lists the loaded models; `item_encoder`'s and
    `text_encoder`'s configs tell the repository target) and renders the chart's HPA for that
    target with the real `helm` (the podsMetrics entries and their model selectors).
-2. Finds X, the open-loop capacity at the p99 bound, with the benchmark's own machinery
-   (benchmarks/open_loop.py: `find_capacity` over `payload_sets`, MLPerf LoadGen Server
-   scenario), and plans on the low end of its interval over trials (the median with one);
-   or takes X measured before (`--capacity-qps`, or `--capacity-from` a bench.json).
+2. Finds X, the open-loop capacity at the p99 bound, in this same session with the benchmark's
+   own machinery (benchmarks/open_loop.py: `find_capacity` over `payload_sets`, MLPerf LoadGen
+   Server scenario), and plans on the low end of its interval over trials (the median with
+   one). An X measured before (`--capacity-qps`, `--capacity-from` a bench.json) is an explicit
+   override, recorded as such: it describes this replica only if nothing changed since.
 3. Holds Poisson load at a few fractions of X (by default 0.3, 0.5, u and 1.0) and computes,
    from two scrapes of /metrics inside each hold, every adapter signal the HPA reads
-   (benchmarks/hpa_signals.py), plus the idle value before any load.
-4. Prints the chart values to set, each podsMetrics entry's averageValue with the numbers it
-   came from, and writes a JSON results file with the machine, the commit and the model list.
+   (benchmarks/hpa_signals.py), the opt-in busy fraction included, plus the idle value.
+4. Refuses (exit 3, no recommendation) when the numbers do not describe this replica: p99 at
+   u·X above the bound, or a recommended load signal that does not rise over the fractions
+   up to X. Otherwise prints the chart values to set, each with the numbers it came from.
+   Either way it writes the JSON results file (machine, commit, model list, refusals).
+
+Run it from a pod inside the cluster against one replica's pod IP: through `kubectl
+port-forward` it measures the tunnel, not the replica.
 
     python -m mmrec.benchmarks.hpa_calibration --url HOST:8001 --metrics-url http://HOST:8002/metrics \\
         --repository LOCAL_COPY_OF_THE_EXPORT [--values deploy/helm/mmrec/values-cpu.yaml] \\
@@ -51,13 +57,17 @@ from .settings import DEFAULT_SLO_MS
 
 CHART = REPO_ROOT / "deploy" / "helm" / "mmrec"
 GPU_VALUES = CHART / "values.yaml"
-DEFAULT_FRACTIONS = (0.3, 0.5, 1.0)  # u is added: the busy target is read at u·X itself
+DEFAULT_FRACTIONS = (0.3, 0.5, 1.0)  # u is added: the p99 check and the busy report read u·X itself
 BACKSTOP_FLOOR = 1.0  # queue:compute past 1: requests wait longer than a batch computes (overload)
 HPA_TOLERANCE = 0.1  # the controller acts only past ±10 % of a target (kube-controller-manager default)
+ITEMS = "triton_items_per_second"
+BUSY = "triton_busy_fraction"
+ITEMS_TARGET_VALUE = "autoscaling.itemsPerSecondPerPod"  # the chart's items/s target where the entry has none
+EXIT_REFUSED = 3  # measured, but the numbers do not describe this replica: no recommendation
 UNUSED_URI = "s3://calibration/unused"  # the chart needs a repository URI to render; not used here
 UNUSED_GPU = "calibration-unused"  # nor a GPU model for model.target=tensorrt
 # The committed reference run: one portable-target replica of the default export on the bench
-# machine. The charts' busy-fraction target and tests/test_autoscaling.py's replica model read it.
+# machine. docs/deployment.md's calibration table and tests/test_autoscaling.py's replica model read it.
 REFERENCE_JSON = doc_blocks.HPA_CALIBRATION_JSON
 REFERENCE_COMMAND = doc_blocks.RESULTS_FILES[REFERENCE_JSON]
 
@@ -110,11 +120,11 @@ class PodsMetric:
 
     name: str
     models: tuple[str, ...]
-    average_value: str
+    average_value: str | None  # None: not set in the chart (items/s on GPU before calibrating)
+    opt_in: bool = False  # reported for the operator to add, not in the rendered HPA
 
 
-def render_hpa(values: Sequence[Path], sets: Sequence[str], target: str, chart: Path = CHART) -> list[PodsMetric]:
-    """The Pods metrics of the chart's HPA for `target`, rendered by helm (selectors resolved)."""
+def _helm_template(values: Sequence[Path], sets: Sequence[str], target: str, chart: Path) -> subprocess.CompletedProcess:
     cmd = [find_helm(), "template", "mmrec", str(chart), "--set", f"modelRepository.uri={UNUSED_URI}",
            "--set", f"model.target={target}"]
     if target == "tensorrt":  # the chart pins TensorRT pods to a GPU model; which one does not change the HPA
@@ -123,7 +133,17 @@ def render_hpa(values: Sequence[Path], sets: Sequence[str], target: str, chart: 
         cmd += ["-f", str(v)]
     for s in sets:
         cmd += ["--set", s]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def render_hpa(values: Sequence[Path], sets: Sequence[str], target: str, chart: Path = CHART) -> list[PodsMetric]:
+    """The Pods metrics of the chart's HPA for `target`, rendered by helm (selectors resolved).
+    A GPU chart without its items/s target (what this tool measures) renders with a stand-in
+    for it, and that entry's value reads None."""
+    done = _helm_template(values, sets, target, chart)
+    unset_items = done.returncode != 0 and ITEMS_TARGET_VALUE in done.stderr
+    if unset_items:
+        done = _helm_template(values, [*sets, f"{ITEMS_TARGET_VALUE}=1"], target, chart)
     if done.returncode != 0:
         raise CalibrationError(f"helm template failed: {done.stderr.strip()}")
     hpa = next((d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "HorizontalPodAutoscaler"), None)
@@ -135,8 +155,20 @@ def render_hpa(values: Sequence[Path], sets: Sequence[str], target: str, chart: 
             continue
         exprs = m["pods"]["metric"].get("selector", {}).get("matchExpressions", [])
         models = tuple(v for e in exprs if e["key"] == "model" for v in e["values"])
-        out.append(PodsMetric(m["pods"]["metric"]["name"], models, str(m["pods"]["target"]["averageValue"])))
+        name = m["pods"]["metric"]["name"]
+        value = None if unset_items and name == ITEMS else str(m["pods"]["target"]["averageValue"])
+        out.append(PodsMetric(name, models, value))
     return out
+
+
+def with_opt_in(entries: list[PodsMetric], target: str) -> list[PodsMetric]:
+    """The chart's entries plus the busy fraction when the chart leaves it out: reported so an
+    operator can judge it on this replica, never a default (docs/deployment.md, "Autoscaling")."""
+    if any(e.name == BUSY for e in entries):
+        return entries
+    from .hpa_selectors import executing
+
+    return [*entries, PodsMetric(BUSY, executing(target), None, opt_in=True)]
 
 
 def parse_quantity(text: str) -> float:
@@ -252,14 +284,25 @@ class Curve:
 
 Recommender = Callable[[Curve], tuple[float, str]]
 RECOMMENDERS: dict[str, Recommender] = {
-    "triton_items_per_second": lambda c: (c.u * c.capacity, f"u · X = {c.u:.2f} × {c.capacity:.1f} items/s"),
-    "triton_busy_fraction": lambda c: (c.at_u, f"the busiest selected model's busy fraction at u · X (u = {c.u:.2f})"),
+    ITEMS: lambda c: (c.u * c.capacity, f"u · X = {c.u:.2f} × {c.capacity:.1f} items/s (the HPA acts past "
+                                        f"{1 + HPA_TOLERANCE:g} × it)"),
+    BUSY: lambda c: (c.at_u, f"the busiest selected model's busy fraction at u · X (u = {c.u:.2f})"),
     "triton_queue_compute_ratio": lambda c: (
         max(BACKSTOP_FLOOR, (1 + HPA_TOLERANCE) * c.largest[1]),
         f"backstop: max({BACKSTOP_FLOOR:g}, (1 + tolerance) × its value at {c.largest[0]:g}·X): never acts "
         "below capacity, acts once queues outgrow a batch"),
 }
+# Signals whose target is read off their curve: one that does not rise with load up to X cannot
+# tell load levels apart (the queue backstop is a threshold, not a curve).
+LOAD_SIGNALS = (ITEMS, BUSY)
 NOT_CALIBRATED = "not calibrated here (a policy, not a load signal): keep the chart's value"
+FLAT_OPT_IN = "opt-in, and flat on this replica up to X: it cannot tell load levels apart here, do not add it"
+
+
+def rising(points: Sequence[tuple[float, float]]) -> bool:
+    """Strictly rising over the held fractions up to X (at least two of them)."""
+    ordered = sorted(p for p in points if p[0] <= 1.0)
+    return len(ordered) >= 2 and all(b[1] > a[1] for a, b in zip(ordered, ordered[1:]))
 
 
 def recommend(entry: PodsMetric, idle: float, rows: list[dict], capacity: float, u: float) -> dict:
@@ -268,12 +311,43 @@ def recommend(entry: PodsMetric, idle: float, rows: list[dict], capacity: float,
     curve = Curve(points, capacity, u) if points else None
     rule = RECOMMENDERS.get(entry.name)
     value, why = rule(curve) if rule and curve else (None, NOT_CALIBRATED)
-    ordered = sorted(points)
+    up = rising(points)
+    if entry.opt_in and entry.name in LOAD_SIGNALS and not up:
+        value, why = None, FLAT_OPT_IN
     return {"name": entry.name, "models": list(entry.models), "chart_value": entry.average_value,
-            "chart_value_number": parse_quantity(entry.average_value),
+            "chart_value_number": None if entry.average_value is None else parse_quantity(entry.average_value),
+            "opt_in": entry.opt_in,
             "recommended": None if value is None else quantity(value), "recommended_number": value, "why": why,
             "idle": idle, "at_u": curve.at_u if curve else None, "at_max_fraction": curve.largest[1] if curve else None,
-            "rising": len(ordered) >= 2 and all(b[1] > a[1] for a, b in zip(ordered, ordered[1:]))}
+            "rising": up}
+
+
+def refusals(record: dict) -> list[str]:
+    """Why the numbers do not describe this replica (empty: they do). p99 at u·X above the
+    bound: X is not this replica's capacity now (another run's X, or a contended machine). A
+    recommended load signal that does not rise up to X: its target cannot separate loads."""
+    out = []
+    u, slo = record["headroom_u"], record["slo_ms"]
+    at_u = next((r for r in record["fractions"] if abs(r["fraction"] - u) < 1e-3), None)
+    p99 = None if at_u is None else (at_u.get("latency_ms") or {}).get("p99")
+    if p99 is None:
+        out.append(f"no p99 was measured at u·X = {u:.2f}·X")
+    elif p99 > slo:
+        out.append(f"p99 at u·X ({u:.2f} × {record['capacity_qps']:.1f} items/s) was {p99:.1f} ms, above the "
+                   f"{slo:g} ms bound X was measured at: X does not describe this replica now (measure it in this "
+                   "session, without --capacity-from/--capacity-qps, on an otherwise idle replica)")
+    for r in record["recommendations"]:
+        if r["name"] in LOAD_SIGNALS and not r["opt_in"] and not r["rising"]:
+            out.append(f"{r['name']} over {r['models']} does not rise over the held fractions up to X: a target "
+                       "on it cannot tell load levels apart on this replica")
+    return out
+
+
+def withhold(record: dict, reasons: list[str]) -> None:
+    """Keep the measurements, drop every recommendation: a refused run must not be copied into a chart."""
+    record["refused"] = reasons
+    for r in record["recommendations"]:
+        r["recommended"], r["recommended_number"], r["why"] = None, None, "refused: " + "; ".join(reasons)
 
 
 def committed_capacity(path: Path, payload_set: str) -> tuple[float, dict]:
@@ -302,30 +376,33 @@ def planned_capacity(result: dict) -> float:
 
 def calibrate(opts: argparse.Namespace, url: str, metrics_url: str, say=print) -> dict:
     target_name = opts.target or served_target(url)
-    entries = render_hpa(opts.values, opts.set, target_name)
+    entries = with_opt_in(render_hpa(opts.values, opts.set, target_name), target_name)
     idle_snapshot = hpa_signals.scrape(metrics_url)
     served = sorted(idle_snapshot.models())
     say(f"replica {url}: target {target_name}; models {served}")
-    say("HPA podsMetrics: " + "; ".join(f"{e.name} over {list(e.models)} = {e.average_value}" for e in entries))
+    say("HPA podsMetrics: " + "; ".join(f"{e.name} over {list(e.models)} = {e.average_value or 'unset'}"
+                                        + (" (opt-in, reported only)" if e.opt_in else "") for e in entries))
     u = opts.headroom if opts.headroom is not None else headroom()
     payloads = open_loop.payload_sets(opts.repository)[opts.payload_set]
     with open_loop.Target(url, payloads) as target:
         target.warm_up(1)
         idle = measure_window(url, metrics_url, opts.idle_s)
         if opts.capacity_qps:
-            capacity_record = {"given_qps": opts.capacity_qps}
+            capacity_record = {"source": "override", "given_qps": opts.capacity_qps}
             capacity = float(opts.capacity_qps)
         elif opts.capacity_from:
             capacity, capacity_record = committed_capacity(opts.capacity_from, opts.payload_set)
+            capacity_record["source"] = "override"
         else:
             capacity_record = open_loop.find_capacity(
                 target, None, opts.slo_ms, opts.trials, step_s=opts.step_s, max_steps=opts.max_steps,
                 progress=lambda line: say("  " + line))
+            capacity_record["source"] = "measured in this session"
             capacity = planned_capacity(capacity_record)
         say(f"X = {capacity:.1f} items/s at p99 <= {opts.slo_ms:g} ms; u = {u:.2f}")
         fractions = sorted(set(opts.fractions) | {round(u, 4)})
         rows = []
-        busy_models = sorted({m for e in entries if e.name == "triton_busy_fraction" for m in e.models})
+        busy_models = sorted({m for e in entries if e.name == BUSY for m in e.models})
         for i, f in enumerate(fractions):
             window, run = hold(target, metrics_url, f * capacity, opts.warm_s, opts.hold_s, opts.slo_ms, seed=100 + i)
             row = {"fraction": f, "offered_qps": f * capacity, "signals": window.signals(entries),
@@ -337,12 +414,16 @@ def calibrate(opts: argparse.Namespace, url: str, metrics_url: str, say=print) -
                 + "  ".join(f"{k} {v:.3f}" for k, v in row["signals"].items()))
     idle_signals = idle.signals(entries)
     recommendations = [recommend(e, idle_signals.get(e.name, 0.0), rows, capacity, u) for e in entries]
-    return {"replica": {"url": url, "metrics_url": metrics_url, "target": target_name, "models": served},
+    record = {"replica": {"url": url, "metrics_url": metrics_url, "target": target_name, "models": served},
             "chart": {"values": [str(v) for v in opts.values], "set": list(opts.set)},
             "slo_ms": opts.slo_ms, "payload_set": opts.payload_set, "headroom_u": u,
             "capacity_qps": capacity, "capacity": capacity_record,
             "idle": {"signals": idle_signals, "busy_per_model": idle.busy_per_model(busy_models)},
             "fractions": rows, "recommendations": recommendations}
+    reasons = refusals(record)
+    if reasons:
+        withhold(record, reasons)
+    return record
 
 
 def chart_values_text(record: dict) -> str:
@@ -351,12 +432,21 @@ def chart_values_text(record: dict) -> str:
              f"{record['capacity_qps']:.1f} items/s at p99 <= {record['slo_ms']:g} ms, u = {record['headroom_u']:.2f}",
              "podsMetrics:"]
     for r in record["recommendations"]:
+        if r["opt_in"]:
+            continue
         value = r["recommended"] or r["chart_value"]
         at_u = "n/a" if r["at_u"] is None else f"{r['at_u']:.3f}"
         at_max = "n/a" if r["at_max_fraction"] is None else f"{r['at_max_fraction']:.3f}"
         lines += [f"  # {r['why']}; idle {r['idle']:.3f}, at u·X {at_u}, at the largest fraction {at_max}"
                   f" (chart now: {r['chart_value']})",
                   f"  - name: {r['name']}", f"    models: [{', '.join(r['models'])}]", f'    averageValue: "{value}"']
+    items = next((r for r in record["recommendations"] if r["name"] == ITEMS and r["recommended"]), None)
+    if items:
+        lines.append(f"# or, with values.yaml's items entry as shipped: {ITEMS_TARGET_VALUE}={items['recommended']}")
+    for r in record["recommendations"]:
+        if r["opt_in"]:
+            lines.append(f"# opt-in {r['name']} over [{', '.join(r['models'])}]: "
+                         + (f"{r['recommended']} ({r['why']})" if r["recommended"] else r["why"]))
     return "\n".join(lines)
 
 
@@ -377,9 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-s", type=float, default=5.0, help="seconds of load per rate the capacity search tries")
     p.add_argument("--max-steps", type=int, default=12)
     given = p.add_mutually_exclusive_group()
-    given.add_argument("--capacity-qps", type=float, help="skip the search: X measured before (items/s)")
+    given.add_argument("--capacity-qps", type=float,
+                       help="override: X measured before (items/s) instead of this session's search (recorded)")
     given.add_argument("--capacity-from", type=Path,
-                       help="skip the search: X from a committed `mmrec bench` run (bench.json's capacity section)")
+                       help="override: X from a committed `mmrec bench` run (bench.json's capacity section) "
+                            "instead of this session's search (recorded)")
     p.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS),
                    help="fractions of X to hold (u is always added)")
     p.add_argument("--headroom", type=float, help="u (default: the capacity model's, docs/deployment.md)")
@@ -415,11 +507,14 @@ def main(argv: list[str] | None = None) -> int:
         except (CalibrationError, hpa_signals.MetricsError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    print()
-    print(chart_values_text(record))
     if opts.output:
         out = write_results(opts.output, json.loads(json.dumps(record, default=str)), start)
         print(f"\nwrote {out} (provenance: commit, machine, load before and after)")
+    if record.get("refused"):
+        print("\nrefused, no recommendation:\n" + "\n".join(f"  - {r}" for r in record["refused"]), file=sys.stderr)
+        return EXIT_REFUSED
+    print()
+    print(chart_values_text(record))
     return 0
 
 

@@ -6,8 +6,10 @@ engine) that the other item entries route through, and its members stay unloaded
 are the sum of its steps (its compute time is its members' compute, one execution per request),
 so a time-based signal must select what executes, and a count of items must select each item
 once. These sets come from the configs `mmrec export` writes (export/repository.py
-`all_configs`) and the models a replica serves (mmrec/layout.py `served_models`): the chart's
-generated blocks render from them and tests/test_deploy.py checks the chart against them.
+`all_configs`) and the models a replica serves (mmrec/layout.py `served_models`), plus
+catalog_scorer, which `mmrec index` writes (not the export) and every target may serve: its
+load must reach the time-based signals too (a model a replica has not loaded has no series, so
+selecting it costs nothing). tests/test_deploy.py checks the chart against these sets.
 """
 from __future__ import annotations
 
@@ -38,10 +40,15 @@ def _steps(config) -> list[str]:
     return [step.model_name for step in config.ensemble_scheduling.step]
 
 
+# Models outside the export that run batches on a replica of any target (written by `mmrec index`).
+INDEX_MODELS = (schema.CATALOG_SCORER,)
+
+
 def executing(target: str) -> tuple[str, ...]:
-    """Served models that run batches themselves (not ensembles): the busy fraction and the
-    queue:compute ratio read these."""
-    return tuple(n for n, c in _served(target).items() if c.platform != "ensemble")
+    """Models that run batches themselves (not ensembles), the index's included: the busy
+    fraction and the queue:compute ratio read these."""
+    exported = [n for n, c in _served(target).items() if c.platform != "ensemble"]
+    return tuple(sorted({*exported, *INDEX_MODELS}))
 
 
 def item_counters(target: str) -> tuple[str, ...]:

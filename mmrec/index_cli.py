@@ -2,7 +2,8 @@
 
 Exit codes: 0 done (bad items are listed, not fatal), 2 bad arguments or an unusable index or
 catalog, 3 a server is unavailable or did not load the new version (the rollout stopped there;
-the table says which replica serves which version), 130 interrupted (run the same command again
+the table says which replica serves which version), or after the rollout a replica still named
+by --url/--replicas does not serve it (a pod that left DNS meanwhile is "gone", not a failure), 130 interrupted (run the same command again
 to continue).
 """
 from __future__ import annotations
@@ -25,9 +26,9 @@ from mmrec.client import MMRecError
 
 from .export_defaults import DEFAULT_REPOSITORY
 from .index_build import DEFAULT_BATCH_SIZE, BuildReport, LocalEncoder, ServerEncoder, build, remove
-from .index_publish import (DEFAULT_K, DEFAULT_KEEP, DEFAULT_MAX_K, PublishError, Published, ReplicaState, Rollout,
-                            RolloutStopped, ServeOptions, check_replicas, publish, replica_urls, republish, roll_out,
-                            versions)
+from .index_publish import (DEFAULT_K, DEFAULT_KEEP, DEFAULT_MAX_K, PublishError, Published, ReplicaSet, ReplicaState,
+                            Rollout, RolloutStopped, ServeOptions, check_not_behind, check_replicas, publish, republish,
+                            roll_out, version_bytes, versions)
 from .index_store import META_FILE, CatalogIndexError, IndexStore, count_lines, default_build_dir, read_catalog
 
 EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 2, 3, 130
@@ -134,8 +135,8 @@ def _summary(report: BuildReport, published: Published | None, rollout: Rollout 
 def _loaded_by(rollout: Rollout | None) -> str:
     if rollout is None:
         return ""
-    count = len(rollout.replicas)
-    return " — served by " + (rollout.replicas[0].url if count == 1 else f"all {count} replicas")
+    serving = [s.url for s in rollout.replicas if s.outcome != "gone"]  # gone: left DNS (scale-in) meanwhile
+    return " — served by " + (serving[0] if len(serving) == 1 else f"all {len(serving)} replicas")
 
 
 def _print_replicas(states: tuple[ReplicaState, ...] | list[ReplicaState], version: int | None = None) -> None:
@@ -149,35 +150,40 @@ def _print_replicas(states: tuple[ReplicaState, ...] | list[ReplicaState], versi
 
 @dataclass(frozen=True)
 class _Targets:
-    """The servers to load on (each --url, each address of each --replicas name), and the
-    arguments that named them, repeated in the rollback command a stopped rollout suggests."""
+    """The servers to load on: `urls` each --url and each address --replicas resolved to at the
+    start (the rollout resolves the names again: `replicas`), and the arguments that named them,
+    repeated in the commands a stopped rollout suggests."""
 
     urls: tuple[str, ...] = ()
     args: str = ""
+    replicas: ReplicaSet = ReplicaSet()
 
 
 def _targets(urls: list[str] | None, replicas: list[str] | None) -> _Targets:
+    wanted = ReplicaSet(tuple(urls or ()), tuple(replicas or ()))
     try:
-        found = replica_urls(urls or (), replicas or ())
+        found = wanted.addresses()
     except PublishError as err:
         raise _fail(str(err), EXIT_BAD_INPUT) from None
     return _Targets(tuple(found), " ".join([*(f"--url {u}" for u in urls or ()),
-                                            *(f"--replicas {r}" for r in replicas or ())]))
+                                            *(f"--replicas {r}" for r in replicas or ())]), wanted)
 
 
 def _roll_out(targets: _Targets, version: int, repository: Path) -> Rollout:
     """Load `version` replica by replica; on a failure print who serves what, say how to go on, exit 3."""
     try:
-        rollout = roll_out(targets.urls, version)
+        rollout = roll_out(targets.replicas, version)
     except RolloutStopped as err:
         _print_replicas(err.rollout.replicas, version)
         raise _fail(f"{err} The replicas marked loaded or already serving serve version {version}; the others keep "
                     f"the version shown. Fix that replica and run the same command again (replicas on version "
                     f"{version} are left alone), or put every replica back on the previous catalog: "
-                    f"`mmrec index rollback --repository {repository} {targets.args}`", EXIT_UNAVAILABLE) from None
+                    f"`mmrec index rollback --repository {repository} --no-load`, upload the repository to the "
+                    f"bucket the replicas read (if they read one), then `mmrec index load --repository {repository} "
+                    f"{targets.args}`", EXIT_UNAVAILABLE) from None
     except PublishError as err:
         raise _fail(str(err), EXIT_UNAVAILABLE) from None
-    if len(targets.urls) > 1:
+    if len(rollout.replicas) > 1:
         _print_replicas(rollout.replicas, version)
     return rollout
 
@@ -192,14 +198,17 @@ def _write_report(path: Path | None, report: BuildReport, published: Published |
 
 
 def _publish_and_load(store: IndexStore, repository: Path, targets: _Targets, options: ServeOptions,
-                      keep: int) -> tuple[Published, Rollout | None]:
+                      keep: int, load: bool = True) -> tuple[Published, Rollout | None]:
     """Publish, then roll out to every target, an unchanged catalog too: running a stopped
-    rollout's command again finishes it (replicas already serving the version are left alone)."""
+    rollout's command again finishes it (replicas already serving the version are left alone).
+    Refuses first when a replica serves a newer version than the local copy holds (stale copy),
+    with --no-load too: that is the bucket flow, where a stale copy is likeliest."""
     try:
+        check_not_behind(repository, targets.urls)
         published = publish(store, repository, options, keep=keep)
     except (PublishError, FileNotFoundError, ValueError) as err:
         raise _fail(str(err), EXIT_BAD_INPUT) from None
-    if not targets.urls:
+    if not targets.urls or not load:
         return published, None
     return published, _roll_out(targets, published.version, repository)
 
@@ -226,7 +235,7 @@ def _run_build(items: Path, repository: Path, build_dir: Path | None, targets: _
                 console.print(f"[yellow]interrupted[/yellow]: {report.seen} catalog lines done and committed; "
                               "run the same command again to continue")
                 raise typer.Exit(EXIT_INTERRUPTED)
-            published, rollout = (_publish_and_load(store, repository, targets if load else _Targets(), options, keep)
+            published, rollout = (_publish_and_load(store, repository, targets, options, keep, load)
                                   if do_publish else (None, None))
             _summary(report, published, rollout)
             _write_report(report_path, report, published)
@@ -276,7 +285,7 @@ def remove_command(ids: Annotated[Optional[List[str]], typer.Option("--id", help
                    prepacking: PrepackOpt = "auto") -> None:
     """Remove items by id, publish and load a new version."""
     wanted = list(ids or [])
-    targets = _targets(url, replicas) if load else _Targets()
+    targets = _targets(url, replicas)
     try:
         if ids_file is not None:
             wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -290,7 +299,7 @@ def remove_command(ids: Annotated[Optional[List[str]], typer.Option("--id", help
             console.print(f"removed {len(removed)} -> {len(store.items)} items in the index")
             if do_publish and removed:
                 published, rollout = _publish_and_load(store, repository, targets,
-                                                       _options(max_k, default_k, prepacking), keep)
+                                                       _options(max_k, default_k, prepacking), keep, load)
                 _summary(BuildReport(removed=len(removed), items=len(store.items)), published, rollout)
     except (CatalogIndexError, FileNotFoundError) as err:
         raise _fail(str(err), EXIT_BAD_INPUT) from None
@@ -309,23 +318,27 @@ def load_command(repository: RepositoryOpt = DEFAULT_REPOSITORY, url: UrlOpt = N
     if not on_disk:
         raise _fail(f"{repository} holds no catalog_scorer version: publish one with `mmrec index build`",
                     EXIT_BAD_INPUT)
-    _roll_out(targets, on_disk[-1], repository)
-    console.print(f"catalog_scorer version {on_disk[-1]} is served by {len(targets.urls)} replica(s)")
+    rollout = _roll_out(targets, on_disk[-1], repository)
+    serving = sum(1 for s in rollout.replicas if s.outcome != "gone")
+    console.print(f"catalog_scorer version {on_disk[-1]} is served by {serving} replica(s)")
 
 
 @index_app.command("rollback")
 def rollback_command(repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: BuildDirOpt = None,
                      to: Annotated[Optional[int], typer.Option("--to", min=1, help="Version to serve again "
                                                                "(default: the one before the newest).")] = None,
-                     url: UrlOpt = None, replicas: ReplicasOpt = None, keep: KeepOpt = DEFAULT_KEEP) -> None:
+                     url: UrlOpt = None, replicas: ReplicasOpt = None, load: LoadOpt = True,
+                     keep: KeepOpt = DEFAULT_KEEP) -> None:
     """Serve an older version again: copy it as the next version (versions only grow, so restarted
-    replicas and bucket syncs agree) and load that on each --url/--replicas."""
+    replicas and bucket syncs agree) and load that on each --url/--replicas. With replicas reading a
+    bucket: --no-load, upload the repository, then `mmrec index load`."""
     targets = _targets(url, replicas)
     folder = build_dir or default_build_dir(repository)
     try:
         # hold the build folder's lock (when there is one) so no publish races for the version number
         store = IndexStore.open(folder) if (folder / META_FILE).is_file() else None
         try:
+            check_not_behind(repository, targets.urls)
             published, source = republish(repository, to, keep)
             if store is not None:
                 store.record_publish({"version": published.version, "items": published.items,
@@ -338,7 +351,7 @@ def rollback_command(repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: 
         raise _fail(str(err), EXIT_BAD_INPUT) from None
     except OSError as err:
         raise _fail(f"{err.filename or ''}: {err.strerror or err}", EXIT_BAD_INPUT) from None
-    rollout = _roll_out(targets, published.version, repository) if targets.urls else None
+    rollout = _roll_out(targets, published.version, repository) if targets.urls and load else None
     console.print(f"wrote catalog_scorer version {published.version}, a copy of version {source} "
                   f"({published.items} items), in {published.folder.parent}" + _loaded_by(rollout))
 
@@ -354,7 +367,9 @@ def status_command(repository: RepositoryOpt = DEFAULT_REPOSITORY, build_dir: Bu
         with IndexStore.open(folder) as store:
             data = {"build_dir": str(folder), "items": len(store.items), "vectors": store.vector_rows,
                     "dim": store.dim, "bad": [{"id": i, "error": e} for i, (_, e) in store.bad.items()],
-                    "published": store.published[-5:], "versions_on_disk": versions(repository)}
+                    "published": store.published[-5:], "versions_on_disk": versions(repository),
+                    # sizes a pod's cache (modelRepository.cacheSizeLimit): docs/deployment.md
+                    "version_bytes": {str(v): n for v, n in version_bytes(repository).items()}}
     except (CatalogIndexError, FileNotFoundError) as err:
         raise _fail(str(err), EXIT_BAD_INPUT) from None
     if targets.urls:

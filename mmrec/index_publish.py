@@ -8,13 +8,17 @@ comes from one version (one model instance runs the whole scan).
 
 Several replicas each load from their own copy of the repository (a pod's copy of the bucket):
 `roll_out` loads a version on each in turn, checks each serves it, and stops at the first that
-does not, reporting which replica serves which version. Stopping (not undoing) is deliberate: a
+does not, reporting which replica serves which version. Replicas named by a headless Service come
+and go while it runs: it resolves the name again at the end (until two resolutions agree), loads
+on any new pod, counts a pod that left DNS as "gone" (scale-in, not a failure), and succeeds only
+when every remaining replica serves the version. Stopping (not undoing) is deliberate: a
 half-rolled fleet still answers, each response from one version, and the person decides whether
 to finish (run the same command again: a replica already on the version loads nothing new) or
 roll back (`republish` an older version as the next one, then roll that out).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import json
@@ -22,6 +26,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -34,6 +39,7 @@ from .index_store import CatalogIndexError, IndexStore
 from .layout import RepositoryLayout
 from .model_repository.lib.catalog_scan import INDEX_FILE
 from .model_repository.lib.runner_settings import DEFAULT_K, DEFAULT_MAX_K, CatalogSettings  # noqa: F401
+from .tls_probe import answers_tls
 
 STAGING_PREFIX = ".staging-"
 DEFAULT_KEEP = 2  # versions kept on disk: the served one and one to roll back to
@@ -41,6 +47,11 @@ DEFAULT_KEEP = 2  # versions kept on disk: the served one and one to roll back t
 
 class PublishError(CatalogIndexError):
     """A version could not be written, or the server did not load it."""
+
+
+class ServerSpeaksTls(PublishError):
+    """The server answers gRPC over TLS, which `mmrec index` does not speak: no replica can be
+    loaded this way, so a rollout ends here rather than reporting one failed replica."""
 
 
 # catalog_scorer's config parameters; their owner is lib/runner_settings.py (the served model reads them there)
@@ -66,6 +77,13 @@ def versions(repository: Path) -> list[int]:
     if not folder.is_dir():
         return []
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def version_bytes(repository: Path) -> dict[int, int]:
+    """Bytes of each version folder: what a bucket holds per version and what Triton copies into a
+    pod's cache on each load (hard links from `rollback` count in full: a bucket copy does)."""
+    folder = model_dir(repository)
+    return {v: sum(p.stat().st_size for p in (folder / str(v)).rglob("*") if p.is_file()) for v in versions(repository)}
 
 
 def fingerprint(ids: list[str], vectors: np.ndarray) -> str:
@@ -179,7 +197,14 @@ def _install_version(folder: Path, version: int, fill: Callable[[Path], None]) -
         fill(staging)
         _fsync_tree(staging)
         target = folder / str(version)
-        os.rename(staging, target)
+        try:
+            os.rename(staging, target)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise PublishError(f"{target} already exists: the local copy is stale: sync it down first (another "
+                               "publish, or the bucket, is ahead of it; e.g. `aws s3 sync --delete "
+                               "s3://BUCKET/PATH ./repository`), then publish again") from None
         _fsync_dir(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -213,11 +238,15 @@ def load_on_server(url: str, version: int, timeout_s: float = 600.0) -> None:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from .server import ADMIN_HEADER, ADMIN_KEY_ENV
+    from .server import ADMIN_HEADER_ENV, ADMIN_KEY_ENV, ServerError, admin_header
 
+    try:
+        header = admin_header()
+    except ServerError as err:
+        raise PublishError(str(err)) from None
     client = grpcclient.InferenceServerClient(url)
     key = os.environ.get(ADMIN_KEY_ENV)  # a server that restricts load/unload (mmrec serve --admin-key, the chart)
-    headers = {f"triton-grpc-protocol-{ADMIN_HEADER}": key} if key else None
+    headers = {f"triton-grpc-protocol-{header}": key} if key else None
     try:
         try:
             client.load_model(schema.CATALOG_SCORER, headers=headers, client_timeout=timeout_s)
@@ -227,8 +256,12 @@ def load_on_server(url: str, version: int, timeout_s: float = 600.0) -> None:
             hint = (" Live swaps need explicit model control (`mmrec serve`'s default; not --model-control "
                     "none or poll)." if "explicit" in lowered or "not allowed" in lowered else
                     f" The server restricts load/unload: set {ADMIN_KEY_ENV} to the key it was started with "
-                    "(`mmrec serve --admin-key`; a non-loopback server started without one allows no load at all)."
+                    "(`mmrec serve --admin-key`; a non-loopback server started without one allows no load at all), "
+                    f"and {ADMIN_HEADER_ENV} when its header is not {header!r} (the chart's "
+                    "triton.restrictedApis.header)."
                     if "restricted" in lowered or "unavailable" in lowered and "protocol" in lowered else "")
+            if "unavailable" in str(err.status()).lower() and answers_tls(url):
+                raise ServerSpeaksTls(_tls_hint(url).strip()) from None
             raise PublishError(f"{url} did not load catalog_scorer version {version}: {message}.{hint}") from None
         if not client.is_model_ready(schema.CATALOG_SCORER, str(version)):
             served = list(client.get_model_metadata(schema.CATALOG_SCORER).versions)
@@ -263,10 +296,16 @@ def resolve_replicas(address: str) -> list[str]:
     return [f"[{a}]:{port}" if a.version == 6 else f"{a}:{port}" for a in chosen]
 
 
-def replica_urls(urls: Iterable[str] = (), replicas: Iterable[str] = ()) -> list[str]:
+Resolver = Callable[[str], list[str]]  # 'name:port' -> its addresses (resolve_replicas; tests inject theirs)
+RESOLVE_PAUSE_S = 2.0  # between resolutions that must agree: DNS follows the endpoints with a delay
+MAX_RESOLVES = 10  # resolutions (and rounds of loading new addresses) before calling the fleet unsettled
+
+
+def replica_urls(urls: Iterable[str] = (), replicas: Iterable[str] = (),
+                 resolve: Resolver = resolve_replicas) -> list[str]:
     """Every server to load on, in order: the given URLs, then each resolved replica; once each."""
     found: list[str] = []
-    for url in [*urls, *(u for name in replicas for u in resolve_replicas(name))]:
+    for url in [*urls, *(u for name in replicas for u in resolve(name))]:
         if not url or not url.strip():
             raise PublishError("an empty --url: give host:port")
         if url.strip() not in found:
@@ -275,12 +314,47 @@ def replica_urls(urls: Iterable[str] = (), replicas: Iterable[str] = ()) -> list
 
 
 @dataclass(frozen=True)
+class ReplicaSet:
+    """The servers a rollout loads on: fixed --url addresses, and --replicas names whose addresses
+    change while it runs (a pod becomes ready, scale-in removes one), so they are resolved again."""
+
+    urls: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+    resolve: Resolver = resolve_replicas
+    pause_s: float = RESOLVE_PAUSE_S
+
+    def addresses(self) -> list[str]:
+        return replica_urls(self.urls, self.names, self.resolve)
+
+    def settled(self) -> list[str]:
+        """The names' addresses once two resolutions in a row agree."""
+        current = replica_urls((), self.names, self.resolve)
+        for _ in range(MAX_RESOLVES - 1):
+            time.sleep(self.pause_s)
+            again = replica_urls((), self.names, self.resolve)
+            if set(again) == set(current):
+                return again
+            current = again
+        raise PublishError(f"--replicas {' '.join(self.names)} resolved to different addresses {MAX_RESOLVES} times "
+                           "in a row: the Deployment is still scaling; run the same command again once it settles")
+
+    def left(self, url: str) -> bool:
+        """True when `url` came from a name that no longer resolves to it (its pod is gone)."""
+        if not self.names or url in self.urls:
+            return False
+        try:
+            return url not in replica_urls((), self.names, self.resolve)
+        except PublishError:
+            return False  # DNS trouble is not evidence that the pod left
+
+
+@dataclass(frozen=True)
 class ReplicaState:
     """One replica after a rollout: the catalog_scorer versions it serves and what happened."""
 
     url: str
     serves: tuple[int, ...]  # ready versions; () when it serves none or could not be asked
-    outcome: str  # "loaded" | "already serving" | "failed" | "not tried" | "checked"
+    outcome: str  # "loaded" | "already serving" | "failed" | "not tried" | "checked" | "gone" (left DNS)
     error: str = ""  # why its versions could not be read
 
 
@@ -308,32 +382,97 @@ def served_versions(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[tuple
         metadata = client.get_model_metadata(schema.CATALOG_SCORER, client_timeout=timeout_s)
         return tuple(sorted(int(v) for v in metadata.versions)), ""
     except InferenceServerException as err:
-        return (), " ".join((err.message() or str(err)).split())
+        why = " ".join((err.message() or str(err)).split())
+        if "unavailable" in str(err.status()).lower() and answers_tls(url):
+            why = _tls_hint(url).strip()
+        return (), why
     finally:
         client.close()
 
 
-def roll_out(urls: Sequence[str], version: int) -> Rollout:
+def _tls_hint(url: str) -> str:
+    return (f" {url} serves gRPC over TLS, and `mmrec index` speaks plaintext gRPC only (it has no TLS "
+            "options), so it cannot load or check versions there: run it against servers with gRPC TLS off "
+            "(chart: triton.grpc.tls.enabled=false), or publish with --no-load and restart the replicas.")
+
+
+def check_not_behind(repository: Path, urls: Sequence[str]) -> None:
+    """Refuse to publish from a stale local copy: the next version number comes from the folders on
+    disk, so a copy behind the bucket would write a version the replicas already serve (or older)."""
+    newest = (versions(repository) or [0])[-1]
+    ahead = {url: max(serves) for url in urls if (serves := served_versions(url)[0]) and max(serves) > newest}
+    if ahead:
+        listing = ", ".join(f"{url} serves version {v}" for url, v in ahead.items())
+        raise PublishError(f"{listing}, but the newest catalog_scorer version in {model_dir(repository)} is "
+                           f"{newest or 'none'}: the local copy is stale: sync it down first (e.g. `aws s3 sync "
+                           "--delete s3://BUCKET/PATH ./repository`), then publish again")
+
+
+def roll_out(replicas: ReplicaSet, version: int) -> Rollout:
     """Load `version` on each replica in turn (each checked to serve it before the next is asked).
     A replica already serving exactly `version` is left alone (Triton would load it again, seen in
     its log), so running a stopped rollout again only loads the rest. The first failure stops the
-    rollout: RolloutStopped, with every replica's versions."""
-    if not urls:
+    rollout: RolloutStopped, with every replica's versions. Then the names are resolved again until
+    they agree, new addresses loaded, and every replica must serve `version` (else RolloutStopped)."""
+    queue = replicas.addresses()
+    if not queue:
         raise PublishError("no replica to load on: give --url HOST:PORT (repeatable) or --replicas NAME:PORT")
-    done: list[ReplicaState] = []
-    for position, url in enumerate(urls):
-        if served_versions(url)[0] == (version,):
-            done.append(ReplicaState(url, (version,), "already serving"))
+    done: dict[str, ReplicaState] = {}
+    for _ in range(MAX_RESOLVES):
+        for index, url in enumerate(queue):
+            try:
+                done[url] = _load_one(replicas, url, version)
+            except ServerSpeaksTls:
+                raise
+            except PublishError as err:
+                total = len(done) + len(queue) - index
+                position = len(done) + 1
+                rest = [_state(u, "not tried") for u in queue[index + 1:]]
+                rollout = Rollout(version, (*done.values(), _state(url, "failed"), *rest))
+                raise RolloutStopped(f"{err} The rollout stopped at replica {position} of {total}.",
+                                     rollout) from None
+        if not replicas.names:
+            break
+        current = replicas.settled()
+        queue = [u for u in current if u not in done]
+        if not queue:
+            break
+    else:
+        raise PublishError(f"--replicas {' '.join(replicas.names)} kept resolving to new addresses: the Deployment "
+                           "is still scaling; run the same command again once it settles")
+    return _verify(replicas, version, done, set(current) if replicas.names else set())
+
+
+def _load_one(replicas: ReplicaSet, url: str, version: int) -> ReplicaState:
+    serves, why = served_versions(url)
+    if serves == (version,):
+        return ReplicaState(url, serves, "already serving")
+    if why and replicas.left(url):  # unreachable because scale-in removed its pod
+        return ReplicaState(url, (), "gone", why)
+    try:
+        load_on_server(url, version)
+    except PublishError as err:
+        if replicas.left(url):
+            return ReplicaState(url, (), "gone", str(err))
+        raise
+    return ReplicaState(url, (version,), "loaded")
+
+
+def _verify(replicas: ReplicaSet, version: int, done: dict[str, ReplicaState], resolved: set[str]) -> Rollout:
+    """Ask every replica still there which versions it serves; each must serve `version`."""
+    states = []
+    for url, state in done.items():
+        if state.outcome == "gone" or (replicas.names and url not in replicas.urls and url not in resolved):
+            states.append(ReplicaState(url, (), "gone", state.error))
             continue
-        try:
-            load_on_server(url, version)
-        except PublishError as err:
-            rest = [_state(u, "not tried") for u in urls[position + 1:]]
-            rollout = Rollout(version, (*done, _state(url, "failed"), *rest))
-            raise RolloutStopped(f"{err} The rollout stopped at replica {position + 1} of {len(urls)}.",
-                                 rollout) from None
-        done.append(ReplicaState(url, (version,), "loaded"))
-    return Rollout(version, tuple(done))
+        serves, why = served_versions(url)
+        states.append(ReplicaState(url, serves, state.outcome if version in serves else "failed", why))
+    rollout = Rollout(version, tuple(states))
+    missing = [s.url for s in states if s.outcome == "failed"]
+    if missing:
+        raise RolloutStopped(f"after the rollout, {', '.join(missing)} do(es) not serve catalog_scorer version "
+                             f"{version} (restarted meanwhile, or serving another copy of the repository?).", rollout)
+    return rollout
 
 
 def check_replicas(urls: Sequence[str]) -> list[ReplicaState]:

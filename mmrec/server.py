@@ -253,7 +253,19 @@ def validate_repository(path: Path | str) -> Path:
 # --------------------------------------------------------------------------- config & command
 
 
-ADMIN_HEADER = "mmrec-admin-key"  # the chart's header (gRPC metadata: triton-grpc-protocol-mmrec-admin-key)
+ADMIN_HEADER = "mmrec-admin-key"  # the chart's default header (gRPC metadata: triton-grpc-protocol-mmrec-admin-key)
+ADMIN_HEADER_ENV = "MMREC_ADMIN_HEADER"  # set it when the chart's triton.restrictedApis.header is another name
+
+
+def admin_header() -> str:
+    """The admin header's name: MMREC_ADMIN_HEADER, else ADMIN_HEADER. Read here only, so the
+    server's restricted-API flags and every client sending the key agree on it."""
+    name = os.environ.get(ADMIN_HEADER_ENV, "").strip() or ADMIN_HEADER
+    if not all(c.islower() or c.isdigit() or c in "-_" for c in name):
+        raise ServerError(f"{ADMIN_HEADER_ENV}={name!r} is not a header name (lowercase letters, digits, '-', '_')")
+    return name
+
+
 ADMIN_KEY_ENV = "MMREC_ADMIN_KEY"  # `mmrec serve --admin-key`'s variable; `mmrec index` sends it when set
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -284,7 +296,7 @@ class ServerConfig:
     grpc_tls_key: Path | None = None
     grpc_tls_root_cert: Path | None = None
     # explicit model control opens load/unload to whoever reaches the ports: on a non-loopback
-    # bind the model-repository API needs this key (header ADMIN_HEADER); without one it is closed
+    # bind the model-repository API needs this key (header admin_header()); without one it is closed
     admin_key: str | None = None
 
     def __post_init__(self) -> None:
@@ -338,8 +350,9 @@ class ServerConfig:
         if self.model_control != "explicit" or (self.host in LOOPBACK and not self.admin_key):
             return []
         key = self.admin_key or secrets.token_hex(16)  # no key given: nobody may load or unload
-        return [f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={key}",
-                f"--http-restricted-api=model-repository:{ADMIN_HEADER}={key}"]
+        header = admin_header()
+        return [f"--grpc-restricted-protocol=model-repository:{header}={key}",
+                f"--http-restricted-api=model-repository:{header}={key}"]
 
     def tls_args(self) -> list[str]:
         """tritonserver flags for gRPC TLS (empty without a certificate)."""

@@ -26,10 +26,10 @@ details", and its code in kubernetes/kubernetes pkg/controller/podautoscaler:
   Defaults for a behavior field the chart leaves out are upstream's (`DefaultHPAScalingRules`):
   scale-up window 0 s, policies 100 % or 4 pods per 15 s, Max; scale-down window 300 s, 100 % per 15 s.
 
-Around it, a small cluster: a new pod is Pending while its image is pulled and its init
-container runs (set aside by the controller), then Running without metrics while Triton loads
+Around it, a small cluster: a new pod is Pending while its node is found and its image is
+pulled (set aside by the controller), then Running without metrics while Triton loads
 the models (tritonserver opens its metrics port once loading is done: "missing"), then ready; a
-ready pod has a metric once the adapter's `rate(...[1m])` has two scrapes of it,
+ready pod has a metric once the adapter's `rate(...[2m])` has two scrapes of it,
 the Service spreads the offered load evenly over ready pods (open loop: what a pod cannot
 complete queues up, a request waiting at most its client's deadline), and scale-down removes
 pending pods first, then the newest. What each pod's signal is at a given load is the caller's
@@ -45,7 +45,7 @@ from typing import Callable, Mapping, Sequence
 TOLERANCE = 0.1  # --horizontal-pod-autoscaler-tolerance
 SYNC_PERIOD_S = 15.0  # --horizontal-pod-autoscaler-sync-period
 SCRAPE_INTERVAL_S = 15.0  # the chart's ServiceMonitor interval
-RATE_WINDOW_S = 60.0  # the adapter rules' rate(...[1m])
+RATE_WINDOW_S = 120.0  # the adapter rules' rate(...[2m]) (tests/test_autoscaling.py checks they agree)
 
 
 # --------------------------------------------------------------------------- the HPA object
@@ -254,7 +254,7 @@ class Pod:
         return now >= self.ready_at
 
     def metric(self, name: str, now: float) -> float | None:
-        """The adapter's rate over the last minute: the mean of the per-scrape-interval values
+        """The adapter's rate over its window: the mean of the per-scrape-interval values
         in the window; none until two scrapes of the ready pod exist."""
         recent = [values[name] for t, values in self.samples if t > now - RATE_WINDOW_S]
         return sum(recent) / len(recent) if len(self.samples) >= 2 and recent else None
@@ -276,7 +276,9 @@ class Simulation:
     spec: HPASpec
     model: ReplicaModel
     load: Callable[[float], float]  # items/s offered to the Service at time t
-    pending_s: float = 90.0  # image pull (cached) + the pip init container
+    # image pull onto a node with room (cached layers; the image carries the python deps). A pod
+    # that needs a new GPU node waits for its provisioning too, minutes more: pass pending_s.
+    pending_s: float = 90.0
     loading_s: float = 60.0  # repository copy + model load until the readiness probe passes
     noise: float = 0.0  # relative std. dev. of each pod's share of the load per scrape
     seed: int = 0
@@ -302,7 +304,7 @@ class Simulation:
             pod.backlog = min(max(0.0, pod.backlog + (share - mu) * SCRAPE_INTERVAL_S), mu * self.model.max_wait_s)
             pod.samples.append((now, {m.name: self.model.signal(m.name, share, pod.backlog / mu)
                                       for m in self.spec.metrics}))
-            pod.samples = pod.samples[-8:]
+            pod.samples = pod.samples[-math.ceil(RATE_WINDOW_S / SCRAPE_INTERVAL_S) - 1:]
 
     def run(self, seconds: float) -> list[Step]:
         now = self.timeline[-1].t + SYNC_PERIOD_S if self.timeline else 0.0

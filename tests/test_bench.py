@@ -882,7 +882,7 @@ def test_chart_items_target_is_rendered_from_the_open_loop_capacity(tmp_path):
     assert "    # /doc-block:chart-items-target\n" in values.read_text()  # the end marker keeps its indentation
     metrics = yaml.safe_load(values.read_text())["autoscaling"]["podsMetrics"]
     items = next(m for m in metrics if m["name"] == "triton_items_per_second")
-    assert items["averageValue"] == str(expected) and "item_encoder" in items["models"]
+    assert items["averageValue"] == str(expected) and "item_encoder" in items["models"]["default"]
     assert [m["name"] for m in metrics] == ["triton_queue_compute_ratio", "triton_items_per_second",
                                             "triton_shed_per_second"]
     # no capacity section: the chart's target cannot be rendered (never a stale number)

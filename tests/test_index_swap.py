@@ -8,12 +8,17 @@ while the same command publishes version 2 (four items removed, four added). Eve
 be the exact full-catalog ranking of version 1 or of version 2 (the id sets tell which), none may
 fail, some must arrive during the swap, and afterwards both replicas answer from version 2.
 
-Then the failure path: a replica that cannot load stops the rollout with exit 3 and a report of
-who serves what, `mmrec index load` finishes it, and `mmrec index rollback` serves an older
-catalog again as a new version. Unit tests cover rollback on disk and replica resolution.
+Then the failure path (its own versions, so it runs alone too): a replica that cannot load stops
+the rollout with exit 3 and a report of who serves what, `mmrec index load` finishes it, and
+`mmrec index rollback` serves an older catalog again as a new version. A rollout over a headless
+name resolves it again at the end: a pod that appeared is loaded, one that left is "gone" (the
+resolver is injected: DNS is not Triton; the servers are real). The replicas use a non-default
+admin header (MMREC_ADMIN_HEADER on both sides). A TLS server is refused with a clear message.
+Unit tests cover rollback on disk, replica resolution and a stale local copy.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import socket
@@ -27,13 +32,16 @@ import tritonclient.grpc as grpcclient
 from typer.testing import CliRunner
 
 from mmrec import schema
-from mmrec.index_publish import (PublishError, publish, replica_urls, republish, resolve_replicas,
+from mmrec.index_publish import (MAX_RESOLVES, PublishError, ReplicaSet, _install_version, check_not_behind,
+                                 model_dir, publish, replica_urls, republish, resolve_replicas, roll_out,
                                  served_versions, versions)
 from mmrec.index_store import IndexStore, default_build_dir
-from mmrec.server import ADMIN_KEY_ENV
+from mmrec.server import ADMIN_HEADER, ADMIN_HEADER_ENV, ADMIN_KEY_ENV, ServerConfig, ServerError
+from mmrec.tls_probe import answers_tls
 from test_index import D, HashEncoder, entries, exact_top_k, linked_copy
 
 ADMIN_KEY = "swap-test-key"
+ADMIN_HEADER_NAME = "x-swap-admin"  # not the default: the client must read MMREC_ADMIN_HEADER
 V1_ITEMS, CHURN = 20, 4  # version 1: items [0, 20); version 2: items [4, 24)
 
 
@@ -98,6 +106,38 @@ def test_replica_addresses_resolve_each_once_in_order():
         resolve_replicas("no-such-replica.invalid:8001")
 
 
+def test_names_are_resolved_until_two_resolutions_agree():
+    calls = itertools.count()
+    moving = ReplicaSet(names=("svc:1",), resolve=lambda name: [f"10.0.0.{next(calls)}:1"], pause_s=0)
+    with pytest.raises(PublishError, match="still scaling"):
+        moving.settled()
+    assert next(calls) == MAX_RESOLVES
+    answers = iter([["10.0.0.1:1"], ["10.0.0.1:1", "10.0.0.2:1"], ["10.0.0.2:1", "10.0.0.1:1"]])
+    growing = ReplicaSet(urls=("fixed:1",), names=("svc:1",), resolve=lambda name: next(answers), pause_s=0)
+    assert sorted(growing.settled()) == ["10.0.0.1:1", "10.0.0.2:1"]  # the 2nd and 3rd agree (any order)
+    steady = ReplicaSet(urls=("fixed:1",), names=("svc:1",), resolve=lambda name: ["10.0.0.1:1"])
+    assert [steady.left(u) for u in ("10.0.0.9:1", "10.0.0.1:1", "fixed:1")] == [True, False, False]
+
+
+def test_a_version_folder_already_there_means_a_stale_copy(repository, tmp_path):
+    with IndexStore.open(tmp_path / "ix", D) as store:
+        _build(store, 5)
+        first = publish(store, repository)
+    with pytest.raises(PublishError, match="the local copy is stale: sync it down first"):  # the bucket (another publisher) is ahead
+        _install_version(model_dir(repository), first.version, lambda staging: (staging / "x").write_text("x"))
+    assert not [p for p in model_dir(repository).iterdir() if p.name.startswith(".")]  # staging cleaned up
+
+
+def test_the_admin_header_comes_from_one_variable(monkeypatch, tmp_path):
+    config = ServerConfig(repository=tmp_path, host="0.0.0.0", admin_key="k")
+    assert f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}=k" in config.restricted_api_args()
+    monkeypatch.setenv(ADMIN_HEADER_ENV, ADMIN_HEADER_NAME)
+    assert f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER_NAME}=k" in config.restricted_api_args()
+    monkeypatch.setenv(ADMIN_HEADER_ENV, "Bad Header")
+    with pytest.raises(ServerError, match="is not a header name"):
+        config.restricted_api_args()
+
+
 def test_the_cli_rejects_bad_replica_arguments(tmp_path):
     from mmrec.cli import app
 
@@ -109,11 +149,19 @@ def test_the_cli_rejects_bad_replica_arguments(tmp_path):
 
 # ---- integration: two replicas of one repository ----------------------------------------------------------
 
-def _mmrec_index(*args: str, key: str | None = ADMIN_KEY):
-    """The real `mmrec index ...` entry point, in-process; key=None runs it without MMREC_ADMIN_KEY."""
+def _mmrec_index(*args: str, key: str | None = ADMIN_KEY, header: str | None = ADMIN_HEADER_NAME):
+    """The real `mmrec index ...` entry point, in-process; key=None runs it without MMREC_ADMIN_KEY,
+    header=None without MMREC_ADMIN_HEADER (the default header)."""
     from mmrec.cli import app
 
-    return CliRunner().invoke(app, ["index", *args], env={ADMIN_KEY_ENV: key})
+    return CliRunner().invoke(app, ["index", *args], env={ADMIN_KEY_ENV: key, ADMIN_HEADER_ENV: header})
+
+
+def _dead_address() -> str:
+    """A port nobody listens on: a replica that is down."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def _catalog_file(path: Path, items) -> Path:
@@ -124,14 +172,19 @@ def _catalog_file(path: Path, items) -> Path:
 
 @pytest.fixture(scope="module")
 def replicas(exported_repository, tmp_path_factory):
-    """Two tritonservers on one repository directory (no index yet), explicit mode, admin key."""
-    from mmrec.server import ServerConfig, TritonServer, free_ports
+    """Two tritonservers on one repository directory (no index yet), explicit mode, admin key under a
+    non-default header (MMREC_ADMIN_HEADER, as a chart with another triton.restrictedApis.header)."""
+    import os
+
+    from mmrec.server import TritonServer, free_ports
 
     root = tmp_path_factory.mktemp("replicas")
     repository = linked_copy(Path(exported_repository), root / "repository")
     for old in (repository / schema.CATALOG_SCORER, default_build_dir(repository)):  # the source's own index
         shutil.rmtree(old, ignore_errors=True)
     servers = []
+    previous_header = os.environ.get(ADMIN_HEADER_ENV)
+    os.environ[ADMIN_HEADER_ENV] = ADMIN_HEADER_NAME  # read when each server's command line is built
     try:
         for n in range(2):
             http, grpc, metrics = free_ports(3)
@@ -140,12 +193,22 @@ def replicas(exported_repository, tmp_path_factory):
             server = TritonServer(config, log_path=root / f"replica{n}.log", ready_timeout_s=300)
             server.start()
             servers.append(server)
+        _restore(ADMIN_HEADER_ENV, previous_header)
         for server in servers:
             server.wait_ready()
         yield repository, [s.urls["grpc"] for s in servers]
     finally:
+        _restore(ADMIN_HEADER_ENV, previous_header)
         for server in servers:
             server.stop()
+
+
+def _restore(name: str, value: str | None) -> None:
+    import os
+
+    os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -267,34 +330,50 @@ def test_swap_on_two_replicas_under_load_fails_nothing(replicas, catalogs):
         assert _ask(url, users[0], k) == ("2", truth[2][1][0])
 
 
+def _publish_both(repository: Path, urls: list[str], catalogs) -> tuple[int, int]:
+    """Publish version 1's catalog, then version 2's, on both replicas: this test's own state,
+    whatever ran before it. Returns the two version numbers."""
+    made = []
+    for catalog in catalogs:
+        done = _mmrec_index("build", "--items", str(catalog), "--repository", str(repository),
+                            *[a for u in urls for a in ("--url", u)])
+        assert done.exit_code == 0, done.output
+        made.append(versions(repository)[-1])
+    return made[0], made[1]
+
+
 @pytest.mark.server
 @pytest.mark.timeout(600)
 def test_a_replica_that_cannot_load_stops_the_rollout_and_rollback_serves_the_old_catalog(replicas, catalogs):
     repository, urls = replicas
-    if versions(repository) != [1, 2]:
-        pytest.skip("needs the swap test's versions 1 and 2 (run the module, not this test alone)")
-    with socket.socket() as s:  # a port nobody listens on: a replica that is down
-        s.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    first, second = _publish_both(repository, urls, catalogs)
+    dead = _dead_address()
+    assert [_settled(u, second) for u in urls] == [(second,), (second,)]
 
-    rolled = _mmrec_index("rollback", "--repository", str(repository))  # on disk only, as before a bucket upload
+    rolled = _mmrec_index("rollback", "--repository", str(repository), "--no-load")  # as before a bucket upload
     assert rolled.exit_code == 0, rolled.output
-    assert versions(repository) == [2, 3]  # version 3 = a copy of version 1; --keep 2 pruned version 1
+    third = second + 1
+    assert versions(repository) == [second, third]  # a copy of `first`; --keep 2 pruned it
     refused = _mmrec_index("load", "--repository", str(repository), "--url", urls[0], key=None)
     assert refused.exit_code == 3 and ADMIN_KEY_ENV in " ".join(refused.output.split())
-    assert served_versions(urls[0])[0] == (2,)
+    wrong_header = _mmrec_index("load", "--repository", str(repository), "--url", urls[0], header=None)
+    assert wrong_header.exit_code == 3 and ADMIN_HEADER_ENV in " ".join(wrong_header.output.split())
+    assert served_versions(urls[0])[0] == (second,)
 
     stopped = _mmrec_index("load", "--repository", str(repository), "--url", urls[0], "--url", dead,
                            "--url", urls[1])
     message = " ".join(stopped.output.split())
     assert stopped.exit_code == 3, stopped.output
-    assert dead in message and "rollout stopped at replica 2 of 3" in message and "mmrec index rollback" in message
-    assert [_settled(urls[0], 3), served_versions(urls[1])[0]] == [(3,), (2,)]  # stopped: the rest keep theirs
+    assert dead in message and "rollout stopped at replica 2 of 3" in message
+    assert "mmrec index rollback" in message and "--no-load" in message and "mmrec index load" in message
+    assert [_settled(urls[0], third), served_versions(urls[1])[0]] == [(third,), (second,)]  # the rest keep theirs
     status = _mmrec_index("status", "--repository", str(repository), *[a for u in urls for a in ("--url", u)])
     assert status.exit_code == 0, status.output
     report = json.loads(status.stdout)
-    assert [r["serves"] for r in report["replicas"]] == [[3], [2]]
-    assert report["published"][-1]["rollback_of"] == 1
+    assert [r["serves"] for r in report["replicas"]] == [[third], [second]]
+    assert report["published"][-1]["rollback_of"] == first
+    sizes = report["version_bytes"]  # what sizes the pods' cache (docs/deployment.md)
+    assert sorted(sizes) == sorted([str(second), str(third)]) and all(n > 0 for n in sizes.values())
 
     finished = _mmrec_index("load", "--repository", str(repository), "--url", urls[0], "--url", urls[1])
     assert finished.exit_code == 0, finished.output
@@ -302,6 +381,55 @@ def test_a_replica_that_cannot_load_stops_the_rollout_and_rollback_serves_the_ol
         ids, vectors = store.catalog()  # the store still holds version 2's catalog
     user = vectors[0]
     for url in urls:
-        assert _settled(url, 3) == (3,)
+        assert _settled(url, third) == (third,)
         version, got = _ask(url, user, V1_ITEMS)
-        assert version == "3" and set(got) != set(ids) and len(set(got) & set(ids)) == V1_ITEMS - CHURN
+        assert version == str(third) and set(got) != set(ids) and len(set(got) & set(ids)) == V1_ITEMS - CHURN
+
+
+@pytest.mark.server
+@pytest.mark.timeout(600)
+def test_a_rollout_loads_a_replica_that_appears_and_skips_one_that_leaves(replicas, catalogs, monkeypatch):
+    """A headless name resolving to [A, dead pod], then to [A, B] (scale-in, and a pod becoming
+    ready): A loads, the dead pod is "gone", B is loaded after the re-resolution, all verified."""
+    repository, urls = replicas
+    monkeypatch.setenv(ADMIN_KEY_ENV, ADMIN_KEY)
+    monkeypatch.setenv(ADMIN_HEADER_ENV, ADMIN_HEADER_NAME)
+    built = _mmrec_index("build", "--items", str(catalogs[0]), "--repository", str(repository), "--url", urls[0],
+                         "--no-load")
+    assert built.exit_code == 0, built.output
+    with IndexStore.open(default_build_dir(repository)) as store:
+        version = publish(store, repository, force=True).version  # neither replica serves it yet
+    dead = _dead_address()
+    calls = []
+
+    def resolve(name: str) -> list[str]:
+        calls.append(name)
+        return [urls[0], dead] if len(calls) == 1 else [urls[0], urls[1]]
+
+    rollout = roll_out(ReplicaSet(names=("mmrec-headless:8001",), resolve=resolve, pause_s=0), version)
+    assert [(s.url, s.outcome) for s in rollout.replicas] == [(urls[0], "loaded"), (dead, "gone"), (urls[1], "loaded")]
+    assert [version in s.serves for s in rollout.replicas] == [True, False, True]
+    assert len(calls) >= 4  # the start, the dead pod's check, two agreeing resolutions
+    assert [_settled(u, version) for u in urls] == [(version,), (version,)]
+    assert answers_tls(urls[0]) is False and answers_tls(dead) is False  # plaintext and closed: not TLS
+    with pytest.raises(PublishError, match="the local copy is stale"):  # replicas ahead of an empty copy
+        check_not_behind(repository.parent / "empty-copy", urls)
+
+
+@pytest.mark.server
+@pytest.mark.timeout(300)
+def test_index_commands_refuse_a_tls_server_with_a_clear_message(tmp_path):
+    from test_security import make_certificates, tls_server
+    from toy_models import DOUBLE_CONFIG, DOUBLE_MODEL, write_model
+
+    served = tmp_path / "served"
+    write_model(served, "double", DOUBLE_CONFIG, DOUBLE_MODEL)
+    local = tmp_path / "local"
+    (local / schema.CATALOG_SCORER / "1").mkdir(parents=True)  # a published version to load
+    with tls_server(served, make_certificates(tmp_path / "tls"), tmp_path / "triton.log") as server:
+        url = server.urls["grpc"]
+        assert answers_tls(url)
+        done = _mmrec_index("load", "--repository", str(local), "--url", url)
+    message = " ".join(done.output.split())
+    assert done.exit_code == 3, done.output
+    assert f"{url} serves gRPC over TLS" in message and "plaintext gRPC only" in message

@@ -22,7 +22,7 @@ CONTRACT = ("mmrec.schema", "mmrec.layout", "mmrec.preprocess", "mmrec.metrics",
             "mmrec.model_repository")
 PIPELINE = ("mmrec.reference",)
 SERVE = ("mmrec.server", "mmrec.index_graph", "mmrec.index_publish", "mmrec.index_store",
-         "mmrec.photos")
+         "mmrec.photos", "mmrec.tls_probe")
 TOP = ("mmrec.cli", "mmrec.admission_cli", "mmrec.demo", "mmrec.serve_cli", "mmrec.index_cli", "mmrec.export.cli", "mmrec.client.cli",
        "mmrec.benchmarks.cli")
 # what each layer may import from mmrec (besides itself); anything else is a violation

@@ -31,6 +31,8 @@ from promtool_runner import check_rules, require_promtool, run_unit_tests
 from test_deploy import (ADAPTER_VALUES, CHART, CPU_VALUES, LIVE_SERVER_SETS, NAMESPACE, RELEASE,
                          _server_config, helm)  # noqa: F401  (helm: the session fixture)
 
+from mmrec.benchmarks import hpa_signals
+
 pytestmark = pytest.mark.server
 
 # `helm template` renders Prometheus Operator objects only when told the cluster serves them
@@ -47,7 +49,9 @@ SCORED_MODEL = "interest_scorer"  # the ensemble score() calls: one count per it
 TIMING_SETS = ("monitoring.prometheusRule.rateWindow=1m",
                *(f"monitoring.prometheusRule.alerts.{a}.for=30s"
                  for a in ("inferenceFailures", "queueComputeRatio", "latencyP99")),
-               *(f"monitoring.prometheusRule.alerts.{a}.for=15s" for a in ("replicasUnavailable", "targetDown")))
+               *(f"monitoring.prometheusRule.alerts.{a}.for=15s" for a in ("replicasUnavailable", "targetDown")),
+               # a few real requests per second are a fraction of that per promtool second
+               "monitoring.prometheusRule.alerts.inferenceFailures.minRequestsPerSecond:=0.01")
 # thresholds any served request crosses
 SENSITIVE_SETS = TIMING_SETS + ("monitoring.prometheusRule.alerts.latencyP99.sloUs=1",
                                 f"monitoring.prometheusRule.alerts.latencyP99.models={{{SCORED_MODEL}}}",
@@ -198,6 +202,7 @@ def recorded(helm, exported_repository, sample_items, tmp_path_factory) -> Recor
               "pod": pod, "container": deployment["spec"]["template"]["spec"]["containers"][0]["name"],
               "endpoint": endpoint["port"], "instance": f"127.0.0.1:{config.metrics_port}"}
     ksm = {"job": "kube-state-metrics", "namespace": NAMESPACE, "deployment": name}
+    hpa = {"job": "kube-state-metrics", "namespace": NAMESPACE, "horizontalpodautoscaler": name}
     recording = Recording(_seconds(endpoint["interval"]), target)
     schedule = [phase for phase, count in PHASES for _ in range(count)]
     items = [(caption, png) for caption, png, _ in sample_items[:16]]
@@ -221,6 +226,9 @@ def recorded(helm, exported_repository, sample_items, tmp_path_factory) -> Recor
                     recording.add_sample("kube_deployment_spec_replicas", ksm, 1)
                     recording.add_sample("kube_deployment_status_replicas_available", ksm,
                                          1 if ready and ready[0] == 200 else 0)
+                    recording.add_sample("kube_deployment_status_replicas_updated", ksm, 1)  # no rollout
+                    for hpa_series in ("desired", "current"):
+                        recording.add_sample(f"kube_horizontalpodautoscaler_status_{hpa_series}_replicas", hpa, 1)
                     following = schedule[index + 1] if index + 1 < len(schedule) else "down"
                     if following == "down" and phase != "down":
                         load.stop()
@@ -310,6 +318,16 @@ def test_failure_alert_fires_in_the_window_with_failures(helm, promtool, recorde
                                   f"{recorded.recording.interval_s}s"))
 
 
+def test_failure_alert_stays_silent_below_the_request_rate_floor(helm, promtool, recorded, tmp_path):
+    """The same failures at a floor above the recorded traffic: too few requests to page."""
+    groups = rule_groups(render_chart(helm, TIMING_SETS + (
+        "monitoring.prometheusRule.alerts.inferenceFailures.minRequestsPerSecond:=1000",)), annotations=False)
+    tests = [{"eval_time": recorded.time(recorded.last("failing")), "alertname": a, "exp_alerts": []}
+             for a in ("MMRecInferenceFailures", "MMRecRequestsShed")]
+    _assert_passes(run_unit_tests(promtool, groups, _unit(recorded, tests), tmp_path, "floor",
+                                  f"{recorded.recording.interval_s}s"))
+
+
 def test_latency_and_queue_alerts_follow_their_thresholds(helm, promtool, recorded, tmp_path):
     """Under load: silent at the chart's SLO and threshold, firing at ones any request crosses."""
     at_load = recorded.time(recorded.last("load"))
@@ -341,6 +359,121 @@ def test_down_pod_fires_target_and_replica_alerts(helm, promtool, recorded, tmp_
                                        deployment=recorded.deployment)] if firing else []}]
     _assert_passes(run_unit_tests(promtool, groups, _unit(recorded, tests), tmp_path, "down",
                                   f"{recorded.recording.interval_s}s"))
+
+
+# ---- alerts on synthesized series: rollouts, slow starts, shedding -------------------------------
+# Minutes of cluster life no single tritonserver run shows, as kube-state-metrics and Prometheus
+# would record them; the rules are the chart's defaults (for, windows, thresholds).
+
+SYNTHETIC_INTERVAL = "1m"
+
+
+def _per_minute(*segments: tuple[float, int]) -> str:
+    """promtool values, one a minute: (value, minutes) segments in order."""
+    return " ".join(f"{value:g}" for value, minutes in segments for _ in range(minutes))
+
+
+def _synthetic(series: dict[str, str], alert_tests: list[dict]) -> list[dict]:
+    return [{"interval": SYNTHETIC_INTERVAL, "input_series": [{"series": k, "values": v} for k, v in series.items()],
+             "alert_rule_test": alert_tests}]
+
+
+def _rollout_step_minutes(docs: list[dict]) -> int:
+    """A rollout step at its slowest as the rendered pods allow it: an old pod's grace period,
+    then a new pod using its whole startup probe budget."""
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    startup = pod["containers"][0]["startupProbe"]
+    seconds = pod["terminationGracePeriodSeconds"] + startup["periodSeconds"] * startup["failureThreshold"]
+    return -(-seconds // 60)
+
+
+def test_replicas_alert_waits_out_a_rollout_and_fires_when_stuck(helm, promtool, tmp_path):
+    """maxUnavailable 1 on 3 replicas: available stays at 2 for the whole rollout, far past the
+    alert's `for`, while each step (as slow as the pods may start) moves the updated count: no
+    alert. The same shortfall with the updated count frozen (a new pod that never becomes
+    ready, a scale-out left Pending) fires."""
+    docs = render_chart(helm)
+    groups = rule_groups(docs, annotations=False)
+    rule = _alerts(groups)["MMRecReplicasUnavailable"]
+    step, replicas, start = _rollout_step_minutes(docs), 3, 5
+    end = start + replicas * step  # the last new pod ready
+    total = end + 60
+    name = _one(docs, "Deployment")["metadata"]["name"]
+    ksm = {"job": "kube-state-metrics", "namespace": NAMESPACE}
+    rollout, stuck = {**ksm, "deployment": name}, {**ksm, "deployment": f"{name}-stuck"}
+    series = {}
+    for labels, updated in ((rollout, [(replicas, start)] + [(k, step) for k in range(1, replicas + 1)]),
+                            (stuck, [(replicas, start), (1, total - start)])):
+        series[series_selector("kube_deployment_spec_replicas", labels)] = _per_minute((replicas, total))
+        available = [(replicas, start), (replicas - 1, (end if labels is rollout else total) - start)]
+        series[series_selector("kube_deployment_status_replicas_available", labels)] = _per_minute(
+            *available, *([(replicas, total - end)] if labels is rollout else []))
+        series[series_selector("kube_deployment_status_replicas_updated", labels)] = _per_minute(
+            *updated, *([(replicas, total - end)] if labels is rollout else []))
+    # the stuck Deployment is not this release's: the rule selects by name, so retarget it
+    stuck_groups = rule_groups(render_chart(helm, (f"fullnameOverride={name}-stuck",)), annotations=False)
+    minutes = range(start, total, 5)
+    tests = [{"eval_time": f"{m}m", "alertname": rule["alert"], "exp_alerts": []} for m in minutes]
+    _assert_passes(run_unit_tests(promtool, groups, _synthetic(series, tests), tmp_path, "rollout", SYNTHETIC_INTERVAL))
+    firing = [_exp(rule, namespace=NAMESPACE, deployment=f"{name}-stuck")]
+    tests = [{"eval_time": f"{start + 2}m", "alertname": rule["alert"], "exp_alerts": []},
+             {"eval_time": f"{total - 1}m", "alertname": rule["alert"], "exp_alerts": firing}]
+    _assert_passes(run_unit_tests(promtool, stuck_groups, _synthetic(series, tests), tmp_path, "stuck",
+                                  SYNTHETIC_INTERVAL))
+    assert end - start > 2 * _seconds(rule["for"]) // 60, "the rollout must outlast the alert's `for`"
+
+
+def test_target_alert_spares_starting_pods_and_fires_for_a_pod_that_went_down(helm, promtool, tmp_path):
+    """Triton opens its metrics port only once its models loaded: a pod that starts for longer
+    than the alert's `for` is down all that time, and must not alert. A pod that was up and
+    then stopped answering fires."""
+    docs = render_chart(helm)
+    groups = rule_groups(docs, annotations=False)
+    rule = _alerts(groups)["MMRecTargetDown"]
+    name = _one(docs, "Deployment")["metadata"]["name"]
+    service = next(d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None")
+    target = {"job": service["metadata"]["name"], "namespace": NAMESPACE, "service": service["metadata"]["name"]}
+    slow, fell = f"{name}-6c9f7d8b5-s10w1", f"{name}-6c9f7d8b5-d0wn2"
+    start_minutes = _rollout_step_minutes(docs)  # as long as the startup probe lets a pod start
+    up_for, down_for = 10, 20
+    series = {series_selector("up", {**target, "pod": slow}): _per_minute((0, start_minutes), (1, 20)),
+              series_selector("up", {**target, "pod": fell}): _per_minute((1, up_for), (0, down_for))}
+    tests = [{"eval_time": f"{m}m", "alertname": rule["alert"], "exp_alerts": []}
+             for m in range(1, up_for + _seconds(rule["for"]) // 60)]
+    tests.append({"eval_time": f"{up_for + down_for - 1}m", "alertname": rule["alert"],
+                  "exp_alerts": [_exp(rule, namespace=NAMESPACE, service=target["service"], pod=fell)]})
+    assert start_minutes > _seconds(rule["for"]) // 60, "the start must outlast the alert's `for`"
+    _assert_passes(run_unit_tests(promtool, groups, _synthetic(series, tests), tmp_path, "starts", SYNTHETIC_INTERVAL))
+
+
+def test_shedding_is_its_own_warning_and_low_traffic_failures_do_not_page(helm, promtool, tmp_path):
+    """Requests Triton rejected (queue policy) raise MMRecRequestsShed, a warning, not the
+    failure alert; a model failing half of a trickle of requests stays below the rate floor;
+    the same share at real traffic fires MMRecInferenceFailures."""
+    docs = render_chart(helm)
+    groups = rule_groups(docs, annotations=False)
+    alerts = _alerts(groups)
+    failures, shed = alerts["MMRecInferenceFailures"], alerts["MMRecRequestsShed"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["monitoring"]["prometheusRule"]["alerts"]
+    floor_per_minute = values["inferenceFailures"]["minRequestsPerSecond"] * 60
+    service = next(d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None")
+    scope = {"namespace": NAMESPACE, "service": service["metadata"]["name"]}
+    minutes, series = 40, {}
+    # per minute: (successes, failures by reason); counters grow linearly
+    traffic = {"interest_scorer": (600, {"REJECTED": 60, "BACKEND": 0}),  # shedding under overload
+               "scorer": (floor_per_minute / 4, {"REJECTED": 0, "BACKEND": floor_per_minute / 4}),  # a trickle
+               "tokenizer": (600, {"REJECTED": 0, "BACKEND": 120})}  # failing at traffic
+    for model, (ok, failed) in traffic.items():
+        series[series_selector("nv_inference_request_success", {**scope, "model": model})] = f"0+{ok:g}x{minutes}"
+        for reason, count in failed.items():
+            series[series_selector("nv_inference_request_failure", {**scope, "model": model, "reason": reason})] = \
+                f"0+{count:g}x{minutes}"
+    at = f"{minutes - 1}m"
+    tests = [{"eval_time": at, "alertname": shed["alert"], "exp_alerts": [_exp(shed, **scope, model="interest_scorer")]},
+             {"eval_time": at, "alertname": failures["alert"],
+              "exp_alerts": [_exp(failures, **scope, model="tokenizer")]}]
+    assert shed["labels"]["severity"] == "warning"
+    _assert_passes(run_unit_tests(promtool, groups, _synthetic(series, tests), tmp_path, "shed", SYNTHETIC_INTERVAL))
 
 
 # ---- prometheus-adapter rules ------------------------------------------------------------------
@@ -401,7 +534,7 @@ def test_adapter_rule_evaluates_on_recorded_series(promtool, recorded, tmp_path,
         tests += [{"expr": query, "eval_time": idle, "exp_samples": [{"labels": pod, "value": 0}]},
                   {"expr": f"abs(({query}) * {window} - {sent}) <= bool {tolerance}", "eval_time": load,
                    "exp_samples": [{"labels": pod, "value": 1}]}]
-    elif metric == "triton_queue_compute_ratio":
+    elif metric in ("triton_queue_compute_ratio", "triton_busy_fraction"):  # 0 idle, rising under load
         tests += [{"expr": query, "eval_time": idle, "exp_samples": [{"labels": pod, "value": 0}]},
                   {"expr": f"({query}) > bool 0", "eval_time": load, "exp_samples": [{"labels": pod, "value": 1}]}]
     elif metric == "triton_request_p99_us":
@@ -412,6 +545,63 @@ def test_adapter_rule_evaluates_on_recorded_series(promtool, recorded, tmp_path,
     elif metric == "triton_shed_per_second":  # no admission policy ran: nothing was shed
         tests.append({"expr": query, "eval_time": failing, "exp_samples": [{"labels": pod, "value": 0}]})
     _assert_passes(run_unit_tests(promtool, [], _unit(recorded, expr_tests=tests), tmp_path, metric,
+                                  f"{recorded.recording.interval_s}s"))
+
+
+def _promtool_ranges_are_left_open(promtool: str) -> bool:
+    """Prometheus 3 made range selectors left-open ((t - w, t]); 2.x includes the sample at t - w."""
+    done = subprocess.run([promtool, "--version"], capture_output=True, text=True)
+    found = re.search(r"version (\d+)\.", done.stdout + done.stderr)
+    if not found:
+        raise RuntimeError(f"cannot read promtool's version: {done.stdout!r} {done.stderr!r}")
+    return int(found.group(1)) >= 3
+
+
+def _snapshot(recording: Recording, index: int) -> hpa_signals.Snapshot:
+    """hpa_signals' view of scrape `index`: the families its twins read, per model (and reason)."""
+    values = {}
+    for family in hpa_signals.FAMILIES:
+        reasons = recording.label_values(family, "reason") or {""}
+        for model in recording.label_values(family, "model"):
+            for reason in reasons:
+                value = recording.value(family, index, model=model, **({"reason": reason} if reason else {}))
+                if value is not None:
+                    values[(family, model, reason)] = value
+    return hpa_signals.Snapshot(float(recording.time_s(index)), values)
+
+
+TWIN_RELATIVE_TOLERANCE = 1e-6  # float formatting of the series; the arithmetic is the same
+
+
+@pytest.mark.parametrize("metric", sorted(set(ADAPTER_RULES) & {"triton_items_per_second", "triton_busy_fraction",
+                                                                "triton_queue_compute_ratio", "triton_shed_per_second"}))
+def test_adapter_rule_equals_its_python_twin(promtool, recorded, tmp_path, metric):
+    """benchmarks/hpa_signals.py computes each rule's value for the calibration tool: on the
+    recorded series, promtool's value of the rule (as the adapter fills it) equals the twin's on
+    the same scrapes. rate() over a window whose first sample sits on its start (or one scrape
+    in, extrapolated to it) is the counter's delta over the sampled span, as the twin takes it."""
+    assert set(hpa_signals.SIGNALS) <= set(ADAPTER_RULES), "a Python twin without an adapter rule"
+    rule = ADAPTER_RULES[metric]
+    series = rule["seriesQuery"].partition("{")[0]
+    models = RULE_MODELS.get(metric, _traffic_models(recorded))
+    matchers = f'namespace="{recorded.namespace}",pod=~"{recorded.pod}",model=~"{"|".join(models)}"'
+    query = render_adapter_query(rule["metricsQuery"], series, matchers, "pod")
+    pod = series_selector("", {"pod": recorded.pod})
+    k = _window_s(query) // recorded.recording.interval_s
+    first = 1 if _promtool_ranges_are_left_open(promtool) else 0
+    tests, seen = [], []
+    for phase in ("load", "failing"):
+        last = recorded.last(phase)
+        assert last - k >= 0, f"the {phase} phase ends before one full rate window"
+        twin = hpa_signals.evaluate(metric, _snapshot(recorded.recording, last - k + first),
+                        _snapshot(recorded.recording, last), models)
+        seen.append(twin)
+        bound = TWIN_RELATIVE_TOLERANCE * abs(twin) + 1e-9
+        tests.append({"expr": f"abs(({query}) - {twin!r}) <= bool {bound!r}", "eval_time": recorded.time(last),
+                      "exp_samples": [{"labels": pod, "value": 1}]})
+    if metric != "triton_shed_per_second":  # nothing was shed: 0 is the twin's value there
+        assert seen[0] > 0, f"{metric}'s twin reads 0 under load: the comparison would be vacuous"
+    _assert_passes(run_unit_tests(promtool, [], _unit(recorded, expr_tests=tests), tmp_path, f"twin-{metric}",
                                   f"{recorded.recording.interval_s}s"))
 
 
@@ -484,16 +674,27 @@ def test_dashboard_queries_return_data_on_recorded_series(promtool, recorded, tm
         tests = [{"expr": f"count(({expr}) == ({expr})) > bool 0", "eval_time": at,
                   "exp_samples": [{"labels": "{}", "value": 1}]}
                  for title, expr in exprs.values() if GPU_FAMILY_PREFIX not in expr]
-        # the variables' own queries resolve to this release (label_values(selector, label))
+        # the variables' own queries resolve to this release (label_values(selector, label), its
+        # values through the variable's regex capture as Grafana applies it)
+        expected = {"namespace": [recorded.namespace], "service": [recorded.service],
+                    "model": sorted(recorded.recording.label_values("nv_inference_count", "model"))}
         for variable in _variables(dashboard).values():
             if variable["type"] != "query":
                 continue
             query = variable["query"]["query"]
             selector, _, label = query.removeprefix("label_values(").removesuffix(")").rpartition(",")
-            label = label.strip()
-            expected = {"namespace": [recorded.namespace], "service": [recorded.service],
-                        "model": sorted(recorded.recording.label_values("nv_inference_count", "model"))}[label]
-            tests.append({"expr": f"count by ({label}) ({_substitute(selector, values)}) > bool 0", "eval_time": at,
-                          "exp_samples": [{"labels": series_selector("", {label: v}), "value": 1} for v in expected]})
+            regex = variable.get("regex", "").removeprefix("/").removesuffix("/") or "(.*)"
+            series = f'label_replace({_substitute(selector, values)}, "value", "$1", "{label.strip()}", "{regex}")'
+            tests.append({"expr": f"count by (value) ({series}) > bool 0", "eval_time": at,
+                          "exp_samples": [{"labels": series_selector("", {"value": v}), "value": 1}
+                                          for v in expected[variable["name"]]]})
         _assert_passes(run_unit_tests(promtool, [], _unit(recorded, expr_tests=tests), tmp_path,
                                       name.removesuffix(".json"), f"{recorded.recording.interval_s}s"))
+        # prometheus.scrape=annotations: the same series without the ServiceMonitor's `service`
+        unit = _unit(recorded, expr_tests=tests)
+        service = f'service="{recorded.service}"'
+        for series in unit[0]["input_series"]:
+            series["series"] = series["series"].replace(f",{service}", "").replace(f"{service},", "")
+        assert not any(service in series["series"] for series in unit[0]["input_series"])
+        _assert_passes(run_unit_tests(promtool, [], unit, tmp_path, name.removesuffix(".json") + "-annotations",
+                                      f"{recorded.recording.interval_s}s"))

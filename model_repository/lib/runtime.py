@@ -26,7 +26,7 @@ try:  # a sibling library module: `from .` in the package, flat beside model.py 
     from .runner_settings import PRECISIONS, RUNTIMES, RunnerSettings
 except ImportError:
     from runner_settings import PRECISIONS, RUNTIMES, RunnerSettings  # noqa: F401 - re-exported
-THREADS_ENV = "MMREC_ORT_INTRA_OP_THREADS"  # set by the Helm chart from the pod's CPU limit
+THREADS_ENV = "MMREC_ORT_INTRA_OP_THREADS"  # set by the Helm chart from the container's CPU request (downward API)
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 _ORT_TO_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16",
                  "tensor(int64)": "int64", "tensor(int32)": "int32"}

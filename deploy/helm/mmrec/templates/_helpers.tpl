@@ -66,11 +66,15 @@ mmrec.io/target: {{ .Values.model.target }}
 
 {{/* The image reference: repository:tag, pinned to a digest when image.digest is set. The bare
      NGC image lacks the python models' packages: it is accepted only with the pip init container
-     (pythonDeps.install). image.tag "" = the NGC tag for the NGC image, else the tag the docs
-     build deploy/docker/Dockerfile under for this target (<NGC tag>-mmrec, -mmrec-portable). */}}
+     (pythonDeps.install). Bare = NGC's repository, a mirror of it (…/nvidia/tritonserver) under a
+     tag without -mmrec, or any repository under NGC's own tag (a re-tagged copy): our builds are
+     tagged <NGC tag>-mmrec[-portable]. image.tag "" = the NGC tag for the NGC image, else the tag
+     the docs build deploy/docker/Dockerfile under for this target. */}}
 {{- define "mmrec.image" -}}
 {{- $ngc := include "mmrec.ngcImage" . | fromJsonArray }}
-{{- $bare := eq .Values.image.repository (index $ngc 0) }}
+{{- $repository := .Values.image.repository }}
+{{- $mirror := and (hasSuffix "/nvidia/tritonserver" $repository) (not (contains "-mmrec" (toString .Values.image.tag))) }}
+{{- $bare := or (eq $repository (index $ngc 0)) $mirror (eq (toString .Values.image.tag) (index $ngc 1)) }}
 {{- if and $bare (not .Values.pythonDeps.install) }}
 {{- fail (printf "image.repository=%s is the bare NGC Triton image: it lacks the packages the python models import (tokenizers, pillow, onnxruntime ...). Build deploy/docker/Dockerfile (NGC Triton + the chart's hash-pinned files/requirements/), push it and set image.repository to it (docs/deployment.md, \"Install\"); or, for development with a route to PyPI, opt in to the pip init container with pythonDeps.install=true" (index $ngc 0)) }}
 {{- end }}
@@ -134,18 +138,29 @@ mmrec.io/target: {{ .Values.model.target }}
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor" }}true{{ end }}
 {{- end }}
 
+{{/* "true" when the cluster serves monitoring.coreos.com/v1 PrometheusRule, else "": checked on
+     its own, as a cluster can serve ServiceMonitor without it (a partial CRD install). */}}
+{{- define "mmrec.hasPrometheusRule" -}}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule" }}true{{ end }}
+{{- end }}
+
 {{/* The Triton container's start script (`sh -c`, after NVIDIA's entrypoint). It clears what a
      previous run of this container left in the emptyDirs (the drain marker; the repository copy,
      as Triton wants an empty TRITON_*_MOUNT_DIRECTORY) and execs tritonserver with the chart's
      args ("$@"), so tritonserver is the process that receives SIGTERM. With restricted APIs it
      adds their flags with the admin key: the one of triton.restrictedApis.existingSecret
-     ($MMREC_ADMIN_KEY), else 32 random bytes drawn here for this container alone, so no
-     rendering holds a key (GitOps renders stay identical) and nobody can use the locked APIs. */}}
+     ($MMREC_ADMIN_KEY; empty there stops the container with an error instead of silently locking
+     the APIs with a key nobody holds), else 32 random bytes drawn here for this container alone,
+     so no rendering holds a key (GitOps renders stay identical) and nobody can use the locked APIs. */}}
 {{- define "mmrec.startScript" -}}
 {{- $exec := printf "rm -f %s && find %s -mindepth 1 -delete && " (include "mmrec.drainMarker" .) (include "mmrec.repositoryCache" .) }}
 {{- with .Values.triton.restrictedApis.apis }}
 {{- $apis := printf "%s:%s" (join "," .) $.Values.triton.restrictedApis.header }}
-{{- $exec }}key="${MMREC_ADMIN_KEY:-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')}" && [ -n "$key" ] && exec /opt/tritonserver/bin/tritonserver "$@" "--grpc-restricted-protocol={{ $apis }}=$key" "--http-restricted-api={{ $apis }}=$key"
+{{- if $.Values.triton.restrictedApis.existingSecret }}
+{{- $exec }}key="${MMREC_ADMIN_KEY:?is empty: key admin-key of Secret {{ $.Values.triton.restrictedApis.existingSecret }} (triton.restrictedApis.existingSecret) must hold the admin key}" && exec /opt/tritonserver/bin/tritonserver "$@" "--grpc-restricted-protocol={{ $apis }}=$key" "--http-restricted-api={{ $apis }}=$key"
+{{- else }}
+{{- $exec }}key="$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')" && { [ -n "$key" ] || { echo "mmrec: could not draw a random admin key from /dev/urandom" >&2; exit 1; }; } && exec /opt/tritonserver/bin/tritonserver "$@" "--grpc-restricted-protocol={{ $apis }}=$key" "--http-restricted-api={{ $apis }}=$key"
+{{- end }}
 {{- else }}
 {{- $exec }}exec /opt/tritonserver/bin/tritonserver "$@"
 {{- end }}
@@ -186,6 +201,15 @@ mmrec.io/target: {{ .Values.model.target }}
 {{- end }}
 {{- $set }}
 {{- end }}
+{{- end }}
+
+{{/* Longest a rollout step may take (s): an old pod's termination (grace period) plus a new one's
+     start (startup probe budget) plus 5 min for scheduling and the image pull. A rollout changes
+     kube_deployment_status_replicas_updated at least this often, so MMRecReplicasUnavailable
+     calls a Deployment stuck only after this long without a change. */}}
+{{- define "mmrec.rolloutStepSeconds" -}}
+{{- $startup := mul (int64 .Values.probes.startup.periodSeconds) (int64 .Values.probes.startup.failureThreshold) }}
+{{- add (include "mmrec.terminationGracePeriodSeconds" . | int64) $startup 300 }}
 {{- end }}
 
 {{/* Marker the preStop hook creates; the readiness probe fails while it exists. In the /tmp
@@ -289,6 +313,9 @@ mmrec.io/target: {{ .Values.model.target }}
 {{- fail "pythonDeps.extraRequirements are installed by the pip init container only (pythonDeps.install=true): with the image of deploy/docker/Dockerfile, put them into a requirement file of its build context and name it in --build-arg REQUIREMENTS" }}
 {{- end }}
 {{- $restricted := .Values.triton.restrictedApis }}
+{{- if and (eq .Values.triton.modelControlMode "explicit") (not (has "model-repository" ($restricted.apis | default list))) }}
+{{- fail "triton.modelControlMode=explicit with model-repository missing from triton.restrictedApis.apis: anyone who reaches the pods could load and unload models (or point them at other files). Keep model-repository in triton.restrictedApis.apis and set triton.restrictedApis.existingSecret" }}
+{{- end }}
 {{- if and (eq .Values.triton.modelControlMode "explicit") (has "model-repository" ($restricted.apis | default list)) (not $restricted.existingSecret) }}
 {{- fail (printf "triton.modelControlMode=explicit needs triton.restrictedApis.existingSecret: loading and unloading models (live swaps, `mmrec index publish --url`, which sends $MMREC_ADMIN_KEY) takes the admin key, and without a Secret each pod draws a random key nobody holds. Create one, e.g. `kubectl -n %s create secret generic %s-admin --from-literal=admin-key=$(openssl rand -hex 32)` (or through External Secrets / Sealed Secrets), and set triton.restrictedApis.existingSecret=%s-admin" .Release.Namespace (include "mmrec.fullname" .) (include "mmrec.fullname" .)) }}
 {{- end }}
