@@ -487,7 +487,9 @@ def hpa_calibration_block(record: dict) -> str:
                   f"{BUSY_MIN_SHARE}): other work shared the machine, so X is low; the curves are what the "
                   "defaults are read from, relative to that X.", ""]
     source = (record.get("capacity") or {}).get("from")
-    lines += [f"One {record['replica']['target']}-target replica, open-loop Poisson load (MLPerf LoadGen) on "
+    variants = record["replica"].get("served_variants") or {}
+    serving = (" serving " + ", ".join(f"{m} {v}" for m, v in variants.items())) if variants else ""
+    lines += [f"One {record['replica']['target']}-target replica{serving}, open-loop Poisson load (MLPerf LoadGen) on "
               f"`{record['payload_set']}`: X = **{record['capacity_qps']:.1f} items/s** at p99 ≤ {record['slo_ms']:g} ms "
               f"(low end of the interval over trials{f', from `{source}`' if source else ''}), "
               f"u = {record['headroom_u']:.2f}; each signal as the adapter "

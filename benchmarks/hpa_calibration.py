@@ -66,8 +66,9 @@ ITEMS_TARGET_VALUE = "autoscaling.itemsPerSecondPerPod"  # the chart's items/s t
 EXIT_REFUSED = 3  # measured, but the numbers do not describe this replica: no recommendation
 UNUSED_URI = "s3://calibration/unused"  # the chart needs a repository URI to render; not used here
 UNUSED_GPU = "calibration-unused"  # nor a GPU model for model.target=tensorrt
-# The committed reference run: one portable-target replica of the default export on the bench
-# machine. docs/deployment.md's calibration table and tests/test_autoscaling.py's replica model read it.
+# The committed reference run: one portable-target replica on the bench machine (which variants it
+# serves is recorded: `replica.served_variants`). docs/deployment.md's calibration table and
+# tests/test_autoscaling.py's replica model read it.
 REFERENCE_JSON = doc_blocks.HPA_CALIBRATION_JSON
 REFERENCE_COMMAND = doc_blocks.RESULTS_FILES[REFERENCE_JSON]
 
@@ -374,6 +375,19 @@ def planned_capacity(result: dict) -> float:
 # ------------------------------------------------------------------------------------ CLI
 
 
+def served_variants(repository: Path) -> dict[str, str]:
+    """What each member of the export copy runs (its manifest: fp32, int8, openvino-bf16, ...):
+    X, and every target read from it, is a property of that choice as much as of the hardware."""
+    from mmrec.layout import RepositoryLayout
+
+    path = RepositoryLayout(Path(repository)).manifest_file
+    if not path.is_file():
+        return {}
+    models = json.loads(path.read_text()).get("models", {})
+    return {name: str(entry.get("served_variant")) for name, entry in sorted(models.items())
+            if entry.get("served_variant")}
+
+
 def calibrate(opts: argparse.Namespace, url: str, metrics_url: str, say=print) -> dict:
     target_name = opts.target or served_target(url)
     entries = with_opt_in(render_hpa(opts.values, opts.set, target_name), target_name)
@@ -414,7 +428,8 @@ def calibrate(opts: argparse.Namespace, url: str, metrics_url: str, say=print) -
                 + "  ".join(f"{k} {v:.3f}" for k, v in row["signals"].items()))
     idle_signals = idle.signals(entries)
     recommendations = [recommend(e, idle_signals.get(e.name, 0.0), rows, capacity, u) for e in entries]
-    record = {"replica": {"url": url, "metrics_url": metrics_url, "target": target_name, "models": served},
+    record = {"replica": {"url": url, "metrics_url": metrics_url, "target": target_name, "models": served,
+                          "served_variants": served_variants(opts.repository)},
             "chart": {"values": [str(v) for v in opts.values], "set": list(opts.set)},
             "slo_ms": opts.slo_ms, "payload_set": opts.payload_set, "headroom_u": u,
             "capacity_qps": capacity, "capacity": capacity_record,
