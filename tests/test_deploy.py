@@ -219,13 +219,7 @@ def _args(docs: list[dict], expand: bool = False) -> dict[str, list[str]]:
 
     expand: as the kubelet passes them, `$(VAR)` replaced from the container's env."""
     triton = _triton(docs)
-    args = expand_kubelet_vars(triton) if expand else triton["args"]
-    out: dict[str, list[str]] = {}
-    for arg in args:
-        assert arg.startswith("--"), f"unexpected tritonserver argument {arg!r}"
-        name, _, value = arg.partition("=")
-        out.setdefault(name, []).append(value)
-    return out
+    return _flags(expand_kubelet_vars(triton) if expand else triton["args"])
 
 
 def _init(docs: list[dict]) -> dict | None:
