@@ -28,7 +28,7 @@ from .export_defaults import DEFAULT_REPOSITORY
 from .index_build import DEFAULT_BATCH_SIZE, BuildReport, LocalEncoder, ServerEncoder, build, remove
 from .index_publish import (DEFAULT_K, DEFAULT_KEEP, DEFAULT_MAX_K, PublishError, Published, ReplicaSet, ReplicaState,
                             Rollout, RolloutStopped, ServeOptions, check_not_behind, check_replicas, publish, republish,
-                            roll_out, version_bytes, versions)
+                            roll_out, tls_hint, version_bytes, versions)
 from .index_store import META_FILE, CatalogIndexError, IndexStore, count_lines, default_build_dir, read_catalog
 
 EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 2, 3, 130
@@ -99,7 +99,10 @@ def _encoder(repository: Path, url: str | None, local: bool):
         try:
             return ServerEncoder(url)
         except MMRecError as err:
-            raise _fail(str(err), EXIT_UNAVAILABLE) from None
+            from .tls_probe import answers_tls
+
+            reason = tls_hint(url, "encode items").strip() if answers_tls(url) else str(err)
+            raise _fail(reason, EXIT_UNAVAILABLE) from None
     try:
         return LocalEncoder(repository)
     except (FileNotFoundError, ValueError) as err:

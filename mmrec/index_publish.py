@@ -261,7 +261,7 @@ def load_on_server(url: str, version: int, timeout_s: float = 600.0) -> None:
                     "triton.restrictedApis.header)."
                     if "restricted" in lowered or "unavailable" in lowered and "protocol" in lowered else "")
             if "unavailable" in str(err.status()).lower() and answers_tls(url):
-                raise ServerSpeaksTls(_tls_hint(url).strip()) from None
+                raise ServerSpeaksTls(tls_hint(url).strip()) from None
             raise PublishError(f"{url} did not load catalog_scorer version {version}: {message}.{hint}") from None
         if not client.is_model_ready(schema.CATALOG_SCORER, str(version)):
             served = list(client.get_model_metadata(schema.CATALOG_SCORER).versions)
@@ -384,15 +384,16 @@ def served_versions(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[tuple
     except InferenceServerException as err:
         why = " ".join((err.message() or str(err)).split())
         if "unavailable" in str(err.status()).lower() and answers_tls(url):
-            why = _tls_hint(url).strip()
+            why = tls_hint(url).strip()
         return (), why
     finally:
         client.close()
 
 
-def _tls_hint(url: str) -> str:
+def tls_hint(url: str, what: str = "load or check versions") -> str:
+    """Why a call to `url` failed when the port speaks TLS, and what to do instead."""
     return (f" {url} serves gRPC over TLS, and `mmrec index` speaks plaintext gRPC only (it has no TLS "
-            "options), so it cannot load or check versions there: run it against servers with gRPC TLS off "
+            f"options), so it cannot {what} there: run it against servers with gRPC TLS off "
             "(chart: triton.grpc.tls.enabled=false), or publish with --no-load and restart the replicas.")
 
 

@@ -430,6 +430,13 @@ def test_index_commands_refuse_a_tls_server_with_a_clear_message(tmp_path):
         url = server.urls["grpc"]
         assert answers_tls(url)
         done = _mmrec_index("load", "--repository", str(local), "--url", url)
+        items = tmp_path / "items.jsonl"
+        items.write_text('{"id": "a", "text": "a red apple", "image": "missing.png"}\n')
+        encoding = _mmrec_index("build", "--items", str(items), "--repository", str(local), "--url", url, "--no-load")
     message = " ".join(done.output.split())
     assert done.exit_code == 3, done.output
     assert f"{url} serves gRPC over TLS" in message and "plaintext gRPC only" in message
+    # encoding on a TLS server: the same cause, named for what failed
+    message = " ".join(encoding.output.split())
+    assert encoding.exit_code == 3, encoding.output
+    assert f"{url} serves gRPC over TLS" in message and "cannot encode items there" in message
