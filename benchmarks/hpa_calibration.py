@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,6 +47,7 @@ from typing import Callable, Sequence
 import yaml
 
 from mmrec import schema
+from mmrec.machine import tool_path
 
 from . import doc_blocks, hpa_signals, open_loop, triton_stats
 from .doc_blocks import headroom
@@ -108,8 +107,7 @@ def served_target(url: str) -> str:
 
 
 def find_helm() -> str:
-    helm = os.environ.get("MMREC_HELM") or shutil.which(
-        "helm", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    helm = tool_path("helm", "MMREC_HELM")
     if not helm:
         raise CalibrationError("helm not found: python deploy/tools/install_helm.py (or set MMREC_HELM)")
     return helm

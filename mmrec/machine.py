@@ -77,3 +77,13 @@ def git_commit(root: Path = REPO_ROOT) -> dict:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def tool_path(name: str, env_var: str) -> str | None:
+    """An executable the benchmarks and tests call (helm, promtool): `env_var`'s path, else the
+    venv's bin/ (where `make` installs them from deploy/tools/), else PATH; None when none is."""
+    import shutil
+    import sys
+
+    candidates = [os.environ.get(env_var), str(Path(sys.executable).parent / name), shutil.which(name)]
+    return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)

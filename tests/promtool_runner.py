@@ -6,23 +6,19 @@ under CI (tests/hard_dependencies.py).
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from hard_dependencies import skip_unless
+from mmrec.machine import tool_path
 
 INSTALL_PROMTOOL = "python deploy/tools/install_promtool.py"
 
 
 def find_promtool() -> str | None:
-    candidates = [os.environ.get("MMREC_PROMTOOL"), str(Path(sys.executable).parent / "promtool"),
-                  shutil.which("promtool")]
-    return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
+    return tool_path("promtool", "MMREC_PROMTOOL")
 
 
 def require_promtool() -> str:

