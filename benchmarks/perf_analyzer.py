@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmrec import schema
-from mmrec.server import default_cache_dir
+from mmrec.machine import default_cache_dir
 
 from .timing import P99_MIN_SAMPLES
 

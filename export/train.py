@@ -6,13 +6,18 @@ embedding (items of one category cluster, which is what neighbour search and use
 """
 from __future__ import annotations
 
-from typing import Callable
+import multiprocessing
+from contextlib import closing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from mmrec import metrics
+from mmrec.model_repository.lib.runtime import usable_cores
 from .features import ItemFeatures
 from .models.fusion import FusionConfig, FusionHead
 
@@ -23,6 +28,9 @@ LEARNING_RATE = 2e-3
 TEMPERATURE = 0.1
 SPREAD_METRICS = ("interest_accuracy", "interest_macro_f1", "alignment_pair_auc",
                   "text_to_image_recall_at_1")
+# What a machine that cannot run worker processes raises (no /dev/shm or semaphores, a process
+# limit, a worker killed on start): the spread then trains in this process instead.
+WORKER_FAILURES = (OSError, BrokenProcessPool, NotImplementedError, ImportError)
 
 
 def _info_nce(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -45,28 +53,31 @@ def _sup_con(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_fusion(train: ItemFeatures, config: FusionConfig,
                  progress: Callable[[int], None] | None = None,
-                 seed: int = SEED) -> tuple[FusionHead, float]:
+                 seed: int = SEED, epochs: int | None = None) -> tuple[FusionHead, float]:
     """Same features + same config + same seed -> the same weights on any x86 CPU.
 
     Training runs in float64 on one thread: float32 GEMM kernels differ between CPUs (AVX-512,
     AMX, AVX2 pick different blockings), and 60 epochs amplify those last-bit differences into
     points of held-out F1. In float64 the kernels still differ, but not in the float32 weights
-    we export. The returned head is float32.
+    we export. The returned head is float32. The caller's global RNG is left as it was, so
+    training here or in a worker process (seed_spread) leaves this process in the same state.
     """
+    epochs = EPOCHS if epochs is None else epochs
     threads = torch.get_num_threads()
+    rng = torch.get_rng_state()
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     try:
         model = FusionHead(config).double()
         optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-2)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=EPOCHS)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         text = torch.from_numpy(train.text).double()
         image = torch.from_numpy(train.image).double()
         labels = torch.from_numpy(train.labels)
         generator = torch.Generator().manual_seed(seed)
         loss_value = float("nan")
         model.train()
-        for _ in range(EPOCHS):
+        for _ in range(epochs):
             order = torch.randperm(len(labels), generator=generator)
             for start in range(0, len(order), BATCH_SIZE):
                 idx = order[start:start + BATCH_SIZE]
@@ -83,25 +94,67 @@ def train_fusion(train: ItemFeatures, config: FusionConfig,
         return model.float().eval(), loss_value
     finally:
         torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
 
 
 def seed_spread(train: ItemFeatures, parts: dict[str, ItemFeatures], config: FusionConfig,
                 seeds: int, progress: Callable[[int], None] | None = None,
-                first: FusionHead | None = None) -> dict[str, dict]:
+                first: FusionHead | None = None, workers: int | None = None) -> dict[str, dict]:
     """Per part: mean and standard deviation of the headline metrics over `seeds` seeds.
 
     What a reader needs to judge a difference: a change smaller than this spread is noise.
     Each seed trains once and is evaluated on every part; `first`, the head already trained
     with SEED (training is deterministic), stands in for that seed instead of a second run.
+    The other seeds train in up to `workers` processes (default: the usable cores), each on
+    one thread as in this process, so the numbers are the same bits as a serial run.
     """
+    to_train = [SEED + offset for offset in range(seeds) if not (offset == 0 and first is not None)]
     runs: dict[str, list[dict]] = {name: [] for name in parts}
-    for offset in range(seeds):
-        model = first if offset == 0 and first is not None else train_fusion(train, config, seed=SEED + offset)[0]
-        for name, features in parts.items():
-            runs[name].append(evaluate_fusion(model, features, config.num_categories))
-        if progress:
-            progress(1)
+    with closing(_trained_heads(train, config, to_train, usable_cores() if workers is None else workers)) as trained:
+        for offset in range(seeds):
+            model = first if offset == 0 and first is not None else next(trained)
+            for name, features in parts.items():
+                runs[name].append(evaluate_fusion(model, features, config.num_categories))
+            if progress:
+                progress(1)
     return {name: _mean_std(part_runs) for name, part_runs in runs.items()}
+
+
+def _trained_heads(train: ItemFeatures, config: FusionConfig, seeds: list[int],
+                   workers: int) -> Iterator[FusionHead]:
+    """The heads of `seeds`, in order: from spawned worker processes when more than one can run,
+    else (or when workers cannot start here) trained in this process."""
+    done = 0
+    if min(workers, len(seeds)) > 1:
+        pool = None
+        try:
+            # spawn, not fork: a forked copy of a process running torch threads can deadlock
+            pool = ProcessPoolExecutor(min(workers, len(seeds)), mp_context=multiprocessing.get_context("spawn"))
+            futures = [pool.submit(_train_weights, train, config, seed, EPOCHS) for seed in seeds]
+            for future in futures:
+                head = _head(config, future.result())
+                done += 1
+                yield head
+        except WORKER_FAILURES:
+            pass  # the seeds not done yet train below
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+    for seed in seeds[done:]:
+        yield train_fusion(train, config, seed=seed)[0]
+
+
+def _train_weights(train: ItemFeatures, config: FusionConfig, seed: int, epochs: int) -> dict[str, np.ndarray]:
+    """A worker's job: one training, returned as plain arrays (no shared-memory tensors)."""
+    model, _ = train_fusion(train, config, seed=seed, epochs=epochs)
+    return {name: value.numpy() for name, value in model.state_dict().items()}
+
+
+def _head(config: FusionConfig, weights: dict[str, np.ndarray]) -> FusionHead:
+    with torch.random.fork_rng(devices=[]):  # building a head draws initial weights: keep the RNG
+        model = FusionHead(config)
+    model.load_state_dict({name: torch.from_numpy(value) for name, value in weights.items()})
+    return model.eval()
 
 
 def _mean_std(runs: list[dict]) -> dict:

@@ -87,3 +87,10 @@ def tool_path(name: str, env_var: str) -> str | None:
 
     candidates = [os.environ.get(env_var), str(Path(sys.executable).parent / name), shutil.which(name)]
     return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
+
+
+def default_cache_dir() -> Path:
+    """mmrec's cache root (python backend copies, perf_analyzer, export's feature pass):
+    $MMREC_CACHE_DIR, else ~/.cache/mmrec."""
+    env = os.environ.get("MMREC_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mmrec"

@@ -40,6 +40,7 @@ from types import TracebackType
 from typing import IO, Callable
 
 from .layout import RepositoryLayout
+from .machine import default_cache_dir
 
 PYTRITON_FIX = "pip install nvidia-pytriton==0.7.0"
 MODEL_CONTROL_MODES = ("none", "explicit", "poll")
@@ -126,12 +127,6 @@ def find_tritonserver(python_version: str | None = None) -> TritonInstall:
 
 
 # --------------------------------------------------------------------------- backend directory
-
-
-def default_cache_dir() -> Path:
-    """mmrec's cache root: $MMREC_CACHE_DIR, else ~/.cache/mmrec."""
-    env = os.environ.get("MMREC_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mmrec"
 
 
 def _backend_sources(install: TritonInstall) -> dict[str, Path]:
