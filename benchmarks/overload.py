@@ -32,6 +32,7 @@ from mmrec.layout import CONFIG_FILE
 from mmrec.export.manifest import MANIFEST_FILE
 
 from .open_loop import Target, run_rate
+from .server_overlap import OverlappedServers
 
 Progress = Callable[[str], None]
 SHED_ANSWER_MS = 5.0  # a shed request must learn it at once (no waiting in a queue it never leaves)
@@ -277,7 +278,8 @@ def overload_section(repository: Path, capacity: dict, slo_ms: float, payloads, 
                      running_server, progress: Progress, soak_s: float = 0.0, pair: dict | None = None) -> dict:
     """The bench section: derive the policy from the capacity section's first set, serve the
     shadow repository with it, run `run_overload`; then the spill-over pair
-    (benchmarks/spill_over.py) with `pair` as its settings (None: skipped)."""
+    (benchmarks/spill_over.py) with `pair` as its settings (None: skipped). Its servers start and
+    stop overlapped (benchmarks/server_overlap.py), never during a measurement."""
     capacity_rps = capacity.get("interval", {}).get("low") or capacity.get("median_qps")
     service_ms = (capacity.get("search") or {}).get("idle_latency_ms")
     if not capacity_rps or not service_ms:
@@ -288,20 +290,22 @@ def overload_section(repository: Path, capacity: dict, slo_ms: float, payloads, 
                                                   "service_ms": service_ms, "derived_by": "bench overload section"})
     progress(f"admission on {', '.join(models)}: max_queue_size {policy.max_queue_size}, queue budget "
              f"{policy.timeout_us / 1e3:.1f} ms, {policy.instances} instances (capacity {capacity_rps:.1f}/s, idle {service_ms:.1f} ms)")
-    with running_server(shadow, workdir / "tritonserver_admitted.log") as server:
+    with OverlappedServers(running_server) as servers:
+        server = servers.start(shadow, workdir / "tritonserver_admitted.log")
         before = failures_by_reason(server.urls["metrics"])
         result = run_overload(server.urls["grpc"], payloads, capacity_rps, slo_ms, factors=factors, rounds=rounds,
                               round_s=round_s, recovery_s=recovery_s, soak_s=soak_s, server_pid=server.pid,
                               progress=progress)
         after = failures_by_reason(server.urls["metrics"])
-    if pair:
-        from .spill_over import run_pair
+        servers.stop(server)  # shuts down while the pair's first replica starts
+        if pair:
+            from .spill_over import run_pair
 
-        if len(os.sched_getaffinity(0)) < 2:
-            result["pair"] = {"skipped": "two replicas on their own cores need at least 2 usable cores"}
-        else:
-            result["pair"] = run_pair(repository, payloads, slo_ms, workdir, running_server=running_server,
-                                      progress=progress, **pair)
+            if len(os.sched_getaffinity(0)) < 2:
+                result["pair"] = {"skipped": "two replicas on their own cores need at least 2 usable cores"}
+            else:
+                result["pair"] = run_pair(repository, payloads, slo_ms, workdir, servers=servers,
+                                          progress=progress, **pair)
     result["prometheus_failures"] = {reason: after[reason] - before.get(reason, 0.0) for reason in after}
     result[MANIFEST_KEY] = {"policy": asdict(policy),
                             "models": models, "service_ms": service_ms}

@@ -18,10 +18,10 @@ import asyncio
 import os
 import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from mmrec import schema, stats
 from mmrec.admission import derive
@@ -29,6 +29,7 @@ from mmrec.export.admission import apply_to_repository, clear_repository
 
 from .open_loop import Target, _as_payloads, default_timeout_s, describe_payloads, find_capacity, run_rate
 from .overload import GOODPUT_SHARE, Recording, shadow_repository, summarize, warm_up
+from .server_overlap import OverlappedServers
 
 Progress = Callable[[str], None]
 
@@ -40,18 +41,6 @@ def core_halves() -> list[set[int]]:
         raise RuntimeError("two replicas on their own cores need at least 2 usable cores")
     half = len(cores) // 2
     return [set(cores[:half]), set(cores[half:])]
-
-
-@contextmanager
-def pinned(cores: set[int]) -> Iterator[None]:
-    """This process on `cores` while the block runs: a server started inside inherits them
-    (and so do the python stubs it spawns)."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cores)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 class ClientTarget(Target):
@@ -128,19 +117,21 @@ def _delta(after: dict[str, dict], before: dict[str, dict]) -> dict[str, dict]:
 
 
 def run_pair(repository: Path, payloads, slo_ms: float, workdir: Path, *, rounds: int, round_s: float,
-             search_step_s: float, search_steps: int, running_server, progress: Progress = print) -> dict:
+             search_step_s: float, search_steps: int, servers: OverlappedServers, progress: Progress = print) -> dict:
     """Capacity of each replica alone, then `rounds` rounds of their summed capacity offered
-    through the spill-over client to the admitted pair; goodput per round and its interval."""
+    through the spill-over client to the admitted pair; goodput per round and its interval.
+    `servers` starts and stops the replicas; every measurement waits for `servers.settle()`, so
+    each replica is measured with no other server of this section running, as before."""
     halves = core_halves()
     plain = shadow_repository(repository, workdir / "plain")
     clear_repository(plain)
     replicas = []
     for i, cores in enumerate(halves):
-        with ExitStack() as stack:
-            with pinned(cores):
-                server = stack.enter_context(running_server(plain, workdir / f"tritonserver_alone_{i}.log"))
-            found = find_capacity(server.urls["grpc"], payloads, slo_ms, 1, step_s=search_step_s,
-                                  max_steps=search_steps, progress=lambda line: progress(f"  replica {i}: {line}"))
+        server = servers.start(plain, workdir / f"tritonserver_alone_{i}.log", cores)
+        servers.settle()  # the server before it has exited: this one is alone
+        found = find_capacity(server.urls["grpc"], payloads, slo_ms, 1, step_s=search_step_s,
+                              max_steps=search_steps, progress=lambda line: progress(f"  replica {i}: {line}"))
+        servers.stop(server)  # shuts down while the next one starts
         capacity, service_ms = min(found["capacity_qps"]), found["search"]["idle_latency_ms"]
         policy = derive(capacity, slo_ms, service_ms)
         replicas.append({"cores": sorted(cores), "capacity_rps": capacity, "service_ms": service_ms,
@@ -150,16 +141,18 @@ def run_pair(repository: Path, payloads, slo_ms: float, workdir: Path, *, rounds
     total = sum(r["capacity_rps"] for r in replicas)
     out: dict = {"replicas": replicas, "capacity_sum_rps": total, "offered_rps": total, "slo_ms": slo_ms,
                  "rounds": [], "round_s": round_s}
+    specs = []
+    for i, (cores, replica) in enumerate(zip(halves, replicas)):
+        shadow = shadow_repository(repository, workdir / f"admitted_{i}")
+        apply_to_repository(shadow, derive(replica["capacity_rps"], slo_ms, replica["service_ms"]),
+                            {"slo_ms": slo_ms, "derived_by": "bench spill-over pair"})
+        specs.append((shadow, workdir / f"tritonserver_pair_{i}.log", cores))
+    pair = servers.start_all(specs)  # both at once, each on its own cores
+    servers.settle()
+    urls = [server.urls["grpc"] for server in pair]
     with ExitStack() as stack:
-        urls = []
-        for i, (cores, replica) in enumerate(zip(halves, replicas)):
-            shadow = shadow_repository(repository, workdir / f"admitted_{i}")
-            apply_to_repository(shadow, derive(replica["capacity_rps"], slo_ms, replica["service_ms"]),
-                                {"slo_ms": slo_ms, "derived_by": "bench spill-over pair"})
-            with pinned(cores):
-                server = stack.enter_context(running_server(shadow, workdir / f"tritonserver_pair_{i}.log"))
-            urls.append(server.urls["grpc"])
-            with Target(server.urls["grpc"], payloads) as direct:  # each replica warm, not only the first
+        for url in urls:
+            with Target(url, payloads) as direct:  # each replica warm, not only the first
                 warm_up(direct)
         target = stack.enter_context(RecordingClientTarget(urls, payloads, timeout_s=default_timeout_s(slo_ms)))
         for r in range(rounds):
@@ -176,6 +169,7 @@ def run_pair(repository: Path, payloads, slo_ms: float, workdir: Path, *, rounds
             progress(f"pair round {r + 1}/{rounds} at {total:.1f}/s: goodput {summary['goodput_rps']:.1f}/s, "
                      f"admitted p99 {summary['admitted_ms'].get('p99', float('nan')):.1f} ms, first replica shed "
                      f"{first.get('shed', 0)} of {first.get('requests', 0)}, {summary['shed']} shed by both")
+    servers.stop(*pair)  # both at once
     goodputs = [max(r["goodput_rps"], 1e-6 * total) for r in out["rounds"]]
     out["goodput_over_capacity_sum"] = stats.paired_ratio(goodputs, [total] * len(goodputs)).to_dict()
     out["bound"] = GOODPUT_SHARE

@@ -242,6 +242,33 @@ def test_rerender_rebuilds_reports_without_measuring(quick_run):
 # --------------------------------------------------------------------------- units
 
 
+@pytest.mark.server
+def test_overlapped_servers_start_together_on_their_own_cores_and_settle_only_once_stopped(tmp_path):
+    """benchmarks/server_overlap.py: what the overload section's measurements rely on."""
+    import os
+    import urllib.request
+
+    from mmrec.benchmarks.server_overlap import OverlappedServers
+    from mmrec.benchmarks.serving import running_server
+    from toy_models import DOUBLE_CONFIG, DOUBLE_MODEL, write_model
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("two servers on their own cores need at least 2 usable cores")
+    repo = write_model(tmp_path / "repo", "double", DOUBLE_CONFIG, DOUBLE_MODEL)
+    with OverlappedServers(running_server) as servers:
+        a, b = servers.start_all([(repo, tmp_path / "a.log", {cores[0]}), (repo, tmp_path / "b.log", {cores[-1]})])
+        assert os.sched_getaffinity(a.pid) == {cores[0]} and os.sched_getaffinity(b.pid) == {cores[-1]}
+        assert os.sched_getaffinity(0) == set(cores)  # the caller is not left pinned
+        servers.stop(a)
+        assert a.returncode is None  # stop() returns at once; Triton takes over a second to shut down
+        servers.settle()
+        assert a.returncode is not None  # settled: the stopped server has exited
+        with urllib.request.urlopen(f"http://{b.urls['http']}/v2/health/ready", timeout=5) as ready:
+            assert ready.status == 200  # the other one still serves
+    assert b.returncode is not None  # leaving the block stops what is left
+
+
 def test_percentiles_and_time_bounded_repetition():
     p = timing.percentiles([1.0, 2.0, 3.0, 4.0])
     assert p["p50"] == pytest.approx(2.5) and p["min"] == 1.0

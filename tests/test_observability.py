@@ -252,6 +252,11 @@ def recorded(helm, exported_repository, sample_items, tmp_path_factory) -> Recor
     return Recorded(recording, phases, items_ok, rejected, NAMESPACE, target["service"], name, pod)
 
 
+# a binary lookup: cheap to do twice, so the export-free tests may run before the session export is
+# ready (tests/session_export.py)
+SPLIT_SAFE_FIXTURES = ("promtool",)
+
+
 @pytest.fixture(scope="module")
 def promtool() -> str:
     return require_promtool()

@@ -291,6 +291,11 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     return {n: folder / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key", "other.pem")}
 
 
+# a throwaway CA and a one-model toy repository: cheap to build twice, so the export-free tests may
+# run before the session export is ready (tests/session_export.py)
+SPLIT_SAFE_FIXTURES = ("certificates", "toy_repository")
+
+
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory) -> dict[str, Path]:
     return make_certificates(tmp_path_factory.mktemp("tls"))

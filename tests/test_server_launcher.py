@@ -17,6 +17,10 @@ from mmrec.server import ServerConfig, ServerError, TritonServer
 from toy_models import DOUBLE_CONFIG, DOUBLE_MODEL, write_model
 
 
+# a temp folder: cheap to build twice, so the export-free tests may run before the session export
+# is ready (tests/session_export.py)
+SPLIT_SAFE_FIXTURES = ("cache_dir",)
+
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
