@@ -19,6 +19,7 @@ import numpy as np
 from mmrec import schema
 from mmrec.layout import RepositoryLayout
 from mmrec.reference import ItemPipeline, ort_member, torch_member
+from mmrec.release_manifest import Manifest, VariantRecord
 
 from .workload import PipelineInput
 
@@ -63,18 +64,24 @@ class Engine:
         return self.kind.name
 
 
-def load_manifest(repository: Path) -> dict:
-    """The repository's manifest, or {} for a hand-made repository without one."""
-    return RepositoryLayout(repository).read_manifest(required=False)
+def load_manifest(repository: Path) -> Manifest | None:
+    """The repository's manifest, or None for a hand-made repository without one."""
+    return RepositoryLayout(repository).load_manifest(required=False)
 
 
-def onnx_files(repository: Path, model: str, manifest: dict | None = None) -> dict[str, Path]:
+def recorded_variants(manifest: Manifest | None, model: str) -> dict[str, VariantRecord]:
+    """The variants the manifest records for one member ({} without a manifest or that member)."""
+    member = manifest.models.get(model) if manifest is not None else None
+    return member.variants if member is not None else {}
+
+
+def onnx_files(repository: Path, model: str, manifest: Manifest | None = None) -> dict[str, Path]:
     """precision -> ONNX file of one member, as the manifest lists them (files that exist)."""
     repository = Path(repository)
     manifest = load_manifest(repository) if manifest is None else manifest
-    variants = manifest.get("models", {}).get(model, {}).get("variants", {})
-    found = {v: repository / e["path"] for v, e in variants.items()
-             if e.get("path") and str(e["path"]).endswith(".onnx") and (repository / e["path"]).is_file()}
+    variants = recorded_variants(manifest, model)
+    found = {v: repository / e.path for v, e in variants.items()
+             if e.path and e.path.endswith(".onnx") and (repository / e.path).is_file()}
     if not variants:  # no manifest: the served file is FP32, variants by file name
         layout = RepositoryLayout(repository)
         served = layout.model_file(model)
@@ -85,15 +92,14 @@ def onnx_files(repository: Path, model: str, manifest: dict | None = None) -> di
     return found
 
 
-def skipped_variants(repository: Path, model: str, manifest: dict | None = None) -> dict[str, str]:
+def skipped_variants(repository: Path, model: str, manifest: Manifest | None = None) -> dict[str, str]:
     """precision -> why the export left it out (failed gate), for the report."""
     manifest = load_manifest(repository) if manifest is None else manifest
-    variants = manifest.get("models", {}).get(model, {}).get("variants", {})
-    return {v: "; ".join(e.get("gate", {}).get("reasons", [])) or "not written"
-            for v, e in variants.items() if e.get("written") is False}
+    return {v: "; ".join(e.gate_reasons) or "not written"
+            for v, e in recorded_variants(manifest, model).items() if e.left_out}
 
 
-def engines_for(repository: Path, model: str, manifest: dict | None = None) -> list[Engine]:
+def engines_for(repository: Path, model: str, manifest: Manifest | None = None) -> list[Engine]:
     """PyTorch first (the reference), then every ONNX precision present for the model."""
     manifest = load_manifest(repository) if manifest is None else manifest
     engines = [Engine(ENGINE_KINDS[PYTORCH], model)]
@@ -120,7 +126,7 @@ def engines_for(repository: Path, model: str, manifest: dict | None = None) -> l
 class TorchSources:
     """The PyTorch FP32 models of a repository, loaded on first use."""
 
-    def __init__(self, repository: Path, manifest: dict | None = None) -> None:
+    def __init__(self, repository: Path, manifest: Manifest | None = None) -> None:
         self.repository = Path(repository)
         self.manifest = load_manifest(repository) if manifest is None else manifest
         self.preprocess = RepositoryLayout(self.repository).read_contract()
@@ -129,7 +135,7 @@ class TorchSources:
     def text(self):
         from mmrec.export.models.text import load_text_encoder
 
-        folder = self.manifest.get("inputs", {}).get("text_model", {}).get("path")
+        folder = self.manifest.inputs.text_model.path if self.manifest is not None else None
         model, _ = load_text_encoder(Path(folder) if folder and Path(folder).is_dir() else None)
         return model
 
@@ -137,9 +143,9 @@ class TorchSources:
     def image(self):
         from mmrec.export.models.image import DEFAULT_IMAGE_ENCODER, load_image_encoder
 
-        entry = self.manifest.get("inputs", {}).get("image_encoder", {})
-        weights = entry.get("weights")
-        model, _, _ = load_image_encoder(entry.get("name", DEFAULT_IMAGE_ENCODER),
+        source = self.manifest.inputs.image_encoder if self.manifest is not None else None
+        weights = source.weights if source is not None else None
+        model, _, _ = load_image_encoder((source.name if source is not None else None) or DEFAULT_IMAGE_ENCODER,
                                          Path(weights) if weights and Path(weights).is_file() else None)
         return model
 

@@ -378,12 +378,8 @@ def served_variants(repository: Path) -> dict[str, str]:
     X, and every target read from it, is a property of that choice as much as of the hardware."""
     from mmrec.layout import RepositoryLayout
 
-    path = RepositoryLayout(Path(repository)).manifest_file
-    if not path.is_file():
-        return {}
-    models = json.loads(path.read_text()).get("models", {})
-    return {name: str(entry.get("served_variant")) for name, entry in sorted(models.items())
-            if entry.get("served_variant")}
+    manifest = RepositoryLayout(Path(repository)).load_manifest(required=False)
+    return dict(sorted(manifest.served_variants().items())) if manifest is not None else {}
 
 
 def calibrate(opts: argparse.Namespace, url: str, metrics_url: str, say=print) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 from mmrec import metrics, schema
 from mmrec.export.variants import quality_gate
 
-from .engines import ort_member, load_manifest, onnx_files
+from .engines import ort_member, load_manifest, onnx_files, recorded_variants
 from .settings import Settings
 from .workload import Workload
 
@@ -128,9 +128,8 @@ def run_quality(workload: Workload, settings: Settings, threads: int, tick: Tick
         tick(1)
     return {"items": len(labels), "users": len(histories), "items_per_user": settings.items_per_user,
             "neighbours": k, "fp32": fp32_row, "variants": rows,
-            "left_out": {m: {v: e.get("gate", {}).get("reasons", []) for v, e in
-                             manifest.get("models", {}).get(m, {}).get("variants", {}).items()
-                             if e.get("written") is False} for m in ENCODERS}}
+            "left_out": {m: {v: e.gate_reasons for v, e in recorded_variants(manifest, m).items() if e.left_out}
+                         for m in ENCODERS}}
 
 
 def quality_steps(workload: Workload) -> int:

@@ -41,6 +41,7 @@ from mmrec import metrics, schema  # noqa: E402
 from mmrec.export.tuning import time_interleaved  # noqa: E402
 from mmrec.stats import Interval, aa_check, paired_ratio, pooled_ratio, round_medians  # noqa: E402
 from mmrec.layout import RepositoryLayout  # noqa: E402
+from mmrec.release_manifest import VariantRecord  # noqa: E402
 from mmrec.export.variants import VARIANTS  # noqa: E402
 from mmrec.model_repository.lib import runtime  # noqa: E402
 from mmrec.model_repository.lib.runner_settings import RunnerSettings  # noqa: E402
@@ -113,23 +114,24 @@ def offline(repository: Path, feeds: dict[str, dict[int, dict]], rounds: int, bf
     """Each encoder alone: every runtime x precision the machine can run, vs ORT FP32."""
     import torch
 
-    manifest = RepositoryLayout(repository).read_manifest()
+    manifest = RepositoryLayout(repository).load_manifest()
     torch_models = _torch_encoders()
     threads = runtime.usable_cores()
     torch.set_num_threads(threads)
     report = {}
     for member, by_batch in feeds.items():
         runners, quality_skips = {}, {}
-        for name, entry in manifest["models"][member]["variants"].items():
+        variants = manifest.models[member].variants
+        for name, entry in variants.items():
             spec = VARIANTS[name]
             reason = runtime.unavailable_reason(spec.runtime, spec.precision)
             if not spec.cpu:
                 continue
-            if reason or not entry.get("path"):
+            if reason or not entry.path:
                 quality_skips[name] = reason or "failed its gate at export: " + "; ".join(
-                    entry.get("gate", {}).get("reasons", ["not written"]))
+                    (entry.gate or {}).get("reasons", ["not written"]))
                 continue
-            runners[name] = runtime.open_session(repository / entry["path"], spec.runtime, threads, spec.precision)
+            runners[name] = runtime.open_session(repository / entry.path, spec.runtime, threads, spec.precision)
         runners["pytorch-fp32"] = TorchRunner(torch_models[member], bf16=False)
         if bf16_cpu:
             runners["pytorch-bf16-autocast"] = TorchRunner(torch_models[member], bf16=True)
@@ -146,9 +148,7 @@ def offline(repository: Path, feeds: dict[str, dict[int, dict]], rounds: int, bf
                 cos = metrics.row_cosine(reference, runner.run(None, feed)[0])
                 quality.setdefault(name, []).extend(cos.tolist())
         aa = section_aa(pooled_ratio([(t[REFERENCE], t[aa_arm(REFERENCE)]) for t in times.values()]), REFERENCE)
-        rows = {name: runner_record(times, name, aa, quality[name],
-                                    manifest["models"][member]["variants"].get(name, {}))
-                for name in runners}
+        rows = {name: runner_record(times, name, aa, quality[name], variants.get(name)) for name in runners}
         report[member] = {"threads": threads, "rounds": rounds, "calls_per_round": calls, "aa": aa,
                           "aa_ms_per_round": {f"batch={b}": _ms(t[aa_arm(REFERENCE)]) for b, t in times.items()},
                           "runners": rows, "not_run": quality_skips}
@@ -156,7 +156,7 @@ def offline(repository: Path, feeds: dict[str, dict[int, dict]], rounds: int, bf
 
 
 def runner_record(times: dict[int, dict[str, list[float]]], name: str, aa: dict, cosines: list[float],
-                  variant: dict) -> dict:
+                  variant: VariantRecord | None) -> dict:
     """One runner's speed-up over ORT FP32 per batch (paired by round) and pooled over the batches."""
     per_batch = {}
     for b, t in times.items():
@@ -167,7 +167,7 @@ def runner_record(times: dict[int, dict[str, list[float]]], name: str, aa: dict,
     cos = np.array(cosines)
     return {"cases": per_batch, **speedup_record(pooled, aa),
             "cosine_vs_ort_fp32": {"mean": round(float(cos.mean()), 6), "min": round(float(cos.min()), 6)},
-            "gate": variant.get("gate", {}).get("passed")}
+            "gate": (variant.gate or {}).get("passed") if variant is not None else None}
 
 
 def pipeline(fp32: ReferencePipeline, tuned: ReferencePipeline, texts: list[str], images: list[bytes],
@@ -341,6 +341,12 @@ def save(output: Path, report: dict, start: RunStart) -> Path:
     return write_results(Path(output) / RESULTS_FILE, report, start, indent=2, sort_keys=True)
 
 
+def _tuned_choice(repository: Path) -> dict[str, str] | None:
+    """member -> variant `mmrec tune` chose for the tuned repository (None: it was never tuned)."""
+    tuning = RepositoryLayout(repository).load_manifest().tuning
+    return dict(tuning.chosen) if tuning is not None else None
+
+
 def main(fp32: Path = typer.Option(..., help="Repository serving ORT FP32 (export --no-tune)."),
          tuned: Path = typer.Option(..., help="The same export after `mmrec tune` on this machine."),
          output: Path = typer.Option(Path("benchmarks/results/runtimes")),
@@ -359,7 +365,7 @@ def main(fp32: Path = typer.Option(..., help="Repository serving ORT FP32 (expor
              schema.IMAGE_ENCODER: {1: {schema.PIXEL_VALUES: pixels[:1]}, batch: {schema.PIXEL_VALUES: pixels}}}
     start = {"loadavg": loadavg(), "cpu_share": cpu_share()}
     report = {"machine": machine_info(), "commit": git_commit(), "start": start,
-              "tuned_choice": RepositoryLayout(tuned).read_manifest().get("tuning", {}).get("chosen"),
+              "tuned_choice": _tuned_choice(tuned),
               "text_tokens_batch": int(ids.shape[1]), "offline": offline(fp32, feeds, rounds, bf16_cpu),
               "pipeline": pipeline(fp32_pipe, tuned_pipe, texts, images, rounds)}
     if not skip_served:

@@ -310,7 +310,7 @@ def _manifest_info(repository: Path) -> dict:
     from .engines import load_manifest
 
     manifest = load_manifest(repository)
-    return {"target": manifest.get("target"), "served_variants":
-            {m: e.get("served_variant") for m, e in manifest.get("models", {}).items()},
-            "dataset_sha256": manifest.get("inputs", {}).get("dataset", {}).get("sha256"),
-            "export_versions": manifest.get("versions")}
+    if manifest is None:  # a hand-made repository: nothing recorded
+        return {"target": None, "served_variants": {}, "dataset_sha256": None, "export_versions": None}
+    return {"target": manifest.target, "served_variants": manifest.served_variants(),
+            "dataset_sha256": manifest.inputs.dataset.sha256, "export_versions": manifest.versions}

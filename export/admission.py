@@ -2,18 +2,17 @@
 the entry models' config.pbtxt files and the manifest's record, hashes included."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from mmrec.admission import MANIFEST_KEY, QueuePolicy, entry_models
+from mmrec.admission import QueuePolicy, entry_models
 from mmrec.layout import CONFIG_FILE, RepositoryLayout
 
 from .manifest import write_manifest
 from .repository import parse, render
 
-INSTANCES_BEFORE = "instances_before"  # manifest record: each admitted model's instance counts before
+INSTANCES_BEFORE = "instances_before"  # Manifest.admission: each admitted model's instance counts before
 
 
 def _rewrite(root: Path, change: Callable, record: Callable[[list[str], dict], dict] | None) -> list[str]:
@@ -23,8 +22,8 @@ def _rewrite(root: Path, change: Callable, record: Callable[[list[str], dict], d
     root = Path(root)
     layout = RepositoryLayout(root)
     configs = {p.parent.name: parse(p.read_text()) for p in sorted(root.glob(f"*/{CONFIG_FILE}"))}
-    manifest = json.loads(layout.manifest_file.read_text())
-    previous = manifest.get(MANIFEST_KEY) or {}
+    manifest = layout.load_manifest()
+    previous = manifest.admission or {}
     # the counts export chose, kept across re-admissions so clearing restores them
     before = dict(previous.get(INSTANCES_BEFORE, {}))
     for name in entry_models(configs):
@@ -32,10 +31,7 @@ def _rewrite(root: Path, change: Callable, record: Callable[[list[str], dict], d
     changed = [name for name in entry_models(configs) if change(configs[name], before.get(name))]
     for name in changed:
         layout.config_file(name).write_text(render(configs[name]))
-    if record is None:
-        manifest.pop(MANIFEST_KEY, None)
-    else:
-        manifest[MANIFEST_KEY] = record(changed, before)
+    manifest.admission = None if record is None else record(changed, before)
     write_manifest(root, manifest)
     return changed
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +18,7 @@ from mmrec.preprocess import (DEFAULT_IMAGE_FIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT
                               DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_TEXT_BYTES,
                               DEFAULT_SEQ_BUCKETS, ContractError, parse_buckets)
 from mmrec.export_defaults import DEFAULT_REPOSITORY as DEFAULT_OUTPUT
+from mmrec.release_manifest import Manifest, TuningRecord
 from .choices import DEFAULT_IMAGE_ENCODER, DEFAULT_SEEDS, DEFAULT_TUNE_ROUNDS, PRECISIONS, Reporter, Target
 from .errors import ExportError
 
@@ -79,6 +80,7 @@ def export_command(
     seeds: int = typer.Option(DEFAULT_SEEDS, help="Training seeds behind the held-out mean +- std in the manifest (1 = no spread)."),
     gpu: bool = typer.Option(False, help="onnxruntime target: place encoder instances on the GPU."),
     atol: float = typer.Option(1e-4, help="FP32 parity tolerance (max abs error vs PyTorch)."),
+    feature_cache: bool = typer.Option(True, help="Reuse the PyTorch encoders' features of an earlier export with identical inputs, code and CPU ($MMREC_CACHE_DIR/features, default ~/.cache/mmrec/features); the repository is the same bits either way."),
 ) -> None:
     """Export the text encoder, image encoder and fusion head to validated ONNX (plus INT8/FP16
     variants that pass their quality gates) and write a Triton model repository with a release
@@ -92,7 +94,8 @@ def export_command(
         serve_variants=_parse_serve_variants(serve_variant), max_batch_size=max_batch_size,
         max_seq_len=max_seq_len, seq_buckets=_parse_seq_buckets(seq_buckets), max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels, max_text_bytes=max_text_bytes, atol=atol, image_fit=image_fit, seeds=seeds,
-        gpu=gpu, runtimes=tuple(dict.fromkeys(["onnxruntime", *(runtime or default_runtimes())])), tune=tune)
+        gpu=gpu, runtimes=tuple(dict.fromkeys(["onnxruntime", *(runtime or default_runtimes())])), tune=tune,
+        feature_cache=feature_cache)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console) as progress:
@@ -110,23 +113,25 @@ def _parse_seq_buckets(text: str) -> tuple[int, ...]:
         raise typer.BadParameter(str(err), param_hint="--seq-buckets") from None
 
 
-def summarize(manifest: dict) -> None:
+def summarize(manifest: Manifest | Mapping[str, Any]) -> None:
+    """The export's tables on the console (`manifest`: the record, or the dict export returns)."""
     from rich.table import Table
 
+    manifest = Manifest.of(manifest)
     table = Table(title="exported models")
     for column in ("model", "variant", "served", "bytes", "parity max|Δ|", "gate (cos / long cos / top-10)"):
         table.add_column(column)
-    for name, info in manifest["models"].items():
-        for variant, entry in info["variants"].items():
-            parity = entry.get("parity", {}).get("max_abs_error")
-            gate = entry.get("gate")
-            table.add_row(name, variant, "yes" if variant == info["served_variant"] else "",
-                          str(entry.get("bytes", "-")), f"{parity:.2e}" if parity is not None else "-",
-                          f"not built: {entry['skipped']}" if entry.get("skipped") else _gate_cell(gate))
+    for name, member in manifest.models.items():
+        for variant, entry in member.variants.items():
+            parity = (entry.parity or {}).get("max_abs_error")
+            table.add_row(name, variant, "yes" if variant == member.served_variant else "",
+                          str(entry.bytes if entry.bytes is not None else "-"),
+                          f"{parity:.2e}" if parity is not None else "-",
+                          f"not built: {entry.skipped}" if entry.skipped else _gate_cell(entry.gate))
     console.print(table)
-    if "tuning" in manifest:
-        summarize_tuning(manifest["tuning"])
-    training = manifest["training"]
+    if manifest.tuning is not None:
+        summarize_tuning(manifest.tuning)
+    training = manifest.training
     held = training["held_out"]
     console.print(f"fusion head on {held['items']} held-out items: interest accuracy "
                   f"{held['interest_accuracy']:.3f}, macro-F1 {held['interest_macro_f1']:.3f}, "
@@ -174,25 +179,27 @@ def tune_command(
     summarize_tuning(tuning)
 
 
-def summarize_tuning(tuning: dict) -> None:
+def summarize_tuning(tuning: TuningRecord | Mapping[str, Any]) -> None:
+    """The tuning table on the console (`tuning`: the record, or the dict `tune_repository` returns)."""
     from rich.table import Table
 
-    machine = tuning["machine"]
-    table = Table(title=f"tuning on {machine['cpu']} ({machine['usable_cores']} cores; "
-                        f"OpenVINO: {', '.join(machine['openvino_capabilities']) or 'absent'})")
+    tuning = TuningRecord.of(tuning)
+    machine = tuning.machine
+    table = Table(title=f"tuning on {machine.cpu} ({machine.usable_cores} cores; "
+                        f"OpenVINO: {', '.join(machine.openvino_capabilities) or 'absent'})")
     for column in ("member", "variant", "median ms", "speed-up vs ORT FP32 [95% interval]", "faster", "served"):
         table.add_column(column)
-    for member, measured in tuning["members"].items():
-        for variant, m in measured["variants"].items():
-            table.add_row(member, variant, " / ".join(f"{c}: {v}" for c, v in m["median_ms"].items()),
-                          _interval_cell(m["speedup_vs_fp32"]), m.get("faster_than_fp32", ""),
-                          "yes" if tuning["chosen"].get(member) == variant else "")
+    for member, measured in tuning.members.items():
+        for variant, m in measured.variants.items():
+            table.add_row(member, variant, " / ".join(f"{c}: {v}" for c, v in m.median_ms.items()),
+                          _interval_cell(m.speedup_vs_fp32), m.faster_than_fp32 or "",
+                          "yes" if tuning.chosen.get(member) == variant else "")
     console.print(table)
-    for member, measured in tuning["members"].items():
-        aa = measured.get("aa") or {}
-        console.print(f"{member}: {escape(aa.get('why', 'no A/A arm'))}; "
-                      f"{escape(tuning.get('decisions', {}).get(member, ''))}")
-    gated = tuning.get("gates", {})
+    decisions = tuning.decisions or {}
+    for member, measured in tuning.members.items():
+        aa = measured.aa or {}
+        console.print(f"{member}: {escape(aa.get('why', 'no A/A arm'))}; {escape(decisions.get(member, ''))}")
+    gated = tuning.gates or {}
     for member, verdicts in gated.get("members", {}).items():
         refused = {v: g["reasons"] for v, g in verdicts.items() if not g["passed"]}
         console.print(f"{member}: {len(verdicts) - len(refused)} of {len(verdicts)} variants pass their gate on this machine"

@@ -5,20 +5,31 @@ pipeline can diff two exports. The one exception is the separate `build` key: th
 dirty flag of the source tree that built the repository (`mmrec.machine.git_commit`), so that
 numbers rendered from a manifest can be traced to code. Two builds from the same commit still
 write identical manifests; to compare builds from different commits, leave `build` out.
+
+The records themselves (`Manifest`, `MemberRecord`, `VariantRecord`, ...) live in
+`mmrec.release_manifest`, where every reader can import them without the export stack; they are
+re-exported here for the writers.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import platform
 from pathlib import Path
 
 from mmrec.layout import MANIFEST_FILE, RepositoryLayout
 from mmrec.machine import git_commit
+from mmrec.release_manifest import (FORMAT, BuildIdentity, DatasetRecord, FileEntry, InputSource, Inputs, Manifest,
+                                    ManifestError, MeasuredMember, MeasuredVariant, MemberRecord, ServedCombination,
+                                    TuningMachine, TuningRecord, VariantRecord)
+
+__all__ = ["BUILD_KEY", "FORMAT", "MANIFEST_FILE", "BuildIdentity", "DatasetRecord", "FileEntry", "InputSource", "Inputs",
+           "Manifest", "ManifestError", "MeasuredMember", "MeasuredVariant", "MemberRecord", "ServedCombination",
+           "TuningMachine", "TuningRecord", "VariantRecord", "build_identity", "file_entry", "file_record",
+           "package_versions", "sha256_file", "sha256_tree", "write_manifest"]
 
 HASH_CHUNK = 1 << 20
-BUILD_KEY = "build"  # {commit, dirty} of the tree that built it: not a function of the inputs
+BUILD_KEY = "build"  # Manifest.build's key: the tree that built it, not a function of the inputs
 TRACKED_PACKAGES = ("mmrec", "torch", "onnx", "onnxruntime", "onnxslim", "transformers",
                     "tokenizers", "numpy", "pillow", "nvidia-pytriton", "tritonclient", "tensorrt", "openvino")
 
@@ -40,9 +51,14 @@ def sha256_tree(folder: Path) -> str:
     return h.hexdigest()
 
 
+def file_record(path: Path, root: Path) -> FileEntry:
+    """A file of the repository at `root`: relative path, hash and size."""
+    return FileEntry(path=path.relative_to(root).as_posix(), sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
 def file_entry(path: Path, root: Path) -> dict:
-    return {"path": path.relative_to(root).as_posix(), "sha256": sha256_file(path),
-            "bytes": path.stat().st_size}
+    """`file_record` as a dict, for writers that still build variant entries as dicts."""
+    return file_record(path, root).to_dict()
 
 
 def package_versions() -> dict[str, str | None]:
@@ -55,22 +71,26 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def build_identity() -> dict:
-    """The source tree that is building a repository: {"commit": sha | None, "dirty": bool | None}."""
-    return git_commit()
+def build_identity() -> BuildIdentity:
+    """The source tree that is building a repository (commit and dirty flag, None outside a checkout)."""
+    return BuildIdentity.from_dict(git_commit(), BUILD_KEY)
 
 
-def write_manifest(root: Path, manifest: dict) -> Path:
+def write_manifest(root: Path, manifest: Manifest | dict) -> Path:
     """Add an entry for every file under root not already listed, record the building tree under
     `build` unless the manifest already names one (a later `mmrec tune` keeps the export's), then
-    write manifest.json."""
-    manifest.setdefault(BUILD_KEY, build_identity())
-    listed = {v["path"] for m in manifest["models"].values() for v in m["variants"].values()
-              if v.get("path")}
-    manifest["files"] = [file_entry(p, root) for p in sorted(Path(root).rglob("*"))
-                         if p.is_file() and p.name != MANIFEST_FILE
-                         and p.relative_to(root).as_posix() not in listed]
+    write manifest.json. A dict (from writers not yet on `Manifest`) is read through the same
+    records, so a bad key fails here, and gets `build` and `files` added like the record."""
+    record = Manifest.of(manifest)
+    if record.build is None:
+        record.build = build_identity()
+    listed = {v.path for m in record.models.values() for v in m.variants.values() if v.path}
+    record.files = [file_record(p, root) for p in sorted(Path(root).rglob("*"))
+                    if p.is_file() and p.name != MANIFEST_FILE and p.relative_to(root).as_posix() not in listed]
+    if isinstance(manifest, dict):  # the caller goes on with its dict (export returns it)
+        manifest[BUILD_KEY] = record.build.to_dict()
+        manifest["files"] = [f.to_dict() for f in record.files]
     path = RepositoryLayout(root).manifest_file
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    path.write_text(record.to_json())
     return path
 

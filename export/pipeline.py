@@ -12,7 +12,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,22 +30,23 @@ from . import variants as var
 from .choices import DEFAULT_SEEDS, PRECISIONS, Reporter  # noqa: F401 - re-exported
 from .data import Item, categories_of, dataset_fingerprint, image_hash, load_items, split
 from .errors import ExportError, ModelSourceError, QualityGateError
+from .feature_cache import FeatureCache, SourceHashes
 from .features import EncodedDataset, ItemFeatures, encode_dataset
 from .gates import Fuse, GateSet, VariantGates, run_feeds, variant_outputs
-from .manifest import file_entry, package_versions, sha256_file, sha256_tree, write_manifest
+from .manifest import (DatasetRecord, InputSource, Inputs, Manifest, MemberRecord, ServedCombination, VariantRecord,
+                       package_versions, sha256_file, sha256_tree, write_manifest)
 from .models.fusion import FusionConfig, FusionHead
 from .models.image import DEFAULT_IMAGE_ENCODER, IMAGE_ENCODERS, load_image_encoder
 from .models.text import load_text_encoder, text_hidden_size
 from .onnx_export import export_onnx, slim
 from .parity import ATOL_FP32, check_parity, cpu_session
-from .recipes import CALIBRATION_ITEMS, RECIPES, ExportInputs
-from .repository import RepositoryPlan, Target, write_repository
-from .text_int8 import calibration_texts, quantize_text_int8
+from .recipes import RECIPES, ExportInputs
+from .render import GraphFiles, plan_for, render_repository
+from .repository import Target
 from .train import evaluate_fusion, seed_spread, train_fusion
-from .tuning import tune_repository
+from .tuning import DEFAULT_ROUNDS, allowed_runtimes, apply_choice, decide
 
 QUANTIZABLE = tuple(name for name, recipe in RECIPES.items() if recipe.quantizable)
-CALIBRATION_IMAGES = CALIBRATION_ITEMS
 CHECKPOINT_METADATA_KEY = "mmrec_fusion"
 DEFAULT_OUTPUT = DEFAULT_REPOSITORY
 
@@ -75,6 +76,7 @@ class ExportOptions:
     # CPU runtimes whose variants are built, gated and offered to tuning (openvino when installed)
     runtimes: tuple[str, ...] = field(default_factory=lambda: default_runtimes())
     tune: bool = True  # measure the gated CPU variants here and serve the fastest (portable target)
+    feature_cache: bool = True  # reuse the PyTorch feature pass of identical inputs (feature_cache.py)
 
     def validate(self) -> None:
         """Fail before any work on options that cannot succeed."""
@@ -163,6 +165,7 @@ class Sources:
     validation: list[Item]
     held_out: list[Item]
     image_encoder: str
+    hashes: SourceHashes  # once per export: the manifest and the feature cache key both read them
 
 
 @contextmanager
@@ -196,8 +199,9 @@ def load_sources(options: ExportOptions) -> Sources:
         max_text_bytes=options.max_text_bytes,
         text_dim=text_hidden_size(text_model), image_dim=entry.feature_dim,
         item_dim=schema.ITEM_EMBEDDING_DIM)
+    hashes = SourceHashes(sha256_tree(text_folder), sha256_file(weights), dataset_fingerprint(items))
     return Sources(text_model, text_folder, image_model, weights, preprocess, items, parts.train,
-                   parts.validation, parts.held_out, options.image_encoder)
+                   parts.validation, parts.held_out, options.image_encoder, hashes)
 
 
 def load_fusion_checkpoint(path: Path, preprocess: ServedContract) -> FusionHead:
@@ -245,26 +249,8 @@ def ort_outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarr
     return run_feeds(cpu_session(path), feeds)
 
 
-def _variant_fields(variant: var.Variant) -> dict:
-    return {"graph": variant.graph, "runtime": variant.runtime, "precision": variant.precision}
-
-
-def _place_variant_files(models: dict, written: dict[str, Path], root: Path) -> None:
-    """Record each admitted variant's file: the served graph is `<member>/1/model.onnx`; every
-    other graph an admitted variant runs is kept once as `<member>/variants/<graph>.onnx`."""
-    for name, info in models.items():
-        served_graph = info["variants"][info["served_variant"]].get("graph", info["served_variant"])
-        for variant, entry in info["variants"].items():
-            file = entry.pop("file", None)
-            graph = entry.get("graph", variant)
-            if name in written and graph == served_graph and (entry.get("written") or variant == info["served_variant"]):
-                entry.update(file_entry(written[name], root))
-            elif entry.get("written") and file is not None:
-                dest = RepositoryLayout(root).variant_file(name, graph)
-                if not dest.exists():
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(file, dest)
-                entry.update(file_entry(dest, root))
+def variant_record(variant: var.Variant, **fields) -> VariantRecord:
+    return VariantRecord(graph=variant.graph, runtime=variant.runtime, precision=variant.precision, **fields)
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
@@ -283,17 +269,12 @@ class Exporter:
         with staging_dir(options.output) as root:
             manifest = self._export_into(root, sources)
             write_manifest(root, manifest)
-            if options.tune and options.target is not Target.tensorrt and not options.gpu:
-                tick = self.reporter.step("tuning: timing the admitted CPU variants on this machine")
-                tuning = tune_repository(root, options.runtimes, progress=self.reporter.done,
-                                         fixed=options.serve_variants, regate_here=False)
-                tick()
-                manifest = RepositoryLayout(root).read_manifest()
-                self.reporter.done("serving " + ", ".join(f"{m}={v}" for m, v in tuning["chosen"].items()))
+        if manifest.tuning is not None:
+            self.reporter.done("serving " + ", ".join(f"{m}={v}" for m, v in manifest.tuning.chosen.items()))
         self.reporter.done(f"repository written to {Path(options.output).resolve()}")
-        return manifest
+        return manifest.to_dict()
 
-    def _export_into(self, root: Path, sources: Sources) -> dict:
+    def _export_into(self, root: Path, sources: Sources) -> Manifest:
         o, p = self.options, sources.preprocess
         members = schema.member_specs_for(p)
         tokenizer_file = sources.text_folder / TOKENIZER_FILE
@@ -304,8 +285,11 @@ class Exporter:
         fusion = load_fusion_checkpoint(o.fusion_checkpoint, p) if o.fusion_checkpoint else None
         n = len(sources.items)
         tick = self.reporter.step(f"decoding and encoding {n} items with the PyTorch encoders", 2 * n)
+        cache = (FeatureCache.for_sources(sources.hashes, sources.image_encoder, p)
+                 if o.feature_cache else None)
         dataset = encode_dataset(sources.text_model, sources.image_model, p, tokenizer_file,
-                                 sources.items, tick, tokenizer=tokenizer)
+                                 sources.items, tick, tokenizer=tokenizer, cache=cache,
+                                 report=self.reporter.done)
         train_f, val_f, held_f = (dataset.subset(part) for part in
                                   (sources.train, sources.validation, sources.held_out))
 
@@ -328,30 +312,27 @@ class Exporter:
         self._inputs = ExportInputs(p, tokenizer, dataset, sources.train, sources.held_out, sources.text_model,
                                     sources.image_model, fusion, held_f)
         fp32 = self._export_fp32(staging, members)
-        served: dict[str, Path] = {name: info["file"] for name, info in fp32.items()}
-        models = {name: {"served_variant": "fp32",
-                         "variants": {"fp32": {"parity": info["parity"], "file": info["file"], "written": True,
-                                               **_variant_fields(var.VARIANTS["fp32"])}}}
+        models = {name: MemberRecord(served_variant="fp32", variants={"fp32": variant_record(
+                      var.VARIANTS["fp32"], parity=info["parity"], written=True)})
                   for name, info in fp32.items()}
-        gates = self._variants(staging, sources, dataset, tokenizer, fusion, held_f, fp32, models)
+        self._graphs: GraphFiles = {name: {"fp32": info["file"]} for name, info in fp32.items()}
+        gates = self._variants(staging, sources, dataset, fusion, held_f, fp32, models)
 
-        runtimes: dict[str, tuple[str, str]] = {}
         for member, variant in o.serve_variants.items():
-            entry = models[member]["variants"].get(variant)
-            if entry is None or not entry.get("written"):
-                reason = (entry.get("skipped") or entry["gate"]["reasons"]) if entry and (
-                    "gate" in entry or "skipped" in entry) else "not exported"
+            record = models[member].variants.get(variant)
+            if record is None or not record.written:
+                reason = (record.skipped or record.gate_reasons) if record and (
+                    record.gate is not None or record.skipped) else "not exported"
                 raise QualityGateError(f"cannot serve {member} [{variant}]: {reason}")
-            served[member] = entry["file"]
-            models[member]["served_variant"] = variant
-            runtimes[member] = (entry["runtime"], entry["precision"])
+            models[member].serve(variant)
         if o.target is Target.openvino:  # its backend runs every ONNX member on OpenVINO
-            for member, info in models.items():
-                if info["served_variant"] != "fp32" or member not in QUANTIZABLE:
+            for member, record in models.items():
+                if record.served_variant != "fp32" or member not in QUANTIZABLE:
                     continue
-                if not info["variants"].get("openvino-fp32", {}).get("written"):
+                openvino = record.variants.get("openvino-fp32")
+                if openvino is None or not openvino.written:
                     raise QualityGateError(f"target openvino: {member} on OpenVINO FP32 failed its gate")
-                info["served_variant"] = "openvino-fp32"
+                record.serve("openvino-fp32")
         # TensorRT plans are gated one by one against FP32 in _tensorrt; the ONNX mix is not served
         combination = None
         if gates and o.target is not Target.tensorrt:
@@ -361,34 +342,39 @@ class Exporter:
             manifest_combinations = []
 
         if o.target is Target.tensorrt:
-            served = self._tensorrt(staging, fp32, members, sources, dataset, tokenizer, models)
-
-        plan = RepositoryPlan(o.target, p, served, tokenizer_file, gpu=o.gpu, member_runtimes=runtimes)
-        written = write_repository(plan, root)
-        _place_variant_files(models, written, root)
+            self._tensorrt(staging, fp32, members, sources, models)
+        manifest = Manifest(
+            target=o.target.value, max_batch_size=o.max_batch_size, preprocess=json.loads(p.to_json()),
+            models=models, training=training, versions=package_versions(), gpu=o.gpu,
+            inputs=Inputs(
+                text_model=InputSource.from_dict(source_identity(sources.text_folder, sources.hashes.text_model)),
+                image_encoder=InputSource(name=sources.image_encoder, **source_identity(
+                    sources.image_weights, sources.hashes.image_weights)),
+                dataset=DatasetRecord(items=len(sources.items), train=len(sources.train),
+                                      validation=len(sources.validation), held_out=len(sources.held_out),
+                                      sha256=sources.hashes.dataset)),
+            served_combination=ServedCombination.from_dict(combination) if combination is not None else None,
+            combinations=manifest_combinations or None)
+        if o.tune and o.target is not Target.tensorrt and not o.gpu:
+            self._tune(manifest, p.image_size)
+        # everything is decided: the repository is rendered once, from the staged graphs
+        render_repository(plan_for(o.target, p, models, self._graphs, tokenizer_file, o.gpu), models, self._graphs,
+                          root)
         shutil.rmtree(staging)
-        manifest = {
-            "format": 1,
-            "target": o.target.value,
-            "max_batch_size": o.max_batch_size,
-            "preprocess": json.loads(p.to_json()),
-            "models": models,
-            "training": training,
-            "inputs": {
-                "text_model": source_identity(sources.text_folder, sha256_tree(sources.text_folder)),
-                "image_encoder": {"name": sources.image_encoder,
-                                  **source_identity(sources.image_weights, sha256_file(sources.image_weights))},
-                "dataset": {"items": len(sources.items), "train": len(sources.train),
-                            "validation": len(sources.validation), "held_out": len(sources.held_out),
-                            "sha256": dataset_fingerprint(sources.items)},
-            },
-            "versions": package_versions(),
-        }
-        if combination is not None:
-            manifest["served_combination"] = combination
-        if manifest_combinations:
-            manifest["combinations"] = manifest_combinations
         return manifest
+
+    def _tune(self, manifest: Manifest, image_size: int) -> None:
+        """Time the admitted CPU variants' staged graphs here and serve the fastest (gated at
+        export a moment ago on this same machine: no second gating)."""
+        o = self.options
+        tick = self.reporter.step("tuning: timing the admitted CPU variants on this machine")
+        fixed = dict(o.serve_variants)
+        choice, combination, record = decide(
+            manifest.models, self._graphs, o.target, allowed_runtimes(o.target, o.runtimes), image_size,
+            DEFAULT_ROUNDS, self.reporter.done, fixed, None, manifest.combinations or [], "export machine")
+        apply_choice(manifest, choice, combination, fixed)
+        manifest.tuning = record
+        tick()
 
     def _export_fp32(self, staging: Path, members: dict) -> dict[str, dict]:
         """Export, slim and parity-check each member by its recipe; returns name -> {file, parity}."""
@@ -408,7 +394,7 @@ class Exporter:
             results[name] = {"file": cleaned, "parity": report.to_dict()}
         return results
 
-    def _gate_feeds(self, sources: Sources, dataset: EncodedDataset, tokenizer) -> tuple[dict, list]:
+    def _gate_feeds(self) -> tuple[dict, list]:
         """Held-out inputs of each quantizable member (from its recipe, tokenized once per export),
         plus the max_seq_len texts of the text gate."""
         inputs = self._inputs
@@ -416,8 +402,9 @@ class Exporter:
         long_feeds = RECIPES[schema.TEXT_ENCODER].long_gate_feeds(inputs)
         return feeds, long_feeds
 
-    def _variants(self, staging: Path, sources: Sources, dataset: EncodedDataset, tokenizer,
-                  fusion: FusionHead, held_f: ItemFeatures, fp32: dict, models: dict) -> "VariantGates | None":
+    def _variants(self, staging: Path, sources: Sources, dataset: EncodedDataset,
+                  fusion: FusionHead, held_f: ItemFeatures, fp32: dict,
+                  models: dict[str, MemberRecord]) -> "VariantGates | None":
         """Build INT8/FP16 graphs of the encoders, run every graph on every requested runtime and
         precision, and gate each variant against ORT FP32 on held-out items (text: also on
         max_seq_len inputs, where INT8 error grows with length)."""
@@ -425,7 +412,7 @@ class Exporter:
         wanted = [v for v in o.precisions if v != "fp32"]
         if not wanted and o.runtimes == ("onnxruntime",):
             return None
-        feeds, long_feeds = self._gate_feeds(sources, dataset, tokenizer)
+        feeds, long_feeds = self._gate_feeds()
         gates = VariantGates(torch_fuse(fusion), {schema.TEXT_ENCODER: held_f.text, schema.IMAGE_ENCODER: held_f.image},
                              held_f.labels, len(p.categories))
         for name in QUANTIZABLE:
@@ -439,49 +426,44 @@ class Exporter:
                 held_f.labels, gates.fallback).save(RepositoryLayout(staging.parent).gate_set_file,
                                                     pixels_u8=dataset.pixels[dataset.rows(sources.held_out)])
         for name in list(gates.reference):
-            graphs = {"fp32": fp32[name]["file"]}
+            graphs = self._graphs[name]
             for graph in wanted:
                 tick = self.reporter.step(f"{name}: {graph} graph", 1)
-                graphs[graph] = self._build_variant(name, graph, fp32[name]["file"], staging, sources, dataset,
-                                                    tokenizer)
+                graphs[graph] = self._build_variant(name, graph, fp32[name]["file"], staging)
                 tick()
             variants = [var.VARIANTS[g] for g in wanted]
             variants += [v for graph in graphs for v in var.runtime_variants(graph, o.runtimes)]
             for variant in variants:
-                entry: dict = {"file": graphs[variant.graph], **_variant_fields(variant)}
-                models[name]["variants"][variant.name] = entry
+                record = models[name].add(variant.name, variant_record(variant))
                 reason = runtime.unavailable_reason(variant.runtime, variant.precision)
                 if reason:
-                    entry.update(written=False, skipped=reason)
+                    record.written, record.skipped = False, reason
                     self.reporter.done(f"{name} ({variant.name}) not built: {reason}")
                     continue
                 tick = self.reporter.step(f"{name}: {variant.name} quality gate", 1)
-                emb = variant_outputs(entry["file"], variant, feeds[name])
-                long_pair = ((long_reference, variant_outputs(entry["file"], variant, long_feeds))
-                             if name == schema.TEXT_ENCODER else None)
+                emb = variant_outputs(graphs[variant.graph], variant, feeds[name])
+                long_pair = ((long_reference, variant_outputs(graphs[variant.graph], variant, long_feeds))
+                             if RECIPES[name].long_gate_feeds is not None else None)
                 gate = gates.gate_member(name, variant.name, emb, long_pair)
                 gate.evaluated_on = f"{variant.runtime} {variant.precision}"
                 tick()
-                entry.update(gate=gate.to_dict(), written=gate.passed)
+                record.gate, record.written = gate.to_dict(), gate.passed
                 if not gate.passed:
                     self.reporter.done(f"{name} ({variant.name}) left out: {'; '.join(gate.reasons)}")
         return gates
 
-    def _build_variant(self, name: str, variant: str, fp32_file: Path, staging: Path,
-                       sources: Sources, dataset: EncodedDataset, tokenizer) -> Path:
+    def _build_variant(self, name: str, variant: str, fp32_file: Path, staging: Path) -> Path:
+        """The member's FP16 graph, or its INT8 graph by its recipe's quantizer."""
         target = staging / f"{name}.{variant}.onnx"
         if variant == "fp16":
             return var.convert_fp16(fp32_file, target)
-        if name == schema.TEXT_ENCODER:  # static INT8 (NNCF), calibrated on training captions
-            texts = calibration_texts([i.caption for i in sources.train])
-            feeds = [dict(zip((schema.INPUT_IDS, schema.ATTENTION_MASK), tokenizer(texts[i:i + 16])))
-                     for i in range(0, len(texts), 16)]
-            return quantize_text_int8(fp32_file, target, feeds)
-        calibration = dataset.pixel_values(sources.train[:CALIBRATION_IMAGES])
-        return var.quantize_static_int8(fp32_file, target, schema.PIXEL_VALUES, calibration)
+        quantize = RECIPES[name].quantize_int8
+        if quantize is None:
+            raise ExportError(f"{name} has no INT8 quantizer in its recipe")
+        return quantize(fp32_file, target, self._inputs)
 
     def _tensorrt(self, staging: Path, fp32: dict[str, dict], members: dict, sources: Sources,
-                  dataset: EncodedDataset, tokenizer, models: dict) -> dict[str, Path]:
+                  models: dict[str, MemberRecord]) -> None:
         """Build a plan for every member from its FP32 graph (GPU only), compare it with FP32
         on held-out inputs, and record it under its own variant name (tensorrt-fp16/-int8).
 
@@ -491,7 +473,7 @@ class Exporter:
         from .tensorrt import batch_profiles, build_engine, modelopt_int8, run_engine
 
         p = sources.preprocess
-        feeds, _ = self._gate_feeds(sources, dataset, tokenizer)
+        feeds, _ = self._gate_feeds()
         plans = {}
         for name, info in fp32.items():
             tick = self.reporter.step(f"{name}: TensorRT engine", 1)
@@ -499,29 +481,28 @@ class Exporter:
             int8 = self.options.serve_variants.get(name) == "int8"
             if int8:
                 source = modelopt_int8(source, staging / f"{name}.qdq.onnx",
-                                       self._calibration_feed(name, sources, dataset, tokenizer))
+                                       self._calibration_feed(name))
             dims = {t.name: t.dims for t in members[name].inputs}
-            buckets = p.seq_buckets if name == schema.TEXT_ENCODER else ()
+            buckets = RECIPES[name].sequence_buckets(p)
             plans[name] = build_engine(source, staging / f"{name}.plan",
                                        batch_profiles(dims, p.max_batch_size, buckets),
                                        fp16=True, int8=int8)
             variant = "tensorrt-int8" if int8 else "tensorrt-fp16"
-            entry: dict = {"written": True}
+            record = VariantRecord(written=True)
             if name in feeds:
                 reference = ort_outputs(info["file"], feeds[name])
                 got = np.concatenate([run_engine(plans[name], feed)[0] for feed in feeds[name]])
                 gate = var.embedding_gate(variant, reference, got)
-                entry.update(gate=gate.to_dict(), written=gate.passed)
+                record.gate, record.written = gate.to_dict(), gate.passed
                 if not gate.passed:
                     raise QualityGateError(f"{name} [{variant}] fails its gate vs FP32: "
                                            + "; ".join(gate.reasons))
-            models[name]["variants"][variant] = entry
-            models[name]["served_variant"] = variant
+            models[name].add(variant, record)
+            models[name].serve(variant)
+            self._graphs[name][variant] = plans[name]  # the plan is its own graph
             tick()
-        return plans
 
-    def _calibration_feed(self, name: str, sources: Sources, dataset: EncodedDataset,
-                          tokenizer) -> dict[str, np.ndarray]:
+    def _calibration_feed(self, name: str) -> dict[str, np.ndarray]:
         """Real calibration inputs from the member's recipe (training split, never held-out items)."""
         recipe = RECIPES[name]
         if recipe.calibration_feed is None:
@@ -551,11 +532,11 @@ def served_combination(gates: VariantGates, serve_variants: dict[str, str]) -> d
     return {"variants": chosen, "gate": gate.to_dict()}
 
 
-def all_combinations(gates: VariantGates, models: dict) -> list[dict]:
+def all_combinations(gates: VariantGates, models: dict[str, MemberRecord]) -> list[dict]:
     """The combination gate of every pair of admitted CPU variants of the two encoders, so
     `mmrec tune` can serve the fastest pair that passes (it gates them again on its machine)."""
-    return gates.combinations({name: [v for v, e in models[name]["variants"].items()
-                                      if e.get("written") and v != "fp32" and var.VARIANTS[v].cpu
+    return gates.combinations({name: [v for v, e in models[name].variants.items()
+                                      if e.written and v != "fp32" and var.VARIANTS[v].cpu
                                       and (name, v) in gates.variant_outputs]
                                for name in gates.reference})
 

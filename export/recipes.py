@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -31,6 +32,7 @@ CALIBRATION_ITEMS = 64  # INT8 calibration inputs: training split, never held-ou
 LONG_TEXT_CASES = 32  # texts of max_seq_len tokens in the text variant gate
 TEXT_GATE_BATCH, GATE_BATCH = 32, 16  # capped at max_batch_size: TensorRT profiles end there
 CAPTIONS_PER_LONG_TEXT = 30  # enough real captions to reach max_seq_len tokens
+NNCF_CALIBRATION_BATCH = 16
 
 
 @dataclass
@@ -93,12 +95,18 @@ class MemberRecipe:
     # held-out inputs at max_seq_len: INT8 error grows with length, so the text gate checks them too
     long_gate_feeds: Callable[[ExportInputs], list[Feed]] | None = None
     calibration_feed: Callable[[ExportInputs], Feed] | None = None  # None: dynamic INT8 (no calibration)
+    # the CPU INT8 graph: (fp32 file, destination, inputs) -> destination; None: no INT8 variant
+    quantize_int8: Callable[[Path, Path, ExportInputs], Path] | None = None
     sequence_inputs: bool = False  # TensorRT profiles cover the contract's sequence buckets
     atol: float | None = None  # FP32 parity tolerance; None: the export's --atol
 
     @property
     def quantizable(self) -> bool:
         return self.gate_feeds is not None
+
+    def sequence_buckets(self, contract: ServedContract) -> tuple[int, ...]:
+        """The sequence lengths TensorRT profiles of this member cover (none: batch axis only)."""
+        return contract.seq_buckets if self.sequence_inputs else ()
 
     def sample(self, inputs: ExportInputs) -> tuple[torch.Tensor, ...]:
         """Example inputs for tracing: the second parity case (a real batch > 1)."""
@@ -126,6 +134,14 @@ def _text_cases(x: ExportInputs) -> list[Case]:
     return cases
 
 
+def _text_int8(fp32: Path, destination: Path, x: ExportInputs) -> Path:
+    """Static INT8 by NNCF, calibrated on training captions and their long joins (every length served)."""
+    from .text_int8 import calibration_texts, quantize_text_int8
+
+    texts = calibration_texts([i.caption for i in x.train])
+    return quantize_text_int8(fp32, destination, x.tokens(texts, NNCF_CALIBRATION_BATCH))
+
+
 def _text_calibration(x: ExportInputs) -> Feed:
     (feed,) = x.tokens([i.caption for i in x.train[:CALIBRATION_ITEMS]], CALIBRATION_ITEMS)
     return feed
@@ -139,6 +155,7 @@ register(MemberRecipe(
     long_gate_feeds=lambda x: x.tokens(joined_captions(x.held_out_captions, LONG_TEXT_CASES, CAPTIONS_PER_LONG_TEXT),
                                        x.gate_batch(GATE_BATCH)),
     calibration_feed=_text_calibration,
+    quantize_int8=_text_int8,
     sequence_inputs=True,
 ))
 
@@ -149,12 +166,24 @@ def _image_gate_feeds(x: ExportInputs) -> list[Feed]:
     return [{schema.PIXEL_VALUES: pixels[i:i + step]} for i in range(0, len(pixels), step)]
 
 
+def _image_int8(fp32: Path, destination: Path, x: ExportInputs) -> Path:
+    """Static QDQ INT8 by ONNX Runtime, calibrated on training images."""
+    from .variants import quantize_static_int8
+
+    return quantize_static_int8(fp32, destination, schema.PIXEL_VALUES, _image_calibration(x)[schema.PIXEL_VALUES])
+
+
+def _image_calibration(x: ExportInputs) -> Feed:
+    return {schema.PIXEL_VALUES: x.dataset.pixel_values(x.train[:CALIBRATION_ITEMS])}
+
+
 register(MemberRecipe(
     schema.IMAGE_ENCODER,
     module=lambda x: x.image_model,
     parity_cases=lambda x: [(f"batch={b}", {schema.PIXEL_VALUES: x.held_out_pixels[:16][:b]}) for b in (1, 4, 16)],
     gate_feeds=_image_gate_feeds,
-    calibration_feed=lambda x: {schema.PIXEL_VALUES: x.dataset.pixel_values(x.train[:CALIBRATION_ITEMS])},
+    calibration_feed=_image_calibration,
+    quantize_int8=_image_int8,
 ))
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Mapping
 
 import typer
 
 from mmrec import schema
-from .manifest import MANIFEST_FILE
+from mmrec.release_manifest import Manifest, VariantRecord
 
 BEGIN = "<!-- export-report:begin (python -m mmrec.benchmarks.doc_blocks render) -->"
 END = "<!-- export-report:end -->"
@@ -36,10 +37,10 @@ def gate_numbers(gate: dict) -> str:
     return numbers
 
 
-def _gate(entry: dict) -> str:
-    gate = entry.get("gate")
-    if entry.get("skipped"):
-        return f"not built: {entry['skipped']}"
+def _gate(entry: VariantRecord) -> str:
+    gate = entry.gate
+    if entry.skipped:
+        return f"not built: {entry.skipped}"
     if gate is None:
         return "–"
     return f"pass ({gate_numbers(gate)})" if gate["passed"] else f"**fails** ({gate_numbers(gate)}): left out"
@@ -55,25 +56,25 @@ def _mean_std(metric: dict) -> str:
     return f"{metric['mean']:.3f} ± {metric['std']:.3f}"
 
 
-def models_table(manifest: dict) -> list[str]:
+def models_table(manifest: Manifest) -> list[str]:
     lines = ["| model | variant | size | parity max \\|Δ\\| vs PyTorch | gate vs FP32 on held-out items |",
              "|---|---|---|---|---|"]
-    order = [m for m in schema.ONNX_MODELS if m in manifest["models"]]
-    for name in order + sorted(set(manifest["models"]) - set(order)):
-        info = manifest["models"][name]
-        for variant, entry in info["variants"].items():
-            size = _size(entry.get("bytes"))
-            parity = entry.get("parity", {}).get("max_abs_error")
-            lines.append(f"| {name} | {variant}{' (served)' if variant == info['served_variant'] else ''} "
+    order = [m for m in schema.ONNX_MODELS if m in manifest.models]
+    for name in order + sorted(set(manifest.models) - set(order)):
+        member = manifest.models[name]
+        for variant, entry in member.variants.items():
+            size = _size(entry.bytes)
+            parity = (entry.parity or {}).get("max_abs_error")
+            lines.append(f"| {name} | {variant}{' (served)' if variant == member.served_variant else ''} "
                          f"| {size} | {f'{parity:.1e}' if parity is not None else '–'} | {_gate(entry)} |")
     return lines
 
 
-def quality_lines(manifest: dict) -> list[str]:
-    training, dataset = manifest["training"], manifest["inputs"]["dataset"]
+def quality_lines(manifest: Manifest) -> list[str]:
+    training, dataset = manifest.training, manifest.inputs.dataset
     held = training["held_out"]
-    lines = [f"Fusion head, split {dataset['train']} train / {dataset['validation']} validation / "
-             f"{dataset['held_out']} held-out items (stratified by category, duplicates grouped). "
+    lines = [f"Fusion head, split {dataset.train} train / {dataset.validation} validation / "
+             f"{dataset.held_out} held-out items (stratified by category, duplicates grouped). "
              f"Served seed on the held-out items: interest accuracy {held['interest_accuracy']:.3f}, "
              f"macro-F1 {held['interest_macro_f1']:.3f}, alignment pair AUC {held['alignment_pair_auc']:.3f}, "
              f"text→image R@1 {held['text_to_image_recall_at_1']:.3f}."]
@@ -106,33 +107,36 @@ def ablation_lines(ablation: dict) -> list[str]:
     return lines
 
 
-def tuning_lines(manifest: dict) -> list[str]:
+def tuning_lines(manifest: Manifest) -> list[str]:
     """What `mmrec tune` measured on the export machine and chose to serve."""
-    tuning = manifest.get("tuning")
+    tuning = manifest.tuning
     if not tuning:
         return []
-    machine = tuning["machine"]
-    lines = [f"Tuned on {machine['cpu']} ({machine['usable_cores']} cores; OpenVINO capabilities "
-             f"{', '.join(machine['openvino_capabilities']) or 'none'}): speed-up over ORT FP32, geometric mean "
+    machine = tuning.machine
+    lines = [f"Tuned on {machine.cpu} ({machine.usable_cores} cores; OpenVINO capabilities "
+             f"{', '.join(machine.openvino_capabilities) or 'none'}): speed-up over ORT FP32, geometric mean "
              "over batch 1 and 32 of per-round ratios with its 95 % interval over paired rounds; served = the "
              "fastest whose interval lies above 1, unless ORT FP32 against itself (the A/A arm) differed.", "",
              "| member | variant | median ms | speed-up vs ORT FP32 [95 %] | faster |", "|---|---|---|---|---|"]
-    for member, measured in tuning["members"].items():
-        for variant, m in measured["variants"].items():
-            served = " (served)" if tuning["chosen"].get(member) == variant else ""
-            s = m["speedup_vs_fp32"]
+    decisions = tuning.decisions or {}
+    for member, measured in tuning.members.items():
+        for variant, m in measured.variants.items():
+            served = " (served)" if tuning.chosen.get(member) == variant else ""
+            s = m.speedup_vs_fp32
             bounds = f"[{s['low']:.2f}, {s['high']:.2f}]" if s["low"] is not None else "[too few rounds]"
             lines.append(f"| {member} | {variant}{served} | "
-                         + " / ".join(f"{c}: {v:.1f}" for c, v in m["median_ms"].items())
-                         + f" | {s['point']:.2f}× {bounds} | {m.get('faster_than_fp32', '')} |")
-    lines += [""] + [f"- {member}: {(measured.get('aa') or {}).get('why', 'no A/A arm')}; "
-                     f"{tuning.get('decisions', {}).get(member, '')}" for member, measured in tuning["members"].items()]
+                         + " / ".join(f"{c}: {v:.1f}" for c, v in m.median_ms.items())
+                         + f" | {s['point']:.2f}× {bounds} | {m.faster_than_fp32 or ''} |")
+    lines += [""] + [f"- {member}: {(measured.aa or {}).get('why', 'no A/A arm')}; {decisions.get(member, '')}"
+                     for member, measured in tuning.members.items()]
     return lines
 
 
-def render(manifest: dict, ablation: dict | None) -> str:
+def render(manifest: Manifest | Mapping[str, Any], ablation: dict | None) -> str:
+    """The whole report; `manifest` may be the dict of a committed export record."""
+    manifest = Manifest.of(manifest)
     lines = models_table(manifest) + [""] + quality_lines(manifest)
-    if manifest.get("tuning"):
+    if manifest.tuning:
         lines += [""] + tuning_lines(manifest)
     if ablation:
         lines += [""] + ablation_lines(ablation)
@@ -140,8 +144,7 @@ def render(manifest: dict, ablation: dict | None) -> str:
 
 
 def main(repository: Path, ablation: Path = typer.Option(None)) -> None:
-    manifest = json.loads((repository / MANIFEST_FILE).read_text())
-    print(render(manifest, json.loads(ablation.read_text()) if ablation else None))
+    print(render(Manifest.load(repository), json.loads(ablation.read_text()) if ablation else None))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Targets:
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,8 +211,7 @@ def set_runner_settings(config: mc.ModelConfig, settings: RunnerSettings, member
 
 def merged_item_encoder_config(ensemble: EnsembleSpec, plan: RepositoryPlan) -> mc.ModelConfig:
     """`item_encoder` as one dynamically batched python model (item_pipeline/model.py) running
-    the members' own graphs; each member's runner settings under `<member>.` (tune rewrites
-    them together with the member's config)."""
+    the members' own graphs; each member's runner settings under `<member>.`."""
     spec = ensemble.spec
     config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=plan.max_batch_size)
     config.input.extend(_tensor_input(t) for t in spec.inputs)
@@ -224,21 +224,10 @@ def merged_item_encoder_config(ensemble: EnsembleSpec, plan: RepositoryPlan) -> 
     for member in ITEM_PIPELINE_MEMBERS:
         settings = member_runner_settings(member, plan).with_(
             cpu_share=ITEM_PIPELINE_CPU_SHARES.get(member, 1),
-            # relative to this model's folder: the member's served graph, whatever tune swaps into it
+            # relative to this model's folder: the member's served graph
             model_file=Path("..", layout.model_file(member)).as_posix())
         _set_parameters(config, settings.to_parameters(member))
     return config
-
-
-def set_member_runtime(config: mc.ModelConfig, member: str, runtime: str, precision: str) -> None:
-    """Record a member's runtime and precision in a config that runs it: the member's own, a
-    merged model's `<member>.` keys where it has them, or the OpenVINO backend's."""
-    if config.backend not in ("python", "openvino"):
-        return  # a native backend (onnxruntime, TensorRT): the graph it loads is the whole choice
-    scope = None if config.name == member else member
-    if scope and not any(key in config.parameters for key in RunnerSettings.keys(scope)):
-        return  # a merged model that does not run this member
-    set_runner_settings(config, runner_settings(config, scope).with_(runtime=runtime, precision=precision), scope)
 
 
 def ensemble_config(ensemble: EnsembleSpec, max_batch_size: int) -> mc.ModelConfig:
@@ -322,6 +311,16 @@ def copy_python_model(source: str, libraries: tuple[str, ...], version_dir: Path
         shutil.copyfile(library, Path(version_dir) / library.name)
 
 
+def link_or_copy(source: Path, destination: Path) -> None:
+    """A hard link where both sit on one file system (graphs are never edited in place, so a
+    staged or re-rendered repository shares them instead of copying hundreds of MB), else a copy."""
+    destination.unlink(missing_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)
+
+
 def write_repository(plan: RepositoryPlan, output: Path) -> dict[str, Path]:
     """Write every model folder under `output`; returns model name -> its model file path."""
     layout = RepositoryLayout(output)
@@ -339,7 +338,7 @@ def write_repository(plan: RepositoryPlan, output: Path) -> dict[str, Path]:
             shutil.copyfile(plan.tokenizer_file, layout.tokenizer_file(name))
         if name in plan.member_files:
             target_file = layout.model_file(name, MODEL_KIND[plan.target])
-            shutil.copyfile(plan.member_files[name], target_file)
+            link_or_copy(plan.member_files[name], target_file)
             if plan.target is Target.portable:
                 copy_python_model(*ORT_RUNNER, version_dir)
             written[name] = target_file

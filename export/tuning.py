@@ -22,12 +22,10 @@ tensors of the served shapes (token ids inside the vocabulary, normalized pixels
 """
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import time
 from pathlib import Path
-from typing import Callable, Collection
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 
@@ -38,9 +36,12 @@ from mmrec.model_repository.lib import runtime
 from .choices import DEFAULT_TUNE_ROUNDS
 from .errors import ExportError
 from .gates import GateSet, VariantGates, onnx_fuse, variant_outputs
-from .manifest import MANIFEST_FILE, package_versions, write_manifest
+from .manifest import MANIFEST_FILE, package_versions
 from mmrec.layout import RepositoryLayout
-from .repository import CPU_SHARES, Target, merged_ensembles, parse, render, set_member_runtime
+from .repository import CPU_SHARES, Target
+from .manifest import (Manifest, MeasuredMember, MemberRecord, ServedCombination, TuningMachine,
+                       TuningRecord)
+from .render import GraphFiles, graph_of, repository_graphs, rerender
 from .variants import VARIANTS
 
 TUNED_MEMBERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
@@ -108,22 +109,24 @@ def time_interleaved(sessions: dict[str, runtime.Session], feed: dict[str, np.nd
     return times, calls
 
 
-def candidates_of(manifest: dict, member: str, runtimes: tuple[str, ...],
-                  refused: Collection[str] = ()) -> dict[str, dict]:
-    """Admitted CPU variants of a member that can run here, by variant name (`refused`: those
-    that failed their gate on this machine)."""
+def candidates_of(models: Mapping[str, MemberRecord], member: str, runtimes: tuple[str, ...], graphs: GraphFiles,
+                  refused: Collection[str] = ()) -> dict[str, Path]:
+    """Admitted CPU variants of a member that can run here, by variant name, with their graph
+    file (`graphs`: staged at export, in the repository at `mmrec tune`; `refused`: those that
+    failed their gate on this machine)."""
     found = {}
-    for name, entry in manifest["models"][member]["variants"].items():
+    for name, variant in models[member].variants.items():
         spec = VARIANTS.get(name)
-        if (spec is None or not spec.cpu or spec.runtime not in runtimes or not entry.get("path")
-                or not (entry.get("written") or name == REFERENCE) or name in refused):
+        file = graphs.get(member, {}).get(graph_of(name, variant))
+        if (spec is None or not spec.cpu or spec.runtime not in runtimes or file is None
+                or not (variant.written or name == REFERENCE) or name in refused):
             continue
         if runtime.unavailable_reason(spec.runtime, spec.precision) is None:
-            found[name] = entry
+            found[name] = file
     return found
 
 
-def regate(root: Path, manifest: dict, runtimes: tuple[str, ...], progress: Callable[[str], None]) -> dict | None:
+def regate(root: Path, manifest: Manifest, runtimes: tuple[str, ...], progress: Callable[[str], None]) -> dict | None:
     """Every admitted candidate of the encoders gated again on this machine, on the held-out
     inputs export saved (`gates.GateSet`), and every pair of those that pass; None when the
     repository has no gate set (written before it existed: export's verdicts stand)."""
@@ -137,13 +140,14 @@ def regate(root: Path, manifest: dict, runtimes: tuple[str, ...], progress: Call
                          len(contract.categories))
     members: dict[str, dict] = {}
     admitted: dict[str, list[str]] = {}
-    gated = [m for m in TUNED_MEMBERS if m in gate_set.feeds and m in manifest["models"]]
+    gated = [m for m in TUNED_MEMBERS if m in gate_set.feeds and m in manifest.models]
+    graphs = repository_graphs(root, manifest)
     candidates_by_member, long_references = {}, {}
     for member in gated:  # every member's FP32 reference first: a variant is judged beside the other's FP32
-        candidates = candidates_by_member[member] = candidates_of(manifest, member, runtimes)
+        candidates = candidates_by_member[member] = candidates_of(manifest.models, member, runtimes, graphs)
         if REFERENCE not in candidates:
             raise TuneError(f"{member}: the FP32 graph is missing from the repository; re-export it")
-        reference_file = root / candidates[REFERENCE]["path"]
+        reference_file = candidates[REFERENCE]
         gates.reference[member] = variant_outputs(reference_file, VARIANTS[REFERENCE], gate_set.feeds[member])
         if member == schema.TEXT_ENCODER and gate_set.long_feeds:
             long_references[member] = variant_outputs(reference_file, VARIANTS[REFERENCE], gate_set.long_feeds)
@@ -153,12 +157,12 @@ def regate(root: Path, manifest: dict, runtimes: tuple[str, ...], progress: Call
         feeds, long_reference = gate_set.feeds[member], long_references.get(member)
         long_feeds = gate_set.long_feeds if long_reference is not None else []
         members[member], admitted[member] = {}, [REFERENCE]
-        for name, entry in candidates.items():
+        for name, file in candidates.items():
             if name == REFERENCE:
                 continue
             spec = VARIANTS[name]
-            embeddings = variant_outputs(root / entry["path"], spec, feeds)
-            long_pair = (long_reference, variant_outputs(root / entry["path"], spec, long_feeds)) if long_feeds else None
+            embeddings = variant_outputs(file, spec, feeds)
+            long_pair = (long_reference, variant_outputs(file, spec, long_feeds)) if long_feeds else None
             gate = gates.gate_member(member, name, embeddings, long_pair)
             gate.evaluated_on = f"{spec.runtime} {spec.precision} on this machine"
             members[member][name] = gate.to_dict()
@@ -174,20 +178,18 @@ def refused_here(gated: dict | None, member: str) -> set[str]:
     return {v for v, g in ((gated or {}).get("members", {}).get(member, {})).items() if not g["passed"]}
 
 
-def measure_member(root: Path, manifest: dict, member: str, runtimes: tuple[str, ...], rounds: int,
-                   progress: Callable[[str], None], refused: Collection[str] = ()) -> dict:
-    """Per-round latency of every candidate of one member and of the A/A arm, and each
+def measure_member(candidates: dict[str, Path], member: str, image_size: int, rounds: int,
+                   progress: Callable[[str], None]) -> dict:
+    """Per-round latency of every candidate graph of one member and of the A/A arm, and each
     candidate's speed-up over ORT FP32."""
-    candidates = candidates_of(manifest, member, runtimes, refused)
     if REFERENCE not in candidates:
         raise TuneError(f"{member}: the FP32 graph is missing from the repository; re-export it")
     threads = runtime.thread_budget(0, CPU_SHARES.get(member, 1))
     sessions = {}
-    for name, entry in candidates.items():
+    for name, file in candidates.items():
         spec = VARIANTS[name]
-        sessions[name] = runtime.open_session(root / entry["path"], spec.runtime, threads, spec.precision)
+        sessions[name] = runtime.open_session(file, spec.runtime, threads, spec.precision)
     sessions[AA_ARM] = sessions[REFERENCE]  # an arm of its own in the rotation, the same session
-    image_size = manifest["preprocess"]["image_size"]
     per_case: dict[str, dict[str, list[float]]] = {}
     calls: dict[str, int] = {}
     for case in CASES[member]:
@@ -294,60 +296,81 @@ def _key(choice: dict[str, str], members: list[str]) -> tuple:
     return tuple((m, choice.get(m, REFERENCE)) for m in members)
 
 
-def serve_variant(root: Path, manifest: dict, member: str, variant: str, target: Target) -> None:
-    """Make `variant` the served one: its graph becomes `<member>/1/model.onnx` (the previous
-    graph moves to variants/), and the member's config names its runtime and precision."""
-    info = manifest["models"][member]
-    old_graph = info["variants"][info["served_variant"]]["graph"]
-    spec = VARIANTS[variant]
-    layout = RepositoryLayout(root)
-    served_path = layout.model_file(member).relative_to(root).as_posix()
-    if spec.graph != old_graph:
-        parked = layout.variant_file(member, old_graph).relative_to(root).as_posix()
-        incoming = info["variants"][variant]["path"]
-        (root / parked).parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(root / served_path, root / parked)
-        shutil.move(root / incoming, root / served_path)
-        for entry in info["variants"].values():
-            if entry.get("path") == served_path:
-                entry["path"] = parked
-            elif entry.get("path") == incoming:
-                entry["path"] = served_path
-    config_file = layout.config_file(member)
-    config = parse(config_file.read_text())
-    set_member_runtime(config, member, spec.runtime, spec.precision)
-    if target is Target.portable:
-        for merged in merged_ensembles(target):  # a merged item_encoder runs the member too
-            merged_file = layout.config_file(merged)
-            merged_config = parse(merged_file.read_text())
-            set_member_runtime(merged_config, member, spec.runtime, spec.precision)
-            merged_file.write_text(render(merged_config))
-    config_file.write_text(render(config))
-    info["served_variant"] = variant
+def allowed_runtimes(target: Target, runtimes: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The runtimes tuning may choose from on a target (the FP32 reference is always timed with ORT)."""
+    if target not in TARGET_RUNTIMES:
+        raise TuneError(f"target {target.value} is built for a GPU; tuning chooses CPU runtimes")
+    allowed = tuple(r for r in (runtimes or runtime.RUNTIMES) if r in TARGET_RUNTIMES[target])
+    return ("onnxruntime",) + allowed if target is Target.openvino else allowed
+
+
+def decide(models: Mapping[str, MemberRecord], graphs: GraphFiles, target: Target, allowed: tuple[str, ...],
+           image_size: int, rounds: int, progress: Callable[[str], None], fixed: dict[str, str], gated: dict | None,
+           combinations: list[dict], gates_where: str) -> tuple[dict[str, str], dict | None, TuningRecord]:
+    """Measure the candidates of every member not `fixed` and choose; returns the choice, the
+    combination gate of what will be served together (None: all ORT FP32) and the manifest's
+    tuning record. Writes nothing: the caller renders the repository once from the choice."""
+    members = [m for m in TUNED_MEMBERS if m in models and m not in fixed]
+    measured = {m: measure_member(candidates_of(models, m, allowed, graphs, refused_here(gated, m)), m, image_size,
+                                  rounds, progress) for m in members}
+    fallback = REFERENCE
+    if target is Target.openvino:  # the OpenVINO backend serves OpenVINO variants only
+        fallback = "openvino-fp32"
+        for m in measured:
+            measured[m]["variants"] = {v: r for v, r in measured[m]["variants"].items()
+                                       if VARIANTS[v].runtime == "openvino" or v == REFERENCE}
+    choice, combination = choose_pair(measured, combinations, fixed, fallback)
+    if gated is not None and combination is None and any(v != REFERENCE for v in fixed.values()):
+        raise TuneError(f"the pinned variants {fixed} pass no combination gate on this machine with any choice "
+                        "for the other members: re-export with other --serve-variant choices")
+    cpu = cpu_info()
+    record = TuningRecord(
+        machine=TuningMachine(cpu=cpu["model"], usable_cores=runtime.usable_cores(),
+                              flags=sorted(f for f, present in cpu["flags"].items() if present),
+                              openvino_capabilities=list(runtime.openvino_capabilities())),
+        versions={k: v for k, v in package_versions().items() if k in ("onnxruntime", "openvino")},
+        runtimes=list(allowed), rule=RULE, members={m: MeasuredMember.from_dict(r) for m, r in measured.items()},
+        chosen=choice, fixed_by_user=fixed,
+        decisions={m: decision(measured[m], v, fallback) for m, v in choice.items()},
+        gates=gated if gated is not None else {"where": gates_where})
+    return choice, combination, record
+
+
+def apply_choice(manifest: Manifest, choice: dict[str, str], combination: dict | None, fixed: dict[str, str]) -> None:
+    """Record the chosen served variants and the combination served together in a manifest
+    (before the repository is rendered from it)."""
+    for member, variant in choice.items():
+        manifest.models[member].serve(variant)
+    if combination is not None:
+        manifest.served_combination = ServedCombination(
+            variants={m: v for m, v in {**fixed, **choice}.items() if v != REFERENCE}, gate=combination)
+    elif not any(v != REFERENCE for v in fixed.values()):
+        manifest.served_combination = None
+
+
+def load_exported(root: Path) -> Manifest:
+    manifest_file = root / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise TuneError(f"{manifest_file} not found: tune a repository written by `mmrec export`")
+    return Manifest.read(manifest_file)
 
 
 def tune_repository(root: Path, runtimes: tuple[str, ...] | None = None, rounds: int = DEFAULT_ROUNDS,
                     progress: Callable[[str], None] = lambda message: None,
-                    fixed: dict[str, str] | None = None, regate_here: bool = True) -> dict:
-    """Gate again, measure, choose and serve the fastest admitted variant of each encoder
-    (members in `fixed`, chosen by the user, keep their variant); returns the manifest's
-    `tuning` record (also written into manifest.json). `regate_here=False`: the gates export
-    just ran on this same machine stand (export's own tuning)."""
+                    fixed: dict[str, str] | None = None) -> dict:
+    """Gate again, measure, choose the fastest admitted variant of each encoder (members in
+    `fixed`, chosen by the user, keep their variant), then render the repository again from the
+    new plan (`rerender`: a staged copy swapped in whole); returns the manifest's `tuning` record."""
     fixed = dict(fixed or {})
     root = Path(root)
-    manifest_file = root / MANIFEST_FILE
-    if not manifest_file.is_file():
-        raise TuneError(f"{manifest_file} not found: tune a repository written by `mmrec export`")
-    manifest = json.loads(manifest_file.read_text())
-    target = Target(manifest["target"])
-    if not fixed:  # a re-tune keeps what the user pinned at export (--serve-variant)
-        fixed = dict(manifest.get("tuning", {}).get("fixed_by_user", {}))
-    if target not in TARGET_RUNTIMES:
-        raise TuneError(f"target {target.value} is built for a GPU; tuning chooses CPU runtimes")
-    allowed = tuple(r for r in (runtimes or runtime.RUNTIMES) if r in TARGET_RUNTIMES[target])
-    if target is Target.openvino:
-        allowed = ("onnxruntime",) + allowed  # the FP32 reference is timed with ORT
-    gated = regate(root, manifest, allowed, progress) if regate_here else None
+    manifest = load_exported(root)
+    target = Target(manifest.target)
+    if manifest.gpu:
+        raise TuneError(f"this {target.value} repository places its encoders on a GPU; tuning chooses CPU runtimes")
+    if not fixed and manifest.tuning is not None:  # a re-tune keeps what the user pinned at export (--serve-variant)
+        fixed = dict(manifest.tuning.fixed_by_user)
+    allowed = allowed_runtimes(target, runtimes)
+    gated = regate(root, manifest, allowed, progress)
     for member, variant in fixed.items():
         if gated is None or variant == REFERENCE or member not in gated["members"]:
             continue
@@ -357,37 +380,27 @@ def tune_repository(root: Path, runtimes: tuple[str, ...] | None = None, rounds:
         if variant not in gated["members"][member]:
             raise TuneError(f"{member} [{variant}] was pinned at export but cannot be gated here (its runtime is "
                             f"left out or unavailable: runtimes {', '.join(allowed)})")
-    members = [m for m in TUNED_MEMBERS if m in manifest["models"] and m not in fixed]
-    measured = {m: measure_member(root, manifest, m, allowed, rounds, progress, refused_here(gated, m))
-                for m in members}
-    fallback = REFERENCE
-    if target is Target.openvino:  # the OpenVINO backend serves OpenVINO variants only
-        fallback = "openvino-fp32"
-        for m in measured:
-            measured[m]["variants"] = {v: r for v, r in measured[m]["variants"].items()
-                                       if VARIANTS[v].runtime == "openvino" or v == REFERENCE}
-    combinations = gated["combinations"] if gated is not None else manifest.get("combinations", [])
-    choice, combination = choose_pair(measured, combinations, fixed, fallback)
-    if gated is not None and combination is None and any(v != REFERENCE for v in fixed.values()):
-        raise TuneError(f"the pinned variants {fixed} pass no combination gate on this machine with any choice "
-                        "for the other members: re-export with other --serve-variant choices")
+    combinations = gated["combinations"] if gated is not None else (manifest.combinations or [])
+    choice, combination, record = decide(
+        manifest.models, repository_graphs(root, manifest), target, allowed, manifest.contract.image_size, rounds,
+        progress, fixed, gated, combinations, "export machine (no gate set in this repository: re-export)")
+    apply_choice(manifest, choice, combination, fixed)
+    manifest.tuning = record
+    rerender(root, manifest)
+    return record.to_dict()
+
+
+def serve_variants(root: Path, choice: dict[str, str]) -> None:
+    """Serve the named variants (admitted at export) without measuring: the manifest's choice
+    changes and the repository is rendered again from it."""
+    root = Path(root)
+    manifest = load_exported(root)
     for member, variant in choice.items():
-        if variant != manifest["models"][member]["served_variant"]:
-            serve_variant(root, manifest, member, variant, target)
-    if combination is not None:
-        manifest["served_combination"] = {"variants": {m: v for m, v in {**fixed, **choice}.items()
-                                                       if v != REFERENCE}, "gate": combination}
-    elif not any(v != REFERENCE for v in fixed.values()):
-        manifest.pop("served_combination", None)
-    cpu = cpu_info()
-    manifest["tuning"] = {
-        "machine": {"cpu": cpu["model"], "usable_cores": runtime.usable_cores(),
-                    "flags": sorted(f for f, present in cpu["flags"].items() if present),
-                    "openvino_capabilities": list(runtime.openvino_capabilities())},
-        "versions": {k: v for k, v in package_versions().items() if k in ("onnxruntime", "openvino")},
-        "runtimes": list(allowed), "rule": RULE, "members": measured, "chosen": choice,
-        "decisions": {m: decision(measured[m], v, fallback) for m, v in choice.items()}, "fixed_by_user": fixed,
-        "gates": gated if gated is not None else {
-            "where": "export machine" if not regate_here else "export machine (no gate set in this repository: re-export)"}}
-    write_manifest(root, manifest)
-    return manifest["tuning"]
+        record = manifest.models[member].variants.get(variant)
+        if record is None or not record.written:
+            raise TuneError(f"{member} [{variant}] was not admitted at export: it cannot be served")
+    wanted = {**{m: r.served_variant for m, r in manifest.models.items() if m in TUNED_MEMBERS}, **choice}
+    combination = next((c for c in manifest.combinations or []
+                        if all(c["variants"].get(m, REFERENCE) == v for m, v in wanted.items())), None)
+    apply_choice(manifest, choice, combination, {})
+    rerender(root, manifest)

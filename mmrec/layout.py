@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping, overload
 
 import mmrec.model_repository as _sources
 from mmrec.model_repository.lib.served_contract import CONTRACT_FILE, TOKENIZER_FILE, ServedContract
 
 from . import schema
+from .release_manifest import MANIFEST_FILE, Manifest
 
 VERSION = "1"  # export writes one version per model; `mmrec index` adds more to catalog_scorer
 CONFIG_FILE = "config.pbtxt"
 PYTHON_MODEL_FILE = "model.py"
-MANIFEST_FILE = "manifest.json"
 VARIANTS_DIR = "variants"
 FUSION_CHECKPOINT = "fusion_head.safetensors"
 GATE_SET_FILE = "gate_set.npz"  # held-out gate inputs export saves for `mmrec tune` (export/gates.py)
@@ -117,8 +117,20 @@ class RepositoryLayout:
     def write_contract(self, contract: ServedContract) -> Path:
         return contract.save(self.root)
 
+    @overload
+    def load_manifest(self, required: Literal[True] = ...) -> Manifest: ...
+
+    @overload
+    def load_manifest(self, required: bool) -> Manifest | None: ...
+
+    def load_manifest(self, required: bool = True) -> Manifest | None:
+        """manifest.json as a typed `Manifest`; None when absent and not required (hand-made
+        repositories)."""
+        return Manifest.load(self.root, required)
+
     def read_manifest(self, required: bool = True) -> dict:
-        """manifest.json as a dict; {} when absent and not required (hand-made repositories)."""
+        """manifest.json as the raw dict, for code not yet on `load_manifest`; {} when absent
+        and not required."""
         if not self.manifest_file.is_file():
             if required:
                 raise FileNotFoundError(f"{self.manifest_file} not found: run `mmrec export` first")

@@ -139,39 +139,34 @@ def test_openvino_backend_keys_are_translated_by_the_same_owner():
     assert OPENVINO_BF16_KEY not in RunnerSettings(runtime="openvino").to_openvino_backend()
 
 
-def test_set_member_runtime_rewrites_own_merged_and_openvino_configs():
-    """What `mmrec tune` changes when it serves another variant, in each kind of config."""
+def test_a_member_runtime_in_the_plan_reaches_its_own_merged_and_openvino_configs():
+    """What a tuned plan renders for a member served on another runtime, in each kind of config
+    (export and `mmrec tune` both render from the plan; nothing edits a config afterwards)."""
     from pathlib import Path
 
     from mmrec.export.choices import Target
-    from mmrec.export.repository import RepositoryPlan, all_configs, runner_settings, set_member_runtime
+    from mmrec.export.repository import RepositoryPlan, all_configs, runner_settings
 
-    def plan(target: Target) -> RepositoryPlan:
-        return RepositoryPlan(target=target, contract=CONTRACT, member_files={}, tokenizer_file=Path("t"))
+    def configs(target: Target, **runtimes: tuple[str, str]):
+        return all_configs(RepositoryPlan(target=target, contract=CONTRACT, member_files={}, tokenizer_file=Path("t"),
+                                          member_runtimes=runtimes))
 
-    portable = all_configs(plan(Target.portable))
+    portable = configs(Target.portable, **{schema.TEXT_ENCODER: ("openvino", "bf16")})
     own, merged = portable[schema.TEXT_ENCODER], portable[schema.ITEM_ENCODER]
-    for config in (own, merged):
-        set_member_runtime(config, schema.TEXT_ENCODER, "openvino", "bf16")
     assert (runner_settings(own).runtime, runner_settings(own).precision) == ("openvino", "bf16")
-    assert runner_settings(own).seq_buckets == CONTRACT.seq_buckets  # the rest is kept
+    assert runner_settings(own).seq_buckets == CONTRACT.seq_buckets
     text_in_merged = runner_settings(merged, schema.TEXT_ENCODER)
     assert (text_in_merged.runtime, text_in_merged.precision) == ("openvino", "bf16")
-    assert text_in_merged.model_file  # kept
-    assert runner_settings(merged, schema.IMAGE_ENCODER).runtime == "onnxruntime"  # untouched
-    set_member_runtime(merged, schema.SCORER, "openvino", "fp32")  # not a merged member: no keys added
-    assert not any(k.startswith(schema.SCORER + ".") for k in merged.parameters)
+    assert text_in_merged.model_file
+    assert runner_settings(merged, schema.IMAGE_ENCODER).runtime == "onnxruntime"  # not chosen: ORT FP32
+    assert not any(k.startswith(schema.SCORER + ".") for k in merged.parameters)  # not a merged member
 
-    native = all_configs(plan(Target.onnxruntime))[schema.IMAGE_ENCODER]
-    before = dict(native.parameters)
-    set_member_runtime(native, schema.IMAGE_ENCODER, "onnxruntime", "fp32")
-    assert dict(native.parameters) == before  # the native backend gets no runner keys
+    native = configs(Target.onnxruntime, **{schema.IMAGE_ENCODER: ("onnxruntime", "int8")})[schema.IMAGE_ENCODER]
+    assert dict(native.parameters) == dict(configs(Target.onnxruntime)[schema.IMAGE_ENCODER].parameters)  # the graph is the choice
 
-    openvino = all_configs(plan(Target.openvino))[schema.IMAGE_ENCODER]
-    set_member_runtime(openvino, schema.IMAGE_ENCODER, "openvino", "bf16")
-    assert runner_settings(openvino).precision == "bf16"
-    set_member_runtime(openvino, schema.IMAGE_ENCODER, "openvino", "fp32")
-    assert runner_settings(openvino).precision == "fp32"
+    for precision in ("bf16", "fp32"):
+        openvino = configs(Target.openvino, **{schema.IMAGE_ENCODER: ("openvino", precision)})[schema.IMAGE_ENCODER]
+        assert runner_settings(openvino).precision == precision
 
 
 def test_catalog_settings_are_written_and_read_by_one_owner():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from mmrec import schema
 from mmrec.export import variants
+from mmrec.export.choices import Reporter
 from mmrec.export.errors import ExportError, ModelSourceError, ParityError
 from mmrec.export.manifest import MANIFEST_FILE, sha256_file
 from mmrec.export.models.image import load_image_encoder
@@ -19,6 +21,16 @@ from mmrec.export.pipeline import ExportOptions, Exporter
 
 def manifest_of(repo: Path) -> dict:
     return json.loads((repo / MANIFEST_FILE).read_text())
+
+
+class Messages(Reporter):
+    """Keeps the export's messages (cache hits among them)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def done(self, message: str) -> None:
+        self.lines.append(message)
 
 
 def test_every_submodel_matches_pytorch_within_fp32_tolerance(exported_repository):
@@ -103,26 +115,31 @@ def test_write_manifest_records_the_build_once_and_a_retune_keeps_it(tmp_path):
     rewrite (mmrec tune on another checkout) keeps the export's build instead of its own."""
     from mmrec.export.manifest import BUILD_KEY, write_manifest
     from mmrec.machine import REPO_ROOT, git_commit
+    from toy_manifest import toy_manifest
 
     (tmp_path / "a.txt").write_text("x")
-    write_manifest(tmp_path, {"models": {}})
+    write_manifest(tmp_path, toy_manifest())
     written = manifest_of(tmp_path)
     assert written[BUILD_KEY] == git_commit()
     if (REPO_ROOT / ".git").exists():  # a checkout, as in `make test`
         assert len(written[BUILD_KEY]["commit"]) == 40 and isinstance(written[BUILD_KEY]["dirty"], bool)
     earlier = {"commit": "0" * 40, "dirty": False}
-    write_manifest(tmp_path, {"models": {}, BUILD_KEY: earlier})
+    write_manifest(tmp_path, {**toy_manifest().to_dict(), BUILD_KEY: earlier})
     assert manifest_of(tmp_path)[BUILD_KEY] == earlier
     assert git_commit(tmp_path) == {"commit": None, "dirty": None}  # no checkout: unknown, not a guess
 
 
 def test_export_is_deterministic_and_reuses_a_fusion_checkpoint(exported_repository, tmp_path):
     """Same inputs -> same hashes. The second export takes the first one's fusion checkpoint
-    (fp32 only, to keep the test short), so this also proves checkpoint loading."""
+    (fp32 only, to keep the test short), so this also proves checkpoint loading. Its features
+    come from the cache the session export filled: a hit writes what a fresh pass writes."""
     again = tmp_path / "again"
     checkpoint = exported_repository / "fusion" / "variants" / "fusion_head.safetensors"
+    reporter = Messages()
     Exporter(ExportOptions(output=again, precisions=("fp32",), fusion_checkpoint=checkpoint,
-                           runtimes=("onnxruntime",), tune=False)).run()
+                           runtimes=("onnxruntime",), tune=False), reporter).run()
+    if not os.environ.get("MMREC_TEST_REPOSITORY"):  # the session export ran here, with this cache
+        assert any(line.startswith("features: cache hit ") for line in reporter.lines), reporter.lines
     first, second = manifest_of(exported_repository), manifest_of(again)
     assert second["training"]["source"] == "checkpoint"
     assert second["training"]["held_out"] == first["training"]["held_out"]
@@ -167,7 +184,60 @@ def test_seed_spread_reuses_the_served_seed(monkeypatch):
     config = FusionConfig(num_categories=4)
     served, _ = train.train_fusion(features, config)
     parts = {"held_out": features}
-    assert train.seed_spread(features, parts, config, 2, first=served) == train.seed_spread(features, parts, config, 2)
+    assert (train.seed_spread(features, parts, config, 2, first=served, workers=1)
+            == train.seed_spread(features, parts, config, 2, workers=1))
+
+
+def _spread_inputs(monkeypatch):
+    from mmrec.export import train
+    from mmrec.export.features import ItemFeatures
+    from mmrec.export.models.fusion import FusionConfig
+
+    monkeypatch.setattr(train, "EPOCHS", 2)  # the workers get it from here, not from their import
+    rng = np.random.default_rng(3)
+    features = ItemFeatures(rng.standard_normal((64, 384)).astype(np.float32),
+                            rng.standard_normal((64, 1280)).astype(np.float32), np.arange(64) % 4)
+    return train, features, FusionConfig(num_categories=4)
+
+
+def test_seed_spread_in_worker_processes_is_the_serial_one_bit_for_bit(monkeypatch):
+    """Extra seeds train in spawned workers: the same weights, in seed order, as training them
+    here, the same spread, and one progress tick per seed."""
+    train, features, config = _spread_inputs(monkeypatch)
+    seeds = [train.SEED + offset for offset in range(3)]
+    serial_heads = [train.train_fusion(features, config, seed=seed)[0] for seed in seeds]
+    parts = {"held_out": features}
+    serial = train.seed_spread(features, parts, config, 3, workers=1)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("trained in the parent process: the workers did not run")
+
+    evaluated, evaluate_fusion = [], train.evaluate_fusion
+
+    def evaluate(model, *args):  # records the heads the spread scores, in order
+        evaluated.append(model)
+        return evaluate_fusion(model, *args)
+
+    monkeypatch.setattr(train, "train_fusion", not_here)  # the spawned workers import the real one
+    monkeypatch.setattr(train, "evaluate_fusion", evaluate)
+    ticks: list[int] = []
+    assert train.seed_spread(features, parts, config, 3, ticks.append, workers=2) == serial
+    assert ticks == [1, 1, 1] and len(evaluated) == len(seeds)
+    for seed, a, b in zip(seeds, serial_heads, evaluated):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert x.dtype == y.dtype and x.numpy().tobytes() == y.numpy().tobytes(), (seed, name)
+
+
+def test_seed_spread_trains_here_when_workers_cannot_start(monkeypatch):
+    train, features, config = _spread_inputs(monkeypatch)
+    parts = {"held_out": features}
+    serial = train.seed_spread(features, parts, config, 3, workers=1)
+
+    def no_processes(*args, **kwargs):
+        raise PermissionError("no semaphores in this sandbox")
+
+    monkeypatch.setattr(train, "ProcessPoolExecutor", no_processes)
+    assert train.seed_spread(features, parts, config, 3, workers=2) == serial
 
 
 def test_bad_fusion_checkpoint_is_rejected_before_any_work(tmp_path):

@@ -18,7 +18,7 @@ PACKAGE_DIRS = {"mmrec": ROOT / "mmrec", "mmrec.export": ROOT / "export", "mmrec
 
 LIB = "mmrec.model_repository.lib"
 CONTRACT = ("mmrec.schema", "mmrec.layout", "mmrec.preprocess", "mmrec.metrics", "mmrec.export_defaults", "mmrec.machine",
-            "mmrec.stats", "mmrec.admission",
+            "mmrec.stats", "mmrec.admission", "mmrec.release_manifest",
             "mmrec.model_repository")
 PIPELINE = ("mmrec.reference",)
 SERVE = ("mmrec.server", "mmrec.index_graph", "mmrec.index_publish", "mmrec.index_store",

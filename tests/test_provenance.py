@@ -83,11 +83,12 @@ def test_the_recorded_export_keeps_the_manifest_and_its_build(tmp_path):
     commit under `build`) plus the provenance of the recording."""
     from mmrec.benchmarks.doc_blocks import record_export
     from mmrec.export.manifest import write_manifest
+    from toy_manifest import toy_manifest
 
     repository = tmp_path / "repository"
     repository.mkdir()
     (repository / "preprocess.json").write_text("{}")
-    write_manifest(repository, {"models": {}, "target": "portable"})
+    write_manifest(repository, toy_manifest(target="portable"))
     before = RunStart.now()
     record = json.loads(record_export(repository, tmp_path / "export_report.json").read_text())
     assert record["manifest"]["target"] == "portable"

@@ -2,7 +2,6 @@
 per-machine choice of `mmrec tune`, served by the real Triton."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from mmrec import metrics, schema
 from mmrec.export.manifest import sha256_file
 from mmrec.export.repository import Target, parse
-from mmrec.export.tuning import REFERENCE, choose_pair, decision, serve_variant, tune_repository
+from mmrec.export.tuning import REFERENCE, choose_pair, decision, serve_variants, tune_repository
 from mmrec.export.variants import VARIANTS
 from mmrec.layout import RepositoryLayout
 from mmrec.model_repository.lib import runtime
@@ -242,6 +241,40 @@ def test_tune_gates_every_candidate_again_on_this_machine(tuned_repository):
         assert pair["passed"]
 
 
+def test_tune_renders_the_repository_again_and_keeps_what_it_does_not_own(exported_repository, tmp_path):
+    """`mmrec tune` never edits in place: it renders the repository again from the new choice
+    beside it and swaps it in. Files no rendering owns (a published catalog, the fusion
+    checkpoint, the gate set) come along; graphs are placed once, where the new plan keeps them."""
+    from mmrec.export.manifest import Manifest
+    from mmrec.export.render import plan_from_manifest
+    from mmrec.export.repository import all_configs, render
+
+    root = tmp_path / "repository"
+    shutil.copytree(exported_repository, root)
+    catalog = root / "catalog_scorer" / "3" / "index.bin"  # what `mmrec index` publishes later
+    catalog.parent.mkdir(parents=True)
+    catalog.write_bytes(b"catalog of version 3")
+    before = manifest_of(root)
+    serve_variants(root, {schema.TEXT_ENCODER: "int8"})
+    after = manifest_of(root)
+    assert catalog.read_bytes() == b"catalog of version 3"
+    assert RepositoryLayout(root).fusion_checkpoint.is_file() and RepositoryLayout(root).gate_set_file.is_file()
+    text = after["models"][schema.TEXT_ENCODER]["variants"]
+    assert text["int8"]["path"] == f"{schema.TEXT_ENCODER}/1/model.onnx"
+    assert text["int8"]["sha256"] == before["models"][schema.TEXT_ENCODER]["variants"]["int8"]["sha256"]
+    assert text["fp32"]["path"] == f"{schema.TEXT_ENCODER}/variants/fp32.onnx"  # parked, not lost
+    assert text["fp32"]["sha256"] == before["models"][schema.TEXT_ENCODER]["variants"]["fp32"]["sha256"]
+    assert not (root / schema.TEXT_ENCODER / "variants" / "int8.onnx").exists()  # served: not kept twice
+    listed = {e["path"] for m in after["models"].values() for e in m["variants"].values() if e.get("path")}
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*.onnx")}
+    assert on_disk == listed, "every graph on disk is one the manifest names"
+    # every config is exactly what the plan renders: nothing was patched after rendering
+    plan = plan_from_manifest(root, Manifest.from_dict(after))
+    for name, config in all_configs(plan).items():
+        assert (root / name / "config.pbtxt").read_text() == render(config), name
+    assert not list(tmp_path.glob(".repository.*")), "no staging folder left behind"
+
+
 def _sabotage(graph: Path) -> None:
     """Negate the graph's output: what a CPU whose INT8 kernels overflow might as well return."""
     import onnx
@@ -287,9 +320,7 @@ def test_openvino_variants_serve_through_triton(exported_repository, reference, 
     manifest = manifest_of(root)
     image = "openvino-int8" if manifest["models"][schema.IMAGE_ENCODER]["variants"]["openvino-int8"]["written"] \
         else "openvino-fp32"
-    serve_variant(root, manifest, schema.TEXT_ENCODER, "openvino-fp32", Target.portable)
-    serve_variant(root, manifest, schema.IMAGE_ENCODER, image, Target.portable)
-    RepositoryLayout(root).manifest_file.write_text(json.dumps(manifest))
+    serve_variants(root, {schema.TEXT_ENCODER: "openvino-fp32", schema.IMAGE_ENCODER: image})
     assert parse((root / schema.IMAGE_ENCODER / "config.pbtxt").read_text()).parameters["runtime"].string_value \
         == "openvino"
     merged = parse((root / schema.ITEM_ENCODER / "config.pbtxt").read_text()).parameters

@@ -1,0 +1,131 @@
+"""Render a repository once from its plan: configs, served graphs, kept variants, admission.
+
+Export decides everything first (graphs staged, gated, tuned on the staged files), then calls
+`render_repository` once. `mmrec tune` decides again on an exported repository and calls
+`rerender`: the repository is rendered afresh from the manifest's new choice into a folder
+beside it, the files no rendering owns (the fusion checkpoint, the gate set, published catalog
+indexes) are carried over, and the folder is swapped in whole, so tune never edits a config or
+moves a graph in place.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+from mmrec import schema
+from mmrec.admission import QueuePolicy
+from mmrec.layout import MANIFEST_FILE, RepositoryLayout
+from mmrec.preprocess import ServedContract
+
+from .manifest import Manifest, MemberRecord, VariantRecord, file_record, write_manifest
+from .repository import RepositoryPlan, Target, link_or_copy, parse, render, write_repository
+from .variants import VARIANTS
+
+GraphFiles = dict[str, dict[str, Path]]  # member -> graph (fp32, int8, fp16, a TensorRT plan) -> its file now
+
+
+def graph_of(name: str, variant: VariantRecord) -> str:
+    """The graph a variant runs (a TensorRT plan's variant is its own graph)."""
+    return variant.graph or name
+
+
+def served_runtimes(models: Mapping[str, MemberRecord]) -> dict[str, tuple[str, str]]:
+    """member -> (runtime, precision) of the variant it serves (TensorRT plans: none)."""
+    return {name: (VARIANTS[m.served_variant].runtime, VARIANTS[m.served_variant].precision)
+            for name, m in models.items() if m.served_variant in VARIANTS}
+
+
+def plan_for(target: Target, contract: ServedContract, models: Mapping[str, MemberRecord], graphs: GraphFiles,
+             tokenizer_file: Path, gpu: bool) -> RepositoryPlan:
+    """The plan that serves each member's chosen variant: its graph and its runtime."""
+    files = {}
+    for name, member in models.items():
+        graph = graph_of(member.served_variant, member.served)
+        if graph not in graphs.get(name, {}):
+            raise FileNotFoundError(f"{name} [{member.served_variant}]: its {graph} graph is not in the repository")
+        files[name] = graphs[name][graph]
+    runtimes = {} if target is Target.tensorrt else served_runtimes(models)
+    return RepositoryPlan(target, contract, files, tokenizer_file, gpu=gpu, member_runtimes=runtimes)
+
+
+def render_repository(plan: RepositoryPlan, models: Mapping[str, MemberRecord], graphs: GraphFiles,
+                      root: Path) -> None:
+    """Write the plan's configs and python models and place every graph: the served one as
+    `<member>/1/model.onnx`, each other graph an admitted variant runs once as
+    `<member>/variants/<graph>.onnx`; each variant's record points at its file."""
+    written = write_repository(plan, root)
+    layout = RepositoryLayout(root)
+    for name, member in models.items():
+        served = graph_of(member.served_variant, member.served)
+        for variant_name, variant in member.variants.items():
+            graph = graph_of(variant_name, variant)
+            if name in written and graph == served and (variant.written or variant_name == member.served_variant):
+                variant.set_file(file_record(written[name], root))
+            elif variant.written and graph in graphs.get(name, {}):
+                dest = layout.variant_file(name, graph)
+                if not dest.exists():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    link_or_copy(graphs[name][graph], dest)
+                variant.set_file(file_record(dest, root))
+
+
+def repository_graphs(root: Path, manifest: Manifest) -> GraphFiles:
+    """Where an exported repository keeps each member's graphs now."""
+    return {name: {graph_of(v_name, v): root / v.path for v_name, v in member.variants.items() if v.path}
+            for name, member in manifest.models.items()}
+
+
+def plan_from_manifest(root: Path, manifest: Manifest) -> RepositoryPlan:
+    """The plan an exported repository renders with the served variants its manifest names now."""
+    layout = RepositoryLayout(root)
+    return plan_for(Target(manifest.target), layout.read_contract(), manifest.models, repository_graphs(root, manifest),
+                    layout.tokenizer_file(schema.TOKENIZER), bool(manifest.gpu))
+
+
+def apply_admission(root: Path, record: dict | None) -> None:
+    """Put the admission policy a manifest records (`mmrec admit`) back on its models' configs."""
+    if not record:
+        return
+    policy, layout = QueuePolicy(**record["policy"]), RepositoryLayout(root)
+    for model in record["models"]:
+        path = layout.config_file(model)
+        config = parse(path.read_text())
+        policy.apply(config)
+        fresh = path.with_suffix(".tmp")  # a new file: a carried-over config may be a hard link
+        fresh.write_text(render(config))
+        fresh.replace(path)
+
+
+def rerender(root: Path, manifest: Manifest) -> None:
+    """Render `root` again from `manifest` (its served variants as now chosen) into a folder
+    beside it, then swap that folder in; see the module docstring."""
+    root = Path(root).resolve()
+    staging = root.parent / f".{root.name}.rerender-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        plan = plan_from_manifest(root, manifest)
+        graphs = repository_graphs(root, manifest)
+        old_graph_paths = {v.path for m in manifest.models.values() for v in m.variants.values() if v.path}
+        for member in manifest.models.values():
+            for variant in member.variants.values():  # placed again where the new plan keeps them
+                variant.path = variant.sha256 = variant.bytes = None
+        render_repository(plan, manifest.models, graphs, staging)
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            relative = path.relative_to(root).as_posix()
+            kept = staging / relative
+            if relative == MANIFEST_FILE or relative in old_graph_paths or kept.exists():
+                continue
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(path, kept)
+        apply_admission(staging, manifest.admission)
+        write_manifest(staging, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = root.parent / f".{root.name}.previous-{os.getpid()}"
+    root.rename(previous)
+    staging.rename(root)
+    shutil.rmtree(previous)
