@@ -22,7 +22,8 @@ from mmrec.export_defaults import DEFAULT_REPOSITORY
 from mmrec.layout import FUSION_CHECKPOINT, RepositoryLayout  # noqa: F401 - FUSION_CHECKPOINT re-exported
 from mmrec.preprocess import (DEFAULT_IMAGE_FIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGE_BYTES,
                               DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_TEXT_BYTES,
-                              DEFAULT_SEQ_BUCKETS, IMAGE_FITS, TOKENIZER_FILE, ServedContract)
+                              DEFAULT_SEQ_BUCKETS, EXPORT_CHOICES, TOKENIZER_FILE, ContractError, ServedContract,
+                              check_export_choices)
 from mmrec.model_repository.lib import runtime
 from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
 from mmrec.reference import torch_member
@@ -78,6 +79,10 @@ class ExportOptions:
     tune: bool = True  # measure the gated CPU variants here and serve the fastest (portable target)
     feature_cache: bool = True  # reuse the PyTorch feature pass of identical inputs (feature_cache.py)
 
+    def contract_choices(self) -> dict:
+        """The served-contract fields this export chooses (the contract owns which and their ranges)."""
+        return {name: getattr(self, name) for name in EXPORT_CHOICES}
+
     def validate(self) -> None:
         """Fail before any work on options that cannot succeed."""
         unknown = set(self.precisions) - set(PRECISIONS)
@@ -94,21 +99,12 @@ class ExportOptions:
             raise ModelSourceError(f"image weights file {self.image_weights} does not exist")
         if self.fusion_checkpoint is not None and not Path(self.fusion_checkpoint).is_file():
             raise ModelSourceError(f"fusion checkpoint {self.fusion_checkpoint} does not exist")
-        if self.image_fit not in IMAGE_FITS:
-            raise ExportError(f"unknown image fit {self.image_fit!r}; choose from {IMAGE_FITS}")
+        try:
+            check_export_choices(self.contract_choices())
+        except ContractError as err:
+            raise ExportError(str(err)) from None
         if not 1 <= self.seeds <= 100:
             raise ExportError(f"--seeds must be within 1..100, got {self.seeds}")
-        if not 1 <= self.max_batch_size <= 1024:
-            raise ExportError(f"max batch size {self.max_batch_size} is outside 1..1024")
-        if not 8 <= self.max_seq_len <= 512:
-            raise ExportError(f"max sequence length {self.max_seq_len} is outside 8..512")
-        if not self.seq_buckets or min(self.seq_buckets) < 1:  # above max_seq_len: dropped by the contract
-            raise ExportError(f"--seq-buckets must be positive token counts, got {list(self.seq_buckets)}")
-        for flag, value in (("--max-image-bytes", self.max_image_bytes),
-                            ("--max-image-pixels", self.max_image_pixels),
-                            ("--max-text-bytes", self.max_text_bytes)):
-            if value < 1:
-                raise ExportError(f"{flag} must be at least 1, got {value}")
         for name in self.runtimes:
             if name not in runtime.RUNTIMES:
                 raise ExportError(f"unknown runtime {name!r}; choose from {runtime.RUNTIMES}")
@@ -192,11 +188,8 @@ def load_sources(options: ExportOptions) -> Sources:
     items = load_items()
     parts = split(items, [image_hash(item) for item in items])
     preprocess = ServedContract(
-        max_seq_len=options.max_seq_len, seq_buckets=options.seq_buckets,
-        image_size=entry.image_size, image_mean=entry.mean, image_std=entry.std,
-        image_fit=options.image_fit, categories=categories_of(items), max_batch_size=options.max_batch_size,
-        max_image_bytes=options.max_image_bytes, max_image_pixels=options.max_image_pixels,
-        max_text_bytes=options.max_text_bytes,
+        **options.contract_choices(),
+        image_size=entry.image_size, image_mean=entry.mean, image_std=entry.std, categories=categories_of(items),
         text_dim=text_hidden_size(text_model), image_dim=entry.feature_dim,
         item_dim=schema.ITEM_EMBEDDING_DIM)
     hashes = SourceHashes(sha256_tree(text_folder), sha256_file(weights), dataset_fingerprint(items))

@@ -45,6 +45,36 @@ class ContractError(ValueError):
     """Parameters that do not describe a valid served contract; the message names the fix."""
 
 
+# The contract fields an export chooses (`mmrec export` flags, ExportOptions); the others come from
+# the encoders (widths, image size, normalization) and the data (categories). Each integer choice
+# with the range it must lie in (None: no upper bound); seq_buckets and image_fit are checked by
+# their own rules (parse_buckets/normalize_buckets, IMAGE_FITS).
+EXPORT_CHOICES = ("max_seq_len", "seq_buckets", "image_fit", "max_batch_size", "max_image_bytes",
+                  "max_image_pixels", "max_text_bytes")
+EXPORT_RANGES: dict[str, tuple[int, int | None]] = {
+    "max_batch_size": (1, 1024), "max_seq_len": (8, 512),
+    "max_image_bytes": (1, None), "max_image_pixels": (1, None), "max_text_bytes": (1, None)}
+
+
+def export_choice_flag(name: str) -> str:
+    """The `mmrec export` flag of a contract choice (the CLI spells every one this way)."""
+    return "--" + name.replace("_", "-")
+
+
+def check_export_choices(choices: dict) -> None:
+    """Refuse contract choices no export can serve, naming the flag and its range."""
+    for name, (low, high) in EXPORT_RANGES.items():
+        value = choices[name]
+        if value < low or (high is not None and value > high):
+            bound = f"within {low}..{high}" if high is not None else f"at least {low}"
+            raise ContractError(f"{export_choice_flag(name)} must be {bound}, got {value}")
+    buckets = choices["seq_buckets"]
+    if not buckets or min(buckets) < 1:  # above max_seq_len: dropped by normalize_buckets
+        raise ContractError(f"--seq-buckets must be positive token counts, got {list(buckets)}")
+    if choices["image_fit"] not in IMAGE_FITS:
+        raise ContractError(f"unknown image fit {choices['image_fit']!r}; choose from {IMAGE_FITS}")
+
+
 def normalize_buckets(buckets: tuple[int, ...] | list[int], max_seq_len: int) -> tuple[int, ...]:
     """The one bucket rule: sorted, unique, each in 1..max_seq_len, always ending at max_seq_len
     (a text is padded to the smallest bucket that holds it; max_seq_len holds every text)."""
