@@ -349,21 +349,21 @@ class Exporter:
             served_combination=ServedCombination.from_dict(combination) if combination is not None else None,
             combinations=manifest_combinations or None)
         if o.tune and o.target is not Target.tensorrt and not o.gpu:
-            self._tune(manifest, p.image_size)
+            self._tune(manifest, p)
         # everything is decided: the repository is rendered once, from the staged graphs
         render_repository(plan_for(o.target, p, models, self._graphs, tokenizer_file, o.gpu), models, self._graphs,
                           root)
         shutil.rmtree(staging)
         return manifest
 
-    def _tune(self, manifest: Manifest, image_size: int) -> None:
+    def _tune(self, manifest: Manifest, contract: ServedContract) -> None:
         """Time the admitted CPU variants' staged graphs here and serve the fastest (gated at
         export a moment ago on this same machine: no second gating)."""
         o = self.options
         tick = self.reporter.step("tuning: timing the admitted CPU variants on this machine")
         fixed = dict(o.serve_variants)
         choice, combination, record = decide(
-            manifest.models, self._graphs, o.target, allowed_runtimes(o.target, o.runtimes), image_size,
+            manifest.models, self._graphs, o.target, allowed_runtimes(o.target, o.runtimes), contract,
             DEFAULT_ROUNDS, self.reporter.done, fixed, None, manifest.combinations or [], "export machine")
         apply_choice(manifest, choice, combination, fixed)
         manifest.tuning = record

@@ -3,27 +3,32 @@ a member in one place, so adding an encoder means adding a recipe, not editing t
 
 A recipe says which torch module to export, which real inputs check its parity (and at which
 tolerance), which held-out inputs gate its INT8/FP16 variants, what its INT8 calibration feed
-is, and which input axes TensorRT profiles cover. The exporter loops over `RECIPES`; inputs come
-from one `ExportInputs` per export, so the tokenizer is built and the dataset is tokenized,
-decoded and encoded once.
+is, how its CPU INT8 graph is built, which input axes TensorRT profiles cover, and at which
+shapes `mmrec tune` times its variants. The exporter loops over `RECIPES`; inputs come from one
+`ExportInputs` per export, so the tokenizer is built and the dataset is tokenized, decoded and
+encoded once. Torch is imported only where a recipe's export-time callables run: `mmrec tune`
+reads the recipes on a serving machine without loading it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from mmrec import schema
 from mmrec.model_repository.lib.text_preprocessing import TextTokenizer
 from mmrec.preprocess import ServedContract
 
 from .data import Item
-from .features import EncodedDataset, ItemFeatures
-from .models.fusion import FusionHead, UserItemScorer
+
+if TYPE_CHECKING:
+    import torch
+
+    from .features import EncodedDataset, ItemFeatures
+    from .models.fusion import FusionHead
 
 Feed = dict[str, np.ndarray]
 Case = tuple[str, Feed]  # (label, feed)
@@ -70,6 +75,8 @@ class ExportInputs:
     @cached_property
     def item_embeddings(self) -> np.ndarray:
         """The trained head's held-out item embeddings (inputs of the scorer's parity cases)."""
+        import torch
+
         with torch.inference_mode():
             return self.fusion(torch.from_numpy(self.held_features.text),
                                torch.from_numpy(self.held_features.image))[0].numpy()
@@ -98,11 +105,21 @@ class MemberRecipe:
     # the CPU INT8 graph: (fp32 file, destination, inputs) -> destination; None: no INT8 variant
     quantize_int8: Callable[[Path, Path, ExportInputs], Path] | None = None
     sequence_inputs: bool = False  # TensorRT profiles cover the contract's sequence buckets
+    # `mmrec tune`: the served shapes its variants are timed at (batch[, tokens]); () is not tuned
+    tuning_cases: tuple[tuple[int, ...], ...] = ()
+    timing_feed: Callable[[tuple[int, ...], ServedContract], Feed] | None = None
     atol: float | None = None  # FP32 parity tolerance; None: the export's --atol
 
     @property
     def quantizable(self) -> bool:
         return self.gate_feeds is not None
+
+    @property
+    def tuned(self) -> bool:
+        return bool(self.tuning_cases)
+
+    def case_label(self, case: tuple[int, ...]) -> str:
+        return f"batch={case[0]} seq={case[1]}" if self.sequence_inputs else f"batch={case[0]}"
 
     def sequence_buckets(self, contract: ServedContract) -> tuple[int, ...]:
         """The sequence lengths TensorRT profiles of this member cover (none: batch axis only)."""
@@ -110,6 +127,8 @@ class MemberRecipe:
 
     def sample(self, inputs: ExportInputs) -> tuple[torch.Tensor, ...]:
         """Example inputs for tracing: the second parity case (a real batch > 1)."""
+        import torch
+
         cases = self.parity_cases(inputs)
         return tuple(torch.from_numpy(v) for v in cases[min(1, len(cases) - 1)][1].values())
 
@@ -132,6 +151,13 @@ def _text_cases(x: ExportInputs) -> list[Case]:
             (feed,) = x.tokens(joined_captions(x.held_out_captions, batch, words_per_text), batch)
             cases.append((f"batch={batch} seq={feed[schema.INPUT_IDS].shape[1]}", feed))
     return cases
+
+
+def _text_timing_feed(case: tuple[int, ...], contract: ServedContract) -> Feed:
+    """Token ids inside the vocabulary at a served shape: dense kernels' time does not depend on the values."""
+    batch, tokens = case
+    ids = np.random.default_rng(0).integers(1000, 20000, (batch, tokens), dtype=np.int64)
+    return {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: np.ones_like(ids)}
 
 
 def _text_int8(fp32: Path, destination: Path, x: ExportInputs) -> Path:
@@ -157,6 +183,8 @@ register(MemberRecipe(
     calibration_feed=_text_calibration,
     quantize_int8=_text_int8,
     sequence_inputs=True,
+    tuning_cases=((1, 16), (32, 64)),
+    timing_feed=_text_timing_feed,
 ))
 
 
@@ -164,6 +192,11 @@ register(MemberRecipe(
 def _image_gate_feeds(x: ExportInputs) -> list[Feed]:
     step, pixels = x.gate_batch(GATE_BATCH), x.held_out_pixels
     return [{schema.PIXEL_VALUES: pixels[i:i + step]} for i in range(0, len(pixels), step)]
+
+
+def _image_timing_feed(case: tuple[int, ...], contract: ServedContract) -> Feed:
+    size = contract.image_size
+    return {schema.PIXEL_VALUES: np.random.default_rng(0).standard_normal((case[0], 3, size, size)).astype(np.float32)}
 
 
 def _image_int8(fp32: Path, destination: Path, x: ExportInputs) -> Path:
@@ -184,6 +217,8 @@ register(MemberRecipe(
     gate_feeds=_image_gate_feeds,
     calibration_feed=_image_calibration,
     quantize_int8=_image_int8,
+    tuning_cases=((1,), (32,)),
+    timing_feed=_image_timing_feed,
 ))
 
 
@@ -197,6 +232,12 @@ register(MemberRecipe(
 ))
 
 
+def _scorer_module() -> "torch.nn.Module":
+    from .models.fusion import UserItemScorer
+
+    return UserItemScorer().eval()
+
+
 def _scorer_cases(x: ExportInputs) -> list[Case]:
     items = x.item_embeddings
     users = items[::-1].copy()
@@ -206,6 +247,6 @@ def _scorer_cases(x: ExportInputs) -> list[Case]:
 
 register(MemberRecipe(
     schema.SCORER,
-    module=lambda x: UserItemScorer().eval(),
+    module=lambda x: _scorer_module(),
     parity_cases=_scorer_cases,
 ))

@@ -31,6 +31,7 @@ import numpy as np
 
 from mmrec import schema
 from mmrec.machine import cpu_info
+from mmrec.preprocess import ServedContract
 from mmrec.stats import MET, Interval, aa_check, pooled_ratio
 from mmrec.model_repository.lib import runtime
 from .choices import DEFAULT_TUNE_ROUNDS
@@ -38,14 +39,14 @@ from .errors import ExportError
 from .gates import GateSet, VariantGates, onnx_fuse, variant_outputs
 from .manifest import MANIFEST_FILE, package_versions
 from mmrec.layout import RepositoryLayout
+from .recipes import RECIPES
 from .repository import CPU_SHARES, Target
 from .manifest import (Manifest, MeasuredMember, MemberRecord, ServedCombination, TuningMachine,
                        TuningRecord)
 from .render import GraphFiles, graph_of, repository_graphs, rerender
 from .variants import VARIANTS
 
-TUNED_MEMBERS = (schema.TEXT_ENCODER, schema.IMAGE_ENCODER)
-CASES = {schema.TEXT_ENCODER: ((1, 16), (32, 64)), schema.IMAGE_ENCODER: ((1,), (32,))}
+TUNED_MEMBERS = tuple(name for name, recipe in RECIPES.items() if recipe.tuned)  # their shapes: recipe.tuning_cases
 DEFAULT_ROUNDS = DEFAULT_TUNE_ROUNDS
 SLOT_S = 0.05  # an arm's calls in one round last about this long: rounds stay short and many
 MAX_CALLS_PER_ROUND = 3  # a round's median of 3 calls shrugs off one slow call
@@ -61,20 +62,6 @@ RULE = (f"fastest admitted variant whose 95% interval of the speed-up over ORT F
 
 class TuneError(ExportError):
     """The repository cannot be tuned (no manifest, a GPU target, nothing to choose from)."""
-
-
-def case_feed(member: str, case: tuple[int, ...], image_size: int) -> dict[str, np.ndarray]:
-    """Deterministic inputs of a served shape."""
-    rng = np.random.default_rng(0)
-    if member == schema.TEXT_ENCODER:
-        batch, tokens = case
-        ids = rng.integers(1000, 20000, (batch, tokens), dtype=np.int64)
-        return {schema.INPUT_IDS: ids, schema.ATTENTION_MASK: np.ones_like(ids)}
-    return {schema.PIXEL_VALUES: rng.standard_normal((case[0], 3, image_size, image_size)).astype(np.float32)}
-
-
-def case_label(member: str, case: tuple[int, ...]) -> str:
-    return f"batch={case[0]} seq={case[1]}" if member == schema.TEXT_ENCODER else f"batch={case[0]}"
 
 
 def calls_per_round(call_s: float) -> int:
@@ -178,7 +165,7 @@ def refused_here(gated: dict | None, member: str) -> set[str]:
     return {v for v, g in ((gated or {}).get("members", {}).get(member, {})).items() if not g["passed"]}
 
 
-def measure_member(candidates: dict[str, Path], member: str, image_size: int, rounds: int,
+def measure_member(candidates: dict[str, Path], member: str, contract: ServedContract, rounds: int,
                    progress: Callable[[str], None]) -> dict:
     """Per-round latency of every candidate graph of one member and of the A/A arm, and each
     candidate's speed-up over ORT FP32."""
@@ -192,10 +179,11 @@ def measure_member(candidates: dict[str, Path], member: str, image_size: int, ro
     sessions[AA_ARM] = sessions[REFERENCE]  # an arm of its own in the rotation, the same session
     per_case: dict[str, dict[str, list[float]]] = {}
     calls: dict[str, int] = {}
-    for case in CASES[member]:
-        label = case_label(member, case)
+    recipe = RECIPES[member]
+    for case in recipe.tuning_cases:
+        label = recipe.case_label(case)
         progress(f"{member}: timing {len(sessions) - 1} variants and the A/A arm at {label} ({rounds} rounds)")
-        per_case[label], calls[label] = time_interleaved(sessions, case_feed(member, case, image_size), rounds)
+        per_case[label], calls[label] = time_interleaved(sessions, recipe.timing_feed(case, contract), rounds)
     aa = {**aa_check(pooled_ratio([(t[REFERENCE], t[AA_ARM]) for t in per_case.values()])),
           "arm": f"{REFERENCE} twice per round"}
     result = {"threads": threads, "rounds": rounds, "calls_per_round": calls, "aa": aa,
@@ -305,13 +293,13 @@ def allowed_runtimes(target: Target, runtimes: tuple[str, ...] | None) -> tuple[
 
 
 def decide(models: Mapping[str, MemberRecord], graphs: GraphFiles, target: Target, allowed: tuple[str, ...],
-           image_size: int, rounds: int, progress: Callable[[str], None], fixed: dict[str, str], gated: dict | None,
+           contract: ServedContract, rounds: int, progress: Callable[[str], None], fixed: dict[str, str], gated: dict | None,
            combinations: list[dict], gates_where: str) -> tuple[dict[str, str], dict | None, TuningRecord]:
     """Measure the candidates of every member not `fixed` and choose; returns the choice, the
     combination gate of what will be served together (None: all ORT FP32) and the manifest's
     tuning record. Writes nothing: the caller renders the repository once from the choice."""
     members = [m for m in TUNED_MEMBERS if m in models and m not in fixed]
-    measured = {m: measure_member(candidates_of(models, m, allowed, graphs, refused_here(gated, m)), m, image_size,
+    measured = {m: measure_member(candidates_of(models, m, allowed, graphs, refused_here(gated, m)), m, contract,
                                   rounds, progress) for m in members}
     fallback = REFERENCE
     if target is Target.openvino:  # the OpenVINO backend serves OpenVINO variants only
@@ -382,7 +370,7 @@ def tune_repository(root: Path, runtimes: tuple[str, ...] | None = None, rounds:
                             f"left out or unavailable: runtimes {', '.join(allowed)})")
     combinations = gated["combinations"] if gated is not None else (manifest.combinations or [])
     choice, combination, record = decide(
-        manifest.models, repository_graphs(root, manifest), target, allowed, manifest.contract.image_size, rounds,
+        manifest.models, repository_graphs(root, manifest), target, allowed, manifest.contract, rounds,
         progress, fixed, gated, combinations, "export machine (no gate set in this repository: re-export)")
     apply_choice(manifest, choice, combination, fixed)
     manifest.tuning = record
