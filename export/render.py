@@ -16,7 +16,7 @@ from typing import Mapping
 
 from mmrec import schema
 from mmrec.admission import QueuePolicy
-from mmrec.layout import MANIFEST_FILE, RepositoryLayout
+from mmrec.layout import CONFIG_FILE, MANIFEST_FILE, RepositoryLayout
 from mmrec.preprocess import ServedContract
 
 from .manifest import Manifest, MemberRecord, VariantRecord, file_record, write_manifest
@@ -98,16 +98,25 @@ def apply_admission(root: Path, record: dict | None) -> None:
         fresh.replace(path)
 
 
+class RerenderError(OSError):
+    """The re-rendered repository could not be swapped in; the repository is as it was."""
+
+
 def rerender(root: Path, manifest: Manifest) -> None:
     """Render `root` again from `manifest` (its served variants as now chosen) into a folder
-    beside it, then swap that folder in; see the module docstring."""
+    beside it, then swap that folder in; see the module docstring. Only configs and graph
+    placements are rendered anew: the python models, library modules and preprocess.json the
+    repository runs are carried over as they are (tune changes the choice, not the code), and
+    `manifest` itself is left untouched (its updated copy is what gets written)."""
     root = Path(root).resolve()
+    manifest = Manifest.from_dict(manifest.to_dict())  # paths are cleared below: work on a copy
     staging = root.parent / f".{root.name}.rerender-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
-        plan = plan_from_manifest(root, manifest)
+        staging.mkdir()
         graphs = repository_graphs(root, manifest)
+        plan = plan_for(Target(manifest.target), RepositoryLayout(root).read_contract(), manifest.models, graphs,
+                        RepositoryLayout(root).tokenizer_file(schema.TOKENIZER), bool(manifest.gpu))
         old_graph_paths = {v.path for m in manifest.models.values() for v in m.variants.values() if v.path}
         for member in manifest.models.values():
             for variant in member.variants.values():  # placed again where the new plan keeps them
@@ -116,16 +125,34 @@ def rerender(root: Path, manifest: Manifest) -> None:
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             relative = path.relative_to(root).as_posix()
             kept = staging / relative
-            if relative == MANIFEST_FILE or relative in old_graph_paths or kept.exists():
-                continue
+            if (relative == MANIFEST_FILE or relative in old_graph_paths
+                    or (path.name == CONFIG_FILE and kept.exists())):
+                continue  # written by this render
             kept.parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(path, kept)
+            link_or_copy(path, kept)  # the repository's own code, contract and later additions
         apply_admission(staging, manifest.admission)
         write_manifest(staging, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _swap_in(staging, root)
+
+
+def _swap_in(staging: Path, root: Path) -> None:
+    """Replace `root` by `staging` with two renames, putting `root` back if the second fails."""
     previous = root.parent / f".{root.name}.previous-{os.getpid()}"
-    root.rename(previous)
-    staging.rename(root)
-    shutil.rmtree(previous)
+    try:
+        root.rename(previous)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RerenderError(f"cannot swap the re-rendered repository in: renaming {root} failed ({err}). "
+                            "mmrec tune renders beside the repository and swaps folders, so the repository must "
+                            "be a plain folder (not a mount point) whose parent folder is writable; tune a copy "
+                            "and publish that instead") from err
+    try:
+        staging.rename(root)
+    except OSError as err:
+        previous.rename(root)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RerenderError(f"cannot swap the re-rendered repository in ({err}); {root} is unchanged") from err
+    shutil.rmtree(previous, ignore_errors=True)

@@ -7,7 +7,8 @@ embedding (items of one category cluster, which is what neighbour search and use
 from __future__ import annotations
 
 import multiprocessing
-from contextlib import closing
+import sys
+from contextlib import closing, contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterator
@@ -31,6 +32,7 @@ SPREAD_METRICS = ("interest_accuracy", "interest_macro_f1", "alignment_pair_auc"
 # What a machine that cannot run worker processes raises (no /dev/shm or semaphores, a process
 # limit, a worker killed on start): the spread then trains in this process instead.
 WORKER_FAILURES = (OSError, BrokenProcessPool, NotImplementedError, ImportError)
+MAX_SPREAD_WORKERS = 8  # each worker imports torch (a few hundred MB): a 64-core machine needs no 64
 
 
 def _info_nce(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -125,12 +127,14 @@ def _trained_heads(train: ItemFeatures, config: FusionConfig, seeds: list[int],
     """The heads of `seeds`, in order: from spawned worker processes when more than one can run,
     else (or when workers cannot start here) trained in this process."""
     done = 0
-    if min(workers, len(seeds)) > 1:
+    workers = min(workers, len(seeds), MAX_SPREAD_WORKERS)
+    if workers > 1:
         pool = None
         try:
             # spawn, not fork: a forked copy of a process running torch threads can deadlock
-            pool = ProcessPoolExecutor(min(workers, len(seeds)), mp_context=multiprocessing.get_context("spawn"))
-            futures = [pool.submit(_train_weights, train, config, seed, EPOCHS) for seed in seeds]
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            with _main_hidden():  # every worker starts during these submits
+                futures = [pool.submit(_train_weights, train, config, seed, EPOCHS) for seed in seeds]
             for future in futures:
                 head = _head(config, future.result())
                 done += 1
@@ -142,6 +146,27 @@ def _trained_heads(train: ItemFeatures, config: FusionConfig, seeds: list[int],
                 pool.shutdown(wait=True, cancel_futures=True)
     for seed in seeds[done:]:
         yield train_fusion(train, config, seed=seed)[0]
+
+
+@contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Start workers without the parent's `__main__`: spawn runs its top level again in every
+    worker, and a script without an `if __name__ == "__main__":` guard would redo its whole
+    export there. The job needs only this module, so workers start as under `python -c`."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    spec, has_file, file = getattr(main, "__spec__", None), hasattr(main, "__file__"), getattr(main, "__file__", None)
+    main.__spec__ = None
+    if has_file:
+        del main.__file__
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
+        if has_file:
+            main.__file__ = file
 
 
 def _train_weights(train: ItemFeatures, config: FusionConfig, seed: int, epochs: int) -> dict[str, np.ndarray]:

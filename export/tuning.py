@@ -136,7 +136,7 @@ def regate(root: Path, manifest: Manifest, runtimes: tuple[str, ...], progress: 
             raise TuneError(f"{member}: the FP32 graph is missing from the repository; re-export it")
         reference_file = candidates[REFERENCE]
         gates.reference[member] = variant_outputs(reference_file, VARIANTS[REFERENCE], gate_set.feeds[member])
-        if member == schema.TEXT_ENCODER and gate_set.long_feeds:
+        if RECIPES[member].long_gate_feeds is not None and gate_set.long_feeds:
             long_references[member] = variant_outputs(reference_file, VARIANTS[REFERENCE], gate_set.long_feeds)
     for member in gated:
         candidates = candidates_by_member[member]
@@ -380,7 +380,8 @@ def tune_repository(root: Path, runtimes: tuple[str, ...] | None = None, rounds:
 
 def serve_variants(root: Path, choice: dict[str, str]) -> None:
     """Serve the named variants (admitted at export) without measuring: the manifest's choice
-    changes and the repository is rendered again from it."""
+    changes and the repository is rendered again from it. What is then served together must be
+    ORT FP32 throughout or a pair whose combination gate passed."""
     root = Path(root)
     manifest = load_exported(root)
     for member, variant in choice.items():
@@ -388,7 +389,9 @@ def serve_variants(root: Path, choice: dict[str, str]) -> None:
         if record is None or not record.written:
             raise TuneError(f"{member} [{variant}] was not admitted at export: it cannot be served")
     wanted = {**{m: r.served_variant for m, r in manifest.models.items() if m in TUNED_MEMBERS}, **choice}
-    combination = next((c for c in manifest.combinations or []
-                        if all(c["variants"].get(m, REFERENCE) == v for m, v in wanted.items())), None)
-    apply_choice(manifest, choice, combination, {})
+    combination = next((c for c in manifest.combinations or [] if c.get("passed")
+                        and all(c["variants"].get(m, REFERENCE) == v for m, v in wanted.items())), None)
+    if combination is None and any(v != REFERENCE for v in wanted.values()):
+        raise TuneError(f"{wanted} is in no pair whose combination gate passed at export: it cannot be served")
+    apply_choice(manifest, choice, combination, fixed={m: v for m, v in wanted.items() if m not in choice})
     rerender(root, manifest)

@@ -105,7 +105,7 @@ _LIST = _Scalar((list, tuple))
 
 
 def _expect(value: Any, kinds: tuple[type, ...], where: str) -> Any:
-    if not isinstance(value, kinds):
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # True is an int
         names = " or ".join("object" if k is dict else "list" if k is list else k.__name__
                             for k in kinds if k is not tuple)
         raise ManifestError(f"`{where}` must be {names}, got {type(value).__name__} {value!r:.60}")
@@ -377,6 +377,11 @@ class Manifest(Record):
     @property
     def contract(self) -> ServedContract:
         return ServedContract.from_dict(self.preprocess)
+
+    def _check(self, where: str) -> None:
+        if self.format > FORMAT:  # a newer layout: reading (and rewriting) it could lose what it means
+            raise ManifestError(f"`format` is {self.format}, newer than this mmrec reads ({FORMAT}): "
+                                "upgrade mmrec to read this repository")
 
     def served_variants(self) -> dict[str, str]:
         """member -> the variant it serves."""

@@ -228,6 +228,40 @@ def test_seed_spread_in_worker_processes_is_the_serial_one_bit_for_bit(monkeypat
             assert x.dtype == y.dtype and x.numpy().tobytes() == y.numpy().tobytes(), (seed, name)
 
 
+UNGUARDED_SCRIPT = '''
+import sys
+import numpy as np
+from mmrec.export import train
+from mmrec.export.features import ItemFeatures
+from mmrec.export.models.fusion import FusionConfig
+
+with open(sys.argv[1], "a") as runs:  # one line each time this top level runs
+    runs.write("ran\\n")
+train.EPOCHS = 1
+rng = np.random.default_rng(4)
+features = ItemFeatures(rng.standard_normal((32, 384)).astype(np.float32),
+                        rng.standard_normal((32, 1280)).astype(np.float32), np.arange(32) % 4)
+serial = train.seed_spread(features, {"h": features}, FusionConfig(num_categories=4), 2, workers=1)
+def not_here(*args, **kwargs):
+    raise SystemExit("trained in the parent process: the workers did not run")
+train.train_fusion = not_here
+assert train.seed_spread(features, {"h": features}, FusionConfig(num_categories=4), 2, workers=2) == serial
+'''
+
+
+def test_seed_spread_workers_do_not_rerun_an_unguarded_script(tmp_path):
+    """A user's export script without `if __name__ == "__main__":` runs once: spawned workers
+    must not execute its top level (a whole export) again."""
+    import subprocess
+    import sys
+
+    script, runs = tmp_path / "export_script.py", tmp_path / "runs.txt"
+    script.write_text(UNGUARDED_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(runs)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert runs.read_text().splitlines() == ["ran"]
+
+
 def test_seed_spread_trains_here_when_workers_cannot_start(monkeypatch):
     train, features, config = _spread_inputs(monkeypatch)
     parts = {"held_out": features}

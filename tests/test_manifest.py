@@ -192,3 +192,16 @@ def test_a_dict_handed_to_write_manifest_is_checked_and_completed(tmp_path):
     data = toy_manifest().to_dict()
     write_manifest(tmp_path, data)
     assert data == raw(tmp_path) and "build" in data and data["files"] == []
+
+
+
+def test_a_manifest_of_a_newer_format_or_a_flag_for_a_number_is_refused():
+    """A newer layout is not read (so admit or tune never rewrite what they do not understand),
+    and True is no batch size."""
+    from mmrec.release_manifest import FORMAT
+
+    data = toy_manifest().to_dict()
+    with pytest.raises(ManifestError, match="newer than this mmrec reads"):
+        Manifest.from_dict({**data, "format": FORMAT + 1})
+    with pytest.raises(ManifestError, match="`max_batch_size` must be int"):
+        Manifest.from_dict({**data, "max_batch_size": True})

@@ -254,10 +254,16 @@ def test_tune_renders_the_repository_again_and_keeps_what_it_does_not_own(export
     catalog = root / "catalog_scorer" / "3" / "index.bin"  # what `mmrec index` publishes later
     catalog.parent.mkdir(parents=True)
     catalog.write_bytes(b"catalog of version 3")
+    (catalog.parent.parent / "config.pbtxt").write_text('name: "catalog_scorer"\n')
+    served_code = RepositoryLayout(root).python_model(schema.ITEM_ENCODER)
+    served_code.write_text(served_code.read_text() + "# the code this repository was exported with\n")
     before = manifest_of(root)
     serve_variants(root, {schema.TEXT_ENCODER: "int8"})
     after = manifest_of(root)
     assert catalog.read_bytes() == b"catalog of version 3"
+    assert (catalog.parent.parent / "config.pbtxt").read_text() == 'name: "catalog_scorer"\n'
+    assert served_code.read_text().endswith("# the code this repository was exported with\n"), \
+        "tune changes the served choice, not the code the repository runs"
     assert RepositoryLayout(root).fusion_checkpoint.is_file() and RepositoryLayout(root).gate_set_file.is_file()
     text = after["models"][schema.TEXT_ENCODER]["variants"]
     assert text["int8"]["path"] == f"{schema.TEXT_ENCODER}/1/model.onnx"
