@@ -46,6 +46,18 @@ def apply_to_repository(root: Path, policy: QueuePolicy, record: dict | None = N
                                                           INSTANCES_BEFORE: before, **(record or {})})
 
 
+def reapply_recorded(root: Path, record: dict | None) -> None:
+    """Put the policy a manifest records back on the models it went on, leaving the record as it
+    is: `mmrec tune` renders the configs afresh and the admission must survive that."""
+    if not record:
+        return
+    policy, layout = QueuePolicy(**record["policy"]), RepositoryLayout(root)
+    for name in record["models"]:
+        config = parse(layout.config_file(name).read_text())
+        policy.apply(config)
+        layout.config_file(name).write_text(render(config))
+
+
 def clear_repository(root: Path) -> list[str]:
     """Remove the admission policy from an exported repository (Triton then queues without
     bound again) and give its models back the instance counts export chose; returns the models

@@ -25,7 +25,7 @@ from mmrec.release_manifest import (FORMAT, BuildIdentity, DatasetRecord, FileEn
 
 __all__ = ["BUILD_KEY", "FORMAT", "MANIFEST_FILE", "BuildIdentity", "DatasetRecord", "FileEntry", "InputSource", "Inputs",
            "Manifest", "ManifestError", "MeasuredMember", "MeasuredVariant", "MemberRecord", "ServedCombination",
-           "TuningMachine", "TuningRecord", "VariantRecord", "build_identity", "file_entry", "file_record",
+           "TuningMachine", "TuningRecord", "VariantRecord", "build_identity", "file_record",
            "package_versions", "sha256_file", "sha256_tree", "write_manifest"]
 
 HASH_CHUNK = 1 << 20
@@ -56,11 +56,6 @@ def file_record(path: Path, root: Path) -> FileEntry:
     return FileEntry(path=path.relative_to(root).as_posix(), sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
-def file_entry(path: Path, root: Path) -> dict:
-    """`file_record` as a dict, for writers that still build variant entries as dicts."""
-    return file_record(path, root).to_dict()
-
-
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in TRACKED_PACKAGES:
@@ -79,8 +74,8 @@ def build_identity() -> BuildIdentity:
 def write_manifest(root: Path, manifest: Manifest | dict) -> Path:
     """Add an entry for every file under root not already listed, record the building tree under
     `build` unless the manifest already names one (a later `mmrec tune` keeps the export's), then
-    write manifest.json. A dict (from writers not yet on `Manifest`) is read through the same
-    records, so a bad key fails here, and gets `build` and `files` added like the record."""
+    write manifest.json. A hand-built dict is read through the same records, so a bad key fails
+    here, and gets `build` and `files` added like the record."""
     record = Manifest.of(manifest)
     if record.build is None:
         record.build = build_identity()

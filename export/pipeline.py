@@ -242,7 +242,7 @@ def ort_outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarr
     return run_feeds(cpu_session(path), feeds)
 
 
-def variant_record(variant: var.Variant, **fields) -> VariantRecord:
+def variant_entry(variant: var.Variant, **fields) -> VariantRecord:
     return VariantRecord(graph=variant.graph, runtime=variant.runtime, precision=variant.precision, **fields)
 
 
@@ -305,7 +305,7 @@ class Exporter:
         self._inputs = ExportInputs(p, tokenizer, dataset, sources.train, sources.held_out, sources.text_model,
                                     sources.image_model, fusion, held_f)
         fp32 = self._export_fp32(staging, members)
-        models = {name: MemberRecord(served_variant="fp32", variants={"fp32": variant_record(
+        models = {name: MemberRecord(served_variant="fp32", variants={"fp32": variant_entry(
                       var.VARIANTS["fp32"], parity=info["parity"], written=True)})
                   for name, info in fp32.items()}
         self._graphs: GraphFiles = {name: {"fp32": info["file"]} for name, info in fp32.items()}
@@ -427,7 +427,7 @@ class Exporter:
             variants = [var.VARIANTS[g] for g in wanted]
             variants += [v for graph in graphs for v in var.runtime_variants(graph, o.runtimes)]
             for variant in variants:
-                record = models[name].add(variant.name, variant_record(variant))
+                record = models[name].add(variant.name, variant_entry(variant))
                 reason = runtime.unavailable_reason(variant.runtime, variant.precision)
                 if reason:
                     record.written, record.skipped = False, reason

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Mapping
 
 from mmrec import schema
-from mmrec.admission import QueuePolicy
 from mmrec.layout import CONFIG_FILE, MANIFEST_FILE, RepositoryLayout
 from mmrec.preprocess import ServedContract
 
+from .admission import reapply_recorded
 from .manifest import Manifest, MemberRecord, VariantRecord, file_record, write_manifest
-from .repository import RepositoryPlan, Target, link_or_copy, parse, render, write_repository
+from .repository import RepositoryPlan, Target, link_or_copy, write_repository
 from .variants import VARIANTS
 
 GraphFiles = dict[str, dict[str, Path]]  # member -> graph (fp32, int8, fp16, a TensorRT plan) -> its file now
@@ -84,20 +84,6 @@ def plan_from_manifest(root: Path, manifest: Manifest) -> RepositoryPlan:
                     layout.tokenizer_file(schema.TOKENIZER), bool(manifest.gpu))
 
 
-def apply_admission(root: Path, record: dict | None) -> None:
-    """Put the admission policy a manifest records (`mmrec admit`) back on its models' configs."""
-    if not record:
-        return
-    policy, layout = QueuePolicy(**record["policy"]), RepositoryLayout(root)
-    for model in record["models"]:
-        path = layout.config_file(model)
-        config = parse(path.read_text())
-        policy.apply(config)
-        fresh = path.with_suffix(".tmp")  # a new file: a carried-over config may be a hard link
-        fresh.write_text(render(config))
-        fresh.replace(path)
-
-
 class RerenderError(OSError):
     """The re-rendered repository could not be swapped in; the repository is as it was."""
 
@@ -114,9 +100,7 @@ def rerender(root: Path, manifest: Manifest) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
-        graphs = repository_graphs(root, manifest)
-        plan = plan_for(Target(manifest.target), RepositoryLayout(root).read_contract(), manifest.models, graphs,
-                        RepositoryLayout(root).tokenizer_file(schema.TOKENIZER), bool(manifest.gpu))
+        graphs, plan = repository_graphs(root, manifest), plan_from_manifest(root, manifest)
         old_graph_paths = {v.path for m in manifest.models.values() for v in m.variants.values() if v.path}
         for member in manifest.models.values():
             for variant in member.variants.values():  # placed again where the new plan keeps them
@@ -129,8 +113,11 @@ def rerender(root: Path, manifest: Manifest) -> None:
                     or (path.name == CONFIG_FILE and kept.exists())):
                 continue  # written by this render
             kept.parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(path, kept)  # the repository's own code, contract and later additions
-        apply_admission(staging, manifest.admission)
+            if path.name == CONFIG_FILE:  # configs are rewritten in place (`mmrec admit`): never shared
+                shutil.copyfile(path, kept)
+            else:  # the repository's own code, contract and later additions, never edited in place
+                link_or_copy(path, kept)
+        reapply_recorded(staging, manifest.admission)
         write_manifest(staging, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

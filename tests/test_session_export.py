@@ -189,13 +189,18 @@ def test_a_finished_export_returns_its_repository(tmp_path):
     export.stop()  # finished: nothing to stop, no error
 
 
-def test_a_failed_export_fails_with_the_tail_of_its_log(tmp_path):
-    export = BackgroundExport(tmp_path / "repo", tmp_path / "log",
-                              _python("import sys; print('gate failed: fusion recall'); sys.exit(3)"))
+def _failure(export: BackgroundExport, timeout_s: float) -> str:
+    """Start the export and return the message `wait` fails with."""
     export.start()
     with pytest.raises(ExportFailed) as failed:
-        export.wait(timeout_s=60)
-    assert "exited with code 3" in str(failed.value) and "gate failed: fusion recall" in str(failed.value)
+        export.wait(timeout_s=timeout_s)
+    return str(failed.value)
+
+
+def test_a_failed_export_fails_with_the_tail_of_its_log(tmp_path):
+    message = _failure(BackgroundExport(tmp_path / "repo", tmp_path / "log",
+                                        _python("import sys; print('gate failed: fusion recall'); sys.exit(3)")), 60)
+    assert "exited with code 3" in message and "gate failed: fusion recall" in message
 
 
 def test_stop_ends_the_export_and_every_worker_it_started(tmp_path):
@@ -219,8 +224,6 @@ def test_stop_ends_the_export_and_every_worker_it_started(tmp_path):
 def test_an_export_past_its_time_is_stopped_and_reported(tmp_path):
     export = BackgroundExport(tmp_path / "repo", tmp_path / "log",
                               _python("import time; print('training fusion', flush=True); time.sleep(600)"))
-    export.start()
-    with pytest.raises(ExportFailed) as failed:
-        export.wait(timeout_s=1.0)
-    assert "ran past 1 s" in str(failed.value) and "training fusion" in str(failed.value)
+    message = _failure(export, 1.0)
+    assert "ran past 1 s" in message and "training fusion" in message
     assert not _group_alive(export.pid)
